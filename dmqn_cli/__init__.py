@@ -1,0 +1,1 @@
+"""dmqn_cli: the ``dmqn`` command line. Commands parse, call dmqn_core, and print."""

@@ -1,0 +1,3 @@
+from dmqn_cli.main import app
+
+app(prog_name="dmqn")
