@@ -1,0 +1,272 @@
+"""The run store: every run's parameters, metrics and codebook statistics in one DuckDB file.
+
+The schema lives in this module only. Writers open the file, write one batch in a
+transaction and close it again, so that a reader (``dmqn runs``, ``dmqn inspect``) can open
+it read-only between writes of a training process; all SQL takes parameters.
+
+Tables
+------
+``runs``            one row per run: model, data set, status, parameters (JSON), summary metrics.
+``metrics``         (run_id, epoch, split, name, value): the history of every metric, per epoch;
+                    epoch is NULL for evaluations made after training (``dmqn eval``).
+``codebook_usage``  (run_id, epoch, codebook, used, dead, perplexity): utilisation of each
+                    DMQN codebook on the validation histories after each epoch.
+``codeword_counts`` (run_id, epoch, codebook, codeword, count): how many validation behaviors
+                    each codeword received after each epoch (N·W rows per epoch).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import duckdb
+
+from dmqn_core.errors import DmqnError
+
+SCHEMA_VERSION = 1
+
+SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS schema_info (version INTEGER NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS runs (
+        run_id          VARCHAR PRIMARY KEY,
+        model           VARCHAR NOT NULL,
+        dataset         VARCHAR NOT NULL,
+        dataset_path    VARCHAR NOT NULL,
+        status          VARCHAR NOT NULL,      -- running | finished | failed | interrupted
+        created_at      TIMESTAMPTZ NOT NULL,
+        finished_at     TIMESTAMPTZ,
+        seed            BIGINT,
+        params          JSON NOT NULL,         -- every value the run actually used
+        n_parameters    BIGINT,
+        epochs_done     INTEGER DEFAULT 0,
+        best_epoch      INTEGER,
+        best_valid_auc  DOUBLE,
+        test_auc        DOUBLE,
+        test_gauc       DOUBLE,
+        test_logloss    DOUBLE,
+        train_seconds   DOUBLE DEFAULT 0,
+        checkpoint      VARCHAR,
+        error           VARCHAR
+    )""",
+    """CREATE TABLE IF NOT EXISTS metrics (
+        run_id       VARCHAR NOT NULL,
+        epoch        INTEGER,
+        split        VARCHAR NOT NULL,         -- train | valid | test
+        name         VARCHAR NOT NULL,
+        value        DOUBLE,
+        recorded_at  TIMESTAMPTZ NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS codebook_usage (
+        run_id      VARCHAR NOT NULL,
+        epoch       INTEGER NOT NULL,
+        codebook    INTEGER NOT NULL,
+        used        INTEGER NOT NULL,
+        dead        INTEGER NOT NULL,
+        perplexity  DOUBLE NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS codeword_counts (
+        run_id    VARCHAR NOT NULL,
+        epoch     INTEGER NOT NULL,
+        codebook  INTEGER NOT NULL,
+        codeword  INTEGER NOT NULL,
+        count     BIGINT NOT NULL
+    )""",
+]
+
+RUN_COLUMNS = (
+    "run_id", "model", "dataset", "dataset_path", "status", "created_at", "finished_at", "seed",
+    "params", "n_parameters", "epochs_done", "best_epoch", "best_valid_auc", "test_auc",
+    "test_gauc", "test_logloss", "train_seconds", "checkpoint", "error",
+)
+_UPDATABLE = set(RUN_COLUMNS) - {"run_id", "created_at"}
+
+# A writer holds DuckDB's file lock only for one short transaction; retry for this long.
+_LOCK_WAIT_SECONDS = 30.0
+
+
+@dataclass
+class RunRecord:
+    run_id: str
+    model: str
+    dataset: str
+    dataset_path: str
+    status: str
+    created_at: datetime
+    finished_at: datetime | None
+    seed: int | None
+    params: dict[str, Any]
+    n_parameters: int | None
+    epochs_done: int
+    best_epoch: int | None
+    best_valid_auc: float | None
+    test_auc: float | None
+    test_gauc: float | None
+    test_logloss: float | None
+    train_seconds: float
+    checkpoint: str | None
+    error: str | None
+
+
+def new_run_id() -> str:
+    """A sortable, human-typable id: UTC time plus four random hex digits."""
+    return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class RunStore:
+    """Read and write ``runs.duckdb``. Cheap to construct; connections are opened per call."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    # -- connections -------------------------------------------------------------------
+    def _connect(self, read_only: bool) -> duckdb.DuckDBPyConnection:
+        deadline = time.monotonic() + _LOCK_WAIT_SECONDS
+        while True:
+            try:
+                return duckdb.connect(str(self.path), read_only=read_only)
+            except duckdb.IOException as exc:
+                if "lock" not in str(exc).lower() or time.monotonic() > deadline:
+                    raise DmqnError(f"cannot open run store {self.path}: {str(exc).splitlines()[0]}") from None
+                time.sleep(0.2)
+
+    def _write(self, statements: Iterable[tuple[str, Sequence | None]]) -> None:
+        con = self._connect(read_only=False)
+        try:
+            con.execute("BEGIN TRANSACTION")
+            for sql in SCHEMA:
+                con.execute(sql)
+            if con.execute("SELECT count(*) FROM schema_info").fetchone()[0] == 0:
+                con.execute("INSERT INTO schema_info VALUES (?)", [SCHEMA_VERSION])
+            for sql, params in statements:
+                if params is not None and params and isinstance(params[0], (list, tuple)):
+                    con.executemany(sql, params)
+                else:
+                    con.execute(sql, params or [])
+            con.execute("COMMIT")
+        finally:
+            con.close()
+
+    def _read(self, sql: str, params: Sequence | None = None) -> list[tuple]:
+        if not self.path.exists():
+            return []
+        con = self._connect(read_only=True)
+        try:
+            tables = {row[0] for row in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+            if "runs" not in tables:
+                return []
+            return con.execute(sql, params or []).fetchall()
+        finally:
+            con.close()
+
+    # -- runs --------------------------------------------------------------------------
+    def create_run(self, *, model: str, dataset: str, dataset_path: str, params: dict[str, Any],
+                   seed: int | None, n_parameters: int | None, run_id: str | None = None) -> str:
+        run_id = run_id or new_run_id()
+        self._write([(
+            "INSERT INTO runs (run_id, model, dataset, dataset_path, status, created_at, seed, params, n_parameters) "
+            "VALUES (?, ?, ?, ?, 'running', ?, ?, ?, ?)",
+            [run_id, model, dataset, dataset_path, _now(), seed, json.dumps(params, sort_keys=True), n_parameters],
+        )])
+        return run_id
+
+    def update_run(self, run_id: str, **fields: Any) -> None:
+        unknown = set(fields) - _UPDATABLE
+        if unknown:
+            raise ValueError(f"not run columns: {sorted(unknown)}")
+        if "params" in fields:
+            fields["params"] = json.dumps(fields["params"], sort_keys=True)
+        # Column names come from the fixed set above, never from user input.
+        assignments = ", ".join(f"{name} = ?" for name in fields)
+        self._write([(f"UPDATE runs SET {assignments} WHERE run_id = ?", [*fields.values(), run_id])])
+
+    def finish_run(self, run_id: str, status: str, **fields: Any) -> None:
+        self.update_run(run_id, status=status, finished_at=_now(), **fields)
+
+    def get_run(self, run_id: str) -> RunRecord:
+        rows = self._read(f"SELECT {', '.join(RUN_COLUMNS)} FROM runs WHERE run_id = ?", [run_id])
+        if not rows:
+            raise DmqnError(f"unknown run {run_id!r} in {self.path} (see `dmqn runs`)")
+        return self._record(rows[0])
+
+    def list_runs(self, dataset: str | None = None, model: str | None = None) -> list[RunRecord]:
+        rows = self._read(
+            f"SELECT {', '.join(RUN_COLUMNS)} FROM runs "
+            "WHERE (? IS NULL OR dataset = ?) AND (? IS NULL OR model = ?) ORDER BY created_at, run_id",
+            [dataset, dataset, model, model],
+        )
+        return [self._record(row) for row in rows]
+
+    def resolve_run_id(self, run_id: str | None) -> str:
+        """The given run id, checked; or the latest run when none is given."""
+        if run_id:
+            return self.get_run(run_id).run_id
+        rows = self._read("SELECT run_id FROM runs ORDER BY created_at DESC, run_id DESC LIMIT 1")
+        if not rows:
+            raise DmqnError(f"no runs in {self.path} yet (train one with `dmqn train`)")
+        return rows[0][0]
+
+    @staticmethod
+    def _record(row: tuple) -> RunRecord:
+        values = dict(zip(RUN_COLUMNS, row))
+        values["params"] = json.loads(values["params"]) if values["params"] else {}
+        return RunRecord(**values)
+
+    # -- metrics -----------------------------------------------------------------------
+    def log_metrics(self, run_id: str, split: str, metrics: dict[str, float], epoch: int | None = None) -> None:
+        now = _now()
+        rows = [[run_id, epoch, split, name, float(value), now] for name, value in metrics.items()]
+        if rows:
+            self._write([("INSERT INTO metrics VALUES (?, ?, ?, ?, ?, ?)", rows)])
+
+    def metric_history(self, run_id: str) -> list[tuple[int | None, str, str, float]]:
+        """(epoch, split, name, value) in the order they were recorded."""
+        return [tuple(r) for r in self._read(
+            "SELECT epoch, split, name, value FROM metrics WHERE run_id = ? ORDER BY recorded_at, epoch NULLS LAST, split, name",
+            [run_id],
+        )]
+
+    def log_codebook_usage(self, run_id: str, epoch: int, counts: Sequence[Sequence[int]],
+                           usage: Sequence[tuple[int, int, float]]) -> None:
+        """counts[codebook][codeword]; usage[codebook] = (used, dead, perplexity)."""
+        count_rows = [[run_id, epoch, j, k, int(c)] for j, row in enumerate(counts) for k, c in enumerate(row)]
+        usage_rows = [[run_id, epoch, j, int(u), int(d), float(p)] for j, (u, d, p) in enumerate(usage)]
+        self._write([
+            ("INSERT INTO codeword_counts VALUES (?, ?, ?, ?, ?)", count_rows),
+            ("INSERT INTO codebook_usage VALUES (?, ?, ?, ?, ?, ?)", usage_rows),
+        ])
+
+    def codebook_usage(self, run_id: str) -> list[tuple[int, int, int, int, float]]:
+        """(epoch, codebook, used, dead, perplexity) rows of a run."""
+        return [tuple(r) for r in self._read(
+            "SELECT epoch, codebook, used, dead, perplexity FROM codebook_usage WHERE run_id = ? ORDER BY epoch, codebook",
+            [run_id],
+        )]
+
+    def delete_epochs_after(self, run_id: str, epoch: int) -> None:
+        """Forget what a crashed run logged past its last checkpoint, before resuming it."""
+        self._write([
+            ("DELETE FROM metrics WHERE run_id = ? AND (epoch > ? OR epoch IS NULL)", [run_id, epoch]),
+            ("DELETE FROM codebook_usage WHERE run_id = ? AND epoch > ?", [run_id, epoch]),
+            ("DELETE FROM codeword_counts WHERE run_id = ? AND epoch > ?", [run_id, epoch]),
+        ])
+
+
+def iter_param_rows(params: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """Flatten nested parameters into ("a.b", value) rows for display."""
+    for key in sorted(params):
+        value = params[key]
+        if isinstance(value, dict):
+            yield from iter_param_rows(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
