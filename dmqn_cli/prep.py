@@ -1,0 +1,108 @@
+"""``dmqn prep``: behavior log -> prepared long-sequence CTR set (protocol: dmqn_core.prep)."""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from dmqn_cli.common import WorkspaceOption, console, handle_errors, open_workspace
+from dmqn_core.formats import Format, parse_columns
+from dmqn_core.prep import parse_time_range, prepare
+
+_STAGE_TEXT = {
+    "reading": "reading and classifying rows",
+    "cleaning": "dropping invalid rows and users below the thresholds",
+    "vocabularies": "building vocabularies",
+    "samples": "sorting behaviors and picking targets",
+    "negatives": "sampling negatives",
+    "writing": "writing arrays",
+    "done": "publishing",
+}
+
+
+class SourceFormat(str, enum.Enum):
+    taobao = Format.taobao.value
+    movielens = Format.movielens.value
+    csv = Format.csv.value
+
+
+@handle_errors
+def prep(
+    source: Path = typer.Argument(..., help="The log: a Taobao CSV (.csv or .csv.gz), a MovieLens folder "
+                                            "(100K, 1M or latest) or a delimited file with a header.",
+                                  show_default=False),
+    format: SourceFormat = typer.Option(..., "--format", "-f", help="Layout of SOURCE.", show_default=False),
+    out: str = typer.Option(..., "--out", "-o", help="Name of the prepared set inside <workspace>/data/ "
+                                                    "(or a path).", show_default=False),
+    workspace: Optional[Path] = WorkspaceOption,
+    max_len: int = typer.Option(1000, help="Histories are cut to the most recent MAX_LEN behaviors "
+                                           "(at read time; stored in meta.json)."),
+    neg_ratio: int = typer.Option(1, help="Negatives per positive, drawn by popularity among items the "
+                                          "user never clicked."),
+    train_targets: int = typer.Option(20, help="Training targets per user: the clicks just before the "
+                                               "validation target."),
+    min_behaviors: int = typer.Option(20, help="Users with fewer valid behaviors are dropped."),
+    time_range: Optional[str] = typer.Option(
+        None, help="Keep rows with START <= timestamp < END (unix seconds or ISO date-times); 'all' keeps "
+                   "every row. Default: taobao 1511539200,1512316800 (2017-11-25..12-03 China time), "
+                   "others all.", show_default=False),
+    columns: Optional[str] = typer.Option(
+        None, help="csv only: user=COL,item=COL,timestamp=COL[,category=COL][,behavior=COL] naming the "
+                   "file's columns.", show_default=False),
+    delimiter: str = typer.Option(",", help="csv only: the field delimiter."),
+    click_behaviors: Optional[str] = typer.Option(
+        None, help="Comma-separated behavior types that are clicks (targets). Default: taobao pv, "
+                   "movielens click (rating >= 4), csv every behavior.", show_default=False),
+    strict: bool = typer.Option(False, "--strict", help="Fail on the first invalid row instead of skipping "
+                                                       "and counting it."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing set of that name."),
+    seed: int = typer.Option(0, help="Seed of the negative sampling (same seed, same set)."),
+    memory_limit: str = typer.Option("4GB", help="DuckDB memory limit; beyond it DuckDB spills to disk "
+                                                 "inside the temporary output directory."),
+    threads: Optional[int] = typer.Option(None, help="DuckDB threads [default: all cores].",
+                                          show_default=False),
+) -> None:
+    """Turn a behavior log into a prepared long-sequence CTR set (train/valid/test by time per user)."""
+    ws = open_workspace(workspace)
+    clicks = [c.strip() for c in click_behaviors.split(",") if c.strip()] if click_behaviors else None
+    with console.status("preparing…") as status:
+        def on_stage(stage: str) -> None:
+            status.update(f"[bold]{stage}[/]: {_STAGE_TEXT.get(stage, stage)}…")
+
+        result = prepare(
+            source, Format(format.value), out, workspace=ws, max_len=max_len, neg_ratio=neg_ratio,
+            train_targets=train_targets, min_behaviors=min_behaviors, time_range=parse_time_range(time_range),
+            columns=parse_columns(columns), delimiter=delimiter, click_behaviors=clicks, strict=strict,
+            overwrite=overwrite, seed=seed, memory_limit=memory_limit, threads=threads, on_stage=on_stage,
+        )
+    console.print(_summary(result.meta, result.path, result.seconds))
+
+
+def _summary(meta: dict, path: Path, seconds: float) -> Table:
+    counts = meta["counts"]
+    table = Table(title=f"prepared {meta['name']} ({meta['source']['variant']}) in {seconds:.1f}s",
+                  show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    table.add_row("rows read", f"{counts['rows_read']:,}")
+    for reason, n in counts["rows_bad"].items():
+        if n:
+            table.add_row(f"  skipped: {reason}", f"{n:,}")
+    table.add_row("rows used", f"{counts['rows_used']:,}")
+    table.add_row("users kept", f"{counts['users']:,}")
+    table.add_row("  dropped: < min behaviors", f"{counts['users_dropped_min_behaviors']:,}")
+    table.add_row("  dropped: < 3 clicks with history", f"{counts['users_dropped_few_clicks']:,}")
+    table.add_row("behaviors", f"{counts['behaviors']:,}")
+    table.add_row("items / categories / behavior types",
+                  f"{counts['items']:,} / {counts['categories']:,} / {counts['behavior_types']:,}")
+    for split in ("train", "valid", "test"):
+        table.add_row(f"samples {split} (positives)",
+                      f"{counts['samples'][split]:,} ({counts['positives'][split]:,})")
+    if counts["negatives_short"]:
+        table.add_row("negatives missing (user clicked every item)", f"{counts['negatives_short']:,}")
+    table.add_row("written to", str(path))
+    return table
