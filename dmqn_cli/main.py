@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from dmqn_cli import synth
+from dmqn_cli import evaluate, prep, quickstart, runs, synth, train
 
 app = typer.Typer(
     name="dmqn",
@@ -16,3 +16,8 @@ app = typer.Typer(
 )
 
 app.command("synth")(synth.synth)
+app.command("prep")(prep.prep)
+app.command("train")(train.train)
+app.command("eval")(evaluate.evaluate)
+app.add_typer(runs.runs_app, name="runs")
+app.command("quickstart")(quickstart.quickstart)

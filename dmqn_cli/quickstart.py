@@ -1,0 +1,55 @@
+"""``dmqn quickstart``: every stage on built-in synthetic data, in minutes, on a CPU."""
+
+from __future__ import annotations
+
+import os
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from dmqn_cli.common import WorkspaceOption, console, handle_errors, open_workspace
+from dmqn_cli.progress import RichProgress
+from dmqn_cli.results import metrics_table
+from dmqn_core.quickstart import run_quickstart
+
+SCALE_ENV = "DMQN_QUICKSTART_SCALE"
+
+
+class Scale(str, Enum):
+    tiny = "tiny"
+    small = "small"
+    medium = "medium"
+
+
+@handle_errors
+def quickstart(
+    scale: Scale = typer.Option(Scale.small, "--scale", envvar=SCALE_ENV,
+                                help="Size of the synthetic log: tiny (seconds), small (a few minutes), medium."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the data, the negatives and training."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Maximum DMQN epochs [default: 3 for tiny, 5 otherwise]."),
+    workspace: Optional[Path] = WorkspaceOption,
+) -> None:
+    """synth → prep → train DMQN and the popularity baseline → eval, then what to try next."""
+    ws = open_workspace(workspace)
+    console.print(f"workspace: {ws.root}")
+    with RichProgress() as progress:
+        result = run_quickstart(ws, scale.value, seed, epochs, progress=progress,
+                                on_step=lambda message: progress.log(f"[bold cyan]{message}[/]"))
+    counts = result.prepared.meta["counts"]
+    console.print(f"log:      {result.log.path} ({result.log.rows:,} rows, {result.log.users:,} users)")
+    console.print(f"data set: {result.prepared.path} ({counts['users']:,} users, "
+                  f"{sum(counts['samples'].values()):,} samples)")
+    console.print(f"runs:     {ws.store_path} (pop {result.popularity.run_id}, dmqn {result.dmqn.run_id})")
+    console.print(metrics_table("test split", [("item popularity", result.popularity.test),
+                                               ("DMQN", result.dmqn_eval)]))
+    lift = result.dmqn_eval["auc"] - result.popularity.test["auc"]
+    console.print(f"DMQN test AUC {result.dmqn_eval['auc']:.4f} vs popularity {result.popularity.test['auc']:.4f} "
+                  f"({lift:+.4f}) in {result.seconds:.0f} s")
+    ws_flag = "" if os.environ.get("DMQN_WORKSPACE") else f" -w {ws.root}" if ws.root != Path.cwd() / "dmqn-workspace" else ""
+    console.print("next:")
+    console.print(f"  dmqn runs{ws_flag}                         every run and its metrics")
+    console.print(f"  dmqn runs show {result.dmqn.run_id}{ws_flag}   parameters, epochs, codebook utilisation")
+    console.print(f"  dmqn eval {result.dmqn.run_id} --split valid{ws_flag}")
+    console.print(f"  dmqn train quickstart --model dmqn-simple{ws_flag}   the ablation without ICIM")

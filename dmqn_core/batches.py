@@ -1,0 +1,144 @@
+"""Mini-batches of prepared samples, padded only to the longest history they contain.
+
+A prepared set stores each history as an end offset into one per-user behavior array
+(see ``dmqn_core.prepared``). A batch gathers those slices from the memory-mapped arrays
+and de-duplicates them: a positive and its negatives share one history, so the model
+encodes it once (``hist_index`` maps each sample to its history row).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from dmqn_core.prepared import PreparedSet
+
+
+@dataclass
+class Batch:
+    hist_item: torch.Tensor      # (H, L) long, 0 at padding
+    hist_category: torch.Tensor  # (H, L) long
+    hist_behavior: torch.Tensor  # (H, L) long
+    hist_mask: torch.Tensor      # (H, L) bool, True at real behaviors; left-aligned, most recent last
+    hist_index: torch.Tensor     # (B,) long, row of each sample's history
+    cand_item: torch.Tensor      # (B,) long
+    cand_category: torch.Tensor  # (B,) long
+    label: torch.Tensor          # (B,) float
+    user: np.ndarray             # (B,) user index, for GAUC
+    sample: np.ndarray           # (B,) position of each sample in its split
+
+    def __len__(self) -> int:
+        return len(self.label)
+
+    def to(self, device: torch.device | str) -> "Batch":
+        moved = {
+            f.name: (getattr(self, f.name).to(device) if isinstance(getattr(self, f.name), torch.Tensor) else getattr(self, f.name))
+            for f in fields(self)
+        }
+        return Batch(**moved)
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        """The keyword arguments of every model's ``forward``."""
+        return {
+            "hist_item": self.hist_item,
+            "hist_category": self.hist_category,
+            "hist_behavior": self.hist_behavior,
+            "hist_mask": self.hist_mask,
+            "hist_index": self.hist_index,
+            "cand_item": self.cand_item,
+            "cand_category": self.cand_category,
+        }
+
+
+def gather_histories(data: PreparedSet, users: np.ndarray, hist_ends: np.ndarray, max_len: int
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Item, category, behavior-type and mask arrays (H, L) of the given histories.
+
+    Each history is the behaviors ``[max(user_start, end - max_len), end)`` of its user,
+    left-aligned and padded with 0 to the longest one.
+    """
+    user_start = np.asarray(data.user_offsets[np.asarray(users, dtype=np.int64) - 1])
+    ends = np.asarray(hist_ends, dtype=np.int64)
+    starts = np.maximum(user_start, ends - max_len)
+    lengths = ends - starts
+    width = max(int(lengths.max()) if len(lengths) else 0, 1)
+    positions = np.arange(width, dtype=np.int64)
+    mask = positions[None, :] < lengths[:, None]                        # (H, L)
+    rows = np.where(mask, starts[:, None] + positions[None, :], 0)       # (H, L)
+    # Sorted unique rows keep the memory-mapped reads sequential.
+    flat, inverse = np.unique(rows[mask], return_inverse=True)
+    out = []
+    for column in (data.beh_item, data.beh_category, data.beh_behavior):
+        values = np.zeros(rows.shape, dtype=np.int64)
+        values[mask] = np.asarray(column[flat], dtype=np.int64)[inverse]
+        out.append(values)
+    return out[0], out[1], out[2], mask
+
+
+class BatchLoader:
+    """Iterates over one split of a prepared set in batches of ``batch_size`` samples.
+
+    With ``shuffle`` the order changes every epoch (``set_epoch``) but stays a function of
+    ``seed`` and the epoch, so runs are reproducible and a resumed run sees the same order.
+    Samples that share a history (a positive and its negatives) stay next to each other.
+    """
+
+    def __init__(self, data: PreparedSet, split: str, batch_size: int, max_len: int,
+                 shuffle: bool = False, seed: int = 0, shard: tuple[int, int] = (0, 1)) -> None:
+        self.data = data
+        self.samples = data.split(split)
+        self.batch_size = batch_size
+        self.max_len = max_len
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
+        rank, world = shard
+        # Group samples by history; a shard takes every world-th group.
+        ends = np.asarray(self.samples.hist_end)
+        order = np.argsort(ends, kind="stable")
+        boundaries = np.flatnonzero(np.diff(ends[order])) + 1
+        groups = np.split(order, boundaries) if len(order) else []
+        self.groups = groups[rank::world]
+        self.n_samples = int(sum(len(g) for g in self.groups))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return (self.n_samples + self.batch_size - 1) // self.batch_size
+
+    def sample_order(self) -> np.ndarray:
+        if not self.groups:
+            return np.zeros(0, dtype=np.int64)
+        if self.shuffle:
+            rng = np.random.default_rng([self.seed, self.epoch])
+            permutation = rng.permutation(len(self.groups))
+            return np.concatenate([self.groups[i] for i in permutation])
+        return np.concatenate(self.groups)
+
+    def __iter__(self) -> Iterator[Batch]:
+        order = self.sample_order()
+        for begin in range(0, len(order), self.batch_size):
+            yield self.make_batch(order[begin:begin + self.batch_size])
+
+    def make_batch(self, idx: np.ndarray) -> Batch:
+        s = self.samples
+        users = np.asarray(s.user[idx], dtype=np.int64)
+        ends = np.asarray(s.hist_end[idx], dtype=np.int64)
+        unique_ends, first, hist_index = np.unique(ends, return_index=True, return_inverse=True)
+        item, category, behavior, mask = gather_histories(self.data, users[first], unique_ends, self.max_len)
+        return Batch(
+            hist_item=torch.from_numpy(item),
+            hist_category=torch.from_numpy(category),
+            hist_behavior=torch.from_numpy(behavior),
+            hist_mask=torch.from_numpy(mask),
+            hist_index=torch.from_numpy(hist_index.astype(np.int64)),
+            cand_item=torch.from_numpy(np.asarray(s.item[idx], dtype=np.int64)),
+            cand_category=torch.from_numpy(np.asarray(s.category[idx], dtype=np.int64)),
+            label=torch.from_numpy(np.asarray(s.label[idx], dtype=np.float32)),
+            user=users,
+            sample=np.asarray(idx, dtype=np.int64),
+        )

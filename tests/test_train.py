@@ -1,0 +1,68 @@
+"""Training loop: interruption and resume, early stopping, run-store records."""
+
+from __future__ import annotations
+
+import pytest
+
+import dmqn_core.train as train_module
+from dmqn_core.errors import DmqnError
+from dmqn_core.runstore import RunStore
+from dmqn_core.train import train
+
+MODEL = {"embed_dim": 8, "n_codebooks": 2, "codebook_size": 8}
+TRAIN = {"epochs": 2, "max_len": 50, "batch_size": 128, "seed": 11, "patience": 5}
+
+
+def test_interrupted_run_resumes_to_the_same_result(tiny_workspace, monkeypatch):
+    reference = train(tiny_workspace, "tiny", "dmqn", MODEL, TRAIN)
+
+    real_epoch = train_module._train_epoch
+    calls = {"n": 0}
+
+    def interrupt_second_epoch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "_train_epoch", interrupt_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_workspace, "tiny", "dmqn", MODEL, TRAIN)
+    store = RunStore(tiny_workspace.store_path)
+    interrupted = store.list_runs()[-1]
+    assert interrupted.status == "interrupted" and interrupted.epochs_done == 1
+    monkeypatch.setattr(train_module, "_train_epoch", real_epoch)
+
+    resumed = train(tiny_workspace, resume=interrupted.run_id)
+    record = store.get_run(interrupted.run_id)
+    assert record.status == "finished" and record.epochs_done == 2
+    # Same seed, same data: the resumed run ends exactly where the uninterrupted one did.
+    def quality(metrics):
+        return {k: v for k, v in metrics.items() if k != "samples_per_s"}
+
+    assert quality(resumed.test) == quality(reference.test)
+    assert resumed.best_valid_auc == reference.best_valid_auc
+    epochs = [e for e, split, name, _ in store.metric_history(record.run_id) if split == "valid" and name == "auc"]
+    assert epochs == [1, 2]                                   # nothing logged twice
+
+    with pytest.raises(DmqnError, match="already finished"):
+        train(tiny_workspace, resume=interrupted.run_id)
+
+
+def test_early_stopping_and_best_epoch(tiny_workspace):
+    # A learning rate this high makes validation AUC stop improving quickly.
+    result = train(tiny_workspace, "tiny", "dmqn-simple", MODEL,
+                   {**TRAIN, "epochs": 6, "patience": 1, "lr": 0.05})
+    record = RunStore(tiny_workspace.store_path).get_run(result.run_id)
+    aucs = [h["valid_auc"] for h in result.history]
+    assert record.best_epoch == 1 + aucs.index(max(aucs))
+    assert record.best_valid_auc == max(aucs)
+    if record.epochs_done < 6:
+        assert record.epochs_done == record.best_epoch + 1     # stopped after one stale epoch
+
+
+def test_unknown_settings_are_refused(tiny_workspace):
+    with pytest.raises(DmqnError, match="unknown \\[model\\] setting"):
+        train(tiny_workspace, "tiny", "dmqn", {"codebook": 3}, TRAIN)
+    with pytest.raises(DmqnError, match="come\\(s\\) from the data set"):
+        train(tiny_workspace, "tiny", "dmqn", {"n_items": 3}, TRAIN)
