@@ -1,0 +1,66 @@
+"""CTAM, the Cluster-aware Target Attention Module (section 2.4).
+
+The candidate attends, separately in every codebook, over that codebook's cluster tokens and
+gets one interest vector per codebook. The paper names the module but gives no equation; this
+is standard scaled dot-product target attention with per-codebook projections, restricted to
+non-empty clusters.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+
+class ClusterTargetAttention(nn.Module):
+    def __init__(self, n_codebooks: int, dim: int, size_bias: bool = True) -> None:
+        super().__init__()
+        N, D = n_codebooks, dim
+        self.size_bias = size_bias
+        # Per-codebook projections: each codebook's clusters live in their own ICIM output space.
+        self.wq = nn.Parameter(torch.empty(N, D, D))
+        self.wk = nn.Parameter(torch.empty(N, D, D))
+        self.wv = nn.Parameter(torch.empty(N, D, D))
+        bound = D**-0.5  # nn.Linear's default range
+        for w in (self.wq, self.wk, self.wv):
+            nn.init.uniform_(w, -bound, bound)
+
+    def forward(
+        self,
+        candidate: Tensor,
+        clusters: Tensor,
+        cluster_mask: Tensor,
+        cluster_size: Tensor,
+        return_weights: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """candidate (B, D); clusters (B, N, W, D); cluster_mask (B, N, W) bool; cluster_size (B, N, W).
+
+        Returns the interest vectors (B, N, D) and, with return_weights, the attention weights
+        (B, N, W): they sum to 1 over the non-empty clusters and are 0 at empty ones. W may be
+        anything (e.g. only the non-empty clusters of a cache): nothing here is tied to a codeword id.
+        """
+        D = candidate.shape[-1]
+        q = torch.einsum("bd,nde->bne", candidate, self.wq)  # (B, N, D)
+        # q . (y W_k) == (q W_k^T) . y: projecting the B queries instead of the B*W cluster keys
+        # saves a factor W; likewise sum_w a_w (y_w W_v) == (sum_w a_w y_w) W_v below.
+        q_k = torch.einsum("bne,nde->bnd", q, self.wk)  # (B, N, D)
+        logits = torch.einsum("bnd,bnwd->bnw", q_k, clusters) / math.sqrt(D)  # (B, N, W)
+        if self.size_bias:
+            # exp(logit + log n_k) = n_k exp(logit): attending over the clusters is then the same as
+            # attending over all behaviors with each behavior keyed by its cluster, so a cluster of
+            # 300 clicks outweighs a stray one, as it would under full target attention (DIN Full).
+            logits = logits + cluster_size.clamp(min=1.0).log()
+        logits = logits.masked_fill(~cluster_mask, float("-inf"))
+        # A user with no non-empty cluster in a codebook (empty history) would softmax over all -inf
+        # and get NaN; give such rows finite logits and zero their weights afterwards instead.
+        has_any = cluster_mask.any(dim=-1, keepdim=True)  # (B, N, 1)
+        logits = logits.masked_fill(~has_any, 0.0)
+        weights = logits.softmax(dim=-1) * has_any  # (B, N, W)
+        pooled = torch.einsum("bnw,bnwd->bnd", weights, clusters)  # (B, N, D)
+        interest = torch.einsum("bnd,nde->bne", pooled, self.wv)  # (B, N, D)
+        if return_weights:
+            return interest, weights
+        return interest

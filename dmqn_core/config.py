@@ -1,0 +1,63 @@
+"""ModelConfig: every hyper-parameter of the CTR models, as one json-friendly dataclass."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+
+@dataclass
+class ModelConfig:
+    # Vocabulary sizes INCLUDING index 0, which is padding in every table.
+    n_items: int
+    n_categories: int
+    n_behavior_types: int
+    embed_dim: int = 32  # D
+    n_codebooks: int = 4  # N
+    # W. N*W = 128 clusters, the paper's "approximately a hundred" (section 2.2).
+    codebook_size: int = 32
+    tau: float = 1.0  # Gumbel-softmax temperature (eq. 6)
+    icim_layers: int = 1  # stacked HSTU layers (eq. 11-13); 0 = DMQN-simple (Table 3)
+    icim_heads: int = 2
+    short_len: int = 50  # most recent behaviors mean-pooled into the MLP input
+    mlp_hidden: tuple[int, ...] = (200, 80)
+    dropout: float = 0.0
+    # Weight of the optional codebook-usage regulariser (anti-collapse, see quantizer.usage_loss).
+    usage_loss_weight: float = 0.0
+    # Add log(cluster size) to the CTAM logits (see attention.ClusterTargetAttention).
+    ctam_size_bias: bool = True
+
+    def __post_init__(self) -> None:
+        # from_dict hands lists from json; a tuple keeps the config hashable and immutable-looking.
+        self.mlp_hidden = tuple(int(h) for h in self.mlp_hidden)
+        for name in ("n_items", "n_categories", "n_behavior_types"):
+            if getattr(self, name) < 2:
+                raise ValueError(f"{name} must be >= 2 (index 0 is padding), got {getattr(self, name)}")
+        for name in ("embed_dim", "n_codebooks", "codebook_size", "icim_heads", "short_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.icim_layers < 0:
+            raise ValueError(f"icim_layers must be >= 0, got {self.icim_layers}")
+        if self.embed_dim % self.icim_heads:
+            raise ValueError(f"embed_dim ({self.embed_dim}) must be divisible by icim_heads ({self.icim_heads})")
+        if self.tau <= 0:
+            raise ValueError(f"tau must be > 0, got {self.tau}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.usage_loss_weight < 0:
+            raise ValueError(f"usage_loss_weight must be >= 0, got {self.usage_loss_weight}")
+        if any(h < 1 for h in self.mlp_hidden):
+            raise ValueError(f"mlp_hidden sizes must be >= 1, got {self.mlp_hidden}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mlp_hidden"] = list(self.mlp_hidden)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig keys: {', '.join(unknown)}")
+        return cls(**d)

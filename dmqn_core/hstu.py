@@ -1,0 +1,87 @@
+"""ICIM, the Interest Clusters Interaction Module (section 2.3, eq. 11-13): HSTU over cluster tokens.
+
+Each codebook's W cluster tokens form one short sequence; an HSTU layer lets the clusters of
+one user and codebook interact. Codebooks never mix: each is its own quantization of the
+behavior space, so each gets its own parameters (batched over N with einsum).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class HSTULayer(nn.Module):
+    def __init__(self, n_codebooks: int, codebook_size: int, dim: int, n_heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        N, W, D = n_codebooks, codebook_size, dim
+        assert D % n_heads == 0, "dim must be divisible by n_heads"
+        self.n_heads = n_heads
+        # eq. 11: f1 is one fused linear D -> 4D producing U, V, Q, K (per codebook).
+        self.w1 = nn.Parameter(torch.empty(N, D, 4 * D))
+        self.b1 = nn.Parameter(torch.zeros(N, 4 * D))
+        # eq. 13: f2 is one linear D -> D.
+        self.w2 = nn.Parameter(torch.empty(N, D, D))
+        self.b2 = nn.Parameter(torch.zeros(N, D))
+        # eq. 12 bias^p, "relative cluster bias". Codeword indices carry no order, so there is no
+        # distance to be relative to; but a codeword keeps its identity across users, so the pair
+        # (codeword i, codeword j) plays the role of the relative position: one learnable bias per
+        # (codebook, head, i, j), a W x W table per codebook and head. Zero init = no prior.
+        self.rel_bias = nn.Parameter(torch.zeros(N, n_heads, W, W))
+        # nn.Linear's default range U(-1/sqrt(fan_in), 1/sqrt(fan_in)), applied to the batched weights.
+        bound = D**-0.5
+        nn.init.uniform_(self.w1, -bound, bound)
+        nn.init.uniform_(self.w2, -bound, bound)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        """x (H, N, W, D) cluster tokens, zero at empty clusters; mask (H, N, W) bool -> (H, N, W, D)."""
+        H, N, W, D = x.shape
+        h, dh = self.n_heads, D // self.n_heads
+        m = mask.to(x.dtype)
+
+        # eq. 11: U, V, Q, K = Split(SiLU(f1(R)))
+        uvqk = F.silu(torch.einsum("bnwd,nde->bnwe", x, self.w1) + self.b1[:, None, :])  # (H, N, W, 4D)
+        u, v, q, k = uvqk.split(D, dim=-1)  # each (H, N, W, D)
+        v = v.reshape(H, N, W, h, dh)
+        q = q.reshape(H, N, W, h, dh)
+        k = k.reshape(H, N, W, h, dh)
+
+        # eq. 12: A = SiLU(Q K^T + bias^p), no softmax. The reference HSTU divides by the sequence
+        # length n; we divide by the number of NON-EMPTY clusters of this user and codebook, and zero
+        # every pair that involves an empty cluster, so the output does not depend on how many empty
+        # cluster tokens are carried along (the serving cache keeps only the non-empty ones).
+        # The bias is indexed by codeword id, so x must hold all W tokens in codeword order here.
+        logits = torch.einsum("bnixd,bnjxd->bnxij", q, k) + self.rel_bias  # (H, N, h, W, W)
+        pair = m[:, :, None, :, None] * m[:, :, None, None, :]  # (H, N, 1, W, W)
+        n_real = m.sum(dim=-1).clamp(min=1.0)[:, :, None, None, None]  # (H, N, 1, 1, 1)
+        attn = F.silu(logits) * pair / n_real
+        av = torch.einsum("bnxij,bnjxd->bnixd", attn, v).reshape(H, N, W, D)  # (H, N, W, D)
+
+        # eq. 13: Y = f2(Norm(A V) * U). The layer norm has no affine parameters, as in the reference
+        # HSTU: the gate U and f2 that follow already provide a per-channel scale and shift.
+        gated = self.dropout(F.layer_norm(av, (D,)) * u)
+        y = torch.einsum("bnwd,nde->bnwe", gated, self.w2) + self.b2[:, None, :]  # (H, N, W, D)
+        # Residual (as in the reference HSTU) so stacked layers refine rather than replace the
+        # cluster means; empty clusters stay exactly zero.
+        return (x + y) * m.unsqueeze(-1)
+
+
+class ClusterInteraction(nn.Module):
+    """A stack of icim_layers HSTU layers; 0 layers is the identity (DMQN-simple, Table 3)."""
+
+    def __init__(
+        self, n_layers: int, n_codebooks: int, codebook_size: int, dim: int, n_heads: int, dropout: float = 0.0
+    ) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            HSTULayer(n_codebooks, codebook_size, dim, n_heads, dropout) for _ in range(n_layers)
+        )
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        """(H, N, W, D), (H, N, W) bool -> (H, N, W, D)."""
+        for layer in self.layers:
+            x = layer(x, mask)
+        return x

@@ -1,0 +1,49 @@
+"""Model registry: build_model(name, config) for every model the toolkit trains.
+
+Every model takes ModelConfig and implements forward(hist_item, hist_category, hist_behavior,
+hist_mask, hist_index, cand_item, cand_category) -> (B,) logits and auxiliary_loss(). Sequence
+models share BehaviorEmbedding (embedding.py) and MLPHead (mlp.py); to add one, write its
+module and register a builder in MODEL_BUILDERS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Callable
+
+import numpy as np
+import torch.nn as nn
+from torch import Tensor
+
+from dmqn_core.config import ModelConfig
+from dmqn_core.dmqn import DMQN
+from dmqn_core.popularity import PopularityModel
+
+Builder = Callable[[ModelConfig, "np.ndarray | Tensor | None"], nn.Module]
+
+
+def _build_pop(config: ModelConfig, item_popularity: np.ndarray | Tensor | None) -> nn.Module:
+    if item_popularity is None:
+        raise ValueError("model 'pop' needs item_popularity (training-set count of every item id)")
+    return PopularityModel(config, item_popularity)
+
+
+MODEL_BUILDERS: dict[str, Builder] = {
+    "dmqn": lambda config, _: DMQN(config),
+    # Table 3 ablation: no ICIM, target attention directly on the cluster means.
+    "dmqn-simple": lambda config, _: DMQN(replace(config, icim_layers=0)),
+    "pop": _build_pop,
+}
+
+
+def model_names() -> list[str]:
+    return list(MODEL_BUILDERS)
+
+
+def build_model(name: str, config: ModelConfig, item_popularity: np.ndarray | Tensor | None = None) -> nn.Module:
+    """A fresh model NAME; item_popularity (n_items,) is needed by 'pop' only."""
+    try:
+        builder = MODEL_BUILDERS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODEL_BUILDERS)}") from None
+    return builder(config, item_popularity)

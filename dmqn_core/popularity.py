@@ -1,0 +1,46 @@
+"""PopularityModel: the history-free baseline, logit = log(1 + training popularity of the candidate)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from dmqn_core.config import ModelConfig
+
+
+class PopularityModel(nn.Module):
+    """Ranks candidates by how often they occur in the training data; nothing to train.
+
+    log1p keeps the logit finite for unseen items (popularity 0) and monotone in popularity,
+    which is all AUC looks at.
+    """
+
+    trainable = False
+
+    def __init__(self, config: ModelConfig, item_popularity: np.ndarray | Tensor) -> None:
+        super().__init__()
+        pop = torch.as_tensor(np.asarray(item_popularity), dtype=torch.float32)
+        if pop.ndim != 1 or pop.shape[0] != config.n_items:
+            raise ValueError(f"item_popularity must have shape ({config.n_items},), got {tuple(pop.shape)}")
+        if bool((pop < 0).any()):
+            raise ValueError("item_popularity must be non-negative")
+        self.config = config
+        self.register_buffer("log_popularity", pop.log1p())  # (n_items,)
+
+    def forward(
+        self,
+        hist_item: Tensor,
+        hist_category: Tensor,
+        hist_behavior: Tensor,
+        hist_mask: Tensor,
+        hist_index: Tensor,
+        cand_item: Tensor,
+        cand_category: Tensor,
+    ) -> Tensor:
+        """Same signature as DMQN.forward; only cand_item is used -> (B,) logits."""
+        return self.log_popularity[cand_item]
+
+    def auxiliary_loss(self) -> Tensor:
+        return torch.zeros((), device=self.log_popularity.device)

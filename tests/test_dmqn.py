@@ -1,0 +1,195 @@
+"""The assembled model (dmqn_core.dmqn), the popularity baseline, the registry and ModelConfig."""
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from dmqn_core.config import ModelConfig
+from dmqn_core.dmqn import DMQN
+from dmqn_core.models import build_model, model_names
+from dmqn_core.popularity import PopularityModel
+
+CONFIG = ModelConfig(
+    n_items=60, n_categories=8, n_behavior_types=4, embed_dim=8, n_codebooks=3, codebook_size=6,
+    icim_layers=2, icim_heads=2, short_len=5, mlp_hidden=(16, 8),
+)
+
+
+def batch(seed: int = 0, H: int = 5, L: int = 40, B: int = 9, lengths=None):
+    """Random left-aligned histories with padding (history 1 empty), B candidates over them."""
+    g = torch.Generator().manual_seed(seed)
+    if lengths is None:
+        lengths = torch.randint(1, L + 1, (H,), generator=g)
+        lengths[1] = 0
+    mask = torch.arange(L)[None] < torch.as_tensor(lengths)[:, None]
+    return dict(
+        hist_item=torch.randint(1, CONFIG.n_items, (H, L), generator=g) * mask,
+        hist_category=torch.randint(1, CONFIG.n_categories, (H, L), generator=g) * mask,
+        hist_behavior=torch.randint(1, CONFIG.n_behavior_types, (H, L), generator=g) * mask,
+        hist_mask=mask,
+        hist_index=torch.randint(0, H, (B,), generator=g),
+        cand_item=torch.randint(1, CONFIG.n_items, (B,), generator=g),
+        cand_category=torch.randint(1, CONFIG.n_categories, (B,), generator=g),
+    )
+
+
+def history(b: dict) -> tuple:
+    return b["hist_item"], b["hist_category"], b["hist_behavior"], b["hist_mask"]
+
+
+def model(seed: int = 0, config: ModelConfig = CONFIG) -> DMQN:
+    torch.manual_seed(seed)
+    return DMQN(config)
+
+
+def test_encode_user_then_score_equals_forward():
+    m = model().eval()
+    b = batch()
+    with torch.no_grad():
+        logits = m(**b)
+        state = m.encode_user(*history(b))
+        split = m.score(state, b["cand_item"], b["cand_category"], b["hist_index"])
+        # the same with the state's rows picked beforehand
+        picked = m.score(state.index_select(b["hist_index"]), b["cand_item"], b["cand_category"])
+    assert logits.shape == (9,)
+    assert (logits - split).abs().max() <= 1e-5
+    assert (logits - picked).abs().max() <= 1e-5
+
+
+def test_padding_and_empty_clusters_do_not_matter():
+    m = model(1).eval()
+    b = batch(1, L=30)
+    b["hist_index"][0] = 1  # the empty history: compacts to one empty token per codebook
+    longer = dict(b)
+    for key in ("hist_item", "hist_category", "hist_behavior", "hist_mask"):
+        longer[key] = torch.cat([b[key], torch.zeros(b[key].shape[0], 25, dtype=b[key].dtype)], dim=1)
+    with torch.no_grad():
+        logits = m(**b)
+        torch.testing.assert_close(m(**longer), logits, rtol=0, atol=1e-5)
+        state = m.encode_user(*history(b))
+        # one user at a time, only its non-empty clusters, in reversed order: what a cache could hold
+        for i, u in enumerate(b["hist_index"].tolist()):
+            own = state.index_select(torch.tensor([u])).compact()
+            assert own.clusters.shape[2] == max(int(state.cluster_mask[u].sum(-1).max()), 1)
+            flipped = replace(
+                own, clusters=own.clusters.flip(2), cluster_mask=own.cluster_mask.flip(2),
+                cluster_size=own.cluster_size.flip(2),
+            )
+            one = m.score(flipped, b["cand_item"][i : i + 1], b["cand_category"][i : i + 1])
+            torch.testing.assert_close(one, logits[i : i + 1], rtol=0, atol=1e-5)
+
+
+def test_empty_history_gives_finite_logits_and_gradients():
+    m = model(2).train()
+    b = batch(2, lengths=[0, 0, 3, 0, 1])
+    logits = m(**b)
+    assert torch.isfinite(logits).all()
+    logits.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+    m.eval()
+    with torch.no_grad():
+        state = m.encode_user(*history(b))
+    assert not state.cluster_mask[0].any()
+    assert torch.equal(state.recent[0], torch.zeros(CONFIG.embed_dim))
+
+
+def test_gradients_reach_every_module_in_training():
+    m = model(3).train()
+    b = batch(3, H=8, L=60, B=32)
+    m(**b).sum().backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    names = {n.split(".")[0] for n, _ in m.named_parameters()}
+    assert names == {"embedding", "quantizer", "icim", "ctam", "head"}
+
+
+def test_eval_is_deterministic_and_training_is_seeded():
+    m = model(4)
+    b = batch(4)
+    m.eval()
+    with torch.no_grad():
+        assert torch.equal(m(**b), m(**b))
+    m.train()
+    torch.manual_seed(9)
+    first = m(**b)
+    torch.manual_seed(9)
+    assert torch.equal(m(**b), first)
+
+
+def test_recent_is_the_mean_of_the_last_short_len_behaviors():
+    m = model(5).eval()
+    b = batch(5, lengths=[12, 0, 3, 40, 5])
+    with torch.no_grad():
+        state = m.encode_user(*history(b))
+        e = m.embedding.behaviors(*history(b))
+    for u, n in enumerate([12, 0, 3, 40, 5]):
+        expected = e[u, max(n - CONFIG.short_len, 0) : n].mean(0) if n else torch.zeros(CONFIG.embed_dim)
+        torch.testing.assert_close(state.recent[u], expected)
+
+
+def test_codeword_assignments_follow_the_clusters():
+    m = model(6).eval()
+    b = batch(6)
+    z = m.codeword_assignments(*history(b))
+    assert z.shape == (5, CONFIG.n_codebooks, 40) and z.dtype == torch.long
+    assert bool(((z == -1) == ~b["hist_mask"][:, None, :]).all())
+    with torch.no_grad():
+        state = m.encode_user(*history(b))
+    counts = torch.stack([(z == k).sum(-1) for k in range(CONFIG.codebook_size)], -1).float()  # (H, N, W)
+    assert torch.equal(counts, state.cluster_size)
+
+
+def test_auxiliary_loss():
+    m = model(7).train()
+    b = batch(7)
+    m(**b)
+    assert m.auxiliary_loss().item() == 0.0
+    m = model(7, replace(CONFIG, usage_loss_weight=0.5)).train()
+    m(**b)
+    aux = m.auxiliary_loss()
+    assert aux.item() > 0 and aux.requires_grad
+    aux.backward()
+    assert m.quantizer.codebooks.grad.abs().sum() > 0
+
+
+def test_dmqn_simple_has_no_icim_parameters():
+    simple = build_model("dmqn-simple", CONFIG)
+    full = build_model("dmqn", CONFIG)
+    assert not [n for n, _ in simple.named_parameters() if n.startswith("icim")]
+    assert [n for n, _ in full.named_parameters() if n.startswith("icim")]
+    assert simple.config.icim_layers == 0 and CONFIG.icim_layers == 2
+
+
+def test_popularity_model_orders_by_popularity():
+    pop = np.zeros(CONFIG.n_items)
+    pop[[3, 7, 11]] = [100, 5, 40]
+    m = build_model("pop", CONFIG, item_popularity=pop)
+    assert isinstance(m, PopularityModel) and not list(m.parameters()) and m.trainable is False
+    b = batch()
+    b["cand_item"] = torch.tensor([7, 3, 20, 11])
+    b["cand_category"] = torch.ones(4, dtype=torch.long)
+    b["hist_index"] = torch.zeros(4, dtype=torch.long)
+    logits = m(**b)
+    assert torch.argsort(logits, descending=True).tolist() == [1, 3, 0, 2]
+    torch.testing.assert_close(logits[2], torch.tensor(0.0))
+
+
+def test_build_model_rejects_unknown_names():
+    assert model_names() == ["dmqn", "dmqn-simple", "pop"]
+    with pytest.raises(ValueError, match="dmqn-simple"):
+        build_model("twin", CONFIG)
+    with pytest.raises(ValueError, match="item_popularity"):
+        build_model("pop", CONFIG)
+
+
+def test_config_round_trips_through_json():
+    d = json.loads(json.dumps(CONFIG.to_dict()))
+    assert d["mlp_hidden"] == [16, 8]
+    assert ModelConfig.from_dict(d) == CONFIG
+    with pytest.raises(ValueError, match="bogus"):
+        ModelConfig.from_dict({**d, "bogus": 1})
+    with pytest.raises(ValueError, match="icim_heads"):
+        replace(CONFIG, icim_heads=3)
