@@ -24,9 +24,15 @@ class ClusterTargetAttention(nn.Module):
         self.wq = nn.Parameter(torch.empty(N, D, D))
         self.wk = nn.Parameter(torch.empty(N, D, D))
         self.wv = nn.Parameter(torch.empty(N, D, D))
-        bound = D**-0.5  # nn.Linear's default range
-        for w in (self.wq, self.wk, self.wv):
-            nn.init.uniform_(w, -bound, bound)
+        # Start from the plain similarity: W_q = W_k = D^(1/4) I makes the logits q.k/sqrt(D)
+        # equal c.y, and W_v = I passes the clusters through. With random projections the initial
+        # logits are an arbitrary bilinear form of candidate and cluster, and the model took
+        # several times longer to find the candidate's own interests in the history.
+        eye = torch.eye(D).expand(N, D, D)
+        with torch.no_grad():
+            self.wq.copy_(eye * D**0.25)
+            self.wk.copy_(eye * D**0.25)
+            self.wv.copy_(eye)
 
     def forward(
         self,
@@ -34,13 +40,19 @@ class ClusterTargetAttention(nn.Module):
         clusters: Tensor,
         cluster_mask: Tensor,
         cluster_size: Tensor,
-        return_weights: bool = False,
-    ) -> Tensor | tuple[Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """candidate (B, D); clusters (B, N, W, D); cluster_mask (B, N, W) bool; cluster_size (B, N, W).
 
-        Returns the interest vectors (B, N, D) and, with return_weights, the attention weights
-        (B, N, W): they sum to 1 over the non-empty clusters and are 0 at empty ones. W may be
+        Returns the interest vectors (B, N, D), the match strength (B, N) and the attention weights
+        (B, N, W), which sum to 1 over the non-empty clusters and are 0 at empty ones. W may be
         anything (e.g. only the non-empty clusters of a cache): nothing here is tied to a codeword id.
+
+        The softmax makes each interest vector a convex combination, which says *what* in the
+        history resembles the candidate but not *how much* of it there is. The match strength
+        log(sum_k n_k exp(s_k) / sum_k n_k), the log-mean over all behaviors of exp(similarity of
+        the behavior's cluster to the candidate), keeps that: it is what DIN's unnormalised
+        attention sum carries, and without it the model learns the long-term signal far more slowly.
+        It is 0 for a user without clusters.
         """
         D = candidate.shape[-1]
         q = torch.einsum("bd,nde->bne", candidate, self.wq)  # (B, N, D)
@@ -61,6 +73,8 @@ class ClusterTargetAttention(nn.Module):
         weights = logits.softmax(dim=-1) * has_any  # (B, N, W)
         pooled = torch.einsum("bnw,bnwd->bnd", weights, clusters)  # (B, N, D)
         interest = torch.einsum("bnd,nde->bne", pooled, self.wv)  # (B, N, D)
-        if return_weights:
-            return interest, weights
-        return interest
+        # Normalised by what the logits sum over: behaviors with the size bias, clusters without.
+        weight_of = cluster_size if self.size_bias else torch.ones_like(cluster_size)
+        total = (weight_of * cluster_mask).sum(dim=-1).clamp(min=1.0)  # (B, N)
+        match = (logits.logsumexp(dim=-1) - total.log()) * has_any.squeeze(-1)  # (B, N)
+        return interest, match, weights

@@ -66,7 +66,7 @@ class DMQN(nn.Module):
         self.quantizer = MultiCodebookQuantizer(c.n_codebooks, c.codebook_size, c.embed_dim, c.tau)
         self.icim = ClusterInteraction(c.icim_layers, c.n_codebooks, c.codebook_size, c.embed_dim, c.icim_heads, c.dropout)
         self.ctam = ClusterTargetAttention(c.n_codebooks, c.embed_dim, c.ctam_size_bias)
-        self.head = MLPHead(c.embed_dim, c.n_codebooks, c.mlp_hidden, c.dropout)
+        self.head = MLPHead(c.embed_dim, c.n_codebooks, c.mlp_hidden, c.dropout, n_scalars=c.n_codebooks)
         self._usage: Tensor | None = None
 
     def encode_user(self, hist_item: Tensor, hist_category: Tensor, hist_behavior: Tensor, hist_mask: Tensor) -> UserState:
@@ -107,10 +107,10 @@ class DMQN(nn.Module):
         if state_index is not None:
             state = state.index_select(state_index)
         c = self.embedding.candidate(cand_item, cand_category)  # (B, D)
-        interest, weights = self.ctam(
-            c, state.clusters, state.cluster_mask, state.cluster_size, return_weights=True
-        )  # (B, N, D), (B, N, W)
-        logits = self.head(c, interest, state.recent)  # (B,)
+        interest, match, weights = self.ctam(
+            c, state.clusters, state.cluster_mask, state.cluster_size
+        )  # (B, N, D), (B, N), (B, N, W)
+        logits = self.head(c, interest, state.recent, match)  # (B,)
         if return_weights:
             return logits, weights
         return logits

@@ -8,24 +8,28 @@ from torch import Tensor
 
 
 class MLPHead(nn.Module):
-    """concat[c, interests (K*D), recent, c * recent] -> hidden layers -> one logit.
+    """concat[c, interests (K*D), c * interests (K*D), recent, c * recent, scalars (S)] -> MLP -> logit.
 
-    c * recent gives the MLP an explicit candidate / short-term-interest match feature, which a
-    ReLU-family MLP otherwise has to approximate from the concatenation.
-    Activation: PReLU, as in DIN's MLP (no dead units on these small inputs).
+    The products give the MLP explicit candidate / interest match features, which a ReLU-family
+    MLP otherwise has to approximate from the concatenation; ``scalars`` carries per-interest
+    match strengths (see attention.py). Activation: PReLU, as in DIN's MLP.
     """
 
-    def __init__(self, dim: int, n_interests: int, hidden: tuple[int, ...], dropout: float = 0.0) -> None:
+    def __init__(self, dim: int, n_interests: int, hidden: tuple[int, ...], dropout: float = 0.0,
+                 n_scalars: int = 0) -> None:
         super().__init__()
         layers: list[nn.Module] = []
-        width = dim * (n_interests + 3)
+        width = dim * (2 * n_interests + 3) + n_scalars
         for h in hidden:
             layers += [nn.Linear(width, h), nn.PReLU(h), nn.Dropout(dropout)]
             width = h
         layers.append(nn.Linear(width, 1))
         self.net = nn.Sequential(*layers)
 
-    def forward(self, candidate: Tensor, interests: Tensor, recent: Tensor) -> Tensor:
-        """candidate (B, D), interests (B, K, D), recent (B, D) -> (B,) logits."""
-        x = torch.cat([candidate, interests.flatten(1), recent, candidate * recent], dim=-1)  # (B, (K+3) D)
-        return self.net(x).squeeze(-1)
+    def forward(self, candidate: Tensor, interests: Tensor, recent: Tensor, scalars: Tensor | None = None) -> Tensor:
+        """candidate (B, D), interests (B, K, D), recent (B, D), scalars (B, S) -> (B,) logits."""
+        parts = [candidate, interests.flatten(1), (candidate.unsqueeze(1) * interests).flatten(1),
+                 recent, candidate * recent]
+        if scalars is not None:
+            parts.append(scalars)
+        return self.net(torch.cat(parts, dim=-1)).squeeze(-1)  # input (B, (2K+3) D + S)

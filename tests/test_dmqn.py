@@ -9,6 +9,7 @@ import torch
 
 from dmqn_core.config import ModelConfig
 from dmqn_core.dmqn import DMQN
+from dmqn_core.mlp import MLPHead
 from dmqn_core.models import build_model, model_names
 from dmqn_core.popularity import PopularityModel
 
@@ -193,3 +194,18 @@ def test_config_round_trips_through_json():
         ModelConfig.from_dict({**d, "bogus": 1})
     with pytest.raises(ValueError, match="icim_heads"):
         replace(CONFIG, icim_heads=3)
+
+
+@pytest.mark.parametrize("n_scalars", [0, 3])
+def test_mlp_head_input_width(n_scalars: int):
+    """Input concat[c, interests, c*interests, recent, c*recent, scalars]: dim*(2K+3) + S."""
+    dim, K, B = 8, 3, 4
+    head = MLPHead(dim, K, (16, 8), n_scalars=n_scalars)
+    assert head.net[0].in_features == dim * (2 * K + 3) + n_scalars
+    c, interests, recent = torch.randn(B, dim), torch.randn(B, K, dim), torch.randn(B, dim)
+    scalars = torch.randn(B, n_scalars) if n_scalars else None
+    assert head(c, interests, recent, scalars).shape == (B,)
+    # the DMQN head takes one match scalar per codebook
+    m = model()
+    K, D = CONFIG.n_codebooks, CONFIG.embed_dim
+    assert m.head.net[0].in_features == D * (2 * K + 3) + K
