@@ -103,26 +103,54 @@ class BatchLoader:
         groups = np.split(order, boundaries) if len(order) else []
         self.groups = groups[rank::world]
         self.n_samples = int(sum(len(g) for g in self.groups))
+        first = np.array([g[0] for g in self.groups], dtype=np.int64)
+        if len(first):
+            ends = np.asarray(self.samples.hist_end[first], dtype=np.int64)
+            starts = np.asarray(data.user_offsets[np.asarray(self.samples.user[first], dtype=np.int64) - 1])
+            self.group_length = np.minimum(ends - starts, max_len)
+        else:
+            self.group_length = np.zeros(0, dtype=np.int64)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return (self.n_samples + self.batch_size - 1) // self.batch_size
+        return len(self.batch_indices()) if self.shuffle else (self.n_samples + self.batch_size - 1) // self.batch_size
+
+    def batch_indices(self) -> list[np.ndarray]:
+        """The sample indices of every batch of the current epoch, in order.
+
+        Shuffled training batches are drawn from length buckets: the groups are shuffled, then
+        sorted by history length inside windows of 50 batches, cut into batches, and the batches
+        shuffled. Padding to the longest history of a batch then wastes little (histories of
+        one log range from tens to thousands of behaviors) while batches stay random.
+        """
+        if not self.groups:
+            return []
+        if not self.shuffle:
+            order = np.concatenate(self.groups)
+            return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        rng = np.random.default_rng([self.seed, self.epoch])
+        permutation = rng.permutation(len(self.groups))
+        groups = [self.groups[i] for i in permutation]
+        lengths = self.group_length[permutation]
+        per_group = max(self.n_samples / len(groups), 1.0)
+        window = max(int(50 * self.batch_size / per_group), 1)
+        batches: list[np.ndarray] = []
+        for begin in range(0, len(groups), window):
+            chunk = range(begin, min(begin + window, len(groups)))
+            by_length = begin + np.argsort(lengths[chunk.start:chunk.stop], kind="stable")
+            order = np.concatenate([groups[i] for i in by_length])
+            batches += [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        return [batches[i] for i in rng.permutation(len(batches))]
 
     def sample_order(self) -> np.ndarray:
-        if not self.groups:
-            return np.zeros(0, dtype=np.int64)
-        if self.shuffle:
-            rng = np.random.default_rng([self.seed, self.epoch])
-            permutation = rng.permutation(len(self.groups))
-            return np.concatenate([self.groups[i] for i in permutation])
-        return np.concatenate(self.groups)
+        batches = self.batch_indices()
+        return np.concatenate(batches) if batches else np.zeros(0, dtype=np.int64)
 
     def __iter__(self) -> Iterator[Batch]:
-        order = self.sample_order()
-        for begin in range(0, len(order), self.batch_size):
-            yield self.make_batch(order[begin:begin + self.batch_size])
+        for idx in self.batch_indices():
+            yield self.make_batch(idx)
 
     def make_batch(self, idx: np.ndarray) -> Batch:
         s = self.samples

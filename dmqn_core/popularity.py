@@ -21,7 +21,7 @@ class PopularityModel(nn.Module):
 
     def __init__(self, config: ModelConfig, item_popularity: np.ndarray | Tensor) -> None:
         super().__init__()
-        pop = torch.as_tensor(np.asarray(item_popularity), dtype=torch.float32)
+        pop = torch.tensor(np.array(item_popularity, dtype=np.float32))  # a copy: the prepared set is read-only
         if pop.ndim != 1 or pop.shape[0] != config.n_items:
             raise ValueError(f"item_popularity must have shape ({config.n_items},), got {tuple(pop.shape)}")
         if bool((pop < 0).any()):
