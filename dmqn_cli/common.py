@@ -21,7 +21,7 @@ WorkspaceOption = typer.Option(
     "-w",
     envvar=WORKSPACE_ENV,
     help="Workspace directory holding runs.duckdb, prepared data sets and checkpoints "
-    "[default: ./dmqn-workspace].",
+    "\\[default: ./dmqn-workspace].",
     show_default=False,
 )
 

@@ -22,9 +22,9 @@ class Split(str, Enum):
 
 @handle_errors
 def evaluate(
-    run_id: Optional[str] = typer.Argument(None, help="Run to evaluate [default: the latest run]."),
+    run_id: Optional[str] = typer.Argument(None, help="Run to evaluate \\[default: the latest run]."),
     split: Split = typer.Option(Split.test, "--split", help="Which split of the run's data set."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Samples per inference batch [default: the run's eval batch size]."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Samples per inference batch \\[default: the run's eval batch size]."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     workspace: Optional[Path] = WorkspaceOption,
 ) -> None:

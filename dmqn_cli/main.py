@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from dmqn_cli import evaluate, prep, quickstart, runs, synth, train
+from dmqn_cli import bench, evaluate, prep, quickstart, runs, synth, train
 
 app = typer.Typer(
     name="dmqn",
@@ -19,5 +19,6 @@ app.command("synth")(synth.synth)
 app.command("prep")(prep.prep)
 app.command("train")(train.train)
 app.command("eval")(evaluate.evaluate)
+app.command("bench")(bench.bench)
 app.add_typer(runs.runs_app, name="runs")
 app.command("quickstart")(quickstart.quickstart)

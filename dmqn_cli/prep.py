@@ -63,7 +63,7 @@ def prep(
     seed: int = typer.Option(0, help="Seed of the negative sampling (same seed, same set)."),
     memory_limit: str = typer.Option("4GB", help="DuckDB memory limit; beyond it DuckDB spills to disk "
                                                  "inside the temporary output directory."),
-    threads: Optional[int] = typer.Option(None, help="DuckDB threads [default: all cores].",
+    threads: Optional[int] = typer.Option(None, help="DuckDB threads \\[default: all cores].",
                                           show_default=False),
 ) -> None:
     """Turn a behavior log into a prepared long-sequence CTR set (train/valid/test by time per user)."""

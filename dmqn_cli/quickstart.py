@@ -28,7 +28,7 @@ def quickstart(
     scale: Scale = typer.Option(Scale.small, "--scale", envvar=SCALE_ENV,
                                 help="Size of the synthetic log: tiny (seconds), small (a few minutes), medium."),
     seed: int = typer.Option(0, "--seed", help="Seed of the data, the negatives and training."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Maximum DMQN epochs [default: 3 for tiny, 5 otherwise]."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Maximum DMQN epochs \\[default: 3 for tiny, 5 otherwise]."),
     workspace: Optional[Path] = WorkspaceOption,
 ) -> None:
     """synth → prep → train DMQN and the popularity baseline → eval, then what to try next."""

@@ -45,7 +45,7 @@ def list_runs(
 @runs_app.command("show")
 @handle_errors
 def show_run(
-    run_id: Optional[str] = typer.Argument(None, help="Run to show [default: the latest run]."),
+    run_id: Optional[str] = typer.Argument(None, help="Run to show \\[default: the latest run]."),
     workspace: Optional[Path] = WorkspaceOption,
 ) -> None:
     """Parameters, summary and per-epoch metric history of one run."""

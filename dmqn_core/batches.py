@@ -22,6 +22,7 @@ class Batch:
     hist_item: torch.Tensor      # (H, L) long, 0 at padding
     hist_category: torch.Tensor  # (H, L) long
     hist_behavior: torch.Tensor  # (H, L) long
+    hist_timestamp: torch.Tensor  # (H, L) long, unix seconds, 0 at padding
     hist_mask: torch.Tensor      # (H, L) bool, True at real behaviors; left-aligned, most recent last
     hist_index: torch.Tensor     # (B,) long, row of each sample's history
     cand_item: torch.Tensor      # (B,) long
@@ -46,6 +47,7 @@ class Batch:
             "hist_item": self.hist_item,
             "hist_category": self.hist_category,
             "hist_behavior": self.hist_behavior,
+            "hist_timestamp": self.hist_timestamp,
             "hist_mask": self.hist_mask,
             "hist_index": self.hist_index,
             "cand_item": self.cand_item,
@@ -54,8 +56,8 @@ class Batch:
 
 
 def gather_histories(data: PreparedSet, users: np.ndarray, hist_ends: np.ndarray, max_len: int
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Item, category, behavior-type and mask arrays (H, L) of the given histories.
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Item, category, behavior-type, timestamp and mask arrays (H, L) of the given histories.
 
     Each history is the behaviors ``[max(user_start, end - max_len), end)`` of its user,
     left-aligned and padded with 0 to the longest one.
@@ -71,11 +73,11 @@ def gather_histories(data: PreparedSet, users: np.ndarray, hist_ends: np.ndarray
     # Sorted unique rows keep the memory-mapped reads sequential.
     flat, inverse = np.unique(rows[mask], return_inverse=True)
     out = []
-    for column in (data.beh_item, data.beh_category, data.beh_behavior):
+    for column in (data.beh_item, data.beh_category, data.beh_behavior, data.beh_timestamp):
         values = np.zeros(rows.shape, dtype=np.int64)
         values[mask] = np.asarray(column[flat], dtype=np.int64)[inverse]
         out.append(values)
-    return out[0], out[1], out[2], mask
+    return out[0], out[1], out[2], out[3], mask
 
 
 class BatchLoader:
@@ -157,11 +159,12 @@ class BatchLoader:
         users = np.asarray(s.user[idx], dtype=np.int64)
         ends = np.asarray(s.hist_end[idx], dtype=np.int64)
         unique_ends, first, hist_index = np.unique(ends, return_index=True, return_inverse=True)
-        item, category, behavior, mask = gather_histories(self.data, users[first], unique_ends, self.max_len)
+        item, category, behavior, timestamp, mask = gather_histories(self.data, users[first], unique_ends, self.max_len)
         return Batch(
             hist_item=torch.from_numpy(item),
             hist_category=torch.from_numpy(category),
             hist_behavior=torch.from_numpy(behavior),
+            hist_timestamp=torch.from_numpy(timestamp),
             hist_mask=torch.from_numpy(mask),
             hist_index=torch.from_numpy(hist_index.astype(np.int64)),
             cand_item=torch.from_numpy(np.asarray(s.item[idx], dtype=np.int64)),

@@ -27,19 +27,40 @@ class ModelConfig:
     # Add log(cluster size) to the CTAM logits (see attention.ClusterTargetAttention).
     ctam_size_bias: bool = True
 
+    # ---- baselines (Table 2); ignored by DMQN ----
+    middle_len: int = 200  # behaviors seen by din-middle (din-short sees short_len, din-full all)
+    attention_heads: int = 2  # heads of the multi-head target attention of SIM, ETA, TWIN, TWIN V2
+    top_k: int = 50  # behaviors (clusters for TWIN V2) a two-stage model keeps for its exact search
+    simhash_bits: int = 32  # ETA: bits of each SimHash signature
+    sdim_rounds: int = 48  # SDIM: independent hash functions (m)
+    sdim_bits: int = 3  # SDIM: bits per hash function (tau in the SDIM paper)
+    cluster_max_size: int = 16  # TWIN V2: hierarchical clustering splits until clusters are this small
+    session_gap: int = 1800  # DSIN: seconds of inactivity that start a new session
+    max_sessions: int = 5  # DSIN: most recent sessions kept
+    session_len: int = 10  # DSIN: most recent behaviors kept per session
+    dien_aux_weight: float = 1.0  # DIEN: weight of the next-behavior auxiliary loss
+
     def __post_init__(self) -> None:
         # from_dict hands lists from json; a tuple keeps the config hashable and immutable-looking.
         self.mlp_hidden = tuple(int(h) for h in self.mlp_hidden)
         for name in ("n_items", "n_categories", "n_behavior_types"):
             if getattr(self, name) < 2:
                 raise ValueError(f"{name} must be >= 2 (index 0 is padding), got {getattr(self, name)}")
-        for name in ("embed_dim", "n_codebooks", "codebook_size", "icim_heads", "short_len"):
+        for name in ("embed_dim", "n_codebooks", "codebook_size", "icim_heads", "short_len", "middle_len",
+                     "attention_heads", "top_k", "simhash_bits", "sdim_rounds", "sdim_bits",
+                     "cluster_max_size", "session_gap", "max_sessions", "session_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.icim_layers < 0:
             raise ValueError(f"icim_layers must be >= 0, got {self.icim_layers}")
         if self.embed_dim % self.icim_heads:
             raise ValueError(f"embed_dim ({self.embed_dim}) must be divisible by icim_heads ({self.icim_heads})")
+        if self.embed_dim % self.attention_heads:
+            raise ValueError(f"embed_dim ({self.embed_dim}) must be divisible by attention_heads ({self.attention_heads})")
+        if self.sdim_bits > 16:
+            raise ValueError(f"sdim_bits must be <= 16, got {self.sdim_bits}")
+        if self.dien_aux_weight < 0:
+            raise ValueError(f"dien_aux_weight must be >= 0, got {self.dien_aux_weight}")
         if self.tau <= 0:
             raise ValueError(f"tau must be > 0, got {self.tau}")
         if not 0.0 <= self.dropout < 1.0:

@@ -19,6 +19,7 @@ from dmqn_core.embedding import BehaviorEmbedding
 from dmqn_core.hstu import ClusterInteraction
 from dmqn_core.mlp import MLPHead
 from dmqn_core.quantizer import MultiCodebookQuantizer, usage_loss
+from dmqn_core.sequence import recent_mean
 
 
 @dataclass
@@ -80,17 +81,13 @@ class DMQN(nn.Module):
         return UserState(clusters, q.cluster_mask, q.cluster_size, self._recent(e, hist_mask))
 
     def _recent(self, e: Tensor, mask: Tensor) -> Tensor:
-        """Mean of the last short_len real behaviors: (H, L, D), (H, L) -> (H, D); zero for an empty history.
+        """Mean of the last short_len real behaviors: (H, L, D), (H, L) -> (H, D).
 
         The paper's MLP input is not specified beyond "user, behavior sequence, candidate, context"
-        features (section 2.1); a short-term mean is the usual companion of a long-sequence module.
+        features (section 2.1); a short-term mean is the usual companion of a long-sequence module,
+        and every baseline gives its MLP the same one (sequence.recent_mean).
         """
-        L = mask.shape[1]
-        length = mask.sum(dim=1, keepdim=True)  # (H, 1); histories are left-aligned
-        pos = torch.arange(L, device=mask.device).unsqueeze(0)  # (1, L)
-        sel = (mask & (pos >= length - self.config.short_len)).to(e.dtype)  # (H, L)
-        summed = torch.einsum("hl,hld->hd", sel, e)
-        return summed / sel.sum(dim=1, keepdim=True).clamp(min=1.0)
+        return recent_mean(e, mask, self.config.short_len)
 
     def score(
         self,
@@ -124,6 +121,7 @@ class DMQN(nn.Module):
         hist_index: Tensor,
         cand_item: Tensor,
         cand_category: Tensor,
+        hist_timestamp: Tensor | None = None,
     ) -> Tensor:
         """H de-duplicated histories (H, L), B candidates pointing at them via hist_index (B,) -> (B,) logits."""
         state = self.encode_user(hist_item, hist_category, hist_behavior, hist_mask)

@@ -1,9 +1,10 @@
 """Model registry: build_model(name, config) for every model the toolkit trains.
 
 Every model takes ModelConfig and implements forward(hist_item, hist_category, hist_behavior,
-hist_mask, hist_index, cand_item, cand_category) -> (B,) logits and auxiliary_loss(). Sequence
-models share BehaviorEmbedding (embedding.py) and MLPHead (mlp.py); to add one, write its
-module and register a builder in MODEL_BUILDERS.
+hist_mask, hist_index, cand_item, cand_category, hist_timestamp=None) -> (B,) logits and
+auxiliary_loss(). Sequence models share BehaviorEmbedding (embedding.py), the short-term mean
+(sequence.recent_mean) and MLPHead (mlp.py), so that they differ only in their sequence module;
+to add one, write its module and register a builder in MODEL_BUILDERS.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from dmqn_core.config import ModelConfig
+from dmqn_core.din import DIN
 from dmqn_core.dmqn import DMQN
 from dmqn_core.popularity import PopularityModel
 
@@ -29,10 +31,13 @@ def _build_pop(config: ModelConfig, item_popularity: np.ndarray | Tensor | None)
 
 
 MODEL_BUILDERS: dict[str, Builder] = {
+    "pop": _build_pop,
+    "din-short": lambda config, _: DIN(config, window=config.short_len),
+    "din-middle": lambda config, _: DIN(config, window=config.middle_len),
+    "din-full": lambda config, _: DIN(config, window=None),
     "dmqn": lambda config, _: DMQN(config),
     # Table 3 ablation: no ICIM, target attention directly on the cluster means.
     "dmqn-simple": lambda config, _: DMQN(replace(config, icim_layers=0)),
-    "pop": _build_pop,
 }
 
 

@@ -38,6 +38,7 @@ class PopularityModel(nn.Module):
         hist_index: Tensor,
         cand_item: Tensor,
         cand_category: Tensor,
+        hist_timestamp: Tensor | None = None,
     ) -> Tensor:
         """Same signature as DMQN.forward; only cand_item is used -> (B,) logits."""
         return self.log_popularity[cand_item]

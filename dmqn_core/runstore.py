@@ -13,6 +13,9 @@ Tables
                     DMQN codebook on the validation histories after each epoch.
 ``codeword_counts`` (run_id, epoch, codebook, codeword, count): how many validation behaviors
                     each codeword received after each epoch (N·W rows per epoch).
+``benches``         one row per ``dmqn bench``: its name, data set and settings (JSON).
+``bench_runs``      (bench, model, seed, run_id): the run that trains each model and seed of a bench;
+                    written before the run starts, so an interrupted bench finds it again.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import duckdb
 
 from dmqn_core.errors import DmqnError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: benches, bench_runs
 
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS schema_info (version INTEGER NOT NULL)""",
@@ -70,6 +73,19 @@ SCHEMA = [
         used        INTEGER NOT NULL,
         dead        INTEGER NOT NULL,
         perplexity  DOUBLE NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS benches (
+        bench       VARCHAR PRIMARY KEY,
+        dataset     VARCHAR NOT NULL,
+        created_at  TIMESTAMPTZ NOT NULL,
+        settings    JSON NOT NULL          -- models, seeds and the shared budget
+    )""",
+    """CREATE TABLE IF NOT EXISTS bench_runs (
+        bench    VARCHAR NOT NULL,
+        model    VARCHAR NOT NULL,
+        seed     BIGINT NOT NULL,
+        run_id   VARCHAR NOT NULL,
+        PRIMARY KEY (bench, model, seed)
     )""",
     """CREATE TABLE IF NOT EXISTS codeword_counts (
         run_id    VARCHAR NOT NULL,
@@ -148,6 +164,8 @@ class RunStore:
                 con.execute(sql)
             if con.execute("SELECT count(*) FROM schema_info").fetchone()[0] == 0:
                 con.execute("INSERT INTO schema_info VALUES (?)", [SCHEMA_VERSION])
+            else:  # every version so far only added tables, which the statements above create
+                con.execute("UPDATE schema_info SET version = ? WHERE version < ?", [SCHEMA_VERSION, SCHEMA_VERSION])
             for sql, params in statements:
                 if params is not None and params and isinstance(params[0], (list, tuple)):
                     con.executemany(sql, params)
@@ -260,6 +278,38 @@ class RunStore:
             ("DELETE FROM codebook_usage WHERE run_id = ? AND epoch > ?", [run_id, epoch]),
             ("DELETE FROM codeword_counts WHERE run_id = ? AND epoch > ?", [run_id, epoch]),
         ])
+
+    # -- benches -----------------------------------------------------------------------
+    def register_bench(self, bench: str, dataset: str, settings: dict[str, Any]) -> None:
+        """Record a bench; an existing one must have been started with the same settings."""
+        text = json.dumps(settings, sort_keys=True)
+        rows = self._read("SELECT settings FROM benches WHERE bench = ?", [bench]) if self._has_table("benches") else []
+        if rows:
+            if json.loads(rows[0][0]) != json.loads(text):
+                raise DmqnError(f"bench {bench!r} already exists with other settings; choose another --name")
+            return
+        self._write([("INSERT INTO benches VALUES (?, ?, ?, ?)", [bench, dataset, _now(), text])])
+
+    def bench_run(self, bench: str, model: str, seed: int) -> str | None:
+        """The run id recorded for (bench, model, seed), if any."""
+        if not self._has_table("bench_runs"):
+            return None
+        rows = self._read("SELECT run_id FROM bench_runs WHERE bench = ? AND model = ? AND seed = ?",
+                          [bench, model, seed])
+        return rows[0][0] if rows else None
+
+    def set_bench_run(self, bench: str, model: str, seed: int, run_id: str) -> None:
+        self._write([
+            ("DELETE FROM bench_runs WHERE bench = ? AND model = ? AND seed = ?", [bench, model, seed]),
+            ("INSERT INTO bench_runs VALUES (?, ?, ?, ?)", [bench, model, seed, run_id]),
+        ])
+
+    def has_run(self, run_id: str) -> bool:
+        return bool(self._read("SELECT 1 FROM runs WHERE run_id = ?", [run_id]))
+
+    def _has_table(self, name: str) -> bool:
+        # Stores written before benches existed lack the table until their next write.
+        return bool(self._read("SELECT 1 FROM information_schema.tables WHERE table_name = ?", [name]))
 
 
 def iter_param_rows(params: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:

@@ -141,8 +141,12 @@ def _save(obj: dict[str, Any], path: Path) -> None:
 
 def train(workspace: Workspace, dataset: str | None = None, model_name: str = "dmqn",
           model_settings: dict[str, Any] | None = None, train_settings: dict[str, Any] | None = None,
-          resume: str | None = None, progress: Progress | None = None) -> TrainResult:
-    """Train ``model_name`` on a prepared set, or resume the run ``resume``; returns the summary."""
+          resume: str | None = None, progress: Progress | None = None, run_id: str | None = None) -> TrainResult:
+    """Train ``model_name`` on a prepared set, or resume the run ``resume``; returns the summary.
+
+    ``run_id`` names a new run in advance (a bench records it before training starts, so that
+    it can find the run again after a kill).
+    """
     progress = progress or NullProgress()
     store = RunStore(workspace.store_path)
 
@@ -185,7 +189,8 @@ def train(workspace: Workspace, dataset: str | None = None, model_name: str = "d
     }
     if resume is None:
         run_id = store.create_run(model=model_name, dataset=dataset_name, dataset_path=str(data.path),
-                                  params=params, seed=train_config.seed, n_parameters=n_parameters)
+                                  params=params, seed=train_config.seed, n_parameters=n_parameters,
+                                  run_id=run_id)
     run_dir = workspace.run_dir(run_id)
     run_dir.mkdir(parents=True, exist_ok=True)
 

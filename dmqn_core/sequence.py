@@ -1,0 +1,48 @@
+"""Helpers over padded behavior histories shared by all sequence models.
+
+Histories arrive as (H, L) tensors, left-aligned (real behaviors first, most recent last) with
+a bool mask; B candidates point at their history row through hist_index (B,).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def last_positions(mask: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Where the last k real behaviors of every history are: (H, L) mask -> index (H, k), valid (H, k).
+
+    The result is left-aligned and chronological like the input: index[h, j] is the position
+    of the j-th of the (at most k) most recent behaviors, valid marks which exist. Invalid
+    entries point at position 0, so they can be gathered safely and masked afterwards.
+    """
+    length = mask.sum(dim=1, keepdim=True)  # (H, 1)
+    kept = length.clamp(max=k)  # (H, 1)
+    j = torch.arange(k, device=mask.device).unsqueeze(0)  # (1, k)
+    valid = j < kept  # (H, k)
+    index = torch.where(valid, length - kept + j, torch.zeros_like(j))  # (H, k)
+    return index, valid
+
+
+def take_last(x: Tensor, mask: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The last k real behaviors of x (H, L, ...) as (H, k', ...) with their mask (H, k'); k' = min(k, L)."""
+    index, valid = last_positions(mask, min(k, mask.shape[1]))
+    if x.dim() == 2:
+        return x.gather(1, index) * valid.to(x.dtype), valid
+    gathered = x.gather(1, index.view(*index.shape, *([1] * (x.dim() - 2))).expand(*index.shape, *x.shape[2:]))
+    return gathered * valid.view(*valid.shape, *([1] * (x.dim() - 2))).to(x.dtype), valid
+
+
+def recent_mask(mask: Tensor, k: int) -> Tensor:
+    """(H, L) bool: True at the last k real behaviors of every history."""
+    length = mask.sum(dim=1, keepdim=True)  # (H, 1)
+    pos = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0)  # (1, L)
+    return mask & (pos >= length - k)
+
+
+def recent_mean(e: Tensor, mask: Tensor, k: int) -> Tensor:
+    """Mean embedding of the last k real behaviors: (H, L, D), (H, L) -> (H, D); zero for an empty history."""
+    sel = recent_mask(mask, k).to(e.dtype)  # (H, L)
+    summed = torch.einsum("hl,hld->hd", sel, e)
+    return summed / sel.sum(dim=1, keepdim=True).clamp(min=1.0)
