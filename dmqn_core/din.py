@@ -13,15 +13,31 @@ from dmqn_core.sequence import recent_mean, take_last
 from dmqn_core.target_attention import ActivationUnit
 
 
+class ShortTermDIN(nn.Module):
+    """DIN's local activation unit over the `window` most recent behaviors (None = all): DIN itself, and
+    the short-term interest that SIM, ETA, SDIM, TWIN and TWIN V2 pair with their long-term module."""
+
+    def __init__(self, dim: int, window: int | None) -> None:
+        super().__init__()
+        self.window = window
+        self.attention = ActivationUnit(dim)
+
+    def forward(self, candidate: Tensor, behaviors: Tensor, mask: Tensor, hist_index: Tensor) -> Tensor:
+        """candidate (B, D); behaviors (H, L, D); mask (H, L); hist_index (B,) -> interest (B, D)."""
+        if self.window is not None:
+            behaviors, mask = take_last(behaviors, mask, self.window)  # (H, window, D)
+        interest, _ = self.attention(candidate, behaviors, mask, hist_index)
+        return interest
+
+
 class DIN(nn.Module):
     """Local activation unit over the `window` most recent behaviors (None = the whole history)."""
 
     def __init__(self, config: ModelConfig, window: int | None) -> None:
         super().__init__()
         self.config = config
-        self.window = window
         self.embedding = BehaviorEmbedding(config)
-        self.attention = ActivationUnit(config.embed_dim)
+        self.interest = ShortTermDIN(config.embed_dim, window)
         self.head = MLPHead(config.embed_dim, 1, config.mlp_hidden, config.dropout)
 
     def forward(
@@ -37,11 +53,8 @@ class DIN(nn.Module):
     ) -> Tensor:
         e = self.embedding.behaviors(hist_item, hist_category, hist_behavior, hist_mask)  # (H, L, D)
         recent = recent_mean(e, hist_mask, self.config.short_len)  # (H, D)
-        mask = hist_mask
-        if self.window is not None:
-            e, mask = take_last(e, hist_mask, self.window)  # (H, window, D)
         c = self.embedding.candidate(cand_item, cand_category)  # (B, D)
-        interest, _ = self.attention(c, e, mask, hist_index)  # (B, D)
+        interest = self.interest(c, e, hist_mask, hist_index)  # (B, D)
         return self.head(c, interest.unsqueeze(1), recent.index_select(0, hist_index))
 
     def auxiliary_loss(self) -> Tensor:

@@ -17,9 +17,16 @@ import torch.nn as nn
 from torch import Tensor
 
 from dmqn_core.config import ModelConfig
+from dmqn_core.dien import DIEN
 from dmqn_core.din import DIN
 from dmqn_core.dmqn import DMQN
+from dmqn_core.dsin import DSIN
+from dmqn_core.eta import ETA
 from dmqn_core.popularity import PopularityModel
+from dmqn_core.sdim import SDIM
+from dmqn_core.sim import SIM
+from dmqn_core.twin import TWIN
+from dmqn_core.twin_v2 import TWINV2
 
 Builder = Callable[[ModelConfig, "np.ndarray | Tensor | None"], nn.Module]
 
@@ -35,6 +42,13 @@ MODEL_BUILDERS: dict[str, Builder] = {
     "din-short": lambda config, _: DIN(config, window=config.short_len),
     "din-middle": lambda config, _: DIN(config, window=config.middle_len),
     "din-full": lambda config, _: DIN(config, window=None),
+    "dien": lambda config, _: DIEN(config),
+    "dsin": lambda config, _: DSIN(config),
+    "sim": lambda config, _: SIM(config),
+    "eta": lambda config, _: ETA(config),
+    "sdim": lambda config, _: SDIM(config),
+    "twin": lambda config, _: TWIN(config),
+    "twin-v2": lambda config, _: TWINV2(config),
     "dmqn": lambda config, _: DMQN(config),
     # Table 3 ablation: no ICIM, target attention directly on the cluster means.
     "dmqn-simple": lambda config, _: DMQN(replace(config, icim_layers=0)),

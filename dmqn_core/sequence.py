@@ -46,3 +46,31 @@ def recent_mean(e: Tensor, mask: Tensor, k: int) -> Tensor:
     sel = recent_mask(mask, k).to(e.dtype)  # (H, L)
     summed = torch.einsum("hl,hld->hd", sel, e)
     return summed / sel.sum(dim=1, keepdim=True).clamp(min=1.0)
+
+
+def gather_rows(x: Tensor, hist_index: Tensor, index: Tensor) -> Tensor:
+    """x (H, L, ...) at rows hist_index (B,) and positions index (B, k) -> (B, k, ...).
+
+    One index_select on the flattened (H*L, ...) tensor: no (B, L, ...) copy, and the backward
+    touches only the B*k picked rows.
+    """
+    flat = (hist_index.unsqueeze(1) * x.shape[1] + index).flatten()  # (B*k,)
+    return x.flatten(0, 1).index_select(0, flat).view(*index.shape, *x.shape[2:])
+
+
+# floor(log2(1 + gap seconds)) < 32 covers gaps up to 68 years.
+TIME_BUCKETS = 32
+
+
+def time_gaps(timestamp: Tensor, mask: Tensor) -> Tensor:
+    """Seconds from every behavior to the history's most recent one: (H, L) long -> (H, L) float, 0 at padding."""
+    last = (mask.sum(dim=1, keepdim=True) - 1).clamp(min=0)  # (H, 1) left-aligned: last real position
+    now = timestamp.gather(1, last)  # (H, 1)
+    return ((now - timestamp).clamp(min=0) * mask).to(torch.float32)
+
+
+def masked_softmax(logits: Tensor, mask: Tensor) -> Tensor:
+    """Softmax over the last dim restricted to mask; all-zero for a row without any True."""
+    has_any = mask.any(dim=-1, keepdim=True)
+    logits = logits.masked_fill(~mask, float("-inf")).masked_fill(~has_any, 0.0)
+    return logits.softmax(dim=-1) * mask.to(logits.dtype)

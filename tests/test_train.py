@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 import dmqn_core.train as train_module
 from dmqn_core.errors import DmqnError
+from dmqn_core.models import model_names
 from dmqn_core.runstore import RunStore
 from dmqn_core.train import train
 
@@ -66,3 +69,31 @@ def test_unknown_settings_are_refused(tiny_workspace):
         train(tiny_workspace, "tiny", "dmqn", {"codebook": 3}, TRAIN)
     with pytest.raises(DmqnError, match="come\\(s\\) from the data set"):
         train(tiny_workspace, "tiny", "dmqn", {"n_items": 3}, TRAIN)
+
+
+def test_example_config_documents_every_setting_with_its_default():
+    """examples/dmqn.toml lists every model and training setting, at the default value."""
+    from dataclasses import fields
+    from pathlib import Path
+
+    from dmqn_core.config import ModelConfig
+    from dmqn_core.train import TrainConfig, read_config_file
+
+    model, train_settings = read_config_file(Path(__file__).parents[1] / "examples" / "dmqn.toml")
+    vocab = {"n_items", "n_categories", "n_behavior_types"}
+    assert set(model) == {f.name for f in fields(ModelConfig)} - vocab
+    defaults = ModelConfig(n_items=2, n_categories=2, n_behavior_types=2)
+    for name, value in model.items():
+        assert getattr(defaults, name) == (tuple(value) if isinstance(value, list) else value), name
+    assert set(train_settings) == {f.name for f in fields(TrainConfig)} - {"max_len"}
+    for name, value in train_settings.items():
+        assert getattr(TrainConfig(), name) == value, name
+
+
+@pytest.mark.parametrize("model_name", model_names())
+def test_every_registered_model_trains_through_the_one_code_path(tiny_workspace, model_name):
+    result = train(tiny_workspace, "tiny", model_name, {"embed_dim": 8, "mlp_hidden": [16]},
+                   {"epochs": 1, "max_len": 60, "batch_size": 256, "seed": 2})
+    record = RunStore(tiny_workspace.store_path).get_run(result.run_id)
+    assert record.status == "finished" and record.model == model_name
+    assert 0.0 <= result.test["auc"] <= 1.0 and math.isfinite(result.test["logloss"])
