@@ -29,8 +29,9 @@ from torch import Tensor
 
 from dmqn_core.config import ModelConfig
 from dmqn_core.embedding import BehaviorEmbedding
+from dmqn_core.interest_model import Candidates, Histories, InterestModel
 from dmqn_core.mlp import MLPHead
-from dmqn_core.sequence import masked_softmax, recent_mean, take_last
+from dmqn_core.sequence import masked_softmax, take_last
 
 
 class AUGRUCell(nn.Module):
@@ -90,7 +91,7 @@ def auxiliary_next_behavior_loss(states: Tensor, behaviors: Tensor, items: Tenso
     return (loss * w).sum() / w.sum().clamp(min=1.0)
 
 
-class DIEN(nn.Module):
+class DIEN(InterestModel):
     """GRU interest extractor + auxiliary loss, AUGRU interest evolution, over the last short_len behaviors."""
 
     def __init__(self, config: ModelConfig) -> None:
@@ -129,26 +130,14 @@ class DIEN(nn.Module):
             state = self.evolution.step(x_proj[:, t], state, a[:, t])
         return state, a
 
-    def forward(
-        self,
-        hist_item: Tensor,
-        hist_category: Tensor,
-        hist_behavior: Tensor,
-        hist_mask: Tensor,
-        hist_index: Tensor,
-        cand_item: Tensor,
-        cand_category: Tensor,
-        hist_timestamp: Tensor | None = None,
-    ) -> Tensor:
-        e = self.embedding.behaviors(hist_item, hist_category, hist_behavior, hist_mask)  # (H, L, D)
-        recent = recent_mean(e, hist_mask, self.config.short_len)  # (H, D)
-        h, x, items, mask = self.extract(e, hist_mask, hist_item)  # (H, T, D), (H, T, D), (H, T), (H, T)
+    def interests(self, histories: Histories, candidates: Candidates, hist_index: Tensor) -> Tensor:
+        h, c = histories, candidates.embedded
+        states, x, items, mask = self.extract(h.embedded, h.mask, h.item)  # (H, T, D), (H, T, D), (H, T), (H, T)
         self._aux = None
         if self.training and self.config.dien_aux_weight > 0:
-            self._aux = auxiliary_next_behavior_loss(h, x, items, mask)
-        c = self.embedding.candidate(cand_item, cand_category)  # (B, D)
-        interest, _ = self.evolve(h, mask, c, hist_index)  # (B, D)
-        return self.head(c, interest.unsqueeze(1), recent.index_select(0, hist_index))
+            self._aux = auxiliary_next_behavior_loss(states, x, items, mask)
+        interest, _ = self.evolve(states, mask, c, hist_index)  # (B, D)
+        return interest.unsqueeze(1)  # (B, 1, D)
 
     def auxiliary_loss(self) -> Tensor:
         """dien_aux_weight * L_aux of the last training-mode forward (alpha of L = L_target + alpha L_aux).

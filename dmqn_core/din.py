@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 from torch import Tensor
 
 from dmqn_core.config import ModelConfig
 from dmqn_core.embedding import BehaviorEmbedding
+from dmqn_core.interest_model import Candidates, Histories, InterestModel
 from dmqn_core.mlp import MLPHead
-from dmqn_core.sequence import recent_mean, take_last
+from dmqn_core.sequence import take_last
 from dmqn_core.target_attention import ActivationUnit
 
 
@@ -30,7 +30,7 @@ class ShortTermDIN(nn.Module):
         return interest
 
 
-class DIN(nn.Module):
+class DIN(InterestModel):
     """Local activation unit over the `window` most recent behaviors (None = the whole history)."""
 
     def __init__(self, config: ModelConfig, window: int | None) -> None:
@@ -40,22 +40,7 @@ class DIN(nn.Module):
         self.interest = ShortTermDIN(config.embed_dim, window)
         self.head = MLPHead(config.embed_dim, 1, config.mlp_hidden, config.dropout)
 
-    def forward(
-        self,
-        hist_item: Tensor,
-        hist_category: Tensor,
-        hist_behavior: Tensor,
-        hist_mask: Tensor,
-        hist_index: Tensor,
-        cand_item: Tensor,
-        cand_category: Tensor,
-        hist_timestamp: Tensor | None = None,
-    ) -> Tensor:
-        e = self.embedding.behaviors(hist_item, hist_category, hist_behavior, hist_mask)  # (H, L, D)
-        recent = recent_mean(e, hist_mask, self.config.short_len)  # (H, D)
-        c = self.embedding.candidate(cand_item, cand_category)  # (B, D)
-        interest = self.interest(c, e, hist_mask, hist_index)  # (B, D)
-        return self.head(c, interest.unsqueeze(1), recent.index_select(0, hist_index))
+    def interests(self, histories: Histories, candidates: Candidates, hist_index: Tensor) -> Tensor:
+        h, c = histories, candidates.embedded
+        return self.interest(c, h.embedded, h.mask, hist_index).unsqueeze(1)  # (B, 1, D)
 
-    def auxiliary_loss(self) -> Tensor:
-        return torch.zeros((), device=self.embedding.item.weight.device)

@@ -31,8 +31,9 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from dmqn_core.config import ModelConfig
 from dmqn_core.embedding import BehaviorEmbedding
+from dmqn_core.interest_model import Candidates, Histories, InterestModel
 from dmqn_core.mlp import MLPHead
-from dmqn_core.sequence import masked_softmax, recent_mean
+from dmqn_core.sequence import masked_softmax
 
 
 def split_sessions(timestamp: Tensor, mask: Tensor, gap: int, max_sessions: int, session_len: int
@@ -117,7 +118,7 @@ class SessionInterestExtractor(nn.Module):
         return q.new_zeros(H * S, D).index_copy(0, index, pooled).view(H, S, D)
 
 
-class DSIN(nn.Module):
+class DSIN(InterestModel):
     """Session division, session self-attention, Bi-LSTM over sessions, target attention over both."""
 
     def __init__(self, config: ModelConfig) -> None:
@@ -151,33 +152,20 @@ class DSIN(nn.Module):
         a = masked_softmax(torch.einsum("bsd,bd->bs", keys, c), session_mask.index_select(0, hist_index))
         return torch.einsum("bs,bsd->bd", a, values.index_select(0, hist_index))
 
-    def forward(
-        self,
-        hist_item: Tensor,
-        hist_category: Tensor,
-        hist_behavior: Tensor,
-        hist_mask: Tensor,
-        hist_index: Tensor,
-        cand_item: Tensor,
-        cand_category: Tensor,
-        hist_timestamp: Tensor | None = None,
-    ) -> Tensor:
-        if hist_timestamp is None:
+    def interests(self, histories: Histories, candidates: Candidates, hist_index: Tensor) -> Tensor:
+        h, cfg = histories, self.config
+        if h.timestamp is None:
             raise ValueError("DSIN needs hist_timestamp to divide the history into sessions")
-        c = self.config
-        e = self.embedding.behaviors(hist_item, hist_category, hist_behavior, hist_mask)  # (H, L, D)
-        recent = recent_mean(e, hist_mask, c.short_len)  # (H, D)
-        positions, mask = split_sessions(hist_timestamp, hist_mask, c.session_gap, c.max_sessions, c.session_len)
+        positions, mask = split_sessions(h.timestamp, h.mask, cfg.session_gap, cfg.max_sessions, cfg.session_len)
         H, S, T = positions.shape
+        e = h.embedded
         q = e.gather(1, positions.view(H, S * T, 1).expand(-1, -1, e.shape[-1])).view(H, S, T, -1)
         q = q * mask.unsqueeze(-1).to(q.dtype)  # (H, S, T, D)
         session_mask = mask.any(dim=-1)  # (H, S)
         interests = self.extractor(q, mask)  # (H, S, D)
         hidden = self.interact(interests, session_mask)  # (H, S, D)
-        cand = self.embedding.candidate(cand_item, cand_category)  # (B, D)
+        cand = candidates.embedded  # (B, D)
         u_i = self.activate(interests, self.activate_interest, session_mask, cand, hist_index)  # (B, D)
         u_h = self.activate(hidden, self.activate_hidden, session_mask, cand, hist_index)  # (B, D)
-        return self.head(cand, torch.stack([u_i, u_h], dim=1), recent.index_select(0, hist_index))
+        return torch.stack([u_i, u_h], dim=1)
 
-    def auxiliary_loss(self) -> Tensor:
-        return torch.zeros((), device=self.embedding.item.weight.device)

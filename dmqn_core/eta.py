@@ -23,14 +23,14 @@ Choices and simplifications, with reasons:
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 from torch import Tensor
 
 from dmqn_core.config import ModelConfig
 from dmqn_core.din import ShortTermDIN
 from dmqn_core.embedding import BehaviorEmbedding
+from dmqn_core.interest_model import Candidates, Histories, InterestModel
 from dmqn_core.mlp import MLPHead
-from dmqn_core.sequence import gather_rows, recent_mean
+from dmqn_core.sequence import gather_rows
 from dmqn_core.target_attention import MultiHeadTargetAttention
 
 # Seed of the SimHash projection: fixed, so that every run and every checkpoint hashes alike.
@@ -64,7 +64,7 @@ def hamming_top_k(hist_signature: Tensor, hist_mask: Tensor, hist_index: Tensor,
     return chosen * valid, valid
 
 
-class ETA(nn.Module):
+class ETA(InterestModel):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         D = config.embed_dim
@@ -76,31 +76,14 @@ class ETA(nn.Module):
         self.short = ShortTermDIN(D, config.short_len)
         self.head = MLPHead(D, 2, config.mlp_hidden, config.dropout)
 
-    def forward(
-        self,
-        hist_item: Tensor,
-        hist_category: Tensor,
-        hist_behavior: Tensor,
-        hist_mask: Tensor,
-        hist_index: Tensor,
-        cand_item: Tensor,
-        cand_category: Tensor,
-        hist_timestamp: Tensor | None = None,
-    ) -> Tensor:
-        cfg = self.config
-        e = self.embedding.behaviors(hist_item, hist_category, hist_behavior, hist_mask)  # (H, L, D)
-        recent = recent_mean(e, hist_mask, cfg.short_len)  # (H, D)
-        c = self.embedding.candidate(cand_item, cand_category)  # (B, D)
-
+    def interests(self, histories: Histories, candidates: Candidates, hist_index: Tensor) -> Tensor:
+        h, c, cfg = histories, candidates.embedded, self.config
         # Retrieval is a hard selection: no gradient passes it, the embeddings learn through the attention.
         with torch.no_grad():
-            hist_signature = simhash(self.embedding.candidate(hist_item, hist_category), self.planes)  # (H, L, bits)
-            positions, valid = hamming_top_k(hist_signature, hist_mask, hist_index,
+            hist_signature = simhash(self.embedding.candidate(h.item, h.category), self.planes)  # (H, L, bits)
+            positions, valid = hamming_top_k(hist_signature, h.mask, hist_index,
                                              simhash(c, self.planes), cfg.top_k)  # (B, k)
-        long, _ = self.esu(c, gather_rows(e, hist_index, positions), valid)  # (B, D)
+        long, _ = self.esu(c, gather_rows(h.embedded, hist_index, positions), valid)  # (B, D)
+        short = self.short(c, h.embedded, h.mask, hist_index)  # (B, D)
+        return torch.stack([long, short], dim=1)
 
-        short = self.short(c, e, hist_mask, hist_index)  # (B, D)
-        return self.head(c, torch.stack([long, short], dim=1), recent.index_select(0, hist_index))
-
-    def auxiliary_loss(self) -> Tensor:
-        return torch.zeros((), device=self.embedding.item.weight.device)

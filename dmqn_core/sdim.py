@@ -30,14 +30,13 @@ Choices and simplifications, with reasons:
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 from torch import Tensor
 
 from dmqn_core.config import ModelConfig
 from dmqn_core.din import ShortTermDIN
 from dmqn_core.embedding import BehaviorEmbedding
+from dmqn_core.interest_model import Candidates, Histories, InterestModel
 from dmqn_core.mlp import MLPHead
-from dmqn_core.sequence import recent_mean
 
 # Seed of the hash projections: fixed, so that every run and every checkpoint hashes alike.
 SDIM_HASH_SEED = 2022
@@ -80,7 +79,7 @@ def sampled_interest(sums: Tensor, hist_index: Tensor, cand_buckets: Tensor) -> 
     return (pooled / torch.where(norm > 0, norm, torch.ones_like(norm))).mean(dim=1)
 
 
-class SDIM(nn.Module):
+class SDIM(InterestModel):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         D = config.embed_dim
@@ -92,32 +91,15 @@ class SDIM(nn.Module):
         self.short = ShortTermDIN(D, config.short_len)
         self.head = MLPHead(D, 2, config.mlp_hidden, config.dropout)
 
-    def forward(
-        self,
-        hist_item: Tensor,
-        hist_category: Tensor,
-        hist_behavior: Tensor,
-        hist_mask: Tensor,
-        hist_index: Tensor,
-        cand_item: Tensor,
-        cand_category: Tensor,
-        hist_timestamp: Tensor | None = None,
-    ) -> Tensor:
-        cfg = self.config
-        e = self.embedding.behaviors(hist_item, hist_category, hist_behavior, hist_mask)  # (H, L, D)
-        recent = recent_mean(e, hist_mask, cfg.short_len)  # (H, D)
-        c = self.embedding.candidate(cand_item, cand_category)  # (B, D)
-
+    def interests(self, histories: Histories, candidates: Candidates, hist_index: Tensor) -> Tensor:
+        h, c, cfg = histories, candidates.embedded, self.config
         # Hashing is a hard assignment: no gradient passes it, the embeddings learn through the sums.
         with torch.no_grad():
-            hist_buckets = hash_buckets(self.embedding.candidate(hist_item, hist_category), self.planes,
+            hist_buckets = hash_buckets(self.embedding.candidate(h.item, h.category), self.planes,
                                         cfg.sdim_rounds)  # (H, L, m)
             cand_buckets = hash_buckets(c, self.planes, cfg.sdim_rounds)  # (B, m)
-        sums = bucket_sums(e, hist_buckets, 2 ** cfg.sdim_bits)  # (H, m, 2^tau, D), once per history
+        sums = bucket_sums(h.embedded, hist_buckets, 2 ** cfg.sdim_bits)  # (H, m, 2^tau, D), once per history
         long = sampled_interest(sums, hist_index, cand_buckets)  # (B, D)
+        short = self.short(c, h.embedded, h.mask, hist_index)  # (B, D)
+        return torch.stack([long, short], dim=1)
 
-        short = self.short(c, e, hist_mask, hist_index)  # (B, D)
-        return self.head(c, torch.stack([long, short], dim=1), recent.index_select(0, hist_index))
-
-    def auxiliary_loss(self) -> Tensor:
-        return torch.zeros((), device=self.embedding.item.weight.device)

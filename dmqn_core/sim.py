@@ -27,10 +27,11 @@ import torch.nn as nn
 from torch import Tensor
 
 from dmqn_core.config import ModelConfig
+from dmqn_core.interest_model import Candidates, Histories, InterestModel
 from dmqn_core.mlp import MLPHead
 from dmqn_core.din import ShortTermDIN
 from dmqn_core.embedding import BEHAVIOR_INIT_STD, BehaviorEmbedding
-from dmqn_core.sequence import TIME_BUCKETS, gather_rows, recent_mean, time_gaps
+from dmqn_core.sequence import TIME_BUCKETS, gather_rows, time_gaps
 from dmqn_core.target_attention import MultiHeadTargetAttention
 
 
@@ -59,7 +60,7 @@ def category_search(hist_category: Tensor, hist_mask: Tensor, hist_index: Tensor
     return positions[:, :k], valid
 
 
-class SIM(nn.Module):
+class SIM(InterestModel):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         D = config.embed_dim
@@ -71,32 +72,15 @@ class SIM(nn.Module):
         self.short = ShortTermDIN(D, config.short_len)
         self.head = MLPHead(D, 2, config.mlp_hidden, config.dropout)
 
-    def forward(
-        self,
-        hist_item: Tensor,
-        hist_category: Tensor,
-        hist_behavior: Tensor,
-        hist_mask: Tensor,
-        hist_index: Tensor,
-        cand_item: Tensor,
-        cand_category: Tensor,
-        hist_timestamp: Tensor | None = None,
-    ) -> Tensor:
-        cfg = self.config
-        e = self.embedding.behaviors(hist_item, hist_category, hist_behavior, hist_mask)  # (H, L, D)
-        recent = recent_mean(e, hist_mask, cfg.short_len)  # (H, D)
-        c = self.embedding.candidate(cand_item, cand_category)  # (B, D)
-
-        positions, valid = category_search(hist_category, hist_mask, hist_index, cand_category, cfg.top_k)  # (B, k)
-        z = gather_rows(e, hist_index, positions)  # (B, k, D)
-        if hist_timestamp is not None:
-            bucket = torch.log2(1.0 + time_gaps(hist_timestamp, hist_mask)).floor().long()  # (H, L)
+    def interests(self, histories: Histories, candidates: Candidates, hist_index: Tensor) -> Tensor:
+        h, c, cfg = histories, candidates.embedded, self.config
+        positions, valid = category_search(h.category, h.mask, hist_index, candidates.category, cfg.top_k)  # (B, k)
+        z = gather_rows(h.embedded, hist_index, positions)  # (B, k, D)
+        if h.timestamp is not None:
+            bucket = torch.log2(1.0 + time_gaps(h.timestamp, h.mask)).floor().long()  # (H, L)
             bucket = gather_rows(bucket.clamp(0, TIME_BUCKETS - 1), hist_index, positions)  # (B, k)
             z = z + self.time(bucket)
         long, _ = self.esu(c, z, valid)  # (B, D)
+        short = self.short(c, h.embedded, h.mask, hist_index)  # (B, D)
+        return torch.stack([long, short], dim=1)
 
-        short = self.short(c, e, hist_mask, hist_index)  # (B, D)
-        return self.head(c, torch.stack([long, short], dim=1), recent.index_select(0, hist_index))
-
-    def auxiliary_loss(self) -> Tensor:
-        return torch.zeros((), device=self.embedding.item.weight.device)

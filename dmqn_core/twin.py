@@ -30,8 +30,9 @@ from torch import Tensor
 from dmqn_core.config import ModelConfig
 from dmqn_core.din import ShortTermDIN
 from dmqn_core.embedding import BehaviorEmbedding
+from dmqn_core.interest_model import Candidates, Histories, InterestModel
 from dmqn_core.mlp import MLPHead
-from dmqn_core.sequence import TIME_BUCKETS, gather_rows, recent_mean, time_gaps
+from dmqn_core.sequence import TIME_BUCKETS, gather_rows, time_gaps
 from dmqn_core.target_attention import MultiHeadTargetAttention
 
 class TimeGapBias(nn.Module):
@@ -84,7 +85,7 @@ def general_search(esu: MultiHeadTargetAttention, candidate: Tensor, behaviors: 
         return top_k_search(scores, k)
 
 
-class TWIN(nn.Module):
+class TWIN(InterestModel):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         D = config.embed_dim
@@ -95,30 +96,13 @@ class TWIN(nn.Module):
         self.short = ShortTermDIN(D, config.short_len)
         self.head = MLPHead(D, 2, config.mlp_hidden, config.dropout)
 
-    def forward(
-        self,
-        hist_item: Tensor,
-        hist_category: Tensor,
-        hist_behavior: Tensor,
-        hist_mask: Tensor,
-        hist_index: Tensor,
-        cand_item: Tensor,
-        cand_category: Tensor,
-        hist_timestamp: Tensor | None = None,
-    ) -> Tensor:
-        cfg = self.config
-        e = self.embedding.behaviors(hist_item, hist_category, hist_behavior, hist_mask)  # (H, L, D)
-        recent = recent_mean(e, hist_mask, cfg.short_len)  # (H, D)
-        c = self.embedding.candidate(cand_item, cand_category)  # (B, D)
-        bias = None if hist_timestamp is None else self.time_bias(time_gaps(hist_timestamp, hist_mask))  # (H, L)
-
-        index, valid = general_search(self.esu, c, e, hist_mask, hist_index, cfg.top_k, bias)  # (B, k)
-        picked = gather_rows(e, hist_index, index)  # (B, k, D)
+    def interests(self, histories: Histories, candidates: Candidates, hist_index: Tensor) -> Tensor:
+        h, c, cfg = histories, candidates.embedded, self.config
+        bias = None if h.timestamp is None else self.time_bias(time_gaps(h.timestamp, h.mask))  # (H, L)
+        index, valid = general_search(self.esu, c, h.embedded, h.mask, hist_index, cfg.top_k, bias)  # (B, k)
+        picked = gather_rows(h.embedded, hist_index, index)  # (B, k, D)
         picked_bias = None if bias is None else gather_rows(bias, hist_index, index)  # (B, k)
         long, _ = self.esu(c, picked, valid, picked_bias)  # (B, D)
+        short = self.short(c, h.embedded, h.mask, hist_index)  # (B, D)
+        return torch.stack([long, short], dim=1)
 
-        short = self.short(c, e, hist_mask, hist_index)  # (B, D)
-        return self.head(c, torch.stack([long, short], dim=1), recent.index_select(0, hist_index))
-
-    def auxiliary_loss(self) -> Tensor:
-        return torch.zeros((), device=self.embedding.item.weight.device)

@@ -31,14 +31,14 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn as nn
 from torch import Tensor
 
 from dmqn_core.config import ModelConfig
 from dmqn_core.din import ShortTermDIN
 from dmqn_core.embedding import BehaviorEmbedding
+from dmqn_core.interest_model import Candidates, Histories, InterestModel
 from dmqn_core.mlp import MLPHead
-from dmqn_core.sequence import gather_rows, recent_mean, time_gaps
+from dmqn_core.sequence import gather_rows, time_gaps
 from dmqn_core.target_attention import MultiHeadTargetAttention
 from dmqn_core.twin import TimeGapBias, general_search_scores, top_k_search
 
@@ -242,7 +242,7 @@ def cluster_aware_attention(esu: MultiHeadTargetAttention, candidate: Tensor, cl
     return esu(candidate, clusters, mask, log_size if bias is None else log_size + bias)
 
 
-class TWINV2(nn.Module):
+class TWINV2(InterestModel):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         D = config.embed_dim
@@ -253,25 +253,11 @@ class TWINV2(nn.Module):
         self.short = ShortTermDIN(D, config.short_len)
         self.head = MLPHead(D, 2, config.mlp_hidden, config.dropout)
 
-    def forward(
-        self,
-        hist_item: Tensor,
-        hist_category: Tensor,
-        hist_behavior: Tensor,
-        hist_mask: Tensor,
-        hist_index: Tensor,
-        cand_item: Tensor,
-        cand_category: Tensor,
-        hist_timestamp: Tensor | None = None,
-    ) -> Tensor:
-        cfg = self.config
-        e = self.embedding.behaviors(hist_item, hist_category, hist_behavior, hist_mask)  # (H, L, D)
-        recent = recent_mean(e, hist_mask, cfg.short_len)  # (H, D)
-        c = self.embedding.candidate(cand_item, cand_category)  # (B, D)
-
-        ids = hierarchical_clusters(e, hist_behavior, hist_mask, cfg.cluster_max_size)  # (H, L)
-        gap = None if hist_timestamp is None else time_gaps(hist_timestamp, hist_mask)
-        tokens, size, exists, mean_gap = cluster_summary(e, ids, hist_mask, gap)  # (H, C, D), (H, C) x3
+    def interests(self, histories: Histories, candidates: Candidates, hist_index: Tensor) -> Tensor:
+        h, c, cfg = histories, candidates.embedded, self.config
+        ids = hierarchical_clusters(h.embedded, h.behavior, h.mask, cfg.cluster_max_size)  # (H, L)
+        gap = None if h.timestamp is None else time_gaps(h.timestamp, h.mask)
+        tokens, size, exists, mean_gap = cluster_summary(h.embedded, ids, h.mask, gap)  # (H, C, D), (H, C) x3
         time_bias = None if mean_gap is None else self.time_bias(mean_gap)  # (H, C)
         # ln n_k (+ the cross-feature bias): the cluster-aware logit offset, the same in GSU and ESU.
         offset = size.clamp(min=1.0).log() + (0.0 if time_bias is None else time_bias)  # (H, C)
@@ -283,9 +269,6 @@ class TWINV2(nn.Module):
         picked_bias = None if time_bias is None else gather_rows(time_bias, hist_index, index)  # (B, k)
         long, _ = cluster_aware_attention(self.esu, c, picked, gather_rows(size, hist_index, index), valid,
                                           picked_bias)  # (B, D)
+        short = self.short(c, h.embedded, h.mask, hist_index)  # (B, D)
+        return torch.stack([long, short], dim=1)
 
-        short = self.short(c, e, hist_mask, hist_index)  # (B, D)
-        return self.head(c, torch.stack([long, short], dim=1), recent.index_select(0, hist_index))
-
-    def auxiliary_loss(self) -> Tensor:
-        return torch.zeros((), device=self.embedding.item.weight.device)
