@@ -33,14 +33,10 @@ import math
 import torch
 from torch import Tensor
 
-from dmqn_core.config import ModelConfig
-from dmqn_core.din import ShortTermDIN
-from dmqn_core.embedding import BehaviorEmbedding
-from dmqn_core.interest_model import Candidates, Histories, InterestModel
-from dmqn_core.mlp import MLPHead
+from dmqn_core.interest_model import Candidates, Histories
 from dmqn_core.sequence import gather_rows, time_gaps
 from dmqn_core.target_attention import MultiHeadTargetAttention
-from dmqn_core.twin import TimeGapBias, general_search_scores, top_k_search
+from dmqn_core.twin import TWIN, general_search_scores, top_k_search
 
 SPLIT_EXPONENT = 0.3  # TWIN V2: a cluster of n behaviors is split into floor(n^0.3) k-means clusters
 KMEANS_ITERS = 4
@@ -242,16 +238,8 @@ def cluster_aware_attention(esu: MultiHeadTargetAttention, candidate: Tensor, cl
     return esu(candidate, clusters, mask, log_size if bias is None else log_size + bias)
 
 
-class TWINV2(InterestModel):
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        D = config.embed_dim
-        self.config = config
-        self.embedding = BehaviorEmbedding(config)
-        self.esu = MultiHeadTargetAttention(D, config.attention_heads)
-        self.time_bias = TimeGapBias()
-        self.short = ShortTermDIN(D, config.short_len)
-        self.head = MLPHead(D, 2, config.mlp_hidden, config.dropout)
+class TWINV2(TWIN):
+    """TWIN's modules (ESU, time bias, short DIN, head) over clusters instead of behaviors."""
 
     def interests(self, histories: Histories, candidates: Candidates, hist_index: Tensor) -> Tensor:
         h, c, cfg = histories, candidates.embedded, self.config
