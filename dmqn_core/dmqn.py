@@ -75,8 +75,7 @@ class DMQN(nn.Module):
         e = self.embedding.behaviors(hist_item, hist_category, hist_behavior, hist_mask)  # (H, L, D)
         with_usage = self.training and self.config.usage_loss_weight > 0
         q = self.quantizer(e, hist_mask, with_usage=with_usage)  # MCQM, eq. 3-10
-        if self.training:
-            self._usage = usage_loss(q.mean_prob) if with_usage else None
+        self._usage = usage_loss(q.mean_prob) if with_usage else None  # None after an eval forward
         clusters = self.icim(q.clusters, q.cluster_mask)  # ICIM, eq. 11-13
         return UserState(clusters, q.cluster_mask, q.cluster_size, self._recent(e, hist_mask))
 
@@ -128,7 +127,7 @@ class DMQN(nn.Module):
         return self.score(state, cand_item, cand_category, hist_index)
 
     def auxiliary_loss(self) -> Tensor:
-        """usage_loss_weight * the codebook-usage regulariser of the last training-mode forward; 0 if disabled.
+        """usage_loss_weight * the codebook-usage regulariser of the last forward if it ran in training mode, else 0.
 
         Add it to the CTR loss before backward.
         """

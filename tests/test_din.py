@@ -10,6 +10,7 @@ from dmqn_core.config import ModelConfig
 from dmqn_core.din import DIN
 from dmqn_core.sequence import last_positions, recent_mean, take_last
 from dmqn_core.target_attention import ActivationUnit, MultiHeadTargetAttention
+from model_batches import random_batch
 
 CONFIG = ModelConfig(n_items=40, n_categories=6, n_behavior_types=3, embed_dim=8, short_len=3, middle_len=5,
                      mlp_hidden=(16,))
@@ -68,56 +69,14 @@ def test_multi_head_target_attention_softmax_per_head_and_bias():
     torch.testing.assert_close(out[1], attention.out.bias)
 
 
-def _history(lengths, L):
-    g = torch.Generator().manual_seed(5)
-    mask = torch.arange(L)[None] < torch.tensor(lengths)[:, None]
-    H = len(lengths)
-    return dict(
-        hist_item=torch.randint(1, 40, (H, L), generator=g) * mask,
-        hist_category=torch.randint(1, 6, (H, L), generator=g) * mask,
-        hist_behavior=torch.randint(1, 3, (H, L), generator=g) * mask,
-        hist_mask=mask,
-        hist_index=torch.tensor([0, 0, 1, 2]),
-        cand_item=torch.tensor([3, 4, 5, 6]),
-        cand_category=torch.tensor([1, 2, 3, 4]),
-    )
-
-
 def test_din_windows_see_only_their_most_recent_behaviors():
     torch.manual_seed(0)
     short = DIN(CONFIG, window=CONFIG.short_len).eval()
     full = DIN(CONFIG, window=None).eval()
     full.load_state_dict(short.state_dict())
-    batch = _history([9, 2, 0], 9)
-    changed = {k: v.clone() for k, v in batch.items()}
+    batch = random_batch(CONFIG, seed=5, lengths=[9, 2, 0], B=4)
+    changed = dict(batch, hist_item=batch["hist_item"].clone())
     changed["hist_item"][0, :4] = torch.tensor([11, 12, 13, 14])  # older than the last short_len (and the mean)
     with torch.no_grad():
         assert torch.equal(short(**batch), short(**changed))
         assert not torch.allclose(full(**batch), full(**changed))
-        logits = full(**batch)
-    assert logits.shape == (4,) and torch.isfinite(logits).all()  # history 2 is empty
-
-
-def test_din_ignores_padding_width_and_learns():
-    torch.manual_seed(0)
-    model = DIN(CONFIG, window=CONFIG.middle_len)
-    batch = _history([6, 2, 0], 6)
-    wide = _history([6, 2, 0], 6)
-    for key in ("hist_item", "hist_category", "hist_behavior"):
-        wide[key] = torch.cat([batch[key], torch.full((3, 4), 2)], dim=1)  # junk ids in the padding
-    wide["hist_mask"] = torch.cat([batch["hist_mask"], torch.zeros(3, 4, dtype=torch.bool)], dim=1)
-    model.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(model(**batch), model(**wide))
-    model.train()
-    label = torch.tensor([1.0, 0.0, 1.0, 0.0])
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(30):
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(**batch), label)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss))
-    assert losses[-1] < 0.5 * losses[0]
-    assert model.embedding.item.weight.grad.abs().sum() > 0

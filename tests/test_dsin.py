@@ -2,36 +2,14 @@
 
 from dataclasses import replace
 
-import pytest
 import torch
-import torch.nn.functional as F
 
 from dmqn_core.config import ModelConfig
 from dmqn_core.dsin import DSIN, split_sessions
+from model_batches import random_batch
 
 CONFIG = ModelConfig(n_items=60, n_categories=8, n_behavior_types=4, embed_dim=8, short_len=5, mlp_hidden=(16, 8),
                      session_gap=100, max_sessions=3, session_len=4)
-
-
-def batch(seed: int = 0, H: int = 5, L: int = 20, B: int = 9, lengths=None):
-    """Random left-aligned histories (history 1 empty) with timestamps whose gaps often exceed session_gap."""
-    g = torch.Generator().manual_seed(seed)
-    if lengths is None:
-        lengths = torch.randint(1, L + 1, (H,), generator=g)
-        lengths[1] = 0
-    mask = torch.arange(L)[None] < torch.as_tensor(lengths)[:, None]
-    gaps = torch.where(torch.rand(H, L, generator=g) < 0.3, torch.randint(101, 1000, (H, L), generator=g),
-                       torch.randint(0, 101, (H, L), generator=g))
-    return dict(
-        hist_item=torch.randint(1, CONFIG.n_items, (H, L), generator=g) * mask,
-        hist_category=torch.randint(1, CONFIG.n_categories, (H, L), generator=g) * mask,
-        hist_behavior=torch.randint(1, CONFIG.n_behavior_types, (H, L), generator=g) * mask,
-        hist_mask=mask,
-        hist_index=torch.randint(0, H, (B,), generator=g),
-        cand_item=torch.randint(1, CONFIG.n_items, (B,), generator=g),
-        cand_category=torch.randint(1, CONFIG.n_categories, (B,), generator=g),
-        hist_timestamp=(1_600_000_000 + gaps.cumsum(1)) * mask,
-    )
 
 
 def model(seed: int = 0, config: ModelConfig = CONFIG) -> DSIN:
@@ -80,7 +58,7 @@ def test_split_sessions_keeps_the_latest_sessions_and_behaviors_in_order():
 
 
 def test_split_sessions_matches_a_plain_python_reference():
-    b = batch(1, H=12, L=30)
+    b = random_batch(CONFIG, seed=1, H=12, L=30)  # gaps within and beyond CONFIG.session_gap (100 s)
     ts, mask = b["hist_timestamp"], b["hist_mask"]
     for gap, S, T in ((100, 3, 4), (50, 2, 7), (400, 6, 1)):
         positions, kept = split_sessions(ts, mask, gap, S, T)
@@ -165,35 +143,10 @@ def test_activation_is_softmax_bilinear_attention_over_existing_sessions():
     assert torch.all(pooled[1] == 0)
 
 
-def test_forward_finite_with_empty_histories_and_needs_timestamps():
-    m = model(6).eval()
-    b = batch(6)
-    b["hist_index"][0] = 1  # history 1 is empty: no session
-    with torch.no_grad():
-        logits = m(**b)
-        assert logits.shape == (9,) and torch.isfinite(logits).all()
-        assert torch.isfinite(m(**batch(6, lengths=[0] * 5))).all()
-    assert float(m.auxiliary_loss()) == 0.0
-    b.pop("hist_timestamp")
-    with pytest.raises(ValueError, match="hist_timestamp"):
-        m(**b)
-
-
-def test_padding_ids_and_width_and_dropped_behaviors_do_not_matter():
+def test_behaviors_outside_the_kept_sessions_and_the_short_window_do_not_matter():
+    # The oldest behavior of a history with many sessions is outside the kept sessions and outside
+    # the short_len window: it does not matter; one inside the latest session does.
     m = model(7).eval()
-    b = batch(7)
-    noisy = dict(b)
-    for key in ("hist_item", "hist_category", "hist_behavior"):
-        noisy[key] = torch.where(b["hist_mask"], b[key], torch.full_like(b[key], 3))
-    wider = {k: torch.cat([v, torch.zeros(v.shape[0], 6, dtype=v.dtype)], 1) if v.dim() == 2 else v
-             for k, v in b.items()}
-    wider["hist_item"][:, 20:] = 5
-    with torch.no_grad():
-        logits = m(**b)
-        torch.testing.assert_close(m(**noisy), logits, rtol=0, atol=1e-6)
-        torch.testing.assert_close(m(**wider), logits, rtol=0, atol=1e-6)
-    # a behavior outside the kept sessions (the oldest of a history with many sessions) and outside
-    # the short_len window does not matter; one inside the latest session does
     ts = torch.tensor([[0, 500, 1000, 1500, 2000, 2500, 3000, 3001]]) + 1
     one = dict(hist_item=torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]]), hist_category=torch.ones(1, 8, dtype=torch.long),
                hist_behavior=torch.ones(1, 8, dtype=torch.long), hist_mask=torch.ones(1, 8, dtype=torch.bool),
@@ -207,46 +160,9 @@ def test_padding_ids_and_width_and_dropped_behaviors_do_not_matter():
         assert (m(**one) - base).abs().max() > 0
 
 
-def test_gradients_reach_embeddings_and_training_reduces_loss():
-    # Learnable: the label is whether the candidate's category is that of the latest behavior.
-    H, L = 16, 12
-    b = batch(8, H=H, L=L, B=32, lengths=torch.randint(1, L + 1, (H,), generator=torch.Generator().manual_seed(8)))
-    last = b["hist_mask"].sum(1) - 1
-    latest_category = b["hist_category"].gather(1, last[:, None]).squeeze(1)
-    b["cand_category"][::2] = latest_category[b["hist_index"][::2]]
-    y = (b["cand_category"] == latest_category[b["hist_index"]]).float()
-    m = model(8)
-    opt = torch.optim.Adam(m.parameters(), lr=2e-2)
-    losses = []
-    for step in range(15):
-        opt.zero_grad()
-        loss = F.binary_cross_entropy_with_logits(m(**b), y)
-        loss.backward()
-        if step == 0:
-            for table in (m.embedding.item, m.embedding.category, m.embedding.behavior):
-                assert table.weight.grad.abs().sum() > 0
-            for p in (m.extractor.session_bias, m.extractor.position_bias, m.extractor.unit_bias):
-                assert p.grad.abs().sum() > 0
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.5 * losses[0]
-
-
 def test_single_session_and_single_behavior_configs():
     for cfg in (replace(CONFIG, max_sessions=1), replace(CONFIG, session_len=1), replace(CONFIG, session_gap=10**9)):
         m = model(9, cfg).train()
-        logits = m(**batch(9))
+        logits = m(**random_batch(CONFIG, seed=9))
         assert torch.isfinite(logits).all()
         logits.sum().backward()
-
-
-def test_logits_do_not_depend_on_the_other_histories_of_the_batch():
-    m = model(10).eval()
-    b = batch(10)
-    with torch.no_grad():
-        logits = m(**b)
-        for i, u in enumerate(b["hist_index"].tolist()):
-            alone = {k: v[u : u + 1] for k, v in b.items() if k.startswith("hist_")}
-            alone.update(hist_index=torch.tensor([0]), cand_item=b["cand_item"][i : i + 1],
-                         cand_category=b["cand_category"][i : i + 1])
-            torch.testing.assert_close(m(**alone), logits[i : i + 1], rtol=0, atol=1e-6)

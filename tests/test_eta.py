@@ -6,27 +6,10 @@ import torch.nn.functional as F
 
 from dmqn_core.config import ModelConfig
 from dmqn_core.eta import ETA, hamming_top_k, simhash
+from model_batches import random_batch
 
 CONFIG = ModelConfig(n_items=400, n_categories=6, n_behavior_types=3, embed_dim=8, attention_heads=2,
                      top_k=3, short_len=2, simhash_bits=6, mlp_hidden=(16, 8))
-
-
-def batch(seed: int = 0, H: int = 5, L: int = 12, B: int = 9, lengths=None):
-    """Random left-aligned histories (history 1 empty) with distinct item ids; B candidates over them."""
-    g = torch.Generator().manual_seed(seed)
-    if lengths is None:
-        lengths = torch.randint(1, L + 1, (H,), generator=g)
-        lengths[1] = 0
-    mask = torch.arange(L)[None] < torch.as_tensor(lengths)[:, None]
-    return dict(
-        hist_item=(torch.randperm(H * L, generator=g).view(H, L) % (CONFIG.n_items - 1) + 1) * mask,
-        hist_category=torch.randint(1, CONFIG.n_categories, (H, L), generator=g) * mask,
-        hist_behavior=torch.randint(1, CONFIG.n_behavior_types, (H, L), generator=g) * mask,
-        hist_mask=mask,
-        hist_index=torch.randint(0, H, (B,), generator=g),
-        cand_item=torch.randint(1, CONFIG.n_items, (B,), generator=g),
-        cand_category=torch.randint(1, CONFIG.n_categories, (B,), generator=g),
-    )
 
 
 def model(seed: int = 0, config: ModelConfig = CONFIG) -> ETA:
@@ -94,7 +77,7 @@ def test_model_attends_to_the_hamming_nearest_behaviors():
     """With top_k = 1, only the nearest behavior outside the short window reaches the long-term path:
     changing any other old behavior leaves the logit unchanged."""
     m = model(2, ModelConfig(**{**CONFIG.to_dict(), "top_k": 1})).eval()
-    b = batch(2, H=1, L=10, B=1, lengths=[10])
+    b = random_batch(CONFIG, seed=2, lengths=[10], B=1)
     b["cand_item"], b["cand_category"] = b["hist_item"][:, 3], b["hist_category"][:, 3]  # distance 0 to behavior 3
     with torch.no_grad():
         sig = simhash(m.embedding.candidate(b["hist_item"], b["hist_category"]), m.planes)
@@ -110,27 +93,9 @@ def test_model_attends_to_the_hamming_nearest_behaviors():
             assert (moved > 1e-7) == (l == int(nearest)), (l, int(nearest), moved)
 
 
-def test_finite_logits_and_padding_does_not_matter():
-    m = model(3).eval()
-    b = batch(3)
-    b["hist_index"][0] = 1  # the empty history
-    noisy = dict(b)
-    pad = ~b["hist_mask"]
-    g = torch.Generator().manual_seed(9)
-    for key, high in (("hist_item", CONFIG.n_items), ("hist_category", CONFIG.n_categories),
-                      ("hist_behavior", CONFIG.n_behavior_types)):
-        noisy[key] = torch.where(pad, torch.randint(1, high, b[key].shape, generator=g), b[key])
-        noisy[key] = torch.cat([noisy[key], torch.randint(1, high, (5, 7), generator=g)], dim=1)  # wider
-    noisy["hist_mask"] = torch.cat([b["hist_mask"], torch.zeros(5, 7, dtype=torch.bool)], dim=1)
-    with torch.no_grad():
-        logits = m(**b)
-        assert logits.shape == (9,) and torch.isfinite(logits).all()
-        torch.testing.assert_close(m(**noisy), logits, rtol=0, atol=1e-5)
-
-
 def test_gradients_reach_the_retrieved_behaviors():
     m = model(4)
-    b = batch(4, H=2, L=10, B=2, lengths=[10, 0])
+    b = random_batch(CONFIG, seed=4, lengths=[10, 0], B=2, distinct_items=True)
     b["hist_index"], b["cand_item"] = torch.tensor([0, 1]), torch.tensor([300, 301])  # not in the history
     F.binary_cross_entropy_with_logits(m(**b), torch.tensor([1.0, 0.0])).backward()
     with torch.no_grad():
@@ -143,18 +108,3 @@ def test_gradients_reach_the_retrieved_behaviors():
         assert (grad[int(b["hist_item"][0, l])].abs().sum() > 0) == (l in retrieved)
     for p in (m.embedding.category.weight, m.embedding.behavior.weight):
         assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
-
-
-def test_a_few_steps_reduce_the_loss():
-    m = model(5)
-    b = batch(5, H=16, L=12, B=32)
-    seen = (b["hist_category"].index_select(0, b["hist_index"]) == b["cand_category"][:, None]).any(1).float()
-    opt = torch.optim.Adam(m.parameters(), lr=3e-2)
-    losses = []
-    for _ in range(15):
-        loss = F.binary_cross_entropy_with_logits(m(**b), seen) + m.auxiliary_loss()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.5 * losses[0]
