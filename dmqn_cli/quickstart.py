@@ -53,3 +53,5 @@ def quickstart(
     console.print(f"  dmqn runs show {result.dmqn.run_id}{ws_flag}   parameters, epochs, codebook utilisation")
     console.print(f"  dmqn eval {result.dmqn.run_id} --split valid{ws_flag}")
     console.print(f"  dmqn train quickstart --model dmqn-simple{ws_flag}   the ablation without ICIM")
+    console.print(f"  dmqn bench quickstart --models din-short,din-full,twin,dmqn-simple,dmqn --seeds 1{ws_flag}"
+                  "   DMQN against the baselines")

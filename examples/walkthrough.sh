@@ -19,3 +19,6 @@ dmqn train walkthrough --model dmqn-simple --epochs 3
 dmqn eval --split valid
 dmqn runs
 dmqn runs show
+
+# 5. Every model under one budget, the paper's Tables 2 and 3 (run it again: it resumes, nothing is redone).
+dmqn bench walkthrough --models all --seeds 1 --epochs 2
