@@ -31,8 +31,8 @@ from dmqn_core.models import build_model, model_names
 from dmqn_core.prepared import PreparedSet
 from dmqn_core.progress import NullProgress, Progress
 from dmqn_core.quantizer import CodebookUsage
-from dmqn_core.runstore import RunStore
-from dmqn_core.workspace import Workspace, atomic_write_bytes
+from dmqn_core.runstore import RunStore, new_run_id
+from dmqn_core.workspace import Workspace, atomic_write_bytes, exclusive_lock
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -145,8 +145,20 @@ def train(workspace: Workspace, dataset: str | None = None, model_name: str = "d
     """Train ``model_name`` on a prepared set, or resume the run ``resume``; returns the summary.
 
     ``run_id`` names a new run in advance (a bench records it before training starts, so that
-    it can find the run again after a kill).
+    it can find the run again after a kill). While a process trains a run it holds the run's
+    lock: a second process resuming the same run fails at once instead of training it twice.
     """
+    if resume is not None:
+        run_id = RunStore(workspace.store_path).get_run(resume).run_id
+    else:
+        run_id = run_id or new_run_id()
+    with exclusive_lock(workspace.run_dir(run_id) / ".lock", f"run {run_id}"):
+        return _train(workspace, dataset, model_name, model_settings, train_settings, resume, progress, run_id)
+
+
+def _train(workspace: Workspace, dataset: str | None, model_name: str, model_settings: dict[str, Any] | None,
+           train_settings: dict[str, Any] | None, resume: str | None, progress: Progress | None,
+           run_id: str) -> TrainResult:
     progress = progress or NullProgress()
     store = RunStore(workspace.store_path)
 

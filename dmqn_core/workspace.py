@@ -5,13 +5,17 @@ Layout::
     <workspace>/runs.duckdb          the run store (see dmqn_core.runstore)
     <workspace>/data/<NAME>/         prepared data sets (see dmqn_core.prepared)
     <workspace>/runs/<RUN_ID>/       checkpoints of one run
+    <workspace>/benches/<NAME>/      Tables 2 and 3 of one `dmqn bench` (Markdown, CSV, JSON)
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from dmqn_core.errors import DmqnError
 
@@ -55,6 +59,31 @@ class Workspace:
 
     def run_dir(self, run_id: str) -> Path:
         return self.runs_dir / run_id
+
+
+@contextmanager
+def exclusive_lock(path: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if needed) or fail at once if another process does.
+
+    flock is released by the kernel when its holder dies, even by SIGKILL, so a crashed process
+    never leaves a stale lock behind. The file records the holder's pid for the error message.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip()
+            raise DmqnError(f"{what} is in use by another process{f' (pid {holder})' if holder else ''}") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        yield
+    finally:
+        fh.close()  # closing the descriptor releases the lock
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

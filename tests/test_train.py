@@ -97,3 +97,31 @@ def test_every_registered_model_trains_through_the_one_code_path(tiny_workspace,
     record = RunStore(tiny_workspace.store_path).get_run(result.run_id)
     assert record.status == "finished" and record.model == model_name
     assert 0.0 <= result.test["auc"] <= 1.0 and math.isfinite(result.test["logloss"])
+
+
+def test_a_run_in_training_cannot_be_trained_by_a_second_process(tiny_workspace, tmp_path):
+    import subprocess
+    import sys
+
+    from dmqn_core.workspace import exclusive_lock
+
+    store = RunStore(tiny_workspace.store_path)
+    run_id = store.create_run(model="dmqn", dataset="tiny", dataset_path=str(tiny_workspace.dataset_path("tiny")),
+                              params={}, seed=0, n_parameters=0)
+    lock = tiny_workspace.run_dir(run_id) / ".lock"
+    with exclusive_lock(lock, "test"):  # as if another process were training the run
+        with pytest.raises(DmqnError, match=f"run {run_id} is in use by another process"):
+            train(tiny_workspace, resume=run_id)
+    # A holder killed with SIGKILL leaves no stale lock behind.
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from dmqn_core.workspace import exclusive_lock\n"
+        f"with exclusive_lock(Path({str(lock)!r}), 'x'):\n    print('held', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(DmqnError, match=r"\(pid \d+\)"):
+        with exclusive_lock(lock, "test"):
+            pass
+    holder.kill()
+    holder.wait()
+    with exclusive_lock(lock, "test"):
+        pass
