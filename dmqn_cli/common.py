@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import signal
 from pathlib import Path
 from typing import Callable, Optional, TypeVar
 
@@ -38,16 +39,27 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def handle_errors(func: F) -> F:
-    """Turn DmqnError (bad input, missing files, unknown ids) into one line and exit code 1."""
+    """Turn DmqnError (bad input, missing files, unknown ids) into one line and exit code 1.
+
+    SIGTERM (a `kill`, a scheduler's time limit) is handled like Ctrl-C, so that a run being
+    trained is marked interrupted and can be resumed, instead of being left "running".
+    """
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        previous = signal.signal(signal.SIGTERM, _interrupt)
         try:
             return func(*args, **kwargs)
         except DmqnError as exc:
             raise fail(str(exc)) from None
         except KeyboardInterrupt:
             raise fail("interrupted", code=130) from None
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
     return wrapper  # type: ignore[return-value]

@@ -106,3 +106,33 @@ def test_bad_config_file(workspace, tmp_path):
     config.write_text("[model]\nno_such_setting = 1\n")
     result = invoke("train", "tiny", "--config", str(config), "-w", str(workspace))
     assert result.exit_code == 1 and "no_such_setting" in result.output
+
+
+def test_sigterm_marks_the_run_interrupted_and_it_resumes(workspace):
+    """`kill` (SIGTERM) is handled like Ctrl-C: the run is left resumable, not 'running'."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    command = [sys.executable, "-m", "dmqn_cli", "train", "tiny", "--model", "dmqn", "--epochs", "50",
+               "--patience", "50", *SMALL_MODEL, "-w", str(workspace)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    store = RunStore(workspace / "runs.duckdb")
+    before = {r.run_id for r in store.list_runs()}
+    deadline = time.monotonic() + 120
+    run = None
+    while time.monotonic() < deadline and run is None:  # wait until the first epoch is checkpointed
+        time.sleep(0.5)
+        run = next((r for r in store.list_runs() if r.run_id not in before and r.epochs_done >= 1), None)
+    assert run is not None, "no epoch finished in time"
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130 and "interrupted" in stderr
+    record = store.get_run(run.run_id)
+    assert record.status == "interrupted" and record.epochs_done >= 1
+    resumed = invoke("train", "--resume", run.run_id, "--epochs", str(record.epochs_done + 1), "-w", str(workspace))
+    assert resumed.exit_code == 0, resumed.output
+    assert store.get_run(run.run_id).status == "finished"
