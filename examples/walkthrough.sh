@@ -3,6 +3,7 @@
 # Usage: bash examples/walkthrough.sh [WORKSPACE]   (default: ./walkthrough-workspace)
 set -euo pipefail
 export DMQN_WORKSPACE="${1:-walkthrough-workspace}"
+mkdir -p "$DMQN_WORKSPACE"
 
 # 1. A synthetic log in the Taobao UserBehavior format (user,item,category,behavior,timestamp).
 dmqn synth "$DMQN_WORKSPACE/log.csv" --scale tiny --seed 0
