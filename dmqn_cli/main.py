@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from dmqn_cli import bench, evaluate, prep, quickstart, runs, synth, train
+from dmqn_cli import bench, evaluate, prep, quickstart, runs, serving, synth, train
 
 app = typer.Typer(
     name="dmqn",
@@ -20,5 +20,7 @@ app.command("prep")(prep.prep)
 app.command("train")(train.train)
 app.command("eval")(evaluate.evaluate)
 app.command("bench")(bench.bench)
+app.command("export-cache")(serving.export_cache)
+app.command("score")(serving.score)
 app.add_typer(runs.runs_app, name="runs")
 app.command("quickstart")(quickstart.quickstart)

@@ -1,0 +1,77 @@
+"""``dmqn export-cache`` and ``dmqn score``: DMQN's cached user states (section 2.5)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from dmqn_cli.common import WorkspaceOption, console, err_console, handle_errors, open_workspace
+from dmqn_cli.progress import RichProgress
+from dmqn_core.cache import CachedScorer, export_states
+
+
+def _read_users(text: str) -> list[int] | None:
+    if text == "all":
+        return None
+    path = Path(text)
+    if not path.is_file():
+        raise typer.BadParameter(f"--users takes 'all' or a file of user ids, one per line; {text} is neither")
+    ids = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                ids.append(int(line))
+            except ValueError:
+                raise typer.BadParameter(f"{path}:{number}: {line.strip()!r} is not a user id") from None
+    return ids
+
+
+@handle_errors
+def export_cache(
+    run_id: Optional[str] = typer.Argument(None, help="A dmqn or dmqn-simple run \\[default: the latest run]."),
+    users: str = typer.Option("all", "--users", help="'all', or a file with one raw user id per line."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 (exact) or float16 (half the bytes)."),
+    batch_size: int = typer.Option(256, "--batch-size", min=1, help="Users encoded per batch."),
+    resume: bool = typer.Option(False, "--resume", help="Skip users already stored for this model version."),
+    workspace: Optional[Path] = WorkspaceOption,
+) -> None:
+    """Encode each user's whole history once (MCQM + ICIM) and store the state in WORKSPACE/cache/states.duckdb.
+
+    States are keyed by model version (run id + checkpoint hash) and user id; a batch is written in one
+    transaction, so an interrupted export leaves no half-written user and `--resume` continues it.
+    """
+    ws = open_workspace(workspace)
+    user_ids = _read_users(users)
+    with RichProgress() as progress:
+        result = export_states(ws, run_id, user_ids, dtype, batch_size, resume, progress)
+    per_user = result.bytes / max(result.total_users, 1)
+    console.print(f"version {result.version}: {result.users:,} users written in {result.seconds:.1f} s "
+                  f"({result.users_per_s:,.0f} users/s); {result.total_users:,} users stored, "
+                  f"{result.bytes:,} bytes ({per_user:,.0f} bytes per user, {dtype})")
+
+
+@handle_errors
+def score(
+    run_id: Optional[str] = typer.Argument(None, help="A dmqn or dmqn-simple run \\[default: the latest run]."),
+    user: int = typer.Option(..., "--user", help="Raw user id."),
+    items: str = typer.Option(..., "--items", help="Comma-separated raw item ids."),
+    workspace: Optional[Path] = WorkspaceOption,
+) -> None:
+    """Score candidate items for a user from the exported state (CTAM + MLP only)."""
+    try:
+        item_ids = [int(x) for x in items.split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"--items must be comma-separated integers, got {items!r}") from None
+    if not item_ids:
+        raise typer.BadParameter("--items names no item")
+    scorer = CachedScorer(open_workspace(workspace), run_id)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        probabilities = scorer.score(user, item_ids)
+    for warning in caught:
+        err_console.print(f"[yellow]warning:[/] {warning.message}", highlight=False)
+    for item, probability in zip(item_ids, probabilities):  # plain "item<TAB>probability" lines for scripts
+        typer.echo(f"{item}\t{probability:.6f}")

@@ -1,0 +1,137 @@
+"""Exported user states and CachedScorer on the embedded store: exactness, resume, fallbacks, versions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dmqn_core.batches import gather_histories
+from dmqn_core.cache import CachedScorer, EmbeddedStateStore, cache_path, export_states, model_version
+from dmqn_core.errors import DmqnError
+from dmqn_core.evaluate import load_run_model
+from dmqn_core.progress import NullProgress
+from dmqn_core.train import train
+
+
+@pytest.fixture(scope="module")
+def dmqn_run(tiny_workspace):
+    result = train(tiny_workspace, "tiny", "dmqn", {"embed_dim": 8, "n_codebooks": 2, "codebook_size": 8},
+                   {"epochs": 1, "max_len": 60, "batch_size": 256, "seed": 4})
+    return result.run_id
+
+
+def test_cached_scores_equal_the_full_forward_pass(tiny_workspace, dmqn_run):
+    result = export_states(tiny_workspace, dmqn_run, batch_size=64)
+    model, record, data = load_run_model(tiny_workspace, dmqn_run)
+    assert result.total_users == data.n_users and result.bytes > 0
+    scorer = CachedScorer(tiny_workspace, dmqn_run)
+    rng = np.random.default_rng(0)
+    users = rng.choice(np.arange(1, data.n_users + 1), size=8, replace=False)
+    items = rng.choice(np.arange(1, data.n_items + 1), size=5, replace=False)
+    raw_items = data.raw_item(items)
+    for user in users:
+        item, category, behavior, _, mask = gather_histories(
+            data, np.array([user]), np.asarray(data.user_offsets[[user]]), int(record.params["train"]["max_len"]))
+        with torch.no_grad():
+            full = torch.sigmoid(model(
+                torch.from_numpy(item), torch.from_numpy(category), torch.from_numpy(behavior),
+                torch.from_numpy(mask), torch.zeros(len(items), dtype=torch.long), torch.from_numpy(items),
+                torch.from_numpy(np.asarray(data.item_category[items], dtype=np.int64)))).numpy()
+        cached = scorer.score(int(data.raw_user(user)), raw_items.tolist())
+        assert np.abs(cached - full).max() <= 1e-5
+
+
+def test_resume_writes_only_missing_users(tiny_workspace, dmqn_run):
+    store = EmbeddedStateStore(cache_path(tiny_workspace))
+    _, _, data = load_run_model(tiny_workspace, dmqn_run)
+    first = data.raw_user(np.arange(1, 11)).tolist()
+    partial = export_states(tiny_workspace, dmqn_run, users=first, dtype="float16")
+    assert partial.users == 10
+    version = partial.version
+    again = export_states(tiny_workspace, dmqn_run, dtype="float16", resume=True)
+    assert again.version == version and again.total_users == data.n_users
+    assert again.users == data.n_users - 10  # the first ten were not redone
+    manifest = store.manifest(version)
+    assert manifest["users"] == data.n_users and manifest["dtype"] == "float16"
+    with pytest.raises(DmqnError, match="without --resume"):
+        export_states(tiny_workspace, dmqn_run, dtype="float32", resume=True)
+
+
+def test_unknown_user_falls_back_and_unknown_item_fails(tiny_workspace, dmqn_run):
+    export_states(tiny_workspace, dmqn_run, users=[])
+    scorer = CachedScorer(tiny_workspace, dmqn_run)
+    _, _, data = load_run_model(tiny_workspace, dmqn_run)
+    item = int(data.raw_item(1))
+    with pytest.warns(UserWarning, match="empty history"):
+        scores = scorer.score(10**12, [item])
+    assert scores.shape == (1,) and np.isfinite(scores).all()
+    with pytest.raises(DmqnError, match="unknown item"):
+        scorer.score(int(data.raw_user(1)), [10**12])
+
+
+def test_a_new_checkpoint_never_reads_old_states(tiny_workspace, dmqn_run):
+    export_states(tiny_workspace, dmqn_run, users=[])
+    best = tiny_workspace.run_dir(dmqn_run) / "best.pt"
+    original = best.read_bytes()
+    try:
+        state = torch.load(best, weights_only=False)
+        state["model_state"]["head.net.0.bias"] += 1.0
+        torch.save(state, best)
+        with pytest.raises(DmqnError, match="no exported states"):
+            CachedScorer(tiny_workspace, dmqn_run)
+    finally:
+        best.write_bytes(original)
+
+
+def test_only_dmqn_runs_have_a_cacheable_state(tiny_workspace):
+    din = train(tiny_workspace, "tiny", "din-short", {"embed_dim": 8}, {"epochs": 1, "max_len": 60})
+    with pytest.raises(DmqnError, match="cacheable"):
+        export_states(tiny_workspace, din.run_id)
+
+
+def test_an_interrupted_export_resumes_where_it_stopped(tiny_workspace, dmqn_run):
+    class StopAfterTwoBatches(NullProgress):
+        calls = 0
+
+        def advance(self, n: int = 1, **fields) -> None:
+            StopAfterTwoBatches.calls += 1
+            if StopAfterTwoBatches.calls == 2:  # the second batch is stored, the third never starts
+                raise KeyboardInterrupt
+
+    _, _, data = load_run_model(tiny_workspace, dmqn_run)
+    store = EmbeddedStateStore(cache_path(tiny_workspace))
+    version = model_version(dmqn_run, tiny_workspace.run_dir(dmqn_run) / "best.pt")
+    store.clear(version)
+    with pytest.raises(KeyboardInterrupt):
+        export_states(tiny_workspace, dmqn_run, batch_size=16, progress=StopAfterTwoBatches())
+    assert len(store.users(version)) == 32
+    resumed = export_states(tiny_workspace, dmqn_run, batch_size=16, resume=True)
+    assert resumed.users == data.n_users - 32 and resumed.total_users == data.n_users
+
+
+def test_export_cache_and_score_commands(tiny_workspace, dmqn_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from dmqn_cli.main import app
+
+    _, _, data = load_run_model(tiny_workspace, dmqn_run)
+    users_file = tmp_path / "users.txt"
+    users_file.write_text("\n".join(str(u) for u in data.raw_user(np.arange(1, 6)).tolist()) + "\n")
+    ws = ["-w", str(tiny_workspace.root)]
+    runner = CliRunner()
+    exported = runner.invoke(app, ["export-cache", dmqn_run, "--users", str(users_file), *ws])
+    assert exported.exit_code == 0, exported.output
+    assert "5 users written" in exported.output and "bytes per user" in exported.output
+    items = data.raw_item([1, 2]).tolist()
+    user = int(data.raw_user(1))
+    scored = runner.invoke(app, ["score", dmqn_run, "--user", str(user), "--items", ",".join(map(str, items)), *ws])
+    assert scored.exit_code == 0, scored.output
+    lines = [line.split("\t") for line in scored.output.strip().splitlines()]
+    expected = CachedScorer(tiny_workspace, dmqn_run).score(user, items)
+    assert [int(a) for a, _ in lines] == items
+    assert np.allclose([float(b) for _, b in lines], expected, atol=1e-6)
+    unknown_item = runner.invoke(app, ["score", dmqn_run, "--user", str(user), "--items", "999999999", *ws])
+    assert unknown_item.exit_code == 1 and "unknown item" in unknown_item.output
+    bad_users = runner.invoke(app, ["export-cache", dmqn_run, "--users", str(tmp_path / "missing.txt"), *ws])
+    assert bad_users.exit_code == 2
