@@ -135,3 +135,28 @@ def test_export_cache_and_score_commands(tiny_workspace, dmqn_run, tmp_path):
     assert unknown_item.exit_code == 1 and "unknown item" in unknown_item.output
     bad_users = runner.invoke(app, ["export-cache", dmqn_run, "--users", str(tmp_path / "missing.txt"), *ws])
     assert bad_users.exit_code == 2
+
+
+def test_float16_states_keep_the_test_auc_within_0_001(tiny_workspace, dmqn_run):
+    """Every test sample scored from its history's cached state, stored as float32 and as float16."""
+    from dmqn_core.batches import BatchLoader
+    from dmqn_core.metrics import auc
+    from dmqn_core.state_codec import decode_state, encode_states, stack_states
+
+    model, record, data = load_run_model(tiny_workspace, dmqn_run)
+    loader = BatchLoader(data, "test", 512, int(record.params["train"]["max_len"]))
+    scores = {"float32": [], "float16": []}
+    labels, forward = [], []
+    with torch.no_grad():
+        for batch in loader:
+            state = model.encode_user(batch.hist_item, batch.hist_category, batch.hist_behavior, batch.hist_mask)
+            forward.append(model.score(state, batch.cand_item, batch.cand_category, batch.hist_index))
+            for dtype in scores:
+                cached = stack_states([decode_state(v) for v in encode_states(state, dtype)])
+                scores[dtype].append(model.score(cached, batch.cand_item, batch.cand_category, batch.hist_index))
+            labels.append(batch.label)
+    y = torch.cat(labels).numpy()
+    full, exact, half = (torch.cat(s).numpy() for s in (forward, scores["float32"], scores["float16"]))
+    assert np.abs(exact - full).max() <= 1e-5
+    assert abs(auc(y, half) - auc(y, exact)) <= 0.001
+    assert len(y) > 100 and 0.0 < auc(y, exact) < 1.0
