@@ -90,7 +90,7 @@ class EmbeddedStateStore:
     def users(self, version: str) -> set[int]:
         if not self.path.exists():
             return set()
-        con = self._connect(read_only=False)
+        con = self._connect(read_only=True)
         try:
             return {r[0] for r in con.execute("SELECT user_id FROM states WHERE version = ?", [version]).fetchall()}
         finally:

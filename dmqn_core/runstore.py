@@ -175,13 +175,15 @@ class RunStore:
         finally:
             con.close()
 
-    def _read(self, sql: str, params: Sequence | None = None) -> list[tuple]:
+    def _read(self, sql: str, params: Sequence | None = None, table: str = "runs") -> list[tuple]:
+        """Rows of a read-only query; none while ``table`` does not exist yet (a store written before
+        it was added to the schema gets it with its next write)."""
         if not self.path.exists():
             return []
         con = self._connect(read_only=True)
         try:
             tables = {row[0] for row in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
-            if "runs" not in tables:
+            if table not in tables:
                 return []
             return con.execute(sql, params or []).fetchall()
         finally:
@@ -283,7 +285,7 @@ class RunStore:
     def register_bench(self, bench: str, dataset: str, settings: dict[str, Any]) -> None:
         """Record a bench; an existing one must have been started with the same settings."""
         text = json.dumps(settings, sort_keys=True)
-        rows = self._read("SELECT settings FROM benches WHERE bench = ?", [bench]) if self._has_table("benches") else []
+        rows = self._read("SELECT settings FROM benches WHERE bench = ?", [bench], table="benches")
         if rows:
             if json.loads(rows[0][0]) != json.loads(text):
                 raise DmqnError(f"bench {bench!r} already exists with other settings; choose another --name")
@@ -292,10 +294,8 @@ class RunStore:
 
     def bench_run(self, bench: str, model: str, seed: int) -> str | None:
         """The run id recorded for (bench, model, seed), if any."""
-        if not self._has_table("bench_runs"):
-            return None
         rows = self._read("SELECT run_id FROM bench_runs WHERE bench = ? AND model = ? AND seed = ?",
-                          [bench, model, seed])
+                          [bench, model, seed], table="bench_runs")
         return rows[0][0] if rows else None
 
     def set_bench_run(self, bench: str, model: str, seed: int, run_id: str) -> None:
@@ -306,10 +306,6 @@ class RunStore:
 
     def has_run(self, run_id: str) -> bool:
         return bool(self._read("SELECT 1 FROM runs WHERE run_id = ?", [run_id]))
-
-    def _has_table(self, name: str) -> bool:
-        # Stores written before benches existed lack the table until their next write.
-        return bool(self._read("SELECT 1 FROM information_schema.tables WHERE table_name = ?", [name]))
 
 
 def iter_param_rows(params: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
