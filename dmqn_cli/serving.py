@@ -36,19 +36,24 @@ def export_cache(
     dtype: str = typer.Option("float32", "--dtype", help="float32 (exact) or float16 (half the bytes)."),
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="Users encoded per batch."),
     resume: bool = typer.Option(False, "--resume", help="Skip users already stored for this model version."),
+    to: Optional[str] = typer.Option(None, "--to", help="redis://host:port/db, or a DuckDB file "
+                                     "\\[default: WORKSPACE/cache/states.duckdb]."),
+    ttl: Optional[int] = typer.Option(None, "--ttl", min=1, help="Seconds before Redis expires the states "
+                                      "(Redis only) \\[default: never]."),
     workspace: Optional[Path] = WorkspaceOption,
 ) -> None:
-    """Encode each user's whole history once (MCQM + ICIM) and store the state in WORKSPACE/cache/states.duckdb.
+    """Encode each user's whole history once (MCQM + ICIM) and store the state for cached scoring.
 
-    States are keyed by model version (run id + checkpoint hash) and user id; a batch is written in one
-    transaction, so an interrupted export leaves no half-written user and `--resume` continues it.
+    States are keyed by model version (run id + checkpoint hash) and user id (Redis keys
+    dmqn:<version>:<user_id>); every user's value is written atomically, so an interrupted export
+    leaves no half-written user and `--resume` continues it.
     """
     ws = open_workspace(workspace)
     user_ids = _read_users(users)
     with RichProgress() as progress:
-        result = export_states(ws, run_id, user_ids, dtype, batch_size, resume, progress)
+        result = export_states(ws, run_id, user_ids, dtype, batch_size, resume, progress, to=to, ttl=ttl)
     per_user = result.bytes / max(result.total_users, 1)
-    console.print(f"version {result.version}: {result.users:,} users written in {result.seconds:.1f} s "
+    console.print(f"{result.store}, version {result.version}: {result.users:,} users written in {result.seconds:.1f} s "
                   f"({result.users_per_s:,.0f} users/s); {result.total_users:,} users stored, "
                   f"{result.bytes:,} bytes ({per_user:,.0f} bytes per user, {dtype})")
 
@@ -58,6 +63,8 @@ def score(
     run_id: Optional[str] = typer.Argument(None, help="A dmqn or dmqn-simple run \\[default: the latest run]."),
     user: int = typer.Option(..., "--user", help="Raw user id."),
     items: str = typer.Option(..., "--items", help="Comma-separated raw item ids."),
+    source: Optional[str] = typer.Option(None, "--from", help="redis://host:port/db, or a DuckDB file "
+                                         "\\[default: WORKSPACE/cache/states.duckdb]."),
     workspace: Optional[Path] = WorkspaceOption,
 ) -> None:
     """Score candidate items for a user from the exported state (CTAM + MLP only)."""
@@ -67,8 +74,8 @@ def score(
         raise typer.BadParameter(f"--items must be comma-separated integers, got {items!r}") from None
     if not item_ids:
         raise typer.BadParameter("--items names no item")
-    scorer = CachedScorer(open_workspace(workspace), run_id)
-    with warnings.catch_warnings(record=True) as caught:
+    with CachedScorer(open_workspace(workspace), run_id, source) as scorer, \
+            warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         probabilities = scorer.score(user, item_ids)
     for warning in caught:

@@ -1,8 +1,14 @@
-"""Shared fixtures: a tiny synthetic log prepared once per test session."""
+"""Shared fixtures: a tiny synthetic log prepared once per test session; a real Redis server."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import socket
+import subprocess
+import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -21,3 +27,44 @@ def tiny_workspace(tmp_path_factory) -> Workspace:
     write_log(log, "tiny", seed=3)
     prepare(log, "taobao", "tiny", workspace=ws, max_len=200, train_targets=5, seed=3)
     return ws
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory) -> Iterator[str]:
+    """A real redis-server on a free loopback port with its own directory, stopped after the session.
+
+    Skipped where redis-server is not installed, except under CI (CI=true), where .ci/run installs it
+    and a missing server must fail the run instead of hiding the Redis tests.
+    """
+    server = shutil.which("redis-server")
+    if server is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is not installed; .ci/run should have installed Debian's redis-server")
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    directory = tmp_path_factory.mktemp("redis")
+    port = free_port()
+    process = subprocess.Popen(
+        [server, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory), "--save", "",
+         "--appendonly", "no", "--protected-mode", "yes"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                break
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                pytest.fail(f"redis-server did not start on port {port}")
+            time.sleep(0.05)
+    yield url
+    process.terminate()
+    process.wait(timeout=10)
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on (the kernel's choice, released before returning)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,4 +1,4 @@
-"""Exported user states and CachedScorer on the embedded store: exactness, resume, fallbacks, versions."""
+"""Exported user states and CachedScorer on the embedded store and a real Redis: exactness, resume, faults."""
 
 from __future__ import annotations
 
@@ -7,11 +7,14 @@ import pytest
 import torch
 
 from dmqn_core.batches import gather_histories
-from dmqn_core.cache import CachedScorer, EmbeddedStateStore, cache_path, export_states, model_version
+from dmqn_core.cache import CachedScorer, cache_path, export_states, model_version
 from dmqn_core.errors import DmqnError
 from dmqn_core.evaluate import load_run_model
 from dmqn_core.progress import NullProgress
+from dmqn_core.state_store import EmbeddedStateStore, RedisStateStore
 from dmqn_core.train import train
+
+from conftest import free_port
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +43,7 @@ def test_cached_scores_equal_the_full_forward_pass(tiny_workspace, dmqn_run):
                 torch.from_numpy(np.asarray(data.item_category[items], dtype=np.int64)))).numpy()
         cached = scorer.score(int(data.raw_user(user)), raw_items.tolist())
         assert np.abs(cached - full).max() <= 1e-5
+    scorer.close()
 
 
 def test_resume_writes_only_missing_users(tiny_workspace, dmqn_run):
@@ -60,14 +64,14 @@ def test_resume_writes_only_missing_users(tiny_workspace, dmqn_run):
 
 def test_unknown_user_falls_back_and_unknown_item_fails(tiny_workspace, dmqn_run):
     export_states(tiny_workspace, dmqn_run, users=[])
-    scorer = CachedScorer(tiny_workspace, dmqn_run)
     _, _, data = load_run_model(tiny_workspace, dmqn_run)
     item = int(data.raw_item(1))
-    with pytest.warns(UserWarning, match="empty history"):
-        scores = scorer.score(10**12, [item])
-    assert scores.shape == (1,) and np.isfinite(scores).all()
-    with pytest.raises(DmqnError, match="unknown item"):
-        scorer.score(int(data.raw_user(1)), [10**12])
+    with CachedScorer(tiny_workspace, dmqn_run) as scorer:
+        with pytest.warns(UserWarning, match="empty history"):
+            scores = scorer.score(10**12, [item])
+        assert scores.shape == (1,) and np.isfinite(scores).all()
+        with pytest.raises(DmqnError, match="unknown item"):
+            scorer.score(int(data.raw_user(1)), [10**12])
 
 
 def test_a_new_checkpoint_never_reads_old_states(tiny_workspace, dmqn_run):
@@ -128,7 +132,8 @@ def test_export_cache_and_score_commands(tiny_workspace, dmqn_run, tmp_path):
     scored = runner.invoke(app, ["score", dmqn_run, "--user", str(user), "--items", ",".join(map(str, items)), *ws])
     assert scored.exit_code == 0, scored.output
     lines = [line.split("\t") for line in scored.output.strip().splitlines()]
-    expected = CachedScorer(tiny_workspace, dmqn_run).score(user, items)
+    with CachedScorer(tiny_workspace, dmqn_run) as scorer:
+        expected = scorer.score(user, items)
     assert [int(a) for a, _ in lines] == items
     assert np.allclose([float(b) for _, b in lines], expected, atol=1e-6)
     unknown_item = runner.invoke(app, ["score", dmqn_run, "--user", str(user), "--items", "999999999", *ws])
@@ -160,3 +165,99 @@ def test_float16_states_keep_the_test_auc_within_0_001(tiny_workspace, dmqn_run)
     assert np.abs(exact - full).max() <= 1e-5
     assert abs(auc(y, half) - auc(y, exact)) <= 0.001
     assert len(y) > 100 and 0.0 < auc(y, exact) < 1.0
+
+
+# ---- Redis (a real server, see conftest.redis_url) ----
+
+def _full_forward_scores(model, data, max_len: int, user: int, items: np.ndarray) -> np.ndarray:
+    item, category, behavior, _, mask = gather_histories(data, np.array([user]), np.asarray(data.user_offsets[[user]]),
+                                                         max_len)
+    with torch.no_grad():
+        return torch.sigmoid(model(
+            torch.from_numpy(item), torch.from_numpy(category), torch.from_numpy(behavior), torch.from_numpy(mask),
+            torch.zeros(len(items), dtype=torch.long), torch.from_numpy(items),
+            torch.from_numpy(np.asarray(data.item_category[items], dtype=np.int64)))).numpy()
+
+
+def test_redis_keys_manifest_and_exact_scores(tiny_workspace, dmqn_run, redis_url):
+    store = RedisStateStore(redis_url)
+    model, record, data = load_run_model(tiny_workspace, dmqn_run)
+    result = export_states(tiny_workspace, dmqn_run, batch_size=50, to=redis_url)
+    assert result.store == redis_url and result.total_users == result.users == data.n_users
+    keys = {k.decode() for k in store.client.scan_iter(match=f"dmqn:{result.version}:*")}
+    assert keys == {f"dmqn:{result.version}:{u}" for u in data.raw_user(np.arange(1, data.n_users + 1)).tolist()}
+    assert store.client.ttl(next(iter(keys))) == -1  # no --ttl: never expires
+    manifest = store.manifest(result.version)
+    assert manifest["run_id"] == dmqn_run and manifest["users"] == data.n_users and manifest["dtype"] == "float32"
+    assert manifest["bytes"] == result.bytes == sum(store.client.strlen(k) for k in keys)
+    assert (manifest["n_codebooks"], manifest["codebook_size"], manifest["dim"]) == (2, 8, 8)
+
+    # The same bytes as the embedded store, and the same scores as the full model.
+    export_states(tiny_workspace, dmqn_run, users=data.raw_user(np.arange(1, 4)).tolist())
+    embedded = EmbeddedStateStore(cache_path(tiny_workspace)).get(result.version, data.raw_user(np.arange(1, 4)))
+    assert embedded == store.get(result.version, embedded)
+    items = np.arange(1, 7)
+    with CachedScorer(tiny_workspace, dmqn_run, source=redis_url) as scorer:
+        for user in (1, 2, data.n_users):
+            cached = scorer.score(int(data.raw_user(user)), data.raw_item(items).tolist())
+            full = _full_forward_scores(model, data, int(record.params["train"]["max_len"]), user, items)
+            assert np.abs(cached - full).max() <= 1e-5
+    store.clear(result.version)
+    assert store.users(result.version) == set() and store.manifest(result.version) is None
+
+
+def test_redis_ttl_and_resume_after_an_interrupted_export(tiny_workspace, dmqn_run, redis_url):
+    class StopAfterThreeBatches(NullProgress):
+        calls = 0
+
+        def advance(self, n: int = 1, **fields) -> None:
+            StopAfterThreeBatches.calls += 1
+            if StopAfterThreeBatches.calls == 3:
+                raise KeyboardInterrupt
+
+    _, _, data = load_run_model(tiny_workspace, dmqn_run)
+    store = RedisStateStore(redis_url)
+    version = model_version(dmqn_run, tiny_workspace.run_dir(dmqn_run) / "best.pt")
+    store.clear(version)
+    with pytest.raises(KeyboardInterrupt):
+        export_states(tiny_workspace, dmqn_run, batch_size=20, progress=StopAfterThreeBatches(), to=redis_url,
+                      ttl=3600)
+    assert len(store.users(version)) == 60
+    resumed = export_states(tiny_workspace, dmqn_run, batch_size=20, resume=True, to=redis_url, ttl=3600)
+    assert resumed.users == data.n_users - 60 and resumed.total_users == data.n_users
+    assert 0 < store.client.ttl(RedisStateStore.key(version, int(data.raw_user(1)))) <= 3600
+    assert 0 < store.client.ttl(RedisStateStore.manifest_key(version)) <= 3600
+    store.clear(version)
+
+
+def test_redis_never_serves_an_older_checkpoints_states(tiny_workspace, dmqn_run, redis_url):
+    export_states(tiny_workspace, dmqn_run, users=[], to=redis_url)
+    best = tiny_workspace.run_dir(dmqn_run) / "best.pt"
+    original = best.read_bytes()
+    try:
+        state = torch.load(best, weights_only=False)
+        state["model_state"]["head.net.0.bias"] += 1.0
+        torch.save(state, best)
+        with pytest.raises(DmqnError, match="no exported states"):
+            CachedScorer(tiny_workspace, dmqn_run, source=redis_url)
+    finally:
+        best.write_bytes(original)
+
+
+def test_an_unreachable_redis_is_a_one_line_error(tiny_workspace, dmqn_run):
+    from typer.testing import CliRunner
+
+    from dmqn_cli.main import app
+
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    with pytest.raises(DmqnError, match="cannot reach Redis"):
+        RedisStateStore(dead, timeout=1.0)
+    ws = ["-w", str(tiny_workspace.root)]
+    runner = CliRunner()
+    for args in (["export-cache", dmqn_run, "--to", dead], ["score", dmqn_run, "--user", "1", "--items", "1",
+                                                           "--from", dead]):
+        result = runner.invoke(app, [*args, *ws])
+        assert result.exit_code == 1, result.output
+        assert "cannot reach Redis" in result.output and len(result.output.strip().splitlines()) == 1
+    ttl_without_redis = runner.invoke(app, ["export-cache", dmqn_run, "--ttl", "60", *ws])
+    assert ttl_without_redis.exit_code == 1 and "needs a Redis target" in ttl_without_redis.output
