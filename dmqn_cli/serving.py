@@ -36,8 +36,8 @@ def export_cache(
     dtype: str = typer.Option("float32", "--dtype", help="float32 (exact) or float16 (half the bytes)."),
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="Users encoded per batch."),
     resume: bool = typer.Option(False, "--resume", help="Skip users already stored for this model version."),
-    to: Optional[str] = typer.Option(None, "--to", help="redis://host:port/db, or a DuckDB file "
-                                     "\\[default: WORKSPACE/cache/states.duckdb]."),
+    to: Optional[str] = typer.Option(None, "--to", help="redis://host:port/db, or a SQLite file "
+                                     "\\[default: WORKSPACE/cache/states.sqlite]."),
     ttl: Optional[int] = typer.Option(None, "--ttl", min=1, help="Seconds before Redis expires the states "
                                       "(Redis only) \\[default: never]."),
     workspace: Optional[Path] = WorkspaceOption,
@@ -63,8 +63,8 @@ def score(
     run_id: Optional[str] = typer.Argument(None, help="A dmqn or dmqn-simple run \\[default: the latest run]."),
     user: int = typer.Option(..., "--user", help="Raw user id."),
     items: str = typer.Option(..., "--items", help="Comma-separated raw item ids."),
-    source: Optional[str] = typer.Option(None, "--from", help="redis://host:port/db, or a DuckDB file "
-                                         "\\[default: WORKSPACE/cache/states.duckdb]."),
+    source: Optional[str] = typer.Option(None, "--from", help="redis://host:port/db, or a SQLite file "
+                                         "\\[default: WORKSPACE/cache/states.sqlite]."),
     workspace: Optional[Path] = WorkspaceOption,
 ) -> None:
     """Score candidate items for a user from the exported state (CTAM + MLP only)."""

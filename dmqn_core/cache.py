@@ -59,13 +59,12 @@ def _dmqn_run(workspace: Workspace, run_id: str | None, device: str = "cpu"):
 
 
 def cache_path(workspace: Workspace) -> Path:
-    return workspace.root / "cache" / "states.duckdb"
+    return workspace.root / "cache" / "states.sqlite"
 
 
-def state_store(workspace: Workspace, uri: str | None = None, ttl: int | None = None,
-                keep_open: bool = False) -> StateStore:
-    """The store named by uri (redis://host:port/db or a DuckDB file), else the workspace's embedded store."""
-    return open_state_store(cache_path(workspace), uri, ttl=ttl, keep_open=keep_open)
+def state_store(workspace: Workspace, uri: str | None = None, ttl: int | None = None) -> StateStore:
+    """The store named by uri (redis://host:port/db or a SQLite file), else the workspace's embedded store."""
+    return open_state_store(cache_path(workspace), uri, ttl=ttl)
 
 
 def export_states(workspace: Workspace, run_id: str | None = None, users: Iterable[int] | None = None,
@@ -74,7 +73,7 @@ def export_states(workspace: Workspace, run_id: str | None = None, users: Iterab
                   ttl: int | None = None) -> ExportResult:
     """Encode every user (or the given raw user ids) of a DMQN run and store the states.
 
-    to: None (the workspace's embedded store), a DuckDB file path or redis://host:port/db;
+    to: None (the workspace's embedded store), a SQLite file path or redis://host:port/db;
     ttl: seconds before Redis forgets the states (Redis only).
     """
     if dtype not in DTYPES:
@@ -125,12 +124,12 @@ class CachedScorer:
     >>> scorer.score(user_id=123, item_ids=[5, 17, 42])             # numpy array of probabilities
     >>> CachedScorer(Workspace("dmqn-workspace"), source="redis://localhost:6379/0")
 
-    source: None (the workspace's embedded store), a DuckDB file path or redis://host:port/db.
-    The scorer holds its store open (one read-only DuckDB connection or one Redis client).
+    source: None (the workspace's embedded store), a SQLite file path or redis://host:port/db.
+    The scorer holds its store open (one read-only SQLite connection or one Redis client).
     """
 
     def __init__(self, workspace: Workspace, run_id: str | None = None, source: str | None = None) -> None:
-        self.store = state_store(workspace, source, keep_open=True)
+        self.store = state_store(workspace, source)
         self.model, self.record, self.data, self.version = _dmqn_run(workspace, run_id)
         manifest = self.store.manifest(self.version)
         if manifest is None:

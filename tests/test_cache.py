@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -261,3 +263,20 @@ def test_an_unreachable_redis_is_a_one_line_error(tiny_workspace, dmqn_run):
         assert "cannot reach Redis" in result.output and len(result.output.strip().splitlines()) == 1
     ttl_without_redis = runner.invoke(app, ["export-cache", dmqn_run, "--ttl", "60", *ws])
     assert ttl_without_redis.exit_code == 1 and "needs a Redis target" in ttl_without_redis.output
+
+
+def test_a_scorer_keeps_serving_while_an_export_writes(tiny_workspace, dmqn_run):
+    """WAL mode: the scorer's open read-only connection neither blocks the export nor misses its commits."""
+    _, _, data = load_run_model(tiny_workspace, dmqn_run)
+    version = model_version(dmqn_run, tiny_workspace.run_dir(dmqn_run) / "best.pt")
+    EmbeddedStateStore(cache_path(tiny_workspace)).clear(version)
+    export_states(tiny_workspace, dmqn_run, users=data.raw_user(np.arange(1, 3)).tolist())
+    late_user, item = int(data.raw_user(5)), int(data.raw_item(1))
+    with CachedScorer(tiny_workspace, dmqn_run) as scorer:
+        with pytest.warns(UserWarning, match="no cached state"):
+            scorer.score(late_user, [item])
+        written = export_states(tiny_workspace, dmqn_run, users=[late_user])  # while the scorer holds the file
+        assert written.users == 1
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            scorer.score(late_user, [item])
