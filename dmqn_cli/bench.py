@@ -10,8 +10,8 @@ from rich.table import Table
 
 from dmqn_cli.common import WorkspaceOption, console, err_console, fail, handle_errors, open_workspace
 from dmqn_cli.options import (
-    BatchSizeOption, ConfigOption, DeviceOption, DropoutOption, EmbedDimOption, EpochsOption, LrOption,
-    MaxLenOption, MiddleLenOption, PatienceOption, ShortLenOption, TopKOption, WeightDecayOption,
+    BatchSizeOption, ConfigOption, DeviceOption, DropoutOption, EmbedDimOption, EpochsOption, InspectUsersOption,
+    LrOption, MaxLenOption, MiddleLenOption, PatienceOption, ShortLenOption, TopKOption, WeightDecayOption,
     collect_settings,
 )
 from dmqn_cli.progress import RichProgress
@@ -44,6 +44,7 @@ def bench(
     max_len: Optional[int] = MaxLenOption,
     patience: Optional[int] = PatienceOption,
     device: Optional[str] = DeviceOption,
+    inspect_users: Optional[int] = InspectUsersOption,
     embed_dim: Optional[int] = EmbedDimOption,
     short_len: Optional[int] = ShortLenOption,
     middle_len: Optional[int] = MiddleLenOption,
@@ -63,7 +64,8 @@ def bench(
         config,
         {"embed_dim": embed_dim, "short_len": short_len, "middle_len": middle_len, "top_k": top_k, "dropout": dropout},
         {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
-         "max_len": max_len, "patience": patience, "device": device},
+         "max_len": max_len, "patience": patience, "device": device,
+         "inspect_users": inspect_users},
     )
     if "seed" in train_settings:
         raise typer.BadParameter("a seed in the train table of --config does not apply to a bench; use --seeds")

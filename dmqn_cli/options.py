@@ -20,6 +20,7 @@ WeightDecayOption = typer.Option(None, "--weight-decay", help="Adam weight decay
 MaxLenOption = typer.Option(None, "--max-len", help="Most recent behaviors kept per history \\[default: the data set's --max-len].", rich_help_panel=TRAIN_PANEL)
 PatienceOption = typer.Option(None, "--patience", help="Stop after this many epochs without a better validation AUC \\[default: 2].", rich_help_panel=TRAIN_PANEL)
 DeviceOption = typer.Option(None, "--device", help="cpu or cuda \\[default: cpu].", rich_help_panel=TRAIN_PANEL)
+InspectUsersOption = typer.Option(None, "--inspect-users", min=0, help="dmqn/dmqn-simple: users whose codeword assignments and attention are recorded at the end for `dmqn inspect` and `dmqn report`; 0 records nothing \\[default: 300].", rich_help_panel=TRAIN_PANEL)
 EmbedDimOption = typer.Option(None, "--embed-dim", help="Embedding and codeword dimension D \\[default: 32].", rich_help_panel=MODEL_PANEL)
 ShortLenOption = typer.Option(None, "--short-len", help="Recent behaviors of the short-term features (DIN short, the MLP's recent mean) \\[default: 50].", rich_help_panel=MODEL_PANEL)
 MiddleLenOption = typer.Option(None, "--middle-len", help="Behaviors seen by din-middle \\[default: 200].", rich_help_panel=MODEL_PANEL)

@@ -49,6 +49,10 @@ def quickstart(
                   f"({lift:+.4f}) in {result.seconds:.0f} s")
     ws_flag = "" if os.environ.get("DMQN_WORKSPACE") else f" -w {ws.root}" if ws.root != Path.cwd() / "dmqn-workspace" else ""
     console.print("next:")
+    if result.inspect_user is not None:
+        console.print(f"  dmqn inspect --user {result.inspect_user}{ws_flag}   "
+                      "codeword assignments, clusters and attention of a user")
+        console.print(f"  dmqn report{ws_flag}   codebook utilisation, UMAP and attention heatmaps in one HTML file")
     console.print(f"  dmqn runs{ws_flag}                         every run and its metrics")
     console.print(f"  dmqn runs show {result.dmqn.run_id}{ws_flag}   parameters, epochs, codebook utilisation")
     console.print(f"  dmqn eval {result.dmqn.run_id} --split valid{ws_flag}")

@@ -10,8 +10,8 @@ import typer
 from dmqn_cli.common import WorkspaceOption, console, handle_errors, open_workspace
 from dmqn_cli.options import (
     MODEL_PANEL, TRAIN_PANEL, BatchSizeOption, ConfigOption, DeviceOption, DropoutOption, EmbedDimOption,
-    EpochsOption, LrOption, MaxLenOption, MiddleLenOption, PatienceOption, ShortLenOption, TopKOption,
-    WeightDecayOption, collect_settings,
+    EpochsOption, InspectUsersOption, LrOption, MaxLenOption, MiddleLenOption, PatienceOption, ShortLenOption,
+    TopKOption, WeightDecayOption, collect_settings,
 )
 from dmqn_cli.progress import RichProgress
 from dmqn_cli.results import print_train_result
@@ -33,6 +33,7 @@ def train(
     patience: Optional[int] = PatienceOption,
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of initialisation, shuffling and Gumbel noise \\[default: 0].", rich_help_panel=TRAIN_PANEL),
     device: Optional[str] = DeviceOption,
+    inspect_users: Optional[int] = InspectUsersOption,
     embed_dim: Optional[int] = EmbedDimOption,
     codebooks: Optional[int] = typer.Option(None, "--codebooks", help="Number of codebooks N \\[default: 4].", rich_help_panel=MODEL_PANEL),
     codebook_size: Optional[int] = typer.Option(None, "--codebook-size", help="Codewords per codebook W \\[default: 32].", rich_help_panel=MODEL_PANEL),
@@ -58,7 +59,8 @@ def train(
          "icim_layers": icim_layers, "icim_heads": icim_heads, "short_len": short_len, "middle_len": middle_len,
          "top_k": top_k, "usage_loss_weight": usage_loss_weight, "dropout": dropout},
         {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
-         "max_len": max_len, "patience": patience, "seed": seed, "device": device},
+         "max_len": max_len, "patience": patience, "seed": seed, "device": device,
+         "inspect_users": inspect_users},
     )
     if resume and (data or config or model_settings):
         raise typer.BadParameter("--resume continues a run with its own data and settings; pass only --epochs/--device with it")

@@ -103,13 +103,18 @@ class BenchStep:
 
 
 def budget_of(data: PreparedSet, model_settings: dict[str, Any], train_settings: dict[str, Any]) -> dict[str, Any]:
-    """The resolved settings every model of the bench shares (the seed varies, so it is left out)."""
+    """The resolved settings every model of the bench shares.
+
+    The seed varies per run and inspect_users only sets what is recorded for the inspector, not
+    what is trained, so both are left out (and a bench named before inspect_users existed resumes).
+    """
     if "seed" in train_settings:
         raise DmqnError("a bench sets the seed of each run itself; use --seeds")
     model_config, train_config = resolve_configs(data, model_settings, train_settings)
     model = model_config.to_dict()
     train_values = asdict(train_config)
     train_values.pop("seed")
+    train_values.pop("inspect_users")
     return {"model": model, "train": train_values}
 
 

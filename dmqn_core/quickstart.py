@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from dmqn_core.evaluate import evaluate_run
+from dmqn_core.inspection import user_worth_inspecting
 from dmqn_core.prep import PrepResult, prepare
 from dmqn_core.progress import NullProgress, Progress
 from dmqn_core.synth import SynthSummary, write_log
@@ -31,6 +32,8 @@ class QuickstartResult:
     dmqn: TrainResult
     dmqn_eval: dict[str, float]
     seconds: float
+    # A user of DMQN's recorded inspection sample with a long history and test candidates (None: no sample).
+    inspect_user: int | None
 
 
 def run_quickstart(workspace: Workspace, scale: str = "small", seed: int = 0, epochs: int | None = None,
@@ -62,4 +65,5 @@ def run_quickstart(workspace: Workspace, scale: str = "small", seed: int = 0, ep
     step("5/5 eval: DMQN on the test split")
     _, dmqn_eval = evaluate_run(workspace, dmqn.run_id, "test", progress=progress)
     return QuickstartResult(log=log, prepared=prepared, popularity=popularity, dmqn=dmqn, dmqn_eval=dmqn_eval,
-                            seconds=time.perf_counter() - started)
+                            seconds=time.perf_counter() - started,
+                            inspect_user=user_worth_inspecting(workspace, dmqn.run_id))

@@ -1,4 +1,4 @@
-"""The run store: every run's parameters, metrics and codebook statistics in one DuckDB file.
+"""The run store: every run's parameters, metrics, codebook statistics and inspection sample in one DuckDB file.
 
 The schema lives in this module only. Writers open the file, write one batch in a
 transaction and close it again, so that a reader (``dmqn runs``, ``dmqn inspect``) can open
@@ -16,6 +16,27 @@ Tables
 ``benches``         one row per ``dmqn bench``: its name, data set and settings (JSON).
 ``bench_runs``      (bench, model, seed, run_id): the run that trains each model and seed of a bench;
                     written before the run starts, so an interrupted bench finds it again.
+
+Recorded at the end of a dmqn / dmqn-simple training, with the best checkpoint, for ``dmqn inspect``
+and ``dmqn report`` (see dmqn_core.inspection and docs/run-store.md). A sample of at most
+``--inspect-users`` users with test samples (default 300) is recorded; every id is a raw id of the log.
+
+``inspect_users``      (run_id, user_id, history_length, candidates): one row per sampled user; L behaviors
+                       in the history the model encoded for the user's test samples, C test samples.
+``inspect_behaviors``  (run_id, user_id, position, codebook, codeword, timestamp, item, category, behavior):
+                       one row per behavior of that history and codebook (L·N rows per user), position 0
+                       = oldest; codeword is the inference-path (argmax) assignment. Cluster sizes are
+                       ``count(*) GROUP BY codebook, codeword``.
+``inspect_candidates`` (run_id, user_id, candidate, item, category, label, score): the user's test samples
+                       (C rows), score = predicted click probability.
+``inspect_attention``  (run_id, user_id, candidate, codebook, codeword, weight): CTAM attention of each
+                       candidate on each NON-EMPTY cluster (absent rows are empty clusters, weight 0);
+                       the weights of a (candidate, codebook) sum to 1.
+``codebook_vectors``   (run_id, codebook, codeword, vector FLOAT[D]): the codewords folded into the
+                       behavior-embedding space (c W_2^T: a behavior e goes to argmax_w e · vector).
+``item_vectors``       (run_id, item, category, popularity, vector FLOAT[D]): candidate embeddings (item +
+                       category) of the most frequent items, at most 5,000 rows
+                       (dmqn_core.inspection.MAX_ITEM_VECTORS).
 """
 
 from __future__ import annotations
@@ -27,13 +48,15 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import duckdb
+import numpy as np
+import pyarrow as pa
 
 from dmqn_core.errors import DmqnError
 
-SCHEMA_VERSION = 2  # 2: benches, bench_runs
+SCHEMA_VERSION = 3  # 2: benches, bench_runs; 3: inspect_*, codebook_vectors, item_vectors
 
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS schema_info (version INTEGER NOT NULL)""",
@@ -94,7 +117,70 @@ SCHEMA = [
         codeword  INTEGER NOT NULL,
         count     BIGINT NOT NULL
     )""",
+    """CREATE TABLE IF NOT EXISTS inspect_users (
+        run_id          VARCHAR NOT NULL,
+        user_id         BIGINT NOT NULL,       -- raw user id of the log
+        history_length  INTEGER NOT NULL,      -- L: behaviors in the encoded history
+        candidates      INTEGER NOT NULL       -- C: test samples
+    )""",
+    """CREATE TABLE IF NOT EXISTS inspect_behaviors (
+        run_id     VARCHAR NOT NULL,
+        user_id    BIGINT NOT NULL,
+        position   INTEGER NOT NULL,           -- 0 = oldest behavior of the history
+        codebook   INTEGER NOT NULL,
+        codeword   INTEGER NOT NULL,
+        timestamp  BIGINT NOT NULL,            -- unix seconds
+        item       BIGINT NOT NULL,            -- raw ids
+        category   BIGINT NOT NULL,
+        behavior   VARCHAR NOT NULL            -- behavior type name (pv, buy, ...)
+    )""",
+    """CREATE TABLE IF NOT EXISTS inspect_candidates (
+        run_id     VARCHAR NOT NULL,
+        user_id    BIGINT NOT NULL,
+        candidate  INTEGER NOT NULL,           -- 0..C-1
+        item       BIGINT NOT NULL,
+        category   BIGINT NOT NULL,
+        label      TINYINT NOT NULL,
+        score      FLOAT NOT NULL              -- predicted click probability
+    )""",
+    """CREATE TABLE IF NOT EXISTS inspect_attention (
+        run_id     VARCHAR NOT NULL,
+        user_id    BIGINT NOT NULL,
+        candidate  INTEGER NOT NULL,
+        codebook   INTEGER NOT NULL,
+        codeword   INTEGER NOT NULL,           -- non-empty clusters only
+        weight     FLOAT NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS codebook_vectors (
+        run_id    VARCHAR NOT NULL,
+        codebook  INTEGER NOT NULL,
+        codeword  INTEGER NOT NULL,
+        vector    FLOAT[] NOT NULL             -- D values, folded into the behavior-embedding space
+    )""",
+    """CREATE TABLE IF NOT EXISTS item_vectors (
+        run_id      VARCHAR NOT NULL,
+        item        BIGINT NOT NULL,           -- raw ids
+        category    BIGINT NOT NULL,
+        popularity  BIGINT NOT NULL,           -- behaviors on the item in the prepared set
+        vector      FLOAT[] NOT NULL           -- D values: the candidate embedding item + category
+    )""",
 ]
+
+# The inspection tables a run writes at the end of training, with their column order.
+INSPECTION_COLUMNS: dict[str, tuple[str, ...]] = {
+    "inspect_users": ("user_id", "history_length", "candidates"),
+    "inspect_behaviors": ("user_id", "position", "codebook", "codeword", "timestamp", "item", "category", "behavior"),
+    "inspect_candidates": ("user_id", "candidate", "item", "category", "label", "score"),
+    "inspect_attention": ("user_id", "candidate", "codebook", "codeword", "weight"),
+    "codebook_vectors": ("codebook", "codeword", "vector"),
+    "item_vectors": ("item", "category", "popularity", "vector"),
+}
+_INSPECTION_TYPES: dict[str, pa.DataType] = {
+    "user_id": pa.int64(), "history_length": pa.int32(), "candidates": pa.int32(), "position": pa.int32(),
+    "codebook": pa.int32(), "codeword": pa.int32(), "timestamp": pa.int64(), "item": pa.int64(),
+    "category": pa.int64(), "behavior": pa.string(), "candidate": pa.int32(), "label": pa.int8(),
+    "score": pa.float32(), "weight": pa.float32(), "popularity": pa.int64(), "vector": pa.list_(pa.float32()),
+}
 
 RUN_COLUMNS = (
     "run_id", "model", "dataset", "dataset_path", "status", "created_at", "finished_at", "seed",
@@ -156,7 +242,10 @@ class RunStore:
                     raise DmqnError(f"cannot open run store {self.path}: {str(exc).splitlines()[0]}") from None
                 time.sleep(0.2)
 
-    def _write(self, statements: Iterable[tuple[str, Sequence | None]]) -> None:
+    def _write(self, statements: Iterable[tuple[str, Sequence | None]],
+               frames: Mapping[str, pa.Table] | None = None) -> None:
+        """Run the statements in one transaction; ``frames`` are Arrow tables the statements can
+        select from by name (bulk inserts: DuckDB's executemany costs milliseconds per row)."""
         con = self._connect(read_only=False)
         try:
             con.execute("BEGIN TRANSACTION")
@@ -166,6 +255,8 @@ class RunStore:
                 con.execute("INSERT INTO schema_info VALUES (?)", [SCHEMA_VERSION])
             else:  # every version so far only added tables, which the statements above create
                 con.execute("UPDATE schema_info SET version = ? WHERE version < ?", [SCHEMA_VERSION, SCHEMA_VERSION])
+            for name, frame in (frames or {}).items():
+                con.register(name, frame)
             for sql, params in statements:
                 if params is not None and params and isinstance(params[0], (list, tuple)):
                     con.executemany(sql, params)
@@ -178,14 +269,17 @@ class RunStore:
     def _read(self, sql: str, params: Sequence | None = None, table: str = "runs") -> list[tuple]:
         """Rows of a read-only query; none while ``table`` does not exist yet (a store written before
         it was added to the schema gets it with its next write)."""
+        return self._read_all([(sql, params, table)])[0]
+
+    def _read_all(self, queries: Sequence[tuple[str, Sequence | None, str]]) -> list[list[tuple]]:
+        """The rows of several (sql, params, table) queries, read through one read-only connection."""
         if not self.path.exists():
-            return []
+            return [[] for _ in queries]
         con = self._connect(read_only=True)
         try:
             tables = {row[0] for row in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
-            if table not in tables:
-                return []
-            return con.execute(sql, params or []).fetchall()
+            return [con.execute(sql, params or []).fetchall() if table in tables else []
+                    for sql, params, table in queries]
         finally:
             con.close()
 
@@ -306,6 +400,89 @@ class RunStore:
 
     def has_run(self, run_id: str) -> bool:
         return bool(self._read("SELECT 1 FROM runs WHERE run_id = ?", [run_id]))
+
+    # -- inspection sample -------------------------------------------------------------
+    def log_inspection(self, run_id: str, rows: Mapping[str, Mapping[str, Any]], replace: bool = False) -> None:
+        """Insert rows into the inspection tables in one transaction.
+
+        ``rows[table][column]`` holds the values of one column (the columns of INSPECTION_COLUMNS,
+        run_id excluded; ``vector`` as an (M, D) array). With ``replace`` every inspection row of
+        the run is deleted first, in the same transaction: a resumed run records its sample again.
+        """
+        unknown = set(rows) - set(INSPECTION_COLUMNS)
+        if unknown:
+            raise ValueError(f"not inspection tables: {sorted(unknown)}")
+        statements: list[tuple[str, Sequence | None]] = []
+        if replace:
+            statements += [(f"DELETE FROM {table} WHERE run_id = ?", [run_id]) for table in INSPECTION_COLUMNS]
+        frames = {}
+        for table, columns in rows.items():
+            frame = _arrow_frame(INSPECTION_COLUMNS[table], columns)
+            if frame.num_rows == 0:
+                continue
+            frames[f"new_{table}"] = frame
+            names = ", ".join(INSPECTION_COLUMNS[table])
+            # Table and column names come from INSPECTION_COLUMNS, never from input; the run id is a parameter.
+            statements.append((f"INSERT INTO {table} (run_id, {names}) SELECT ?, {names} FROM new_{table}", [run_id]))
+        self._write(statements, frames)
+
+    def inspected_users(self, run_id: str) -> list[tuple[int, int, int]]:
+        """(user_id, history_length, candidates) of the run's recorded sample, by user id."""
+        return [tuple(r) for r in self._read(
+            "SELECT user_id, history_length, candidates FROM inspect_users WHERE run_id = ? ORDER BY user_id",
+            [run_id], table="inspect_users")]
+
+    def inspected_user(self, run_id: str, user_id: int) -> tuple[list[tuple], list[tuple], list[tuple]] | None:
+        """A recorded user's behavior rows (position, codebook, codeword, timestamp, item, category, behavior),
+        candidate rows (candidate, item, category, label, score) and attention rows (candidate, codebook,
+        codeword, weight); None when the user is not in the run's sample."""
+        key = [run_id, int(user_id)]
+        found, behaviors, candidates, attention = self._read_all([
+            ("SELECT 1 FROM inspect_users WHERE run_id = ? AND user_id = ?", key, "inspect_users"),
+            ("SELECT position, codebook, codeword, timestamp, item, category, behavior FROM inspect_behaviors "
+             "WHERE run_id = ? AND user_id = ? ORDER BY position, codebook", key, "inspect_behaviors"),
+            ("SELECT candidate, item, category, label, score FROM inspect_candidates "
+             "WHERE run_id = ? AND user_id = ? ORDER BY candidate", key, "inspect_candidates"),
+            ("SELECT candidate, codebook, codeword, weight FROM inspect_attention "
+             "WHERE run_id = ? AND user_id = ? ORDER BY candidate, codebook, codeword", key, "inspect_attention"),
+        ])
+        return (behaviors, candidates, attention) if found else None
+
+    def codeword_counts(self, run_id: str, epoch: int) -> list[tuple[int, int, int]]:
+        """(codebook, codeword, count) of one epoch's validation assignments."""
+        return [tuple(r) for r in self._read(
+            "SELECT codebook, codeword, count FROM codeword_counts WHERE run_id = ? AND epoch = ? "
+            "ORDER BY codebook, codeword", [run_id, epoch], table="codeword_counts")]
+
+    def codebook_vectors(self, run_id: str) -> list[tuple[int, int, list[float]]]:
+        """(codebook, codeword, vector) recorded at the end of training."""
+        return [tuple(r) for r in self._read(
+            "SELECT codebook, codeword, vector FROM codebook_vectors WHERE run_id = ? ORDER BY codebook, codeword",
+            [run_id], table="codebook_vectors")]
+
+    def item_vectors(self, run_id: str) -> list[tuple[int, int, int, list[float]]]:
+        """(item, category, popularity, vector) recorded at the end of training, most frequent first."""
+        return [tuple(r) for r in self._read(
+            "SELECT item, category, popularity, vector FROM item_vectors WHERE run_id = ? "
+            "ORDER BY popularity DESC, item", [run_id], table="item_vectors")]
+
+
+def _arrow_frame(names: Sequence[str], columns: Mapping[str, Any]) -> pa.Table:
+    """An Arrow table of the named columns, typed as the inspection tables store them."""
+    if set(columns) != set(names):
+        raise ValueError(f"expected columns {list(names)}, got {sorted(columns)}")
+    arrays = []
+    for name in names:
+        kind = _INSPECTION_TYPES[name]
+        if name == "vector":
+            vectors = np.ascontiguousarray(columns[name], dtype=np.float32)
+            flat = pa.array(vectors.reshape(-1))
+            arrays.append(pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1]).cast(kind))
+        elif kind == pa.string():
+            arrays.append(pa.array(np.asarray(columns[name], dtype=str), type=kind))
+        else:
+            arrays.append(pa.array(np.asarray(columns[name]).astype(kind.to_pandas_dtype(), copy=False), type=kind))
+    return pa.table(arrays, names=list(names))
 
 
 def iter_param_rows(params: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:

@@ -25,8 +25,10 @@ import torch.nn.functional as F
 import dmqn_core
 from dmqn_core.batches import BatchLoader
 from dmqn_core.config import ModelConfig
+from dmqn_core.dmqn import DMQN
 from dmqn_core.errors import DmqnError
 from dmqn_core.evaluate import evaluate_split, load_checkpoint
+from dmqn_core.inspection import record_inspection
 from dmqn_core.models import build_model, model_names
 from dmqn_core.prepared import PreparedSet
 from dmqn_core.progress import NullProgress, Progress
@@ -54,6 +56,9 @@ class TrainConfig:
     patience: int = 2                 # epochs without a better validation AUC before stopping
     seed: int = 0
     device: str = "cpu"
+    # dmqn / dmqn-simple: users whose codeword assignments and attention are recorded at the end
+    # of training for `dmqn inspect` and `dmqn report` (dmqn_core.inspection); 0 records nothing.
+    inspect_users: int = 300
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
@@ -108,6 +113,8 @@ def _validate(cfg: TrainConfig) -> None:
     for name in ("epochs", "batch_size", "eval_batch_size", "max_len"):
         if getattr(cfg, name) < 1:
             raise DmqnError(f"{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.inspect_users < 0:
+        raise DmqnError(f"inspect-users must be 0 or more, got {cfg.inspect_users}")
     if cfg.lr <= 0:
         raise DmqnError(f"lr must be positive, got {cfg.lr}")
     if cfg.device not in ("cpu", "cuda") and not cfg.device.startswith("cuda:"):
@@ -267,6 +274,10 @@ def _train(workspace: Workspace, dataset: str | None, model_name: str, model_set
         model.load_state_dict(load_checkpoint(run_dir / BEST)["model_state"])
         test, _ = evaluate_split(model, data, "test", train_config.eval_batch_size, train_config.max_len, device, progress)
         store.log_metrics(run_id, "test", test, epoch=state["best_epoch"])
+        if isinstance(model, DMQN) and train_config.inspect_users > 0:
+            recorded = record_inspection(store, run_id, model, data, train_config.max_len,
+                                         train_config.inspect_users, train_config.seed)
+            progress.log(f"recorded {recorded} users for `dmqn inspect` and `dmqn report`")
         store.finish_run(run_id, "finished", test_auc=test["auc"], test_gauc=test["gauc"],
                          test_logloss=test["logloss"], best_epoch=state["best_epoch"],
                          best_valid_auc=state["best_valid_auc"], train_seconds=state["train_seconds"],

@@ -1,8 +1,9 @@
 import duckdb
+import numpy as np
 import pytest
 
 from dmqn_core.errors import DmqnError
-from dmqn_core.runstore import RunStore
+from dmqn_core.runstore import INSPECTION_COLUMNS, SCHEMA, SCHEMA_VERSION, RunStore
 
 
 def make_run(store: RunStore, model: str = "dmqn", dataset: str = "d") -> str:
@@ -60,3 +61,52 @@ def test_reading_a_missing_store_is_empty(tmp_path):
     store = RunStore(tmp_path / "absent.duckdb")
     assert store.list_runs() == []
     assert not store.path.exists()
+
+
+def test_a_version_2_store_is_read_and_upgraded_by_its_next_write(tmp_path):
+    path = tmp_path / "runs.duckdb"
+    con = duckdb.connect(str(path))
+    for sql in SCHEMA:
+        if not any(f"EXISTS {table} " in sql for table in INSPECTION_COLUMNS):
+            con.execute(sql)
+    con.execute("INSERT INTO schema_info VALUES (2)")
+    con.close()
+    store = RunStore(path)
+    assert store.inspected_users("r") == [] and store.inspected_user("r", 1) is None
+    assert store.codebook_vectors("r") == [] and store.item_vectors("r") == []
+    make_run(store)
+    con = duckdb.connect(str(path), read_only=True)
+    assert con.execute("SELECT version FROM schema_info").fetchall() == [(SCHEMA_VERSION,)] and SCHEMA_VERSION == 3
+    tables = {row[0] for row in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+    con.close()
+    assert set(INSPECTION_COLUMNS) <= tables
+
+
+def test_inspection_rows_round_trip_and_replace(tmp_path):
+    store = RunStore(tmp_path / "runs.duckdb")
+    run = make_run(store)
+    vectors = np.arange(6, dtype=np.float32).reshape(2, 3) / 4
+    rows = {
+        "inspect_users": {"user_id": [7], "history_length": [2], "candidates": [1]},
+        "inspect_behaviors": {"user_id": [7] * 2, "position": [0, 1], "codebook": [0, 0], "codeword": [3, 1],
+                              "timestamp": [100, 200], "item": [11, 12], "category": [5, 5],
+                              "behavior": np.array(["pv", "buy"])},
+        "inspect_candidates": {"user_id": [7], "candidate": [0], "item": [13], "category": [5], "label": [1],
+                               "score": [0.25]},
+        "inspect_attention": {"user_id": [7, 7], "candidate": [0, 0], "codebook": [0, 0], "codeword": [1, 3],
+                              "weight": [0.5, 0.5]},
+        "codebook_vectors": {"codebook": [0, 0], "codeword": [0, 1], "vector": vectors},
+    }
+    store.log_inspection(run, rows)
+    store.log_inspection(run, rows, replace=True)          # a resumed run writes its sample again
+    assert store.inspected_users(run) == [(7, 2, 1)]
+    behaviors, candidates, attention = store.inspected_user(run, 7)
+    assert behaviors == [(0, 0, 3, 100, 11, 5, "pv"), (1, 0, 1, 200, 12, 5, "buy")]
+    assert candidates == [(0, 13, 5, 1, 0.25)] and attention == [(0, 0, 1, 0.5), (0, 0, 3, 0.5)]
+    assert [(b, w, list(v)) for b, w, v in store.codebook_vectors(run)] == [(0, 0, [0.0, 0.25, 0.5]),
+                                                                            (0, 1, [0.75, 1.0, 1.25])]
+    assert store.inspected_user(run, 8) is None
+    with pytest.raises(ValueError):
+        store.log_inspection(run, {"runs": {}})
+    with pytest.raises(ValueError):
+        store.log_inspection(run, {"inspect_users": {"user_id": [1]}})
