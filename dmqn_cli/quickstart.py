@@ -56,6 +56,10 @@ def quickstart(
     console.print(f"  dmqn runs{ws_flag}                         every run and its metrics")
     console.print(f"  dmqn runs show {result.dmqn.run_id}{ws_flag}   parameters, epochs, codebook utilisation")
     console.print(f"  dmqn eval {result.dmqn.run_id} --split valid{ws_flag}")
+    if result.inspect_candidates:
+        items = ",".join(str(i) for i in result.inspect_candidates[:5])
+        console.print(f"  dmqn export-cache {result.dmqn.run_id}{ws_flag} && dmqn score {result.dmqn.run_id} "
+                      f"--user {result.inspect_user} --items {items}{ws_flag}   cached user states, serving")
     console.print(f"  dmqn train quickstart --model dmqn-simple{ws_flag}   the ablation without ICIM")
     console.print(f"  dmqn bench quickstart --models din-short,din-full,twin,dmqn-simple,dmqn --seeds 1{ws_flag}"
                   "   DMQN against the baselines")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from dmqn_core.evaluate import evaluate_run
-from dmqn_core.inspection import user_worth_inspecting
+from dmqn_core.inspection import RunInspector, user_worth_inspecting
 from dmqn_core.prep import PrepResult, prepare
 from dmqn_core.progress import NullProgress, Progress
 from dmqn_core.synth import SynthSummary, write_log
@@ -34,6 +34,7 @@ class QuickstartResult:
     seconds: float
     # A user of DMQN's recorded inspection sample with a long history and test candidates (None: no sample).
     inspect_user: int | None
+    inspect_candidates: list[int]  # that user's test candidates (raw item ids), for a `dmqn score` example
 
 
 def run_quickstart(workspace: Workspace, scale: str = "small", seed: int = 0, epochs: int | None = None,
@@ -64,6 +65,9 @@ def run_quickstart(workspace: Workspace, scale: str = "small", seed: int = 0, ep
 
     step("5/5 eval: DMQN on the test split")
     _, dmqn_eval = evaluate_run(workspace, dmqn.run_id, "test", progress=progress)
+    inspect_user = user_worth_inspecting(workspace, dmqn.run_id)
+    candidates = ([] if inspect_user is None else
+                  RunInspector(workspace, dmqn.run_id).user(inspect_user).candidate_item.tolist())
     return QuickstartResult(log=log, prepared=prepared, popularity=popularity, dmqn=dmqn, dmqn_eval=dmqn_eval,
-                            seconds=time.perf_counter() - started,
-                            inspect_user=user_worth_inspecting(workspace, dmqn.run_id))
+                            seconds=time.perf_counter() - started, inspect_user=inspect_user,
+                            inspect_candidates=candidates)
