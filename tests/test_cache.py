@@ -76,8 +76,10 @@ def test_unknown_user_falls_back_and_unknown_item_fails(tiny_workspace, dmqn_run
             scorer.score(int(data.raw_user(1)), [10**12])
 
 
-def test_a_new_checkpoint_never_reads_old_states(tiny_workspace, dmqn_run):
-    export_states(tiny_workspace, dmqn_run, users=[])
+@pytest.mark.parametrize("target", ["embedded", "redis"])
+def test_a_new_checkpoint_never_reads_old_states(tiny_workspace, dmqn_run, target, request):
+    uri = request.getfixturevalue("redis_url") if target == "redis" else None
+    export_states(tiny_workspace, dmqn_run, users=[], to=uri)
     best = tiny_workspace.run_dir(dmqn_run) / "best.pt"
     original = best.read_bytes()
     try:
@@ -85,7 +87,7 @@ def test_a_new_checkpoint_never_reads_old_states(tiny_workspace, dmqn_run):
         state["model_state"]["head.net.0.bias"] += 1.0
         torch.save(state, best)
         with pytest.raises(DmqnError, match="no exported states"):
-            CachedScorer(tiny_workspace, dmqn_run)
+            CachedScorer(tiny_workspace, dmqn_run, source=uri)
     finally:
         best.write_bytes(original)
 
@@ -230,20 +232,6 @@ def test_redis_ttl_and_resume_after_an_interrupted_export(tiny_workspace, dmqn_r
     assert 0 < store.client.ttl(RedisStateStore.key(version, int(data.raw_user(1)))) <= 3600
     assert 0 < store.client.ttl(RedisStateStore.manifest_key(version)) <= 3600
     store.clear(version)
-
-
-def test_redis_never_serves_an_older_checkpoints_states(tiny_workspace, dmqn_run, redis_url):
-    export_states(tiny_workspace, dmqn_run, users=[], to=redis_url)
-    best = tiny_workspace.run_dir(dmqn_run) / "best.pt"
-    original = best.read_bytes()
-    try:
-        state = torch.load(best, weights_only=False)
-        state["model_state"]["head.net.0.bias"] += 1.0
-        torch.save(state, best)
-        with pytest.raises(DmqnError, match="no exported states"):
-            CachedScorer(tiny_workspace, dmqn_run, source=redis_url)
-    finally:
-        best.write_bytes(original)
 
 
 def test_an_unreachable_redis_is_a_one_line_error(tiny_workspace, dmqn_run):
