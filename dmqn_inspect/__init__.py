@@ -1,0 +1,1 @@
+"""Views of trained DMQN runs: the Textual inspector and the Plotly report."""
