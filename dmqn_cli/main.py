@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from dmqn_cli import bench, evaluate, prep, quickstart, runs, serving, synth, train
+from dmqn_cli import bench, evaluate, inspect, prep, quickstart, runs, serving, synth, train
+from dmqn_cli import report
 
 app = typer.Typer(
     name="dmqn",
@@ -22,5 +23,7 @@ app.command("eval")(evaluate.evaluate)
 app.command("bench")(bench.bench)
 app.command("export-cache")(serving.export_cache)
 app.command("score")(serving.score)
+app.command("inspect")(inspect.inspect)
 app.add_typer(runs.runs_app, name="runs")
 app.command("quickstart")(quickstart.quickstart)
+app.command("report")(report.report)

@@ -1,0 +1,1 @@
+"""The widgets and screens of `dmqn inspect`, one per module."""
