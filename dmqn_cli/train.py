@@ -15,6 +15,7 @@ from dmqn_cli.options import (
 )
 from dmqn_cli.progress import RichProgress
 from dmqn_cli.results import print_train_result
+from dmqn_core import distributed
 from dmqn_core.models import model_names
 from dmqn_core.train import train as train_model
 
@@ -51,6 +52,10 @@ def train(
 
     Every value used (defaults, --config file, flags) is stored with the run; `dmqn runs show RUN_ID` lists them.
     Settings of the baselines not offered as flags (e.g. simhash_bits, session_gap) go in the \\[model] table of --config.
+
+    Several processes: `torchrun --nproc-per-node N -m dmqn_cli train ...` trains with DistributedDataParallel
+    (gloo on the CPU, NCCL with --device cuda), each process on its part of every batch of --batch-size; rank 0
+    writes the run and prints progress.
     """
     ws = open_workspace(workspace)
     model_settings, train_settings = collect_settings(
@@ -66,6 +71,10 @@ def train(
         raise typer.BadParameter("--resume continues a run with its own data and settings; pass only --epochs/--device with it")
     if not resume and not data:
         raise typer.BadParameter("name a prepared data set (DATA) or --resume RUN_ID")
+    if not distributed.context_from_env().is_main:
+        # Another process of a torchrun launch: it trains its share silently, rank 0 reports.
+        train_model(ws, data, model, model_settings, train_settings, resume=resume)
+        return
     with RichProgress() as progress:
         result = train_model(ws, data, model, model_settings, train_settings, resume=resume, progress=progress)
     print_train_result(result)

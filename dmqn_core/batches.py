@@ -86,6 +86,11 @@ class BatchLoader:
     With ``shuffle`` the order changes every epoch (``set_epoch``) but stays a function of
     ``seed`` and the epoch, so runs are reproducible and a resumed run sees the same order.
     Samples that share a history (a positive and its negatives) stay next to each other.
+
+    ``shard=(rank, world_size)``: every rank cuts the same global batches (the batches of one
+    process with the same seed and batch size) and takes its part of each one (``shard_of``).
+    Iterating yields this rank's parts; ``steps`` yields one item per global batch on every
+    rank, as multi-process training needs.
     """
 
     def __init__(self, data: PreparedSet, split: str, batch_size: int, max_len: int,
@@ -97,13 +102,14 @@ class BatchLoader:
         self.shuffle = shuffle
         self.seed = seed
         self.epoch = 0
-        rank, world = shard
-        # Group samples by history; a shard takes every world-th group.
+        self.rank, self.world_size = shard
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"shard {shard}: the rank must be in [0, world_size)")
+        # Group samples by history.
         ends = np.asarray(self.samples.hist_end)
         order = np.argsort(ends, kind="stable")
         boundaries = np.flatnonzero(np.diff(ends[order])) + 1
-        groups = np.split(order, boundaries) if len(order) else []
-        self.groups = groups[rank::world]
+        self.groups = np.split(order, boundaries) if len(order) else []
         self.n_samples = int(sum(len(g) for g in self.groups))
         first = np.array([g[0] for g in self.groups], dtype=np.int64)
         if len(first):
@@ -146,13 +152,38 @@ class BatchLoader:
             batches += [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         return [batches[i] for i in rng.permutation(len(batches))]
 
+    def shard_of(self, idx: np.ndarray) -> np.ndarray:
+        """This rank's part of the global batch ``idx`` (all of it for one process); see ``shard_cuts``."""
+        if self.world_size == 1:
+            return idx
+        bounds = [0, *shard_cuts(np.asarray(self.samples.hist_end[idx]), self.world_size), len(idx)]
+        return idx[bounds[self.rank]:bounds[self.rank + 1]]
+
     def sample_order(self) -> np.ndarray:
-        batches = self.batch_indices()
-        return np.concatenate(batches) if batches else np.zeros(0, dtype=np.int64)
+        """This rank's samples in the order iteration yields them."""
+        parts = [self.shard_of(idx) for idx in self.batch_indices()]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
     def __iter__(self) -> Iterator[Batch]:
         for idx in self.batch_indices():
-            yield self.make_batch(idx)
+            part = self.shard_of(idx)
+            if len(part):
+                yield self.make_batch(part)
+
+    def steps(self) -> Iterator[tuple[Batch, int, int]]:
+        """One training step per global batch, on every rank: (this rank's batch, its samples, the global batch's).
+
+        A rank whose part is empty (only a global batch smaller than the number of ranks, at the
+        end of a length window) gets a stand-in, the global batch's first sample, counted as 0
+        samples: it still runs the step, so it takes part in that step's gradient all-reduce,
+        and its loss weight of 0 keeps the stand-in out of the gradient.
+        """
+        for idx in self.batch_indices():
+            part = self.shard_of(idx)
+            if len(part):
+                yield self.make_batch(part), len(part), len(idx)
+            else:
+                yield self.make_batch(idx[:1]), 0, len(idx)
 
     def make_batch(self, idx: np.ndarray) -> Batch:
         s = self.samples
@@ -173,3 +204,32 @@ class BatchLoader:
             user=users,
             sample=np.asarray(idx, dtype=np.int64),
         )
+
+
+def shard_cuts(hist_ends: np.ndarray, world_size: int) -> list[int]:
+    """Where one global batch is cut into ``world_size`` contiguous parts, one per rank.
+
+    ``hist_ends`` are the batch's samples' history ends; the samples of one history (a positive
+    and its negatives) are next to each other. Cut k aims at k·n/world_size and moves to the
+    nearest history boundary when that lies after the previous cut and before the next aim, so
+    that a history is encoded by one rank only. Parts then differ from equal shares by less than
+    a group: 255 samples in groups of two over 2 ranks are split 128 + 127 or 127 + 128. Where
+    no boundary qualifies (a group larger than a share) the cut stays at the aim, inside the
+    group, whose history both ranks then encode. Every part is non-empty when the batch has at
+    least ``world_size`` samples; a smaller batch leaves the last ranks empty.
+    """
+    n = len(hist_ends)
+    boundaries = np.flatnonzero(np.diff(hist_ends)) + 1   # first sample of every group but the first
+    aims = [-(-k * n // world_size) for k in range(world_size + 1)]   # ceil: the last ranks get the smaller parts
+    cuts: list[int] = []
+    previous = 0
+    for k in range(1, world_size):
+        cut = aims[k]
+        if len(boundaries):
+            nearest = int(boundaries[np.argmin(np.abs(boundaries - aims[k]))])
+            if previous < nearest < aims[k + 1]:
+                cut = nearest
+        cut = max(cut, previous)
+        cuts.append(cut)
+        previous = cut
+    return cuts

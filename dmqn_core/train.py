@@ -8,27 +8,33 @@ sequence modules.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 import dmqn_core
+from dmqn_core import distributed
 from dmqn_core.batches import BatchLoader
 from dmqn_core.config import ModelConfig
 from dmqn_core.dmqn import DMQN
 from dmqn_core.errors import DmqnError
-from dmqn_core.evaluate import evaluate_split, load_checkpoint
+from dmqn_core.evaluate import evaluate_split, load_checkpoint, predict
 from dmqn_core.inspection import record_inspection
+from dmqn_core.metrics import ctr_metrics
 from dmqn_core.models import build_model, model_names
 from dmqn_core.prepared import PreparedSet
 from dmqn_core.progress import NullProgress, Progress
@@ -154,25 +160,44 @@ def train(workspace: Workspace, dataset: str | None = None, model_name: str = "d
     ``run_id`` names a new run in advance (a bench records it before training starts, so that
     it can find the run again after a kill). While a process trains a run it holds the run's
     lock: a second process resuming the same run fails at once instead of training it twice.
+
+    Started by torchrun with more than one process (``dmqn_core.distributed``), every process
+    calls this: they train one model with DistributedDataParallel, each on its part of every
+    batch, and rank 0 alone holds the lock, writes the run store and checkpoints and reports
+    progress. Every rank returns rank 0's result.
     """
-    if resume is not None:
-        run_id = RunStore(workspace.store_path).get_run(resume).run_id
-    else:
-        run_id = run_id or new_run_id()
-    with exclusive_lock(workspace.run_dir(run_id) / ".lock", f"run {run_id}"):
-        return _train(workspace, dataset, model_name, model_settings, train_settings, resume, progress, run_id)
+    with distributed.process_group() as context, contextlib.ExitStack() as held:
+        def claim_run() -> str:       # on rank 0, which holds the lock until training ends
+            if resume is not None:
+                claimed = RunStore(workspace.store_path).get_run(resume).run_id
+            else:
+                claimed = run_id or new_run_id()
+            held.enter_context(exclusive_lock(workspace.run_dir(claimed) / ".lock", f"run {claimed}"))
+            return claimed
+
+        claimed = distributed.from_main(context, claim_run)
+        return _train(workspace, dataset, model_name, model_settings, train_settings, resume,
+                      progress if context.is_main else None, claimed, context)
 
 
-def _train(workspace: Workspace, dataset: str | None, model_name: str, model_settings: dict[str, Any] | None,
-           train_settings: dict[str, Any] | None, resume: str | None, progress: Progress | None,
-           run_id: str) -> TrainResult:
-    progress = progress or NullProgress()
-    store = RunStore(workspace.store_path)
+@dataclass
+class _Plan:
+    """What rank 0 settles before training, from the arguments or the resumed run, for every rank."""
 
+    model_name: str
+    dataset_name: str
+    data_path: str
+    model_config: ModelConfig
+    train_config: TrainConfig
+    resumed: bool          # a checkpoint exists to continue from
+
+
+def _plan(workspace: Workspace, store: RunStore, dataset: str | None, model_name: str,
+          model_settings: dict[str, Any] | None, train_settings: dict[str, Any] | None, resume: str | None,
+          context: distributed.Context) -> _Plan:
     if resume is not None:
         record = store.get_run(resume)
-        run_dir = workspace.run_dir(record.run_id)
-        checkpoint = load_checkpoint(run_dir / CHECKPOINT) if (run_dir / CHECKPOINT).exists() else None
+        resumed = (workspace.run_dir(record.run_id) / CHECKPOINT).exists()
         if record.status == "finished":
             raise DmqnError(f"run {record.run_id} already finished; nothing to resume")
         data = PreparedSet.open(record.dataset_path)
@@ -182,20 +207,40 @@ def _train(workspace: Workspace, dataset: str | None, model_name: str, model_set
             raise DmqnError("a resumed run keeps its settings; only --epochs and --device may change")
         train_config = TrainConfig.from_dict({**record.params["train"], **extra})
         _validate(train_config)
-        model_name, run_id, dataset_name = record.model, record.run_id, record.dataset
+        model_name, dataset_name = record.model, record.dataset
     else:
         if dataset is None:
             raise DmqnError("name a prepared data set to train on (see `dmqn prep`)")
         if model_name not in model_names():
             raise DmqnError(f"unknown model {model_name!r}; known: {', '.join(model_names())}")
-        data_path = workspace.dataset_path(dataset)
-        data = PreparedSet.open(data_path)
+        data = PreparedSet.open(workspace.dataset_path(dataset))
         model_config, train_config = resolve_configs(data, model_settings or {}, train_settings or {})
-        checkpoint = None
+        resumed = False
         dataset_name = data.meta.get("name") or Path(data.path).name
+    if train_config.batch_size < context.world_size:
+        raise DmqnError(f"batch-size {train_config.batch_size} is smaller than the {context.world_size} "
+                        "training processes; every process needs a part of each batch")
+    return _Plan(model_name, dataset_name, str(data.path), model_config, train_config, resumed)
 
-    device = torch.device(train_config.device)
-    torch.manual_seed(train_config.seed)
+
+def _train(workspace: Workspace, dataset: str | None, model_name: str, model_settings: dict[str, Any] | None,
+           train_settings: dict[str, Any] | None, resume: str | None, progress: Progress | None,
+           run_id: str, context: distributed.Context) -> TrainResult:
+    progress = progress or NullProgress()
+    main = context.is_main
+    store = RunStore(workspace.store_path)   # used by rank 0 only: the other ranks never touch the store
+    plan = distributed.from_main(context, lambda: _plan(workspace, store, dataset, model_name, model_settings,
+                                                        train_settings, resume, context))
+    model_name, dataset_name, model_config, train_config = (plan.model_name, plan.dataset_name,
+                                                            plan.model_config, plan.train_config)
+    run_dir = workspace.run_dir(run_id)
+    # Rank 0 checked that the checkpoint exists; under torchrun the run directory must be on a
+    # file system every rank sees (as the prepared set must).
+    checkpoint = load_checkpoint(run_dir / CHECKPOINT) if plan.resumed else None
+    data = PreparedSet.open(plan.data_path)
+
+    device = distributed.rank_device(context, train_config.device)
+    torch.manual_seed(train_config.seed)      # the same initial weights on every rank
     model = build_model(model_name, model_config, item_popularity=data.item_popularity).to(device)
     # A registry entry may fix settings (dmqn-simple has no ICIM): store what the model really uses.
     model_config = getattr(model, "config", model_config)
@@ -205,13 +250,15 @@ def _train(workspace: Workspace, dataset: str | None, model_name: str, model_set
         "train": asdict(train_config),
         "data": {"name": dataset_name, "path": str(data.path), "protocol": data.meta.get("protocol", {})},
         "versions": {"dmqn": dmqn_core.__version__, "torch": torch.__version__, "numpy": np.__version__},
+        # How the latest (re)start trained: processes, and what carried their gradients.
+        "distributed": {"world_size": context.world_size, "backend": distributed.gradient_backend(context, device)},
     }
-    if resume is None:
+    if main and resume is None:
         run_id = store.create_run(model=model_name, dataset=dataset_name, dataset_path=str(data.path),
                                   params=params, seed=train_config.seed, n_parameters=n_parameters,
                                   run_id=run_id)
-    run_dir = workspace.run_dir(run_id)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=train_config.lr, weight_decay=train_config.weight_decay) if trainable else None
@@ -224,100 +271,209 @@ def _train(workspace: Workspace, dataset: str | None, model_name: str, model_set
         state.update(checkpoint["train_state"])
         torch.set_rng_state(checkpoint["torch_rng"])
         progress.log(f"resuming run {run_id} after epoch {state['epoch']}")
-    if resume is not None:
+    if main and resume is not None:
         store.delete_epochs_after(run_id, state["epoch"])
         store.update_run(run_id, status="running", error=None, params=params)
+    forward = model
+    if context.active and optimizer is not None:
+        # Every parameter of every registered model gets a gradient at every step
+        # (tests/test_model_contract.py: test_gradients_reach_every_parameter), so DDP need not
+        # search the graph for unused ones. The only buffers (ETA's and SDIM's SimHash planes)
+        # are fixed; DDP's default broadcast of rank 0's buffers before each step is cheap and
+        # would keep running statistics in step if a model ever had some.
+        forward = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            process_group=distributed.gradient_group(context, device), find_unused_parameters=False)
+        progress.log(f"training with {context.world_size} processes ({distributed.gradient_backend(context, device)}), "
+                     f"each on its part of every batch of {train_config.batch_size}")
 
     loader = BatchLoader(data, "train", train_config.batch_size, train_config.max_len,
-                         shuffle=True, seed=train_config.seed)
+                         shuffle=True, seed=train_config.seed, shard=(context.rank, context.world_size))
     try:
         if optimizer is None:
             # Nothing to learn (the popularity scorer): one validation pass picks the "best epoch".
-            metrics, _ = evaluate_split(model, data, "valid", train_config.eval_batch_size, train_config.max_len, device, progress)
-            store.log_metrics(run_id, "valid", metrics, epoch=0)
-            state.update(best_epoch=0, best_valid_auc=metrics["auc"])
-            _save({"model_state": model.state_dict(), "epoch": 0}, run_dir / BEST)
+            metrics, _ = _evaluate(model, data, "valid", train_config, device, progress, context)
+            if main:
+                store.log_metrics(run_id, "valid", metrics, epoch=0)
+                state.update(best_epoch=0, best_valid_auc=metrics["auc"])
+                _save({"model_state": model.state_dict(), "epoch": 0}, run_dir / BEST)
+            state = distributed.broadcast(context, state)
         while optimizer is not None and state["epoch"] < train_config.epochs:
             epoch = state["epoch"] + 1
             loader.set_epoch(epoch)
-            train_loss, samples_per_s, seconds = _train_epoch(model, loader, optimizer, device, progress, epoch,
-                                                              train_config.epochs, state)
-            valid, counts = evaluate_split(model, data, "valid", train_config.eval_batch_size, train_config.max_len, device, progress)
-            state["train_seconds"] += seconds
-            state["epoch"] = epoch
-            improved = state["best_valid_auc"] is None or valid["auc"] > state["best_valid_auc"]
-            if improved:
-                state.update(best_epoch=epoch, best_valid_auc=valid["auc"], stale_epochs=0)
-                _save({"model_state": model.state_dict(), "epoch": epoch}, run_dir / BEST)
-            else:
-                state["stale_epochs"] += 1
-            state["history"].append({"epoch": epoch, "train_loss": train_loss, "valid_auc": valid["auc"]})
-            store.log_metrics(run_id, "train", {"loss": train_loss, "samples_per_s": samples_per_s}, epoch=epoch)
-            store.log_metrics(run_id, "valid", valid, epoch=epoch)
-            if counts is not None:
-                usage = CodebookUsage.from_counts(np.rint(counts))
-                store.log_codebook_usage(run_id, epoch, usage.counts.tolist(),
-                                         list(zip(usage.counts.shape[1] - usage.dead, usage.dead, usage.perplexity)))
-            _save({"model_state": model.state_dict(), "optimizer_state": optimizer.state_dict(),
-                   "train_state": dict(state), "torch_rng": torch.get_rng_state(),
-                   "model_name": model_name, "model_config": model_config.to_dict(),
-                   "train_config": asdict(train_config)}, run_dir / CHECKPOINT)
-            store.update_run(run_id, epochs_done=epoch, best_epoch=state["best_epoch"],
-                             best_valid_auc=state["best_valid_auc"], train_seconds=state["train_seconds"],
-                             checkpoint=str(run_dir / CHECKPOINT))
-            progress.log(f"epoch {epoch}: train loss {train_loss:.4f}, valid AUC {valid['auc']:.4f}"
-                         f"{' (best)' if improved else ''}, {samples_per_s:,.0f} samples/s")
+            if context.active:
+                # Different Gumbel noise and dropout on every rank, a function of (seed, rank, epoch)
+                # so that a resumed run continues exactly (one process restores its RNG state instead).
+                torch.manual_seed(_rank_seed(train_config.seed, context.rank, epoch))
+            train_loss, samples_per_s, seconds = _train_epoch(forward, loader, optimizer, device, progress, epoch,
+                                                              train_config.epochs, state, context)
+            valid, counts = _evaluate(model, data, "valid", train_config, device, progress, context)
+            if main:
+                improved = _record_epoch(store, run_id, run_dir, model, model_name, model_config, optimizer,
+                                         train_config, state, epoch, train_loss, samples_per_s, seconds, valid, counts)
+                progress.log(f"epoch {epoch}: train loss {train_loss:.4f}, valid AUC {valid['auc']:.4f}"
+                             f"{' (best)' if improved else ''}, {samples_per_s:,.0f} samples/s")
+            # Rank 0's bookkeeping decides for everyone: all ranks stop after the same epoch.
+            state = distributed.broadcast(context, state)
             if state["stale_epochs"] >= train_config.patience:
                 progress.log(f"early stop: no better validation AUC for {train_config.patience} epochs")
                 break
 
         model.load_state_dict(load_checkpoint(run_dir / BEST)["model_state"])
-        test, _ = evaluate_split(model, data, "test", train_config.eval_batch_size, train_config.max_len, device, progress)
-        store.log_metrics(run_id, "test", test, epoch=state["best_epoch"])
-        if isinstance(model, DMQN) and train_config.inspect_users > 0:
-            recorded = record_inspection(store, run_id, model, data, train_config.max_len,
-                                         train_config.inspect_users, train_config.seed)
-            progress.log(f"recorded {recorded} users for `dmqn inspect` and `dmqn report`")
-        store.finish_run(run_id, "finished", test_auc=test["auc"], test_gauc=test["gauc"],
-                         test_logloss=test["logloss"], best_epoch=state["best_epoch"],
-                         best_valid_auc=state["best_valid_auc"], train_seconds=state["train_seconds"],
-                         checkpoint=str(run_dir / BEST))
+        test, _ = _evaluate(model, data, "test", train_config, device, progress, context)
+        if main:
+            store.log_metrics(run_id, "test", test, epoch=state["best_epoch"])
+            if isinstance(model, DMQN) and train_config.inspect_users > 0:
+                recorded = record_inspection(store, run_id, model, data, train_config.max_len,
+                                             train_config.inspect_users, train_config.seed)
+                progress.log(f"recorded {recorded} users for `dmqn inspect` and `dmqn report`")
+            store.finish_run(run_id, "finished", test_auc=test["auc"], test_gauc=test["gauc"],
+                             test_logloss=test["logloss"], best_epoch=state["best_epoch"],
+                             best_valid_auc=state["best_valid_auc"], train_seconds=state["train_seconds"],
+                             checkpoint=str(run_dir / BEST))
+        # The other ranks wait here for rank 0's records, so that all processes end together.
+        test = distributed.broadcast(context, test)
     except KeyboardInterrupt:
-        store.finish_run(run_id, "interrupted", error="interrupted by the user")
+        if main:
+            with _signals_ignored():
+                store.finish_run(run_id, "interrupted", error="interrupted by the user")
         raise
     except Exception as exc:
-        store.finish_run(run_id, "failed", error=f"{type(exc).__name__}: {exc}")
+        if main:
+            with _signals_ignored():
+                store.finish_run(run_id, "failed", error=f"{type(exc).__name__}: {exc}")
         raise
     return TrainResult(run_id=run_id, model=model_name, dataset=dataset_name, best_epoch=state["best_epoch"],
                        best_valid_auc=state["best_valid_auc"], test=test, train_seconds=state["train_seconds"],
                        n_parameters=n_parameters, history=state["history"])
 
 
+@contextlib.contextmanager
+def _signals_ignored() -> Iterator[None]:
+    """Ignore Ctrl-C and SIGTERM while a failed or interrupted run's status is written.
+
+    When one training process fails, torchrun terminates the others at once, typically while
+    rank 0 is recording the failure: a KeyboardInterrupt inside that write would roll it back
+    and leave the run "running". The process is on its way out with its own error anyway.
+    """
+    if threading.current_thread() is not threading.main_thread():   # only the main thread has handlers
+        yield
+        return
+    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            if handler is not None:      # None: a handler installed outside Python, which stays replaced
+                signal.signal(signum, handler)
+
+
+def _record_epoch(store: RunStore, run_id: str, run_dir: Path, model: torch.nn.Module, model_name: str,
+                  model_config: ModelConfig, optimizer: torch.optim.Optimizer, train_config: TrainConfig,
+                  state: dict[str, Any], epoch: int, train_loss: float, samples_per_s: float, seconds: float,
+                  valid: dict[str, float], counts: np.ndarray | None) -> bool:
+    """Rank 0's end of an epoch: update ``state``, write best.pt, the checkpoint and the run store; True if improved."""
+    state["train_seconds"] += seconds
+    state["epoch"] = epoch
+    improved = state["best_valid_auc"] is None or valid["auc"] > state["best_valid_auc"]
+    if improved:
+        state.update(best_epoch=epoch, best_valid_auc=valid["auc"], stale_epochs=0)
+        _save({"model_state": model.state_dict(), "epoch": epoch}, run_dir / BEST)
+    else:
+        state["stale_epochs"] += 1
+    state["history"].append({"epoch": epoch, "train_loss": train_loss, "valid_auc": valid["auc"]})
+    store.log_metrics(run_id, "train", {"loss": train_loss, "samples_per_s": samples_per_s}, epoch=epoch)
+    store.log_metrics(run_id, "valid", valid, epoch=epoch)
+    if counts is not None:
+        usage = CodebookUsage.from_counts(np.rint(counts))
+        store.log_codebook_usage(run_id, epoch, usage.counts.tolist(),
+                                 list(zip(usage.counts.shape[1] - usage.dead, usage.dead, usage.perplexity)))
+    _save({"model_state": model.state_dict(), "optimizer_state": optimizer.state_dict(),
+           "train_state": dict(state), "torch_rng": torch.get_rng_state(),
+           "model_name": model_name, "model_config": model_config.to_dict(),
+           "train_config": asdict(train_config)}, run_dir / CHECKPOINT)
+    store.update_run(run_id, epochs_done=epoch, best_epoch=state["best_epoch"],
+                     best_valid_auc=state["best_valid_auc"], train_seconds=state["train_seconds"],
+                     checkpoint=str(run_dir / CHECKPOINT))
+    return improved
+
+
+def _rank_seed(seed: int, rank: int, epoch: int) -> int:
+    return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0])
+
+
+def _evaluate(model: torch.nn.Module, data: PreparedSet, split: str, train_config: TrainConfig,
+              device: torch.device, progress: Progress, context: distributed.Context
+              ) -> tuple[dict[str, float], np.ndarray | None]:
+    """Metrics of a split (and codeword counts for models with codebooks), on rank 0.
+
+    Under torchrun every rank predicts its part of every evaluation batch; rank 0 gathers the
+    logits, puts them back in one process's order and computes the metrics. The other ranks
+    get an empty dict and None.
+    """
+    if not context.active:
+        return evaluate_split(model, data, split, train_config.eval_batch_size, train_config.max_len, device, progress)
+    loader = BatchLoader(data, split, train_config.eval_batch_size, train_config.max_len,
+                         shard=(context.rank, context.world_size))
+    out = predict(model, loader, device, progress, description=f"{split} ")
+    parts = distributed.gather(context, (loader.sample_order(), out["users"], out["labels"], out["logits"],
+                                         out["codeword_counts"], out["seconds"]))
+    if parts is None:
+        return {}, None
+    # Each sample's place in one process's order: the same metrics from the same logits.
+    position = np.empty(loader.n_samples, dtype=np.int64)
+    for begin, idx in zip(range(0, loader.n_samples, loader.batch_size), loader.batch_indices()):
+        position[idx] = np.arange(begin, begin + len(idx))
+    place = np.argsort(position[np.concatenate([p[0] for p in parts])], kind="stable")
+    users, labels, logits = (np.concatenate([p[i] for p in parts])[place] for i in (1, 2, 3))
+    metrics = ctr_metrics(users, labels, logits)
+    metrics["samples_per_s"] = len(labels) / max(max(p[5] for p in parts), 1e-9)
+    counts = [p[4] for p in parts if p[4] is not None]
+    return metrics, (np.sum(counts, axis=0) if counts else None)
+
+
 def _train_epoch(model: torch.nn.Module, loader: BatchLoader, optimizer: torch.optim.Optimizer,
                  device: torch.device, progress: Progress, epoch: int, epochs: int,
-                 state: dict[str, Any]) -> tuple[float, float, float]:
-    """One pass over the training split; returns mean loss, samples/s and seconds."""
+                 state: dict[str, Any], context: distributed.Context = distributed.SINGLE
+                 ) -> tuple[float, float, float]:
+    """One pass over the training split; returns mean loss, samples/s and seconds.
+
+    ``model`` is the DDP wrapper under torchrun: its backward all-reduces (averages) the gradients.
+    """
+    module = model.module if isinstance(model, DistributedDataParallel) else model
     model.train()
     progress.start(f"epoch {epoch}/{epochs}", len(loader))
     total_loss, total_samples = 0.0, 0
     started = time.perf_counter()
-    for batch in loader:
+    for batch, n, n_global in loader.steps():
         batch = batch.to(device)
         logits = model(**batch.model_inputs())
         loss = F.binary_cross_entropy_with_logits(logits, batch.label)        # eq. 2
-        auxiliary = getattr(model, "auxiliary_loss", None)
+        auxiliary = getattr(module, "auxiliary_loss", None)
         objective = loss + auxiliary() if auxiliary is not None else loss
+        if context.active:
+            # DDP averages the ranks' gradients: (1/W) Σ_r ∇(w_r·mean_r) with w_r = n_r·W/n is
+            # Σ_r (n_r/n) ∇mean_r, the gradient of the mean over the whole batch of n samples, as
+            # one process computes it, however unevenly the batch was split (a stand-in has n_r = 0).
+            # The auxiliary losses (DIEN's L_aux, DMQN's usage regulariser) are means over a rank's
+            # part, so they get the same weights: their global value becomes the samples-weighted
+            # mean of the ranks' values, not the value over the whole batch.
+            objective = objective * (n * context.world_size / n_global)
         optimizer.zero_grad(set_to_none=True)
         objective.backward()
         optimizer.step()
         state["step"] += 1
-        n = len(batch)
-        total_loss += float(loss.detach()) * n
+        batch_loss = float(loss.detach()) * n
+        if context.active:
+            # Every rank sees the whole batch's loss: the same progress and the same divergence check.
+            (batch_loss,) = distributed.all_reduce_sum(context, [batch_loss if n else 0.0])
+            n = n_global
+        total_loss += batch_loss
         total_samples += n
         elapsed = time.perf_counter() - started
         progress.advance(1, loss=total_loss / total_samples, samples_per_s=total_samples / max(elapsed, 1e-9))
-        if not math.isfinite(float(loss.detach())):
-            raise DmqnError(f"training diverged at step {state['step']} (loss {float(loss):.4g}); try a lower --lr")
+        if not math.isfinite(batch_loss):
+            raise DmqnError(f"training diverged at step {state['step']} (loss {batch_loss / n:.4g}); try a lower --lr")
     seconds = time.perf_counter() - started
     progress.stop()
     return total_loss / max(total_samples, 1), total_samples / max(seconds, 1e-9), seconds

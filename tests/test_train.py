@@ -125,3 +125,9 @@ def test_a_run_in_training_cannot_be_trained_by_a_second_process(tiny_workspace,
     holder.wait()
     with exclusive_lock(lock, "test"):
         pass
+
+
+def test_a_one_process_run_records_its_world_size(tiny_workspace):
+    result = train(tiny_workspace, "tiny", "pop", {}, {"max_len": 60})
+    record = RunStore(tiny_workspace.store_path).get_run(result.run_id)
+    assert record.params["distributed"] == {"world_size": 1, "backend": None}
