@@ -11,7 +11,7 @@ from rich.table import Table
 
 from dmqn_cli.common import WorkspaceOption, console, handle_errors, open_workspace
 from dmqn_core.formats import Format, parse_columns
-from dmqn_core.prep import parse_time_range, prepare
+from dmqn_core.prep import MEMORY_FRACTION, parse_time_range, prepare
 
 _STAGE_TEXT = {
     "reading": "reading and classifying rows",
@@ -61,23 +61,36 @@ def prep(
                                                        "and counting it."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing set of that name."),
     seed: int = typer.Option(0, help="Seed of the negative sampling (same seed, same set)."),
-    memory_limit: str = typer.Option("4GB", help="DuckDB memory limit; beyond it DuckDB spills to disk "
-                                                 "inside the temporary output directory."),
+    memory_limit: Optional[str] = typer.Option(
+        None, help="DuckDB memory limit, a size (4GB) or a share of the machine's memory (40%); beyond it "
+                   f"DuckDB spills to disk. \\[default: {MEMORY_FRACTION:.0%} of memory]", show_default=False),
     threads: Optional[int] = typer.Option(None, help="DuckDB threads \\[default: all cores].",
                                           show_default=False),
+    temp_dir: Optional[Path] = typer.Option(
+        None, help="Directory for DuckDB's working database and spill files (at peak about the size of "
+                   "a Taobao-format log), removed afterwards. \\[default: inside the set's temporary directory in the "
+                   "workspace]", show_default=False),
 ) -> None:
     """Turn a behavior log into a prepared long-sequence CTR set (train/valid/test by time per user)."""
     ws = open_workspace(workspace)
     clicks = [c.strip() for c in click_behaviors.split(",") if c.strip()] if click_behaviors else None
     with console.status("preparing…") as status:
+        stage_text = "preparing"
+
         def on_stage(stage: str) -> None:
-            status.update(f"[bold]{stage}[/]: {_STAGE_TEXT.get(stage, stage)}…")
+            nonlocal stage_text
+            stage_text = f"[bold]{stage}[/]: {_STAGE_TEXT.get(stage, stage)}…"
+            status.update(stage_text)
+
+        def on_progress(percent: float) -> None:
+            status.update(f"{stage_text} (query {percent:.0f}% done)")
 
         result = prepare(
             source, Format(format.value), out, workspace=ws, max_len=max_len, neg_ratio=neg_ratio,
             train_targets=train_targets, min_behaviors=min_behaviors, time_range=parse_time_range(time_range),
             columns=parse_columns(columns), delimiter=delimiter, click_behaviors=clicks, strict=strict,
-            overwrite=overwrite, seed=seed, memory_limit=memory_limit, threads=threads, on_stage=on_stage,
+            overwrite=overwrite, seed=seed, memory_limit=memory_limit, threads=threads, temp_dir=temp_dir,
+            on_stage=on_stage, on_progress=on_progress,
         )
     console.print(_summary(result.meta, result.path, result.seconds))
 

@@ -404,9 +404,9 @@ def _load_csv(con: duckdb.DuckDBPyConnection, path: Path, columns: dict[str, str
     return SourceInfo(f"csv({delimiter!r})", [path], behaviors, None, 1, "rejects_log", path)
 
 
-def describe_reject(error_type: str) -> str:
-    """The row reason of a line that DuckDB's reader rejected."""
-    return "bad_encoding" if "ENCODING" in error_type.upper() else "bad_columns"
+def reject_reason_sql(error_type: str) -> str:
+    """SQL for the row reason of a line that DuckDB's reader rejected, given its error type expression."""
+    return f"CASE WHEN upper({error_type}) LIKE '%ENCODING%' THEN 'bad_encoding' ELSE 'bad_columns' END"
 
 
 def one_line(text: str, limit: int = 120) -> str:

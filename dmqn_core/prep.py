@@ -1,8 +1,10 @@
 """``dmqn prep``: turn a behavior log into a prepared long-sequence CTR set (see dmqn_core.prepared).
 
 All row work runs in DuckDB SQL (a file-backed database inside the hidden temporary output
-directory, with ``memory_limit`` and a spill directory), so a 100M-row log is processed in a few
-sorts and hash aggregates without per-row Python and without materialising any history.
+directory or ``--temp-dir``, with ``memory_limit`` and a spill directory), so a 100M-row log is
+processed in a few sorts and hash aggregates without per-row Python and without materialising any
+history; no step brings all rows (nor all rejected lines) into Python, and the arrays are
+streamed into memory-mapped files in batches.
 
 Protocol
 --------
@@ -51,7 +53,7 @@ import numpy as np
 
 from dmqn_core import prepared as fmt_out
 from dmqn_core.errors import DmqnError
-from dmqn_core.formats import Format, SourceInfo, describe_reject, load_source, one_line
+from dmqn_core.formats import Format, SourceInfo, load_source, one_line, reject_reason_sql
 from dmqn_core.workspace import Workspace, publish_directory, remove_stale_temporaries
 
 TAOBAO_TIME_RANGE = (1511539200, 1512316800)
@@ -59,6 +61,8 @@ ROW_REASONS = ("bad_encoding", "bad_columns", "bad_id", "bad_behavior", "bad_tim
 MIN_CLICKS = 3  # one test, one validation and at least one training target
 NEGATIVE_ROUNDS = 8
 EXPORT_CHUNK = 1 << 20
+MEMORY_FRACTION = 0.25  # default DuckDB memory limit, of the machine's (or the cgroup's) memory
+PROGRESS_POLL_S = 0.5
 
 TimeRange = tuple[int, int] | None | Literal["default"]
 
@@ -105,6 +109,43 @@ def _parse_instant(text: str) -> int:
     return int(moment.timestamp())
 
 
+def memory_limit_setting(text: str | None) -> str:
+    """The DuckDB ``memory_limit`` for ``--memory-limit``: None gives MEMORY_FRACTION of memory,
+    ``N%`` that share of it, anything else (``4GB``, ``500MB``) is passed to DuckDB as is."""
+    if text is None:
+        return _share_of_memory(MEMORY_FRACTION)
+    text = text.strip()
+    if text.endswith("%"):
+        try:
+            percent = float(text[:-1])
+        except ValueError:
+            raise DmqnError(f"--memory-limit: expected a size like 4GB or a share like 25%, got {text!r}") from None
+        if not 0 < percent <= 100:
+            raise DmqnError(f"--memory-limit: a share must be in (0, 100]%, got {text!r}")
+        return _share_of_memory(percent / 100)
+    return text
+
+
+def _share_of_memory(fraction: float) -> str:
+    total = _memory_bytes()
+    if total is None:
+        return "4GB"
+    return f"{max(256, int(total * fraction) >> 20)}MB"
+
+
+def _memory_bytes() -> int | None:
+    """Physical memory, or the cgroup's limit where that is lower (containers)."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+    except OSError:
+        return total
+    return min(total, int(limit)) if limit.isdigit() else total
+
+
 def prepare(
     source: str | os.PathLike,
     format: Format | str,
@@ -122,14 +163,21 @@ def prepare(
     strict: bool = False,
     overwrite: bool = False,
     seed: int = 0,
-    memory_limit: str = "4GB",
+    memory_limit: str | None = None,
     threads: int | None = None,
+    temp_dir: str | os.PathLike | None = None,
     on_stage: Callable[[str], None] | None = None,
+    on_progress: Callable[[float], None] | None = None,
 ) -> PrepResult:
     """Prepare ``source`` into the set ``out`` of ``workspace`` (see the module docstring).
 
     Nothing is visible under ``out`` until the set is complete; on any error the temporary
     directory is removed and a DmqnError explains user errors in one line.
+
+    DuckDB works in a database file with ``memory_limit`` (see memory_limit_setting) and spills
+    beyond it; both live in ``temp_dir`` when given (a scratch disk), else inside the set's
+    temporary directory, and are removed at the end. ``on_stage`` gets each stage's name,
+    ``on_progress`` (from another thread, about twice a second) the running query's percent done.
     """
     fmt = Format(format)
     for name, value, low in (("--max-len", max_len, 1), ("--neg-ratio", neg_ratio, 0),
@@ -139,6 +187,10 @@ def prepare(
             raise DmqnError(f"{name} must be >= {low}, got {value}")
     if threads is not None and threads < 1:
         raise DmqnError(f"--threads must be >= 1, got {threads}")
+    memory_limit = memory_limit_setting(memory_limit)
+    scratch = None if temp_dir is None else Path(temp_dir).expanduser().resolve()
+    if scratch is not None and not scratch.is_dir():
+        raise DmqnError(f"--temp-dir {scratch} is not a directory")
     source_path = Path(source).expanduser().resolve()
     if not source_path.exists():
         raise DmqnError(f"{source_path} does not exist")
@@ -153,13 +205,20 @@ def prepare(
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    if scratch is None:
+        work = tmp / ".work"
+    else:
+        # Named like a set's temporary directory, so the next run removes it after a kill.
+        remove_stale_temporaries(scratch, f"dmqn-prep-{final.name}")
+        work = scratch / f".dmqn-prep-{final.name}.tmp-{os.getpid()}"
     started = time.monotonic()
     try:
         job = _Job(
-            source=source_path, fmt=fmt, tmp=tmp, name=final.name, max_len=max_len, neg_ratio=neg_ratio,
-            train_targets=train_targets, min_behaviors=min_behaviors, time_range=time_range,
-            columns=dict(columns or {}), delimiter=delimiter, click_behaviors=click_behaviors,
-            strict=strict, seed=seed, memory_limit=memory_limit, threads=threads, on_stage=on_stage,
+            source=source_path, fmt=fmt, tmp=tmp, work=work, name=final.name, max_len=max_len,
+            neg_ratio=neg_ratio, train_targets=train_targets, min_behaviors=min_behaviors,
+            time_range=time_range, columns=dict(columns or {}), delimiter=delimiter,
+            click_behaviors=click_behaviors, strict=strict, seed=seed, memory_limit=memory_limit,
+            threads=threads, on_stage=on_stage, on_progress=on_progress,
         )
         meta = job.run()
         publish_directory(tmp, final, overwrite)
@@ -194,11 +253,34 @@ class _Hasher(threading.Thread):
         return hashlib.sha256(text.encode()).hexdigest()
 
 
+class _ProgressPoller(threading.Thread):
+    """Reports the running query's percent done; DuckDB answers query_progress from any thread."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, report: Callable[[float], None]) -> None:
+        super().__init__(daemon=True)
+        self.con, self.report = con, report
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(PROGRESS_POLL_S):
+            try:
+                percent = self.con.query_progress()
+            except duckdb.Error:
+                return
+            if percent >= 0:  # -1: no query running, or too young to estimate
+                self.report(percent)
+
+    def finish(self) -> None:
+        self.stopped.set()
+        self.join()
+
+
 @dataclass
 class _Job:
     source: Path
     fmt: Format
     tmp: Path
+    work: Path  # DuckDB's database file and spill directory
     name: str
     max_len: int
     neg_ratio: int
@@ -213,6 +295,7 @@ class _Job:
     memory_limit: str
     threads: int | None
     on_stage: Callable[[str], None] | None
+    on_progress: Callable[[float], None] | None
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
     def _stage(self, name: str) -> None:
@@ -226,11 +309,19 @@ class _Job:
             self.on_stage(name)
 
     def run(self) -> dict:
-        work = self.tmp / ".work"
-        work.mkdir()
+        shutil.rmtree(self.work, ignore_errors=True)
+        self.work.mkdir()
+        try:
+            meta = self._run_duckdb()
+        finally:
+            shutil.rmtree(self.work, ignore_errors=True)
+        fmt_out.write_json(self.tmp, "meta.json", meta)
+        return meta
+
+    def _run_duckdb(self) -> dict:
         config = {
             "memory_limit": self.memory_limit,
-            "temp_directory": str(work / "spill"),
+            "temp_directory": str(self.work / "spill"),
             # Row order of CREATE TABLE ... AS and of plain scans is the file order / ORDER BY
             # order only with this on; rowid is then the file order and the behavior offsets.
             "preserve_insertion_order": True,
@@ -238,18 +329,24 @@ class _Job:
         if self.threads:
             config["threads"] = self.threads
         try:
-            con = duckdb.connect(str(work / "prep.duckdb"), config=config)
+            con = duckdb.connect(str(self.work / "prep.duckdb"), config=config)
         except duckdb.Error as exc:
             raise DmqnError(f"cannot start DuckDB (check --memory-limit/--threads): {str(exc).splitlines()[0]}") from None
+        poller = None
         try:
-            # DuckDB's own progress bar would interleave with the command's spinner.
-            con.execute("SET enable_progress_bar = false")
-            meta = self._run(con)
+            # DuckDB never prints its own bar (it would interleave with the command's display);
+            # it tracks each query's progress only for on_progress.
+            if self.on_progress:
+                con.execute("SET enable_progress_bar = true; SET enable_progress_bar_print = false")
+                poller = _ProgressPoller(con, self.on_progress)
+                poller.start()
+            else:
+                con.execute("SET enable_progress_bar = false")
+            return self._run(con)
         finally:
+            if poller:
+                poller.finish()
             con.close()
-        shutil.rmtree(work, ignore_errors=True)
-        fmt_out.write_json(self.tmp, "meta.json", meta)
-        return meta
 
     def _run(self, con: duckdb.DuckDBPyConnection) -> dict:
         self._stage("reading")
@@ -316,42 +413,43 @@ class _Job:
 
     # -- reading ---------------------------------------------------------------------------
 
-    def _reason_sql(self) -> tuple[str, list]:
-        if self.time_range is None:
-            return "reason", []
-        return ("coalesce(reason, CASE WHEN ts < ? OR ts >= ? THEN 'out_of_time_range' END)",
-                list(self.time_range))
-
     def _count_rows(self, con: duckdb.DuckDBPyConnection, info: SourceInfo) -> tuple[int, dict[str, int]]:
-        reason_sql, params = self._reason_sql()
+        if self.time_range is not None:
+            # In place (rowid stays the file order); only the few stray rows are written.
+            con.execute("UPDATE events SET reason = 'out_of_time_range' WHERE reason IS NULL AND (ts < ? OR ts >= ?)",
+                        list(self.time_range))
         per_reason = con.execute(
-            f"SELECT r, count(*), min(rid) FROM (SELECT {reason_sql} AS r, rowid AS rid FROM events) "
-            "WHERE r IS DISTINCT FROM 'blank' GROUP BY r",
-            params,
+            "SELECT reason, count(*), min(rowid) FROM events WHERE reason IS DISTINCT FROM 'blank' GROUP BY reason"
         ).fetchall()
-        rejects = con.execute(
-            f"SELECT line, any_value(error_type) FROM {info.rejects_table} GROUP BY line ORDER BY line"
-        ).fetchall()
-        rejected_lines = [int(line) for line, _ in rejects]
+        # Rejected lines stay in DuckDB: a bad file may have millions of them.
+        con.execute(
+            f"""
+            CREATE TABLE rejected AS
+            SELECT line, {reject_reason_sql('any_value(error_type)')} AS reason
+            FROM {info.rejects_table} GROUP BY line
+            """
+        )
         rows_bad = {reason: 0 for reason in ROW_REASONS}
         first: dict[str, int] = {}  # reason -> line number of its first row
-        for line, error_type in rejects:
-            reason = describe_reject(error_type)
-            rows_bad[reason] += 1
-            first.setdefault(reason, int(line))
-        total = len(rejects)
+        total = 0
+        per_reject = con.execute("SELECT reason, count(*), min(line) FROM rejected GROUP BY reason").fetchall()
+        for reason, n, line in per_reject:
+            total += n
+            rows_bad[reason] += n
+            first[reason] = int(line)
         for reason, n, rid in per_reason:
             total += n
             if reason is not None:
                 rows_bad[reason] += n
-                first[reason] = self._line_number(int(rid), info, rejected_lines)
+                line = self._line_number(con, int(rid), info)
+                first[reason] = min(first.get(reason, line), line)
         n_bad = sum(rows_bad.values())
         if total == 0:
             raise DmqnError(f"{info.log_file} is empty (no data rows)")
         if n_bad and (self.strict or n_bad == total or 2 * n_bad > total):
             reason = (min(first, key=first.get) if self.strict
                       else max((r for r in rows_bad if rows_bad[r]), key=rows_bad.get))
-            example = self._describe_bad(con, info, reason, first[reason], rejected_lines)
+            example = self._describe_bad(con, info, reason, first[reason])
             if self.strict:
                 raise DmqnError(f"--strict: {example} ({n_bad} bad row(s) in all)")
             hint = ("check --time-range" if reason == "out_of_time_range" else "is --format right?")
@@ -360,22 +458,27 @@ class _Job:
         return total, rows_bad
 
     @staticmethod
-    def _line_number(rid: int, info: SourceInfo, rejected_lines: list[int]) -> int:
-        # The events table holds every line but the rejected ones, in file order.
-        line = rid + 1 + info.header_lines
-        for rejected in rejected_lines:
-            if rejected <= line:
-                line += 1
-        return line
+    def _line_number(con: duckdb.DuckDBPyConnection, rid: int, info: SourceInfo) -> int:
+        # events holds every line but the rejected ones, in file order. The j-th rejected line
+        # (line r_j, j from 1) has r_j - header - j lines of events before it, so the ones before
+        # events row rid are those where that number is at most rid.
+        skipped = con.execute(
+            "SELECT count(*) FROM (SELECT line - row_number() OVER (ORDER BY line) AS before FROM rejected) "
+            "WHERE before - ? <= ?",
+            [info.header_lines, rid],
+        ).fetchall()[0][0]
+        return rid + 1 + info.header_lines + skipped
 
-    def _describe_bad(self, con: duckdb.DuckDBPyConnection, info: SourceInfo, reason: str, line: int,
-                      rejected_lines: list[int]) -> str:
+    def _describe_bad(self, con: duckdb.DuckDBPyConnection, info: SourceInfo, reason: str, line: int) -> str:
         where = f"line {line} of {info.log_file.name}"
         if reason == "bad_encoding":
             return f"{where} is not valid UTF-8"
-        rid = line - 1 - info.header_lines - sum(1 for r in rejected_lines if r < line)
-        if reason == "bad_columns" and line in rejected_lines:
+        rejected_before, is_rejected = con.execute(
+            "SELECT count(*) FILTER (WHERE line < ?), count(*) FILTER (WHERE line = ?) FROM rejected", [line, line]
+        ).fetchall()[0]
+        if reason == "bad_columns" and is_rejected:
             return f"{where} has the wrong number of columns"
+        rid = line - 1 - info.header_lines - rejected_before
         bad_line, ts = con.execute("SELECT bad_line, ts FROM events WHERE rowid = ?", [rid]).fetchall()[0]
         if reason == "out_of_time_range":
             lo, hi = self.time_range
@@ -383,16 +486,14 @@ class _Job:
         return f"{where} is {reason}: {one_line(bad_line or '')!r}"
 
     def _keep_valid(self, con: duckdb.DuckDBPyConnection) -> None:
-        reason_sql, params = self._reason_sql()
+        # A view rather than a copy: at 100M rows, copying the valid rows costs more than
+        # filtering them again in the few scans that read them before the big sort.
         con.execute(
-            f"""
-            CREATE TABLE ev AS
-            SELECT rowid AS rn, user_id, item_id, category_id, behavior, ts FROM events
-            WHERE {reason_sql} IS NULL
-            """,
-            params,
+            """
+            CREATE VIEW ev AS
+            SELECT rowid AS rn, user_id, item_id, category_id, behavior, ts FROM events WHERE reason IS NULL
+            """
         )
-        con.execute("DROP TABLE events")
 
     def _resolve_clicks(self, con: duckdb.DuckDBPyConnection, info: SourceInfo) -> list[str]:
         known = info.behaviors
@@ -496,7 +597,7 @@ class _Job:
             """,
             [clicks],
         )
-        con.execute("DROP TABLE ev")
+        con.execute("DROP VIEW ev; DROP TABLE events")
 
     def _build_targets(self, con: duckdb.DuckDBPyConnection) -> int:
         # The latest train_targets + 2 eligible clicks per user, by a top-n aggregate (no sort of
@@ -560,26 +661,19 @@ class _Job:
             con.execute(
                 """
                 CREATE OR REPLACE TABLE got AS
-                WITH clicked AS (
-                    SELECT DISTINCT b.u_idx, b.i_idx FROM beh b
-                    SEMI JOIN cand c ON b.u_idx = c.u_idx AND b.i_idx = c.i_idx
-                    WHERE b.is_click
-                ),
-                valid AS (
+                WITH valid AS (
                     SELECT c.sid, c.i_idx, min(c.draw) AS draw FROM cand c
-                    ANTI JOIN clicked k ON k.u_idx = c.u_idx AND k.i_idx = c.i_idx
+                    ANTI JOIN (SELECT u_idx, i_idx FROM beh WHERE is_click) k ON k.u_idx = c.u_idx AND k.i_idx = c.i_idx
                     ANTI JOIN neg n ON n.sid = c.sid AND n.i_idx = c.i_idx
                     GROUP BY c.sid, c.i_idx
                 ),
-                best AS (
-                    SELECT sid, min_by({'i_idx': i_idx, 'draw': draw}, draw, ?) AS l FROM valid GROUP BY sid
+                -- A window rank, not a top-n aggregate (min_by(..., n) over structs): a third less
+                -- CPU on millions of positives. Draws are distinct within a positive: deterministic.
+                ranked AS (
+                    SELECT sid, i_idx, draw, row_number() OVER (PARTITION BY sid ORDER BY draw) AS k FROM valid
                 )
-                SELECT b.sid, b.i_idx, b.draw FROM (
-                    SELECT sid, unnest(l, recursive := true), generate_subscripts(l, 1) AS k FROM best
-                ) b JOIN short s USING (sid)
-                WHERE b.k <= s.need
-                """,
-                [self.neg_ratio],
+                SELECT r.sid, r.i_idx, r.draw FROM ranked r JOIN short s USING (sid) WHERE r.k <= s.need
+                """
             )
             con.execute("INSERT INTO neg SELECT sid, i_idx, draw FROM got")
             con.execute(

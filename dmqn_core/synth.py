@@ -2,9 +2,21 @@
 
 The log has the five columns of the Taobao release (``user_id,item_id,category_id,
 behavior_type,timestamp``, no header), behaviors ``pv``/``cart``/``fav``/``buy`` in roughly
-Taobao's mix (89 / 5.5 / 3 / 2 %) and every timestamp inside the Taobao window, 2017-11-25
+Taobao's mix (89 / 5.5 / 3 / 2 %) and timestamps inside the Taobao window, 2017-11-25
 00:00:00 to 2017-12-03 23:59:59 China time. Ids are sparse integers drawn from the id ranges
 of the real release, so downstream code must remap them exactly as it would for Taobao.
+
+Two ways to build a log, one user model:
+
+* ``tiny``, ``small``, ``medium``: the whole log from one random stream, in memory, sorted by
+  (user id, timestamp), every row well-formed and inside the window. Their bytes are pinned.
+* ``taobao`` (and any scale with ``block_users``): the full release's shape, about 100M rows.
+  Users come in blocks, block b drawn from (seed, b) alone and written as soon as it is made,
+  so memory stays bounded (a few hundred MB) and the bytes do not depend on how blocks are
+  scheduled. Like the real file, users are listed by id sorted as text (1, 100, 1000, ...),
+  then by time; a few rows carry a timestamp outside the window (up to 90 days before or
+  after) and about one in a million is malformed (a line cut short, a lost id, behavior or
+  timestamp), so ``dmqn prep``'s time filter and bad-row counting both have work to do.
 
 How it is generated, and why:
 
@@ -23,7 +35,7 @@ How it is generated, and why:
 * **Sessions** (about 40 %). Short-lived themes: bursts of 5 to 20 behaviors within minutes on
   a topic that is not one of the user's long-term interests. They crowd the recent past.
 * **Exploration noise** (about 5 %). Popular items from anywhere in the catalog; it also tops
-  up the lightest users to 30 behaviors.
+  up the lightest users to ``min_length`` behaviors (30; 10 on ``taobao``).
 * **Daily rhythm.** Visits, sessions and noise follow a day/night activity profile.
 
 The point of this structure: a user spreads long-term attention over some 30 categories, each
@@ -37,13 +49,18 @@ the recent past (DIN on the last 50) cannot.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
+from time import perf_counter
 
 import duckdb
 import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
 
 from dmqn_core.errors import DmqnError
+from dmqn_core.progress import NullProgress, Progress
 
 WINDOW_START = 1511539200  # 2017-11-25 00:00:00 China time (UTC+8)
 WINDOW_END = 1512316800  # 2017-12-04 00:00:00 China time, exclusive
@@ -91,6 +108,13 @@ class SynthScale:
     session_gap_s: float = 45.0
     noise_share: float = 0.05
     zipf_exponent: float = 1.1
+    # Users per independently seeded block. None: the whole log comes from one random stream and
+    # is built in memory (tiny, small, medium: their bytes are pinned). Otherwise block b is drawn
+    # from (seed, b) alone, so it is written block by block in bounded memory, users in the real
+    # release's order (ids sorted as text), with the two quirks below.
+    block_users: int | None = None
+    out_of_range_rate: float = 0.0  # share of rows whose timestamp lies outside the window
+    malformed_rate: float = 0.0  # share of rows written garbled, one of MALFORMED_KINDS each
 
 
 SCALES: dict[str, SynthScale] = {
@@ -100,16 +124,32 @@ SCALES: dict[str, SynthScale] = {
                         mean_length=250, max_length=1_000),
     "medium": SynthScale(n_users=20_000, n_items=200_000, n_categories=1_500, n_topics=100,
                          mean_length=400, max_length=1_300),
+    # The shape of the full UserBehavior release: 987,994 users, 4,162,024 items, 9,439
+    # categories, 100,150,807 rows (3.67 GB of CSV), about 101 behaviors per user (median near 80
+    # in the head sample). The catalog is larger than the items seen because the Zipf tail of
+    # big categories is never drawn: 4.55M gives 4.23M distinct items in the log (seed 0, which
+    # has 99.7M rows, 3.65 GB). Out-of-range timestamps at about the head sample's rate (1 row
+    # in 4,321).
+    "taobao": SynthScale(n_users=987_994, n_items=4_550_000, n_categories=9_439, n_topics=600,
+                         mean_length=99.75, max_length=3_000, min_length=10, length_sigma=0.75,
+                         block_users=8_192, out_of_range_rate=2e-4, malformed_rate=1e-6),
 }
+
+# How the malformed rows of a blocked log are garbled; named after dmqn prep's reasons for skipping them.
+MALFORMED_KINDS = ("bad_columns", "bad_id", "bad_behavior", "bad_timestamp")
+# Out-of-range timestamps fall up to this far before or after the window.
+OUT_OF_RANGE_SPREAD = 90 * 86_400
 
 
 @dataclass(frozen=True)
 class SynthSummary:
-    rows: int
+    rows: int  # lines written, malformed ones included
     users: int
     items: int
     categories: int
     path: Path
+    malformed: int = 0
+    out_of_range: int = 0
 
 
 @dataclass(frozen=True)
@@ -130,69 +170,259 @@ def resolve_scale(scale: str | SynthScale) -> SynthScale:
 
 
 def generate_log(scale: str | SynthScale, seed: int = 0) -> dict[str, np.ndarray]:
-    """Generate a log as columns sorted by (user_id, timestamp); behavior_type holds codes into BEHAVIORS."""
+    """Generate a log as columns in file order; behavior_type holds codes into BEHAVIORS.
+
+    For a blocked scale, the concatenated blocks: users in text order of their ids, stray
+    timestamps included; its malformed rows exist only as text, in the CSV (see LogBlock).
+    """
     cfg = resolve_scale(scale)
+    if cfg.block_users is not None:
+        log = BlockedLog(cfg, seed)
+        blocks = [log.block(index).columns for index in range(log.n_blocks)]
+        return {name: np.concatenate([block[name] for block in blocks]) for name in blocks[0]}
     rng = np.random.default_rng(seed)
     catalog = _make_catalog(cfg, rng)
-    lengths = _user_lengths(cfg, rng)
-
-    interests = _make_interests(cfg, catalog, rng)
-    i_user, i_time, i_item = _interest_events(cfg, catalog, interests, lengths, rng)
-    s_user, s_time, s_item = _session_events(cfg, catalog, interests, lengths, rng)
-    n_so_far = np.bincount(np.concatenate([i_user, s_user]), minlength=cfg.n_users)
-    n_user, n_time, n_item = _noise_events(cfg, catalog, lengths, n_so_far, rng)
-    user = np.concatenate([i_user, s_user, n_user])
-    time = np.minimum(np.concatenate([i_time, s_time, n_time]), WINDOW - 1)
-    item = np.concatenate([i_item, s_item, n_item])
-
-    # One integer key (user, then millisecond) sorts much faster than a lexsort on floats.
-    order = np.argsort(user * (WINDOW * 1000) + (time * 1000).astype(np.int64), kind="stable")
-    user, time, item = user[order], time[order], item[order]
+    user, time, item = _user_events(cfg, catalog, cfg.n_users, rng)
     item_category = np.repeat(np.arange(cfg.n_categories), catalog.category_n_items)
     user_ids = 1 + np.sort(rng.choice(USER_ID_RANGE - 1, cfg.n_users, replace=False))
     item_ids = 1 + rng.choice(ITEM_ID_RANGE - 1, cfg.n_items, replace=False)
     category_ids = 1 + rng.choice(CATEGORY_ID_RANGE - 1, cfg.n_categories, replace=False)
-    mix = np.cumsum(BEHAVIOR_MIX)
-    behavior = np.searchsorted(mix, rng.random(len(user)) * mix[-1], side="right")
     return {
         "user_id": user_ids[user].astype(np.int64),
         "item_id": item_ids[item].astype(np.int64),
         "category_id": category_ids[item_category[item]].astype(np.int64),
-        "behavior_type": behavior.astype(np.int8),
+        "behavior_type": _behavior_types(len(user), rng),
         "timestamp": WINDOW_START + time.astype(np.int64),
     }
 
 
-def write_log(path: str | os.PathLike, scale: str | SynthScale = "small", seed: int = 0) -> SynthSummary:
-    """Generate a log and write it as a headerless Taobao CSV, atomically."""
+def _user_events(cfg: SynthScale, catalog: _Catalog, n_users: int,
+                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The behaviors of ``n_users`` users (indices 0..n_users-1) as (user, seconds into the window,
+    item index), sorted by (user, time)."""
+    lengths = _user_lengths(cfg, n_users, rng)
+    interests = _make_interests(cfg, catalog, n_users, rng)
+    i_user, i_time, i_item = _interest_events(cfg, catalog, interests, lengths, rng)
+    s_user, s_time, s_item = _session_events(cfg, catalog, interests, lengths, rng)
+    n_so_far = np.bincount(np.concatenate([i_user, s_user]), minlength=n_users)
+    n_user, n_time, n_item = _noise_events(cfg, catalog, lengths, n_so_far, rng)
+    user = np.concatenate([i_user, s_user, n_user])
+    time = np.minimum(np.concatenate([i_time, s_time, n_time]), WINDOW - 1)
+    item = np.concatenate([i_item, s_item, n_item])
+    # One integer key (user, then millisecond) sorts much faster than a lexsort on floats.
+    order = np.argsort(user * (WINDOW * 1000) + (time * 1000).astype(np.int64), kind="stable")
+    return user[order], time[order], item[order]
+
+
+def _behavior_types(n: int, rng: np.random.Generator) -> np.ndarray:
+    mix = np.cumsum(BEHAVIOR_MIX)
+    return np.searchsorted(mix, rng.random(n) * mix[-1], side="right").astype(np.int8)
+
+
+def write_log(path: str | os.PathLike, scale: str | SynthScale = "small", seed: int = 0,
+              progress: Progress | None = None) -> SynthSummary:
+    """Generate a log and write it as a headerless Taobao CSV, atomically.
+
+    A blocked scale (``block_users`` set, e.g. ``taobao``) is generated and written one block
+    of users at a time, so memory stays bounded whatever the number of rows; ``progress``
+    counts its users.
+    """
+    cfg = resolve_scale(scale)
     path = Path(path).expanduser()
     if path.is_dir():
         raise DmqnError(f"{path} is a directory, expected a CSV file path")
     if not path.parent.is_dir():
         raise DmqnError(f"directory {path.parent} does not exist")
-    log = generate_log(scale, seed)
+    progress = progress or NullProgress()
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    names = ", ".join(f"'{b}'" for b in BEHAVIORS)
     try:
-        with duckdb.connect() as con:
-            con.execute("SET enable_progress_bar = false")  # the CLI shows its own spinner
-            con.register("log", log)
-            con.execute(
-                f"COPY (SELECT user_id, item_id, category_id, [{names}][behavior_type + 1], timestamp "
-                f"FROM log) TO '{_sql_string(tmp)}' (FORMAT csv, HEADER false)"
-            )
+        if cfg.block_users is None:
+            summary = _write_in_memory(tmp, cfg, seed, progress)
+        else:
+            summary = _write_blocks(tmp, cfg, seed, progress)
         os.replace(tmp, path)
     except (OSError, duckdb.IOException) as exc:
         raise DmqnError(f"cannot write {path}: {exc}") from exc
     finally:
+        progress.stop()
         tmp.unlink(missing_ok=True)
+    return replace(summary, path=path.resolve())
+
+
+def _write_in_memory(tmp: Path, cfg: SynthScale, seed: int, progress: Progress) -> SynthSummary:
+    progress.start("generating the synthetic log", total=None)
+    log = generate_log(cfg, seed)
+    names = ", ".join(f"'{b}'" for b in BEHAVIORS)
+    with duckdb.connect() as con:
+        con.execute("SET enable_progress_bar = false")  # the CLI shows its own progress
+        con.register("log", log)
+        con.execute(
+            f"COPY (SELECT user_id, item_id, category_id, [{names}][behavior_type + 1], timestamp "
+            f"FROM log) TO '{_sql_string(tmp)}' (FORMAT csv, HEADER false)"
+        )
     return SynthSummary(
         rows=len(log["user_id"]),
         users=_n_distinct(log["user_id"]),
         items=_n_distinct(log["item_id"]),
         categories=_n_distinct(log["category_id"]),
-        path=path.resolve(),
+        path=tmp,
     )
+
+
+def _write_blocks(tmp: Path, cfg: SynthScale, seed: int, progress: Progress) -> SynthSummary:
+    log = BlockedLog(cfg, seed)
+    seen_users = np.zeros(USER_ID_RANGE, dtype=bool)
+    seen_items = np.zeros(ITEM_ID_RANGE, dtype=bool)
+    seen_categories = np.zeros(CATEGORY_ID_RANGE, dtype=bool)
+    rows = malformed = out_of_range = 0
+    started = perf_counter()
+    progress.start("generating the synthetic log (users)", total=cfg.n_users)
+    # DuckDB's COPY writes a whole file at once; Arrow's CSV writer appends batch by batch, in
+    # the same text format (no quotes: no field needs them).
+    options = pacsv.WriteOptions(include_header=False, quoting_style="none")
+    with (pa.OSFile(str(tmp), "wb") as sink,
+          pacsv.CSVWriter(sink, _ARROW_SCHEMA, write_options=options) as writer,
+          ThreadPoolExecutor(max_workers=1) as pool):
+        # Arrow formats and writes a block (without the GIL) while numpy generates the next one;
+        # at most two blocks are held.
+        writing: Future | None = None
+        for index in range(log.n_blocks):
+            block = log.block(index)
+            if writing is not None:
+                writing.result()
+            writing = pool.submit(block.write, writer, sink)
+            columns = block.columns
+            seen_users[columns["user_id"]] = True
+            seen_items[columns["item_id"]] = True
+            seen_categories[columns["category_id"]] = True
+            rows += len(columns["user_id"])
+            malformed += len(block.malformed)
+            out_of_range += block.out_of_range
+            progress.advance(block.n_users, rows=rows, rows_per_s=rows / max(perf_counter() - started, 1e-9))
+        if writing is not None:
+            writing.result()
+    return SynthSummary(
+        rows=rows,
+        users=int(seen_users.sum()),
+        items=int(seen_items.sum()),
+        categories=int(seen_categories.sum()),
+        path=tmp,
+        malformed=malformed,
+        out_of_range=out_of_range,
+    )
+
+
+_ARROW_SCHEMA = pa.schema([
+    ("user_id", pa.int64()),
+    ("item_id", pa.int64()),
+    ("category_id", pa.int64()),
+    ("behavior_type", pa.dictionary(pa.int8(), pa.string())),
+    ("timestamp", pa.int64()),
+])
+
+
+@dataclass(frozen=True)
+class LogBlock:
+    """The rows of one block of users of a blocked log, in file order."""
+
+    columns: dict[str, np.ndarray]  # as generate_log returns them
+    malformed: np.ndarray  # ascending positions of the rows written garbled
+    malformed_kind: np.ndarray  # per malformed row, an index into MALFORMED_KINDS
+    n_users: int
+
+    @property
+    def out_of_range(self) -> int:
+        """Rows whose timestamp lies outside the window (none of them is garbled)."""
+        ts = self.columns["timestamp"]
+        return int(np.count_nonzero((ts < WINDOW_START) | (ts >= WINDOW_END)))
+
+    def write(self, writer: pacsv.CSVWriter, sink: pa.NativeFile) -> None:
+        """Append the block's lines: Arrow writes the clean runs, the garbled lines go in between."""
+        c = self.columns
+        table = pa.table({
+            "user_id": c["user_id"],
+            "item_id": c["item_id"],
+            "category_id": c["category_id"],
+            "behavior_type": pa.DictionaryArray.from_arrays(c["behavior_type"], _BEHAVIOR_NAMES),
+            "timestamp": c["timestamp"],
+        }, schema=_ARROW_SCHEMA)
+        start = 0
+        for row, kind in zip(self.malformed.tolist(), self.malformed_kind.tolist()):
+            writer.write_table(table.slice(start, row - start))
+            sink.write(self._garbled_line(row, MALFORMED_KINDS[kind]))
+            start = row + 1
+        writer.write_table(table.slice(start))
+
+    def _garbled_line(self, row: int, kind: str) -> bytes:
+        c = self.columns
+        fields = [str(c["user_id"][row]), str(c["item_id"][row]), str(c["category_id"][row]),
+                  BEHAVIORS[c["behavior_type"][row]], str(c["timestamp"][row])]
+        if kind == "bad_columns":
+            fields = fields[:4]  # a line cut short
+        else:
+            fields[{"bad_id": 1, "bad_behavior": 3, "bad_timestamp": 4}[kind]] = ""  # a field lost
+        return (",".join(fields) + "\n").encode()
+
+
+_BEHAVIOR_NAMES = pa.array(BEHAVIORS)
+
+
+class BlockedLog:
+    """A log generated one block of users at a time (scales with ``block_users``).
+
+    The catalog and the id mappings come from the stream (seed, 0); block b from the stream
+    (seed, 1, b) alone, so a block's rows do not depend on which other blocks are generated, nor
+    in which order. The same user model as the in-memory scales, applied block by block.
+    """
+
+    def __init__(self, scale: str | SynthScale, seed: int = 0) -> None:
+        cfg = resolve_scale(scale)
+        if cfg.block_users is None or cfg.block_users < 1:
+            raise DmqnError("a blocked log needs a scale with block_users >= 1")
+        self.cfg, self.seed = cfg, seed
+        rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0,)))
+        # The catalog and its ids come first, so scales differing only in n_users share them.
+        self.catalog = _make_catalog(cfg, rng)
+        self.item_ids = 1 + rng.choice(ITEM_ID_RANGE - 1, cfg.n_items, replace=False)
+        self.category_ids = 1 + rng.choice(CATEGORY_ID_RANGE - 1, cfg.n_categories, replace=False)
+        user_ids = 1 + np.sort(rng.choice(USER_ID_RANGE - 1, cfg.n_users, replace=False))
+        # The release lists its users by id sorted as text: 1, 100, 1000, 1000001, ...
+        self.user_ids = user_ids[np.argsort(user_ids.astype(str), kind="stable")]
+        self.item_category = np.repeat(np.arange(cfg.n_categories), self.catalog.category_n_items)
+        self.n_blocks = -(-cfg.n_users // cfg.block_users)
+
+    def block(self, index: int) -> LogBlock:
+        cfg = self.cfg
+        if not 0 <= index < self.n_blocks:
+            raise IndexError(f"block {index} of {self.n_blocks}")
+        rng = np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(1, index)))
+        users = self.user_ids[index * cfg.block_users:(index + 1) * cfg.block_users]
+        user, time, item = _user_events(cfg, self.catalog, len(users), rng)
+        behavior = _behavior_types(len(user), rng)
+        timestamp = WINDOW_START + time.astype(np.int64)
+
+        n_out = rng.binomial(len(user), cfg.out_of_range_rate)
+        if n_out:
+            rows = rng.choice(len(user), n_out, replace=False)
+            offset = rng.integers(0, OUT_OF_RANGE_SPREAD, n_out)
+            timestamp[rows] = np.where(rng.random(n_out) < 0.5, WINDOW_START - 1 - offset, WINDOW_END + offset)
+            # The release is sorted by time within each user, stray timestamps included.
+            lowest = WINDOW_START - OUT_OF_RANGE_SPREAD
+            span = WINDOW + 2 * OUT_OF_RANGE_SPREAD
+            order = np.argsort(user * span + (timestamp - lowest), kind="stable")
+            user, item, behavior, timestamp = user[order], item[order], behavior[order], timestamp[order]
+
+        inside = np.flatnonzero((timestamp >= WINDOW_START) & (timestamp < WINDOW_END))
+        n_bad = rng.binomial(len(inside), cfg.malformed_rate)
+        malformed = np.sort(rng.choice(inside, n_bad, replace=False))
+        columns = {
+            "user_id": users[user].astype(np.int64),
+            "item_id": self.item_ids[item].astype(np.int64),
+            "category_id": self.category_ids[self.item_category[item]].astype(np.int64),
+            "behavior_type": behavior,
+            "timestamp": timestamp,
+        }
+        return LogBlock(columns, malformed, rng.integers(0, len(MALFORMED_KINDS), n_bad), len(users))
 
 
 def _sql_string(path: Path) -> str:
@@ -262,18 +492,22 @@ def _popular_category(cfg: SynthScale, catalog: _Catalog, topic: np.ndarray,
     return catalog.topic_categories[topic, rank]
 
 
-def _user_lengths(cfg: SynthScale, rng: np.random.Generator) -> np.ndarray:
+def _user_lengths(cfg: SynthScale, n_users: int, rng: np.random.Generator) -> np.ndarray:
     mu = np.log(cfg.mean_length) - cfg.length_sigma**2 / 2  # so that the mean is mean_length
-    raw = rng.lognormal(mu, cfg.length_sigma, cfg.n_users)
+    raw = rng.lognormal(mu, cfg.length_sigma, n_users)
     return np.clip(np.round(raw), cfg.min_length, cfg.max_length).astype(np.int64)
 
 
 def _top_k_by_gumbel(log_weight: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     """Per row, k distinct columns sampled without replacement in proportion to exp(log_weight)."""
-    scores = log_weight + rng.gumbel(size=log_weight.shape)
-    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    # Negated scores, computed in place (the matrix is users x topics on big scales); negation
+    # is exact, so the result is the same as ranking log_weight + gumbel in descending order.
+    negated = rng.gumbel(size=log_weight.shape)
+    negated += log_weight
+    np.negative(negated, out=negated)
+    top = np.argpartition(negated, k - 1, axis=1)[:, :k]
     # Sorted by score, every prefix of a row is itself a weighted sample without replacement.
-    by_score = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable")
+    by_score = np.argsort(np.take_along_axis(negated, top, axis=1), axis=1, kind="stable")
     return np.take_along_axis(top, by_score, axis=1)
 
 
@@ -310,10 +544,10 @@ class _Interests:
     n_categories: np.ndarray  # (n,)
 
 
-def _make_interests(cfg: SynthScale, catalog: _Catalog, rng: np.random.Generator) -> _Interests:
+def _make_interests(cfg: SynthScale, catalog: _Catalog, n_users: int, rng: np.random.Generator) -> _Interests:
     """Each user's long-term interests: distinct topics, each with a subset of its categories."""
-    n_interests = rng.integers(cfg.min_interests, cfg.max_interests + 1, cfg.n_users)
-    topic_scores = np.broadcast_to(np.log(catalog.topic_weight), (cfg.n_users, cfg.n_topics))
+    n_interests = rng.integers(cfg.min_interests, cfg.max_interests + 1, n_users)
+    topic_scores = np.broadcast_to(np.log(catalog.topic_weight), (n_users, cfg.n_topics))
     topics = _top_k_by_gumbel(topic_scores, cfg.max_interests, rng)
     topic = topics[np.arange(cfg.max_interests) < n_interests[:, None]]
 
@@ -322,7 +556,7 @@ def _make_interests(cfg: SynthScale, catalog: _Catalog, rng: np.random.Generator
     rank_scores = np.where(valid, -cfg.zipf_exponent * np.log(np.arange(1.0, width + 1)), -np.inf)
     ranks = _top_k_by_gumbel(rank_scores, cfg.max_interest_categories, rng)
     return _Interests(
-        user=np.repeat(np.arange(cfg.n_users), n_interests),
+        user=np.repeat(np.arange(n_users), n_interests),
         topic=topic,
         categories=catalog.topic_categories[topic[:, None], ranks],
         n_categories=rng.integers(cfg.min_interest_categories, cfg.max_interest_categories + 1, len(topic)),
@@ -406,8 +640,8 @@ def _session_events(cfg: SynthScale, catalog: _Catalog, interests: _Interests, l
     """Short bursts of many behaviors on a topic outside the user's long-term interests."""
     mean_size = (cfg.min_session + cfg.max_session) / 2
     n_sessions = rng.poisson(lengths * cfg.session_share / mean_size)
-    user = np.repeat(np.arange(cfg.n_users), n_sessions)
-    member = np.zeros((cfg.n_users, cfg.n_topics), dtype=bool)
+    user = np.repeat(np.arange(len(lengths)), n_sessions)
+    member = np.zeros((len(lengths), cfg.n_topics), dtype=bool)
     member[interests.user, interests.topic] = True
     topic = rng.choice(cfg.n_topics, size=len(user), p=catalog.topic_weight)
     # Redraw until no session falls on one of its user's long-term topics.
@@ -431,7 +665,7 @@ def _noise_events(cfg: SynthScale, catalog: _Catalog, lengths: np.ndarray, n_so_
     Light users whose interests and sessions came out short are topped up to min_length.
     """
     n_noise = np.maximum(rng.poisson(lengths * cfg.noise_share), cfg.min_length - n_so_far)
-    user = np.repeat(np.arange(cfg.n_users), n_noise)
+    user = np.repeat(np.arange(len(lengths)), n_noise)
     topic = rng.choice(cfg.n_topics, size=len(user), p=catalog.topic_weight)
     category = _popular_category(cfg, catalog, topic, rng)
     time = _activity_clock(rng.uniform(0, WINDOW, len(user)))

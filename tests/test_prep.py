@@ -325,3 +325,66 @@ def test_cli_success_and_errors(tmp_path: Path) -> None:
                                        "--time-range", "tomorrow,later"])
     assert bad_range.exit_code == 1 and "--time-range" in bad_range.output
     assert sorted(p.name for p in (tmp_path / "ws" / "data").iterdir()) == ["s"]
+
+
+def test_line_numbers_in_messages_skip_undecodable_lines(ws: Workspace, tmp_path: Path) -> None:
+    # Rejected (undecodable) lines are not rows of DuckDB's table; messages still give file lines.
+    t_out = 1400000000
+    lines = [b"1,\xff,3,pv,1511539300", b"1,2,3,pv,1511539300", b"2,\xfe,3,pv,1511539300",
+             f"1,2,3,pv,{t_out}".encode(), f"1,2,3,pv,{t_out}".encode(), f"1,2,3,pv,{t_out}".encode(),
+             f"1,2,3,pv,{t_out}".encode()]
+    log = tmp_path / "log.csv"
+    log.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(DmqnError, match=r"mostly out_of_time_range \(4\), e\.g\. line 4 of log\.csv has timestamp"):
+        prepare(log, "taobao", "x", workspace=ws)
+    with pytest.raises(DmqnError, match=r"--strict: line 1 of log\.csv is not valid UTF-8 \(6 bad row"):
+        prepare(log, "taobao", "x", workspace=ws, strict=True)
+
+
+def test_memory_limit_setting() -> None:
+    from dmqn_core.prep import MEMORY_FRACTION, memory_limit_setting
+
+    default = memory_limit_setting(None)
+    assert default.endswith("MB") or default == "4GB"
+    half = memory_limit_setting("50%")
+    if default.endswith("MB"):
+        assert int(half[:-2]) == pytest.approx(int(default[:-2]) * 0.5 / MEMORY_FRACTION, rel=0.01)
+    assert memory_limit_setting(" 3GB ") == "3GB"
+    for bad in ("lots%", "0%", "150%"):
+        with pytest.raises(DmqnError, match="--memory-limit"):
+            memory_limit_setting(bad)
+
+
+def test_temp_dir_holds_the_work_and_is_emptied(ws: Workspace, tmp_path: Path) -> None:
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    stale = scratch / ".dmqn-prep-t.tmp-999999999"  # left by a killed run
+    stale.mkdir()
+    log = synthetic_log(tmp_path / "log.csv")
+    reports: list[float] = []
+    a = prepare(log, "taobao", "t", workspace=ws, min_behaviors=5, temp_dir=scratch, memory_limit="25%",
+                threads=1, on_progress=reports.append)
+    assert list(scratch.iterdir()) == []
+    b = prepare(log, "taobao", "u", workspace=ws, min_behaviors=5)
+    for name in SPLITS:
+        assert np.array_equal(PreparedSet.open(a.path).split(name).item, PreparedSet.open(b.path).split(name).item)
+    assert all(0 <= p <= 100 for p in reports)
+    with pytest.raises(DmqnError, match="--temp-dir .* is not a directory"):
+        prepare(log, "taobao", "v", workspace=ws, temp_dir=tmp_path / "missing")
+    with pytest.raises(DmqnError, match="check --memory-limit"):
+        prepare(log, "taobao", "v", workspace=ws, memory_limit="plenty")
+    assert leftovers(ws) == ["t", "u"]
+
+
+def test_cli_resource_flags(tmp_path: Path) -> None:
+    log = synthetic_log(tmp_path / "log.csv")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    ok = CliRunner().invoke(_cli(), ["prep", str(log), "-f", "taobao", "-o", "s", "-w", str(tmp_path / "ws"),
+                                     "--min-behaviors", "5", "--memory-limit", "30%", "--threads", "1",
+                                     "--temp-dir", str(scratch)])
+    assert ok.exit_code == 0, ok.output
+    assert list(scratch.iterdir()) == []
+    bad = CliRunner().invoke(_cli(), ["prep", str(log), "-f", "taobao", "-o", "t", "-w", str(tmp_path / "ws"),
+                                      "--memory-limit", "x%"])
+    assert bad.exit_code == 1 and "--memory-limit" in bad.output
