@@ -42,7 +42,7 @@ def test_train_eval_runs_end_to_end(workspace):
 
     result = invoke("eval", "--split", "valid", "-w", ws)        # latest run by default
     assert result.exit_code == 0, result.output
-    assert "valid" in result.output
+    assert "valid" in result.output and "samples/s" in result.output
     con = duckdb.connect(str(workspace / "runs.duckdb"), read_only=True)
     names = {r[0] for r in con.execute(
         "SELECT name FROM metrics WHERE run_id = ? AND split = 'valid' AND epoch IS NULL", [run.run_id]).fetchall()}
