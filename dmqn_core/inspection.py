@@ -178,11 +178,11 @@ def _raw(lookup, index: np.ndarray) -> np.ndarray:
 def folded_codebooks(model: DMQN) -> np.ndarray:
     """(N, W, D) codewords in the behavior-embedding space: behavior e goes to argmax_w e · folded[n, w].
 
-    The same folding as MultiCodebookQuantizer.scores, c_j W_2^T, so that codewords can be projected
-    together with item embeddings.
+    The quantizer's own folding (c_j W_2^T), so that codewords can be projected together with item
+    embeddings.
     """
-    quantizer = model.quantizer
-    return torch.einsum("nde,nwe->nwd", quantizer.proj, quantizer.codebooks).float().cpu().numpy()
+    with torch.no_grad():
+        return model.quantizer.folded_codebooks().float().cpu().numpy()
 
 
 @torch.no_grad()

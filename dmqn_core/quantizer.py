@@ -50,10 +50,17 @@ class MultiCodebookQuantizer(nn.Module):
         without a permuting copy, and the pooling below is a batched matmul over H with no copy either.
         """
         N, W, D = self.codebooks.shape
-        # (e W_2) c^T == e (c W_2^T)^T: folding the projection into the codebook costs O(N W D^2)
-        # once instead of O(H L N D^2) and never materialises h (H, L, N, D).
-        folded = torch.einsum("nde,nwe->nwd", self.proj, self.codebooks).reshape(N * W, D)  # (N W, D)
+        folded = self.folded_codebooks().reshape(N * W, D)  # (N W, D)
         return (e @ folded.T).unflatten(-1, (N, W))  # (H, L, N, W)
+
+    def folded_codebooks(self) -> Tensor:
+        """(N, W, D) codewords moved into the behavior-embedding space: score(e, w) = e · folded[n, w].
+
+        (e W_2) c^T == e (c W_2^T)^T: folding the projection into the codebook costs O(N W D^2)
+        once instead of O(H L N D^2) and never materialises h (H, L, N, D); it is also what lets
+        codewords be plotted beside item embeddings (dmqn report).
+        """
+        return torch.einsum("nde,nwe->nwd", self.proj, self.codebooks)
 
     def assign(self, e: Tensor, mask: Tensor) -> Tensor:
         """Inference-path codeword of every behavior: (H, N, L) long, -1 at padding (eq. 7-8 without noise)."""
