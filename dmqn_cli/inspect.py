@@ -10,7 +10,6 @@ import typer
 from dmqn_cli.common import WorkspaceOption, handle_errors
 from dmqn_core.inspection import RunInspector
 from dmqn_core.workspace import Workspace
-from dmqn_inspect.app import InspectApp
 
 
 @handle_errors
@@ -24,6 +23,9 @@ def inspect(
 
     The run store is opened read-only, so this works while `dmqn train` runs.
     """
+    # Imported here, not at the top: Textual takes a while to load and no other command needs it.
+    from dmqn_inspect.app import InspectApp
+
     # Not open_workspace: a read-only command must not create a workspace where there is none.
     ws = Workspace(workspace)
     # Opened before the TUI starts, so that a missing store or an unknown run is a one-line error.
