@@ -319,6 +319,10 @@ class RunInspector:
                 self._data = self._data or data
             return self._model
 
+    def codeword_categories(self) -> list[tuple[int, int, int, int]]:
+        """(codebook, codeword, raw category, behaviors) summed over the recorded sample; [] without one."""
+        return self.store.codeword_categories(self.run_id)
+
     def sampled_users(self) -> list[int]:
         return [row[0] for row in self.store.inspected_users(self.run_id)]
 

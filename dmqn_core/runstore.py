@@ -454,6 +454,13 @@ class RunStore:
             "SELECT codebook, codeword, count FROM codeword_counts WHERE run_id = ? AND epoch = ? "
             "ORDER BY codebook, codeword", [run_id, epoch], table="codeword_counts")]
 
+    def codeword_categories(self, run_id: str) -> list[tuple[int, int, int, int]]:
+        """(codebook, codeword, category, behaviors) over every recorded user of the run, one GROUP BY."""
+        return [tuple(r) for r in self._read(
+            "SELECT codebook, codeword, category, count(*) FROM inspect_behaviors WHERE run_id = ? "
+            "GROUP BY codebook, codeword, category ORDER BY codebook, codeword, category",
+            [run_id], table="inspect_behaviors")]
+
     def codebook_vectors(self, run_id: str) -> list[tuple[int, int, list[float]]]:
         """(codebook, codeword, vector) recorded at the end of training."""
         return [tuple(r) for r in self._read(

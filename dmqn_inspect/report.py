@@ -47,8 +47,6 @@ UMAP_EPOCHS = 200
 UMAP_SEED = 0
 # Fewer points than this make no meaningful projection (below about 5, UMAP's spectral initialisation fails).
 UMAP_MIN_POINTS = 10
-# The category statistics of the clusters read at most this many sampled users (a bounded cost).
-MAX_CATEGORY_USERS = 100
 DEFAULT_ATTENTION_USERS = 4
 
 SECTIONS = (
@@ -110,19 +108,27 @@ def build_report(workspace: Workspace, run_id: str | None = None, out: Path | No
         page.add_note("usage-history", "this run recorded no per-epoch codebook utilisation.")
 
     sampled = inspector.sampled_users()
-    progress.start("reading the sampled users", min(len(sampled), MAX_CATEGORY_USERS))
+    # Only the users an attention heatmap can show are read whole; the clusters' categories come
+    # from one aggregate over every recorded user.
+    wanted = sampled if isinstance(users, int) else []
+    progress.start("reading the sampled users", min(len(wanted), users) if isinstance(users, int) else 0)
     sample = []
-    for user_id in sampled[:MAX_CATEGORY_USERS]:
-        sample.append(inspector.user(user_id))
-        progress.advance()
+    for user_id in wanted:
+        if len(sample) >= users:
+            break
+        user = inspector.user(user_id)
+        if len(user.label):
+            sample.append(user)
+            progress.advance()
     progress.stop()
 
     _add_projection(page, inspector, progress)
 
-    if sample:
+    category_rows = inspector.codeword_categories()
+    if category_rows:
         page.add_figure("cluster-categories",
-                        cluster_categories_figure(ClusterCategories.collect(sample, inspector.n_codebooks,
-                                                                            inspector.codebook_size)),
+                        cluster_categories_figure(ClusterCategories.from_rows(
+                            category_rows, len(sampled), inspector.n_codebooks, inspector.codebook_size)),
                         "For every codeword that holds behaviors of the sampled users, the shares of its three most "
                         "frequent categories (labels: raw category ids) and of all other categories. A cluster "
                         "dominated by one category is an interpretable interest; an even mix is not.")

@@ -126,20 +126,19 @@ def projection_figure(projection: Projection, n_codebooks: int, codebook_size: i
 
 @dataclass
 class ClusterCategories:
-    """Category counts of the behaviors assigned to each codeword, over a set of users' histories."""
+    """Category counts of the behaviors assigned to each codeword, over the recorded users' histories."""
     n_users: int
     # per codebook, per codeword: Counter of raw category id -> behaviors
     counts: list[list[Counter]]
 
     @classmethod
-    def collect(cls, users: Sequence[UserInspection], n_codebooks: int, codebook_size: int) -> "ClusterCategories":
+    def from_rows(cls, rows: Sequence[tuple[int, int, int, int]], n_users: int, n_codebooks: int,
+                  codebook_size: int) -> "ClusterCategories":
+        """rows: (codebook, codeword, category, behaviors), as RunInspector.codeword_categories gives them."""
         counts = [[Counter() for _ in range(codebook_size)] for _ in range(n_codebooks)]
-        for user in users:
-            for n in range(n_codebooks):
-                pairs, sizes = np.unique(np.stack([user.codeword[n], user.category]), axis=1, return_counts=True)
-                for (codeword, category), size in zip(pairs.T.tolist(), sizes.tolist()):
-                    counts[n][codeword][category] += size
-        return cls(n_users=len(users), counts=counts)
+        for codebook, codeword, category, behaviors in rows:
+            counts[codebook][codeword][category] += behaviors
+        return cls(n_users=n_users, counts=counts)
 
 
 def cluster_categories_figure(clusters: ClusterCategories) -> go.Figure:

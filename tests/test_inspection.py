@@ -102,6 +102,21 @@ def test_recorded_users_equal_the_on_demand_computation(tiny_workspace, run_id):
         assert stored.clusters(1) == computed.clusters(1)
 
 
+def test_codeword_categories_sum_the_sampled_users_clusters(tiny_workspace, run_id):
+    """The one-query aggregate the report uses equals the per-user clusters' category counts, summed."""
+    from collections import Counter
+
+    inspector = RunInspector(tiny_workspace, run_id)
+    expected = Counter()
+    for user_id in inspector.sampled_users():
+        user = inspector.user(user_id)
+        for n in range(user.n_codebooks):
+            expected.update(zip([n] * len(user.category), user.codeword[n].tolist(), user.category.tolist()))
+    rows = inspector.codeword_categories()
+    assert {(n, w, c): k for n, w, c, k in rows} == dict(expected)
+    assert sum(k for *_, k in rows) == sum(len(inspector.user(u).category) for u in inspector.sampled_users()) * N
+
+
 def test_scores_are_the_test_predictions(tiny_workspace, run_id):
     """The inspected history is the one the test samples were scored with."""
     inspector = RunInspector(tiny_workspace, run_id)
