@@ -4,7 +4,7 @@ A state is stored per (model version, user): the version is the run id plus a ha
 checkpoint's bytes, so a retrained or re-exported model never reads another model's states.
 Each user's state is the encoding of their whole history up to their latest behavior (the most
 recent max_len behaviors), in the layout of ``state_codec``, in one of the stores of
-``state_store`` (an embedded DuckDB file by default, or Redis).
+``state_store`` (an embedded SQLite file by default, or Redis).
 """
 
 from __future__ import annotations

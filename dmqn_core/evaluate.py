@@ -92,8 +92,6 @@ def evaluate_split(model: torch.nn.Module, data: PreparedSet, split: str, batch_
     return metrics, out["codeword_counts"]
 
 
-
-
 def evaluate_run(workspace: Workspace, run_id: str | None = None, split: str = "test",
                  batch_size: int | None = None, device: str = "cpu",
                  progress: Progress | None = None) -> tuple[str, dict[str, float]]:

@@ -110,11 +110,12 @@ def build_report(workspace: Workspace, run_id: str | None = None, out: Path | No
     sampled = inspector.sampled_users()
     # Only the users an attention heatmap can show are read whole; the clusters' categories come
     # from one aggregate over every recorded user.
-    wanted = sampled if isinstance(users, int) else []
-    progress.start("reading the sampled users", min(len(wanted), users) if isinstance(users, int) else 0)
+    # (Users asked for by id are read by _attention_users instead.)
+    limit = users if isinstance(users, int) else 0
+    progress.start("reading the sampled users", min(len(sampled), limit))
     sample = []
-    for user_id in wanted:
-        if len(sample) >= users:
+    for user_id in sampled:
+        if len(sample) >= limit:
             break
         user = inspector.user(user_id)
         if len(user.label):
