@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from dmqn_cli.common import WorkspaceOption, console, handle_errors, open_workspace
 from dmqn_core.formats import Format, parse_columns
@@ -59,7 +60,8 @@ def prep(
                    "movielens click (rating >= 4), csv every behavior.", show_default=False),
     strict: bool = typer.Option(False, "--strict", help="Fail on the first invalid row instead of skipping "
                                                        "and counting it."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing set of that name."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing set of that name (only ever a "
+                                                             "set dmqn prep made, never another folder)."),
     seed: int = typer.Option(0, help="Seed of the negative sampling (same seed, same set)."),
     memory_limit: Optional[str] = typer.Option(
         None, help="DuckDB memory limit, a size (4GB) or a share of the machine's memory (40%); beyond it "
@@ -97,7 +99,8 @@ def prep(
 
 def _summary(meta: dict, path: Path, seconds: float) -> Table:
     counts = meta["counts"]
-    table = Table(title=f"prepared {meta['name']} ({meta['source']['variant']}) in {seconds:.1f}s",
+    # Text, not a markup string: the set's name and path are the user's, brackets included.
+    table = Table(title=Text(f"prepared {meta['name']} ({meta['source']['variant']}) in {seconds:.1f}s"),
                   show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column(justify="right")
@@ -117,5 +120,5 @@ def _summary(meta: dict, path: Path, seconds: float) -> Table:
                       f"{counts['samples'][split]:,} ({counts['positives'][split]:,})")
     if counts["negatives_short"]:
         table.add_row("negatives missing (user clicked every item)", f"{counts['negatives_short']:,}")
-    table.add_row("written to", str(path))
+    table.add_row("written to", Text(str(path)))
     return table

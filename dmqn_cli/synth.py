@@ -51,4 +51,5 @@ def synth(
         f"({summary.rows / max(seconds, 1e-9):,.0f} rows/s) to {summary.path}",
         highlight=False,
         soft_wrap=True,
+        markup=False,   # the path is the user's: brackets in it are text
     )

@@ -12,6 +12,14 @@ and reports lines that DuckDB could not decode (invalid UTF-8) through a rejects
 ``dmqn_core.prep`` counts as ``bad_encoding``. Lines are read whole as one VARCHAR column and
 split in SQL, so every malformed row is classified (and counted) instead of aborting the read.
 
+Ids (user, item, and category where the log gives it as a number) must be decimal integers with
+an optional sign, surrounding blanks allowed, that fit int64: ``3056199.7``, ``1e3``, ``0x10``
+or ``1_000`` (all of which DuckDB's cast would round or convert) make the row ``bad_id``. The
+sign is allowed because ids hashed to 64 bits are often negative.
+
+A file is read as gzip exactly when it starts with gzip's magic bytes, whatever its name; a file
+named ``.gz`` that is not gzip is an error (see source_compression).
+
 Formats:
 
 * ``taobao``: ``user_id,item_id,category_id,behavior_type,timestamp``, no header, behavior in
@@ -35,6 +43,7 @@ from __future__ import annotations
 import enum
 import gzip
 import re
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +55,10 @@ from dmqn_core.errors import DmqnError
 _LINE_DELIM = "\x1f\x1e\x1d\x1c"
 _HEAD_BYTES = 1 << 20
 _HEAD_LINES = 10
+# A decimal integer; TRY_CAST(... AS BIGINT) alone also takes 1.5, 1e3, 0x10, 0b1 and 1_000.
+_INTEGER_PATTERN = r"\s*[+-]?[0-9]+\s*"
+# What the gzip module raises for a damaged stream (BadGzipFile is an OSError: a failing disk is not).
+GZIP_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)
 
 TAOBAO_BEHAVIORS = ("pv", "cart", "fav", "buy")
 MOVIELENS_BEHAVIORS = ("click", "rate_low")
@@ -103,9 +116,26 @@ def quote_identifier(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+_NOT_A_FILE = {
+    Format.taobao: "--format taobao reads one CSV log",
+    Format.csv: "--format csv reads one delimited file with a header",
+}
+
+
+def source_files(source: Path, fmt: Format) -> list[Path]:
+    """The files that ``load_source`` will read for ``source`` (checked to exist), in reading order."""
+    if fmt is Format.movielens:
+        _, ratings, items = _movielens_files(source)
+        return [ratings, items]
+    if not source.is_file():
+        raise DmqnError(f"{source} is not a file ({_NOT_A_FILE[fmt]})")
+    return [source]
+
+
 def load_source(con: duckdb.DuckDBPyConnection, source: Path, fmt: Format,
                 columns: dict[str, str], delimiter: str) -> SourceInfo:
     """Create ``events`` (and its rejects table) from ``source`` in format ``fmt``."""
+    source_files(source, fmt)  # its checks: one file, or a MovieLens folder
     if fmt is Format.taobao:
         return _load_taobao(con, source)
     if fmt is Format.movielens:
@@ -113,11 +143,49 @@ def load_source(con: duckdb.DuckDBPyConnection, source: Path, fmt: Format,
     return _load_csv(con, source, columns, delimiter)
 
 
-def _read_lines_sql(encoding: str, skip: int, rejects: str | None) -> str:
+def _integer_sql(expr: str) -> str:
+    """SQL for the BIGINT value of the text ``expr`` when it is a decimal integer fitting int64, else NULL."""
+    return f"CASE WHEN regexp_full_match({expr}, '{_INTEGER_PATTERN}') THEN TRY_CAST({expr} AS BIGINT) END"
+
+
+def is_gzip(path: Path) -> bool:
+    """Whether the file starts with gzip's magic bytes."""
+    with open(path, "rb") as fh:
+        return fh.read(2) == b"\x1f\x8b"
+
+
+def source_compression(path: Path) -> str:
+    """DuckDB's ``compression`` for ``path``, from its first bytes: DuckDB itself would go by the
+    name, reading gzip bytes named ``.csv`` as text and failing with a traceback on text named ``.gz``."""
+    if is_gzip(path):
+        return "gzip"
+    if path.name.lower().endswith(".gz"):
+        raise DmqnError(f"{path} is not gzip, although its name ends in .gz")
+    return "none"
+
+
+def damaged_gzip(path: Path, exc: BaseException) -> DmqnError:
+    """The one-line error for a gzip file whose decompression raised ``exc`` (one of GZIP_ERRORS)."""
+    text = str(exc)
+    if isinstance(exc, EOFError):
+        reason = "it ends early (truncated?)"
+    elif "CRC check failed" in text:
+        reason = "CRC check failed"
+    elif "Incorrect length" in text:
+        reason = "length check failed"
+    elif "Not a gzipped file" in text:
+        reason = "it has trailing data that is not gzip"
+    else:  # zlib: 'Error -3 while decompressing data: invalid block type'
+        reason = f"corrupt data ({text.rpartition(': ')[2]})"
+    return DmqnError(f"{path} is a damaged gzip file: {reason}")
+
+
+def _read_lines_sql(encoding: str, skip: int, rejects: str | None, compression: str) -> str:
     """A read_csv call giving one VARCHAR column ``line`` per line; the path is parameter 1."""
     options = (
         f"columns={{'line': 'VARCHAR'}}, delim='{_LINE_DELIM}', header=false, quote='', escape='', "
-        f"auto_detect=false, strict_mode=false, encoding='{encoding}', skip={int(skip)}"
+        f"auto_detect=false, strict_mode=false, encoding='{encoding}', skip={int(skip)}, "
+        f"compression='{compression}'"
     )
     if rejects:
         options += f", ignore_errors=true, store_rejects=true, rejects_table='{rejects}', rejects_scan='{rejects}_scan'"
@@ -128,12 +196,14 @@ def _read_lines_sql(encoding: str, skip: int, rejects: str | None) -> str:
 
 def _head_lines(path: Path, encoding: str = "utf-8") -> list[tuple[int, str | None]]:
     """The first non-empty lines as (line number, text); text None when it does not decode."""
-    opener = gzip.open if _is_gzip(path) else open
     try:
+        opener = gzip.open if source_compression(path) == "gzip" else open
         with opener(path, "rb") as fh:
             head = fh.read(_HEAD_BYTES)
-    except (OSError, EOFError) as exc:
-        raise DmqnError(f"cannot read {path}: {exc}") from None
+    except GZIP_ERRORS as exc:
+        raise damaged_gzip(path, exc) from None
+    except OSError as exc:
+        raise DmqnError(f"cannot read {path}: {exc.strerror or exc}") from None
     raw_lines = head.split(b"\n")
     if len(head) == _HEAD_BYTES and len(raw_lines) > 1:
         raw_lines = raw_lines[:-1]  # the last line may be cut in the middle of a character
@@ -149,11 +219,6 @@ def _head_lines(path: Path, encoding: str = "utf-8") -> list[tuple[int, str | No
         if len(lines) == _HEAD_LINES:
             break
     return lines
-
-
-def _is_gzip(path: Path) -> bool:
-    with open(path, "rb") as fh:
-        return fh.read(2) == b"\x1f\x8b"
 
 
 def _check_head(path: Path, what: str, n_columns: int, split: str, delim_name: str,
@@ -180,8 +245,6 @@ def _check_head(path: Path, what: str, n_columns: int, split: str, delim_name: s
 
 
 def _load_taobao(con: duckdb.DuckDBPyConnection, path: Path) -> SourceInfo:
-    if not path.is_file():
-        raise DmqnError(f"{path} is not a file (--format taobao reads one CSV log)")
     _check_head(path, "taobao", 5, ",", "comma")
     con.execute(
         f"""
@@ -199,11 +262,10 @@ def _load_taobao(con: duckdb.DuckDBPyConnection, path: Path) -> SourceInfo:
             FROM (
                 -- No trim(): it doubles the cost on 100M rows, and TRY_CAST already accepts
                 -- surrounding blanks (including the CR of CRLF files, which ends the timestamp).
-                SELECT line, p,
-                       TRY_CAST(p[1] AS BIGINT) AS u, TRY_CAST(p[2] AS BIGINT) AS i,
-                       TRY_CAST(p[3] AS BIGINT) AS c, p[4] AS b, TRY_CAST(p[5] AS BIGINT) AS t
+                SELECT line, p, {_integer_sql('p[1]')} AS u, {_integer_sql('p[2]')} AS i,
+                       {_integer_sql('p[3]')} AS c, p[4] AS b, TRY_CAST(p[5] AS BIGINT) AS t
                 FROM (SELECT line, string_split(line, ',') AS p
-                      FROM {_read_lines_sql('utf-8', 0, 'rejects_log')})
+                      FROM {_read_lines_sql('utf-8', 0, 'rejects_log', source_compression(path))})
             )
         )
         """,
@@ -212,7 +274,8 @@ def _load_taobao(con: duckdb.DuckDBPyConnection, path: Path) -> SourceInfo:
     return SourceInfo("taobao-userbehavior", [path], TAOBAO_BEHAVIORS, ("pv",), 0, "rejects_log", path)
 
 
-def _load_movielens(con: duckdb.DuckDBPyConnection, folder: Path) -> SourceInfo:
+def _movielens_files(folder: Path) -> tuple[str, Path, Path]:
+    """(variant, ratings file, item file) of a MovieLens folder."""
     if not folder.is_dir():
         raise DmqnError(f"{folder} is not a folder (--format movielens reads a MovieLens folder, e.g. ml-100k/)")
     variants = (
@@ -223,12 +286,15 @@ def _load_movielens(con: duckdb.DuckDBPyConnection, folder: Path) -> SourceInfo:
     for variant, ratings_name, items_name in variants:
         ratings, items = folder / ratings_name, folder / items_name
         if ratings.is_file() and items.is_file():
-            break
-    else:
-        raise DmqnError(
-            f"{folder} is not a MovieLens folder: expected u.data + u.item (100K), "
-            "ratings.dat + movies.dat (1M) or ratings.csv + movies.csv (latest)"
-        )
+            return variant, ratings, items
+    raise DmqnError(
+        f"{folder} is not a MovieLens folder: expected u.data + u.item (100K), "
+        "ratings.dat + movies.dat (1M) or ratings.csv + movies.csv (latest)"
+    )
+
+
+def _load_movielens(con: duckdb.DuckDBPyConnection, folder: Path) -> SourceInfo:
+    variant, ratings, items = _movielens_files(folder)
     _load_genre_table(con)
     if variant == "ml-100k":
         _check_head(ratings, "MovieLens u.data", 4, "\t", "tab")
@@ -238,9 +304,10 @@ def _load_movielens(con: duckdb.DuckDBPyConnection, folder: Path) -> SourceInfo:
             f"""
             CREATE TABLE movies AS
             SELECT item_id, coalesce(list_position(flags, '1') - 1, 0) AS category_id
-            FROM (SELECT TRY_CAST(p[1] AS BIGINT) AS item_id, list_slice(p, -19, -1) AS flags, len(p) AS n
+            FROM (SELECT {_integer_sql('p[1]')} AS item_id, list_slice(p, -19, -1) AS flags, len(p) AS n
                   FROM (SELECT string_split(rtrim(line, ' \t\r'), '|') AS p
-                        FROM {_read_lines_sql('latin-1', 0, None)} WHERE line IS NOT NULL))
+                        FROM {_read_lines_sql('latin-1', 0, None, source_compression(items))}
+                        WHERE line IS NOT NULL))
             WHERE item_id IS NOT NULL AND n >= 20
             """,
             [str(items)],
@@ -250,7 +317,7 @@ def _load_movielens(con: duckdb.DuckDBPyConnection, folder: Path) -> SourceInfo:
         _check_head(ratings, "MovieLens ratings.dat", 4, "::", "'::'")
         _check_items_nonempty(items)
         _create_movies_from_genres(con, items, "latin-1", 0,
-                                   "TRY_CAST(split_part(line, '::', 1) AS BIGINT)",
+                                   _integer_sql("split_part(line, '::', 1)"),
                                    "split_part(regexp_extract(line, '[^:]*$'), '|', 1)")
         split, header = "::", 0
     else:
@@ -258,7 +325,7 @@ def _load_movielens(con: duckdb.DuckDBPyConnection, folder: Path) -> SourceInfo:
         _check_items_nonempty(items)
         # Titles may be quoted and hold commas; the id is the first field and the genres the last.
         _create_movies_from_genres(con, items, "utf-8", 1,
-                                   "TRY_CAST(split_part(line, ',', 1) AS BIGINT)",
+                                   _integer_sql("split_part(line, ',', 1)"),
                                    "split_part(regexp_extract(line, '[^,]*$'), '|', 1)")
         split, header = ",", 1
     con.execute(
@@ -276,10 +343,10 @@ def _load_movielens(con: duckdb.DuckDBPyConnection, folder: Path) -> SourceInfo:
                         WHEN t IS NULL THEN 'bad_timestamp'
                    END AS reason
             FROM (
-                SELECT line, p, TRY_CAST(trim(p[1]) AS BIGINT) AS u, TRY_CAST(trim(p[2]) AS BIGINT) AS i,
+                SELECT line, p, {_integer_sql('p[1]')} AS u, {_integer_sql('p[2]')} AS i,
                        TRY_CAST(trim(p[3]) AS DOUBLE) AS r, TRY_CAST(trim(p[4]) AS BIGINT) AS t
                 FROM (SELECT line, string_split(rtrim(line, ' \t\r'), ?) AS p
-                      FROM {_read_lines_sql('utf-8', header, 'rejects_log')})
+                      FROM {_read_lines_sql('utf-8', header, 'rejects_log', source_compression(ratings))})
             )
         )
         """,
@@ -320,7 +387,8 @@ def _create_movies_from_genres(con: duckdb.DuckDBPyConnection, path: Path, encod
         f"""
         CREATE TABLE movie_genres AS
         SELECT {id_sql} AS item_id, {genre_sql} AS genre
-        FROM (SELECT rtrim(line, ' \t\r') AS line FROM {_read_lines_sql(encoding, skip, None)}
+        FROM (SELECT rtrim(line, ' \t\r') AS line
+              FROM {_read_lines_sql(encoding, skip, None, source_compression(path))}
               WHERE line IS NOT NULL)
         """,
         [str(path)],
@@ -342,8 +410,6 @@ def _create_movies_from_genres(con: duckdb.DuckDBPyConnection, path: Path, encod
 
 
 def _load_csv(con: duckdb.DuckDBPyConnection, path: Path, columns: dict[str, str], delimiter: str) -> SourceInfo:
-    if not path.is_file():
-        raise DmqnError(f"{path} is not a file (--format csv reads one delimited file with a header)")
     missing = [field for field in CSV_REQUIRED if field not in columns]
     if missing:
         raise DmqnError(f"--format csv needs --columns with {', '.join(f'{m}=COLUMN' for m in missing)}")
@@ -356,7 +422,7 @@ def _load_csv(con: duckdb.DuckDBPyConnection, path: Path, columns: dict[str, str
         raise DmqnError(f"{path} is not UTF-8 text: undecodable bytes on line {lines[0][0]}")
     if len(lines) < 2:
         raise DmqnError(f"{path} has a header but no data rows")
-    options = "header=true, all_varchar=true, delim=?, strict_mode=false"
+    options = f"header=true, all_varchar=true, delim=?, strict_mode=false, compression='{source_compression(path)}'"
     try:
         names = [row[0] for row in con.execute(f"DESCRIBE SELECT * FROM read_csv(?, {options})",
                                                 [str(path), delimiter]).fetchall()]
@@ -367,7 +433,7 @@ def _load_csv(con: duckdb.DuckDBPyConnection, path: Path, columns: dict[str, str
         raise DmqnError(f"--columns {', '.join(unknown)}: no such column in {path.name} "
                         f"(its columns: {', '.join(names)})")
     col = {field: quote_identifier(name) for field, name in columns.items()}
-    category = f"TRY_CAST(trim({col['category']}) AS BIGINT)" if "category" in col else "CAST(? AS BIGINT)"
+    category = _integer_sql(col["category"]) if "category" in col else "CAST(? AS BIGINT)"
     behavior = f"nullif(trim({col['behavior']}), '')" if "behavior" in col else "CAST(? AS VARCHAR)"
     params: list = []
     if "category" not in col:
@@ -388,7 +454,7 @@ def _load_csv(con: duckdb.DuckDBPyConnection, path: Path, columns: dict[str, str
                         WHEN t IS NULL THEN 'bad_timestamp'
                    END AS reason
             FROM (
-                SELECT TRY_CAST(trim({col['user']}) AS BIGINT) AS u, TRY_CAST(trim({col['item']}) AS BIGINT) AS i,
+                SELECT {_integer_sql(col['user'])} AS u, {_integer_sql(col['item'])} AS i,
                        {category} AS c, {behavior} AS b,
                        coalesce(TRY_CAST(trim({col['timestamp']}) AS BIGINT),
                                 CAST(floor(epoch(TRY_CAST(trim({col['timestamp']}) AS TIMESTAMPTZ))) AS BIGINT)) AS t,

@@ -9,10 +9,16 @@ streamed into memory-mapped files in batches.
 Protocol
 --------
 1. Rows are read and classified (dmqn_core.formats); invalid rows are skipped and counted by
-   reason (bad_encoding, bad_columns, bad_id, bad_behavior, bad_timestamp, out_of_time_range);
+   reason (bad_encoding, bad_columns, bad_id, bad_behavior, bad_timestamp, out_of_time_range;
+   an id must be a decimal integer that fits int64: ``1.5``, ``1e3``, ``0x10`` are ``bad_id``);
    ``--strict`` makes the first one fatal, and so is a log where more than half the rows are
    invalid. ``--time-range`` keeps timestamps in [START, END) (Taobao default: the published
    window 2017-11-25 00:00 to 2017-12-03 23:59:59 China time = [1511539200, 1512316800)).
+   Of valid rows equal in user, item, category, behavior and timestamp (a log concatenated
+   twice, a logger that retried) the first is kept and the others are counted as ``duplicate``;
+   they are not invalid, so neither ``--strict`` nor the half-invalid rule counts them.
+   A gzip source is decompressed in full beside the work, so that a damaged one (which DuckDB
+   reads up to the damage without complaint) fails the run.
 2. Each user's behaviors are sorted by (timestamp, file order). Users with fewer than
    ``--min-behaviors`` valid behaviors are dropped.
 3. Targets are clicks (``--click-behaviors``: Taobao ``pv``, MovieLens ``click`` = rating >= 4).
@@ -39,28 +45,36 @@ Protocol
 from __future__ import annotations
 
 import datetime as dt
+import gzip
 import hashlib
 import os
 import shutil
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Any, BinaryIO, Callable, Iterator, Literal
 
 import duckdb
 import numpy as np
 
 from dmqn_core import prepared as fmt_out
 from dmqn_core.errors import DmqnError
-from dmqn_core.formats import Format, SourceInfo, load_source, one_line, reject_reason_sql
-from dmqn_core.workspace import Workspace, publish_directory, remove_stale_temporaries
+from dmqn_core.formats import (GZIP_ERRORS, Format, SourceInfo, damaged_gzip, is_gzip, load_source, one_line,
+                                reject_reason_sql, source_files)
+from dmqn_core.workspace import Workspace, check_can_publish, publish_directory, remove_stale_temporaries
 
 TAOBAO_TIME_RANGE = (1511539200, 1512316800)
-ROW_REASONS = ("bad_encoding", "bad_columns", "bad_id", "bad_behavior", "bad_timestamp", "out_of_time_range")
+INVALID_REASONS = ("bad_encoding", "bad_columns", "bad_id", "bad_behavior", "bad_timestamp", "out_of_time_range")
+ROW_REASONS = (*INVALID_REASONS, "duplicate")
+# meta.json's protocol "version": 2 drops duplicate rows and rejects non-integer ids (sets
+# without it kept the one and rounded the other), so the fingerprints of the two differ.
+PROTOCOL_VERSION = 2
 MIN_CLICKS = 3  # one test, one validation and at least one training target
 NEGATIVE_ROUNDS = 8
 EXPORT_CHUNK = 1 << 20
+READ_CHUNK = 8 << 20
 MEMORY_FRACTION = 0.25  # default DuckDB memory limit, of the machine's (or the cgroup's) memory
 PROGRESS_POLL_S = 0.5
 
@@ -196,61 +210,177 @@ def prepare(
         raise DmqnError(f"{source_path} does not exist")
     if time_range == "default":
         time_range = TAOBAO_TIME_RANGE if fmt is Format.taobao else None
-    ws = (workspace or Workspace()).ensure()
-    final = ws.dataset_path(out)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(final.parent, final.name)
-    if final.exists() and not overwrite:
-        raise DmqnError(f"{final} already exists (pass --overwrite to replace it)")
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    if scratch is None:
-        work = tmp / ".work"
-    else:
-        # Named like a set's temporary directory, so the next run removes it after a kill.
-        remove_stale_temporaries(scratch, f"dmqn-prep-{final.name}")
-        work = scratch / f".dmqn-prep-{final.name}.tmp-{os.getpid()}"
-    started = time.monotonic()
-    try:
-        job = _Job(
-            source=source_path, fmt=fmt, tmp=tmp, work=work, name=final.name, max_len=max_len,
-            neg_ratio=neg_ratio, train_targets=train_targets, min_behaviors=min_behaviors,
-            time_range=time_range, columns=dict(columns or {}), delimiter=delimiter,
-            click_behaviors=click_behaviors, strict=strict, seed=seed, memory_limit=memory_limit,
-            threads=threads, on_stage=on_stage, on_progress=on_progress,
-        )
-        meta = job.run()
-        publish_directory(tmp, final, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with _write_errors():
+        ws = (workspace or Workspace()).ensure()
+        final = _output_path(ws, out)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(final.parent, final.name, _is_own_set)
+        check_can_publish(final, overwrite, replaceable=fmt_out.is_prepared_set, what="a prepared set")
+        tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+        if scratch is None:
+            work = tmp / ".work"
+        else:
+            # Named like a set's temporary directory, so the next run removes it after a kill.
+            remove_stale_temporaries(scratch, f"dmqn-prep-{final.name}", _is_work_directory)
+            work = scratch / f".dmqn-prep-{final.name}.tmp-{os.getpid()}"
+        started = time.monotonic()
+        created = False
+        try:
+            _new_directory(tmp, _is_own_set)
+            created = True
+            job = _Job(
+                source=source_path, fmt=fmt, tmp=tmp, work=work, name=final.name, max_len=max_len,
+                neg_ratio=neg_ratio, train_targets=train_targets, min_behaviors=min_behaviors,
+                time_range=time_range, columns=dict(columns or {}), delimiter=delimiter,
+                click_behaviors=click_behaviors, strict=strict, seed=seed, memory_limit=memory_limit,
+                threads=threads, on_stage=on_stage, on_progress=on_progress,
+            )
+            meta = job.run()
+            publish_directory(tmp, final, overwrite, replaceable=fmt_out.is_prepared_set, what="a prepared set")
+        except BaseException:
+            if created:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return PrepResult(final, meta, time.monotonic() - started, job.stage_seconds)
 
 
-class _Hasher(threading.Thread):
-    """SHA-256 of the source files, computed beside DuckDB's work (hashlib releases the GIL)."""
+def _output_path(ws: Workspace, out: str | os.PathLike) -> Path:
+    """Where ``--out`` puts the set; never a folder that holds the workspace or its data."""
+    final = ws.dataset_path(out)
+    if final == ws.root:
+        raise DmqnError(f"--out {str(out)!r} is the workspace {final} itself; name a set inside it")
+    if final in ws.root.parents:
+        raise DmqnError(f"--out {str(out)!r} is {final}, a folder holding the workspace {ws.root}; name a set instead")
+    if final == ws.data_dir:
+        raise DmqnError(f"--out {str(out)!r} is the workspace's data folder {final}; name a set inside it")
+    return final
+
+
+@contextmanager
+def _write_errors() -> Iterator[None]:
+    """OSError (a read-only workspace, a full disk, a name too long) as one line naming the path."""
+    try:
+        yield
+    except OSError as exc:
+        names = [os.fsdecode(name) for name in (exc.filename, exc.filename2) if name is not None]
+        where = " -> ".join(names) or "the prepared set"
+        raise DmqnError(f"cannot write {where}: {exc.strerror or exc}") from None
+
+
+def _new_directory(path: Path, owned: Callable[[Path], bool]) -> None:
+    """Create ``path`` empty; a leftover there (from a killed process whose pid was ours) is
+    removed only when ``owned`` recognises it, else mkdir's error stops the run."""
+    if path.is_dir() and not path.is_symlink() and owned(path):
+        shutil.rmtree(path)
+    path.mkdir()
+
+
+_WORK_FILES = frozenset({"prep.duckdb", "prep.duckdb.wal", "spill"})
+
+
+def _is_work_directory(path: Path) -> bool:
+    """Whether ``path`` holds nothing but DuckDB's working files of a prep (see _Job.work)."""
+    return path.is_dir() and not path.is_symlink() and all(e.name in _WORK_FILES for e in path.iterdir())
+
+
+def _is_own_set(path: Path) -> bool:
+    """Whether ``path`` is a set, or a set's temporary directory holding nothing but what prepare
+    writes there: only such a leftover of a killed prep may be deleted or put back."""
+    if fmt_out.is_prepared_set(path):
+        return True
+    if not path.is_dir() or path.is_symlink():
+        return False
+    files = fmt_out.set_files()
+    folders = {name.partition("/")[0] for name in files if "/" in name}
+    for entry in path.iterdir():
+        if entry.name == ".work":
+            ok = _is_work_directory(entry)
+        elif entry.name in folders:
+            ok = (entry.is_dir() and not entry.is_symlink()
+                  and all(sub.is_file() and f"{entry.name}/{sub.name}" in files for sub in entry.iterdir()))
+        else:
+            ok = entry.name in files and entry.is_file()
+        if not ok:
+            return False
+    return True
+
+
+class _Stopped(Exception):
+    """The job ended before the source check finished."""
+
+
+class _DigestingReader:
+    """A binary file's ``read`` that feeds every byte read to a hash, and stops when told to."""
+
+    def __init__(self, fh: BinaryIO, digest: Any, stop: threading.Event) -> None:
+        self.fh, self.digest, self.stop = fh, digest, stop
+
+    def read(self, size: int = -1) -> bytes:
+        if self.stop.is_set():
+            raise _Stopped
+        data = self.fh.read(size)
+        self.digest.update(data)
+        return data
+
+
+class _SourceCheck(threading.Thread):
+    """SHA-256 of the source files and, for a gzip one, a full decompression that checks each
+    member's CRC-32 and length: DuckDB reads a damaged gzip file up to the damage and stops
+    without an error. Runs beside DuckDB's work (hashlib and zlib release the GIL); the file is
+    read once for both."""
 
     def __init__(self, files: list[Path]) -> None:
         super().__init__(daemon=True)
         self.files = files
+        self.reads_gzip = any(is_gzip(path) for path in files)
         self.digests: dict[str, str] = {}
+        self.error: DmqnError | None = None
+        self._stop_event = threading.Event()
 
     def run(self) -> None:
-        for path in self.files:
-            digest = hashlib.sha256()
-            with open(path, "rb") as fh:
-                while chunk := fh.read(8 << 20):
-                    digest.update(chunk)
-            self.digests[path.name] = digest.hexdigest()
+        try:
+            for path in self.files:
+                self.digests[path.name] = self._check(path)
+        except _Stopped:
+            pass
+        except DmqnError as exc:
+            self.error = exc
+        except OSError as exc:
+            self.error = DmqnError(f"cannot read {exc.filename or self.files[0]}: {exc.strerror or exc}")
+
+    def _check(self, path: Path) -> str:
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            reader = _DigestingReader(fh, digest, self._stop_event)
+            if is_gzip(path):
+                try:
+                    with gzip.GzipFile(fileobj=reader) as unzipped:  # type: ignore[arg-type]
+                        while unzipped.read(READ_CHUNK):
+                            pass
+                except GZIP_ERRORS as exc:
+                    raise damaged_gzip(path, exc) from None
+            while reader.read(READ_CHUNK):  # all of a plain file; for gzip, any bytes after the end
+                pass
+        return digest.hexdigest()
+
+    def raise_error(self) -> None:
+        """Raise the check's error if it has found one by now (does not wait)."""
+        if self.error is not None:
+            raise self.error
 
     def combined(self) -> str:
+        """The source's SHA-256, once the check is done; its error if it failed."""
         self.join()
+        self.raise_error()
         if len(self.digests) == 1:
             return next(iter(self.digests.values()))
         # A folder: the hash of "name  sha256" lines of the files read, in the order read.
         text = "".join(f"{name}  {self.digests[name]}\n" for name in (p.name for p in self.files))
         return hashlib.sha256(text.encode()).hexdigest()
+
+    def stop(self) -> None:
+        """Make the check end at its next read (after the job failed); does not wait."""
+        self._stop_event.set()
 
 
 class _ProgressPoller(threading.Thread):
@@ -298,7 +428,8 @@ class _Job:
     on_progress: Callable[[float], None] | None
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
-    def _stage(self, name: str) -> None:
+    def _stage(self, name: str, check: _SourceCheck) -> None:
+        check.raise_error()  # a damaged source found by now: no need to finish the work
         now = time.monotonic()
         if self.stage_seconds:
             last = next(reversed(self.stage_seconds))
@@ -309,8 +440,7 @@ class _Job:
             self.on_stage(name)
 
     def run(self) -> dict:
-        shutil.rmtree(self.work, ignore_errors=True)
-        self.work.mkdir()
+        _new_directory(self.work, _is_work_directory)
         try:
             meta = self._run_duckdb()
         finally:
@@ -343,37 +473,58 @@ class _Job:
             else:
                 con.execute("SET enable_progress_bar = false")
             return self._run(con)
+        except (duckdb.InterruptException, RuntimeError) as exc:
+            # Ctrl-C (or SIGTERM, which the CLI turns into KeyboardInterrupt) during a query makes
+            # DuckDB cancel it and raise this in place of the KeyboardInterrupt: give that back.
+            if isinstance(exc, duckdb.InterruptException) or str(exc) == "Query interrupted":
+                raise KeyboardInterrupt from None
+            raise
         finally:
             if poller:
                 poller.finish()
             con.close()
 
     def _run(self, con: duckdb.DuckDBPyConnection) -> dict:
-        self._stage("reading")
-        info = load_source(con, self.source, self.fmt, self.columns, self.delimiter)
-        hasher = _Hasher(info.files)
-        hasher.start()
+        check = _SourceCheck(source_files(self.source, self.fmt))
+        check.start()
+        try:
+            return self._run_checked(con, check)
+        except DmqnError:
+            # What DuckDB reads from a damaged gzip file (up to a truncation, or garbage past a
+            # flipped bit) fails the run in other words: "ends early", "mostly bad_columns".
+            if check.reads_gzip:
+                check.combined()
+            raise
+        finally:
+            check.stop()
+
+    def _run_checked(self, con: duckdb.DuckDBPyConnection, check: _SourceCheck) -> dict:
+        self._stage("reading", check)
+        try:
+            info = load_source(con, self.source, self.fmt, self.columns, self.delimiter)
+        except duckdb.IOException as exc:
+            raise DmqnError(f"reading {self.source} failed: {str(exc).splitlines()[0]}") from None
         rows_read, rows_bad = self._count_rows(con, info)
         rows_used = rows_read - sum(rows_bad.values())
 
-        self._stage("cleaning")
+        self._stage("cleaning", check)
         self._keep_valid(con)
         clicks = self._resolve_clicks(con, info)
         users = self._filter_users(con, clicks)
 
-        self._stage("vocabularies")
+        self._stage("vocabularies", check)
         behavior_names = self._build_vocabularies(con)
 
-        self._stage("samples")
+        self._stage("samples", check)
         self._build_behaviors(con, clicks)
         positives = self._build_targets(con)
 
-        self._stage("negatives")
+        self._stage("negatives", check)
         negatives_short = self._sample_negatives(con, positives)
 
-        self._stage("writing")
+        self._stage("writing", check)
         counts = self._write(con, behavior_names)
-        self._stage("done")
+        self._stage("done", check)
         counts = {
             "rows_read": rows_read,
             "rows_bad": rows_bad,
@@ -382,7 +533,8 @@ class _Job:
             **counts,
             "negatives_short": negatives_short,
         }
-        return {
+        meta = {
+            "format": fmt_out.FORMAT_MARKER,
             "format_version": fmt_out.FORMAT_VERSION,
             "name": self.name,
             "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -392,9 +544,10 @@ class _Job:
                 "variant": info.variant,
                 "files": [p.name for p in info.files],
                 "size_bytes": sum(p.stat().st_size for p in info.files),
-                "sha256": hasher.combined(),
+                "sha256": check.combined(),
             },
             "protocol": {
+                "version": PROTOCOL_VERSION,
                 "max_len": self.max_len,
                 "neg_ratio": self.neg_ratio,
                 "train_targets": self.train_targets,
@@ -410,6 +563,8 @@ class _Job:
             "counts": counts,
             "stage_seconds": {k: v for k, v in self.stage_seconds.items() if k != "done"},
         }
+        meta["fingerprint"] = fmt_out.fingerprint_of(meta)
+        return meta
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -418,6 +573,7 @@ class _Job:
             # In place (rowid stays the file order); only the few stray rows are written.
             con.execute("UPDATE events SET reason = 'out_of_time_range' WHERE reason IS NULL AND (ts < ? OR ts >= ?)",
                         list(self.time_range))
+        self._mark_duplicates(con)
         per_reason = con.execute(
             "SELECT reason, count(*), min(rowid) FROM events WHERE reason IS DISTINCT FROM 'blank' GROUP BY reason"
         ).fetchall()
@@ -441,14 +597,15 @@ class _Job:
             total += n
             if reason is not None:
                 rows_bad[reason] += n
+            if reason in INVALID_REASONS:
                 line = self._line_number(con, int(rid), info)
                 first[reason] = min(first.get(reason, line), line)
-        n_bad = sum(rows_bad.values())
+        n_bad = sum(rows_bad[reason] for reason in INVALID_REASONS)
         if total == 0:
             raise DmqnError(f"{info.log_file} is empty (no data rows)")
         if n_bad and (self.strict or n_bad == total or 2 * n_bad > total):
             reason = (min(first, key=first.get) if self.strict
-                      else max((r for r in rows_bad if rows_bad[r]), key=rows_bad.get))
+                      else max((r for r in INVALID_REASONS if rows_bad[r]), key=rows_bad.get))
             example = self._describe_bad(con, info, reason, first[reason])
             if self.strict:
                 raise DmqnError(f"--strict: {example} ({n_bad} bad row(s) in all)")
@@ -456,6 +613,30 @@ class _Job:
             what = "no valid row" if n_bad == total else f"{n_bad} of {total} rows are invalid"
             raise DmqnError(f"{info.log_file}: {what}, mostly {reason} ({rows_bad[reason]}), e.g. {example} — {hint}")
         return total, rows_bad
+
+    @staticmethod
+    def _mark_duplicates(con: duckdb.DuckDBPyConnection) -> None:
+        # Grouping one 64-bit hash of the five columns costs about 40% less than grouping the
+        # columns (measured at 8M rows); only the few rows whose hash repeats are then compared
+        # column by column, so a hash collision never drops a row.
+        con.execute(
+            """
+            CREATE TABLE repeated AS
+            SELECT h FROM (SELECT hash(user_id, item_id, category_id, behavior, ts) AS h FROM events
+                           WHERE reason IS NULL)
+            GROUP BY h HAVING count(*) > 1
+            """
+        )
+        con.execute(
+            """
+            UPDATE events SET reason = 'duplicate' WHERE rowid IN (
+                SELECT rowid FROM events
+                WHERE reason IS NULL AND hash(user_id, item_id, category_id, behavior, ts) IN (SELECT h FROM repeated)
+                QUALIFY row_number() OVER (PARTITION BY user_id, item_id, category_id, behavior, ts ORDER BY rowid) > 1
+            )
+            """
+        )
+        con.execute("DROP TABLE repeated")
 
     @staticmethod
     def _line_number(con: duckdb.DuckDBPyConnection, rid: int, info: SourceInfo) -> int:

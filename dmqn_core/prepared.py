@@ -2,7 +2,8 @@
 
 A prepared set is a directory of NumPy ``.npy`` arrays plus ``meta.json``::
 
-    <NAME>/meta.json                     format_version, source, protocol, counts
+    <NAME>/meta.json                     format ("dmqn-prepared"), format_version, name, source,
+                                         protocol, counts, fingerprint
     <NAME>/behaviors/user_offsets.npy    int64 [n_users + 1]: user u owns rows [offsets[u-1], offsets[u])
     <NAME>/behaviors/item.npy            int32 item index, one row per behavior
     <NAME>/behaviors/category.npy        int32 category index
@@ -19,6 +20,11 @@ Behavior rows are sorted by user index, then timestamp, then file order. A sampl
 rows ``[max(user_start, hist_end - max_len), hist_end)``: every behavior of the user strictly
 before the sample's timestamp, cut to the most recent ``max_len``.
 
+The fingerprint names what the set was made from: the SHA-256 of the source's SHA-256 and the
+canonical JSON of the protocol (see fingerprint_of). Preparation is deterministic, so two sets
+with equal fingerprints hold the same arrays, and a run can tell whether the set it was trained
+on has been prepared again differently since.
+
 Why memory-mapped arrays: histories are variable-length slices of one per-user behavior array,
 so a sample stores a single end offset instead of a copy of its history (a 100M-row log with
 1000-long histories would otherwise need terabytes), and ``np.load(mmap_mode="r")`` lets
@@ -28,6 +34,7 @@ of loading the set into memory.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +46,10 @@ from dmqn_core.errors import DmqnError
 from dmqn_core.workspace import Workspace
 
 FORMAT_VERSION = 1
+# meta.json's "format": what tells a set that dmqn prep made from any other folder (only such a
+# folder may be replaced by --overwrite). Sets made before it existed are known by META_KEYS.
+FORMAT_MARKER = "dmqn-prepared"
+META_KEYS = ("format_version", "name", "source", "protocol", "counts")
 SPLITS = ("train", "valid", "test")
 
 BEHAVIOR_ARRAYS = {
@@ -72,6 +83,40 @@ def expected_arrays() -> dict[str, type]:
         files.update({f"samples/{split}_{name}.npy": dtype for name, dtype in SAMPLE_ARRAYS.items()})
     files.update({f"vocab/{name}.npy": dtype for name, dtype in VOCAB_ARRAYS.items()})
     return files
+
+
+def set_files() -> set[str]:
+    """Every file of a complete set, as paths relative to the set."""
+    return {"meta.json", "vocab/behavior.json", *expected_arrays()}
+
+
+def fingerprint_of(meta: dict) -> str:
+    """SHA-256 (hex) of the source's SHA-256 and the protocol's canonical JSON; for a meta.json
+    lacking those (not written by dmqn prep), of the whole meta's canonical JSON."""
+    source, protocol = meta.get("source"), meta.get("protocol")
+    if isinstance(source, dict) and isinstance(source.get("sha256"), str) and isinstance(protocol, dict):
+        text = f"{source['sha256']}\n{_canonical_json(protocol)}"
+    else:
+        text = _canonical_json(meta)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def is_prepared_set(path: Path) -> bool:
+    """Whether ``path`` is a set that dmqn prep made: its meta.json has the FORMAT_MARKER, or (a set
+    made before the marker) every key of META_KEYS, with every array of the set present."""
+    try:
+        meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(meta, dict):
+        return False
+    if meta.get("format") == FORMAT_MARKER:
+        return True
+    return all(key in meta for key in META_KEYS) and all((path / rel).is_file() for rel in expected_arrays())
 
 
 def save_array(root: Path, relative: str, values: np.ndarray, dtype: type) -> None:
@@ -147,16 +192,7 @@ class PreparedSet:
             raise DmqnError(f"no prepared set at {path} (create one with `dmqn prep`)")
         if not meta_path.is_file():
             raise DmqnError(f"{path} is not a prepared set (no meta.json)")
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise DmqnError(f"{meta_path} is unreadable: {exc}") from None
-        version = meta.get("format_version") if isinstance(meta, dict) else None
-        if version != FORMAT_VERSION:
-            raise DmqnError(
-                f"{path} has format_version {version!r}; this dmqn reads version {FORMAT_VERSION} "
-                "(prepare it again with `dmqn prep --overwrite`)"
-            )
+        meta = _read_meta(path)
         arrays: dict[str, np.ndarray] = {}
         for relative, dtype in expected_arrays().items():
             file = path / relative
@@ -202,6 +238,12 @@ class PreparedSet:
         return SampleSplit(**{field: self._arrays[f"samples/{name}_{field}.npy"] for field in SAMPLE_ARRAYS})
 
     @property
+    def fingerprint(self) -> str:
+        """What the set was made from (see fingerprint_of), as recorded when it was prepared."""
+        recorded = self.meta.get("fingerprint")
+        return recorded if isinstance(recorded, str) else fingerprint_of(self.meta)
+
+    @property
     def max_len(self) -> int:
         return int(self.meta["protocol"]["max_len"])
 
@@ -230,6 +272,33 @@ class PreparedSet:
     def raw_category(self, index: int | np.ndarray) -> np.ndarray:
         """Indices (1..n_categories) -> raw category ids."""
         return _raw(self._vocab_category, index, "category")
+
+
+def _read_meta(path: Path) -> dict:
+    """meta.json of the set at ``path``, checked to hold what readers of a set use."""
+    incomplete = f"{path} is not a complete prepared set: meta.json"
+    try:
+        meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise DmqnError(f"{path / 'meta.json'} is unreadable: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise DmqnError(f"{incomplete} is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise DmqnError(f"{incomplete} is not a JSON object")
+    if "format_version" not in meta:
+        raise DmqnError(f"{incomplete} lacks format_version")
+    # The version first: another version may name its keys differently.
+    if meta["format_version"] != FORMAT_VERSION:
+        raise DmqnError(
+            f"{path} has format_version {meta['format_version']!r}; this dmqn reads version {FORMAT_VERSION} "
+            "(prepare it again with `dmqn prep --overwrite`)"
+        )
+    for key in META_KEYS:
+        if key not in meta:
+            raise DmqnError(f"{incomplete} lacks {key}")
+    if not isinstance(meta["protocol"], dict) or "max_len" not in meta["protocol"]:
+        raise DmqnError(f"{incomplete} lacks protocol.max_len")
+    return meta
 
 
 def _lookup(vocab: np.ndarray, raw_ids: Iterable[int] | np.ndarray, what: str, strict: bool) -> np.ndarray:

@@ -15,7 +15,7 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from dmqn_core.errors import DmqnError
 
@@ -53,6 +53,9 @@ class Workspace:
     def dataset_path(self, name: str | os.PathLike) -> Path:
         """Where the prepared set NAME lives: a bare name is inside ``data/``, a path is taken as given."""
         text = str(name)
+        if not text.strip():
+            # "" would name data/ itself, and a blank name is a quoting mistake, never a set.
+            raise DmqnError(f"a prepared set's name must not be empty or blank, got {text!r}")
         if os.sep in text or (os.altsep and os.altsep in text) or text.startswith("."):
             return Path(text).expanduser().resolve()
         return self.data_dir / text
@@ -89,37 +92,61 @@ def exclusive_lock(path: Path, what: str) -> Iterator[None]:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write a file so that readers see the old content or the new one, never a part."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # A full disk or a kill signal mid-write: the partial file is ours to remove, never the target.
+        tmp.unlink(missing_ok=True)
+        raise
 
 
-def publish_directory(tmp_dir: Path, final_dir: Path, overwrite: bool) -> None:
+def publish_directory(tmp_dir: Path, final_dir: Path, overwrite: bool, *,
+                      replaceable: Callable[[Path], bool], what: str) -> None:
     """Move a fully written directory into place with renames only.
 
     A reader sees either the previous directory or the new one. When overwriting, the old
     directory is first renamed aside, so a kill between the two renames leaves the new set
     unpublished but the old one recoverable under its hidden name (removed on the next call).
+    Only an old entry that ``replaceable`` accepts (one this tool wrote, ``what`` in the
+    error) is ever replaced: ``--overwrite`` with a mistyped name must not delete a user's folder.
     """
-    if final_dir.exists():
-        if not overwrite:
-            raise DmqnError(f"{final_dir} already exists (pass --overwrite to replace it)")
+    if check_can_publish(final_dir, overwrite, replaceable=replaceable, what=what):
         trash = final_dir.with_name(f".{final_dir.name}.old-{os.getpid()}")
         os.replace(final_dir, trash)
         os.replace(tmp_dir, final_dir)
-        shutil.rmtree(trash, ignore_errors=True)
+        _delete(trash)
     else:
         os.replace(tmp_dir, final_dir)
 
 
-def remove_stale_temporaries(parent: Path, name: str) -> None:
+def check_can_publish(final_dir: Path, overwrite: bool, *, replaceable: Callable[[Path], bool], what: str) -> bool:
+    """Whether publishing at ``final_dir`` replaces something; the DmqnError of publish_directory
+    when it may not (called early too, so that a long job fails before its work, not after)."""
+    if not (final_dir.exists() or final_dir.is_symlink()):
+        return False
+    if not overwrite:
+        raise DmqnError(f"{final_dir} already exists (pass --overwrite to replace it)")
+    if not replaceable(final_dir):
+        raise DmqnError(f"{final_dir} exists and is not {what}; refusing to replace it")
+    return True
+
+
+def _regular_file(path: Path) -> bool:
+    return path.is_file() and not path.is_symlink()
+
+
+def remove_stale_temporaries(parent: Path, name: str, owned: Callable[[Path], bool] = _regular_file) -> None:
     """Clean up after killed writers of ``name``.
 
     ``.NAME.tmp-PID`` (a set that was never published) is deleted; ``.NAME.old-PID`` (a
     previous set moved aside for an overwrite that did not finish) is put back when no
-    ``NAME`` replaced it, and deleted otherwise.
+    ``NAME`` replaced it, and deleted otherwise. Entries of those names that ``owned`` does not
+    recognise as what the writer makes (by default: a plain file, as atomic_write_bytes leaves)
+    are left alone, so that only ever the tool's own leftovers are touched.
     """
     if not parent.is_dir():
         return
@@ -129,14 +156,20 @@ def remove_stale_temporaries(parent: Path, name: str) -> None:
             if not entry.name.startswith(marker):
                 continue
             pid = entry.name[len(marker):]
-            if not pid.isdigit() or _pid_alive(int(pid)):
+            if not pid.isdigit() or _pid_alive(int(pid)) or not owned(entry):
                 continue
             if marker.endswith(".old-") and not final.exists():
                 os.replace(entry, final)
-            elif entry.is_dir():
-                shutil.rmtree(entry, ignore_errors=True)
             else:
-                entry.unlink(missing_ok=True)
+                _delete(entry)
+
+
+def _delete(path: Path) -> None:
+    """Remove a file, a symbolic link (not what it points to) or a directory tree."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -147,3 +180,42 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def lock_is_held(path: Path) -> bool:
+    """Whether some process holds ``exclusive_lock(path)`` now; a missing file is not created.
+
+    The probe takes a shared lock for an instant: probes never exclude one another, and the holder
+    of the exclusive lock, in this process or another, makes it fail at once. An exclusive_lock
+    tried in that same instant fails as if the path were in use. A lock file that cannot be read
+    counts as held: without proof that its holder is gone, nothing is presumed dead.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing the descriptor releases the probe's lock
+    return False
+
+
+_NAME_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+
+
+def check_plain_name(name: str, what: str) -> str:
+    """``name`` if it can become one directory name under the workspace, else a DmqnError.
+
+    Letters, digits, '-', '_' and '.', not starting with '.' (no '..', no hidden or temporary
+    entries), at most 100 characters: a user-given name never reaches outside its parent folder.
+    """
+    if (not isinstance(name, str) or not 1 <= len(name) <= 100 or name.startswith(".")
+            or not set(name) <= _NAME_CHARACTERS):
+        raise DmqnError(f"{what} {name!r} is not a plain name: use letters, digits, '-', '_' and '.', "
+                        "not starting with '.', at most 100 characters")
+    return name

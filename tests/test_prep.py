@@ -165,7 +165,7 @@ def test_skipped_rows_are_counted_and_strict_fails(ws: Workspace, tmp_path: Path
         fh.write(b"1,\xff\xfe,3,pv,1511539300\n")
     counts = prepare(log, "taobao", "ok", workspace=ws, min_behaviors=5).meta["counts"]
     assert counts["rows_bad"] == {"bad_encoding": 1, "bad_columns": 1, "bad_id": 1, "bad_behavior": 1,
-                                  "bad_timestamp": 1, "out_of_time_range": 1}
+                                  "bad_timestamp": 1, "out_of_time_range": 1, "duplicate": 0}
     assert counts["rows_read"] == 6 * 30 + 6
     with pytest.raises(DmqnError, match=r"--strict: line 181 of log.csv is bad_columns: '1,2,3'"):
         prepare(log, "taobao", "strict", workspace=ws, min_behaviors=5, strict=True)

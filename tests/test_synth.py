@@ -214,8 +214,17 @@ def test_prep_skips_exactly_the_blocked_logs_quirks(tmp_path):
     counts = prepare(out, "taobao", "blocked", workspace=ws, min_behaviors=10).meta["counts"]
     assert counts["rows_read"] == summary.rows
     expected = {kind: int(np.sum(kinds == k)) for k, kind in enumerate(MALFORMED_KINDS)}
-    assert counts["rows_bad"] == {"bad_encoding": 0, **expected, "out_of_time_range": summary.out_of_range}
+    # Rows repeated exactly (same second, item and behavior) are dropped as duplicates, once each.
+    valid = [line for line in out.read_text().splitlines() if _is_valid_row(line)]
+    assert counts["rows_bad"] == {"bad_encoding": 0, **expected, "out_of_time_range": summary.out_of_range,
+                                  "duplicate": len(valid) - len(set(valid))}
     assert counts["users"] > 0.9 * SMALL_BLOCKED.n_users
+
+
+def _is_valid_row(line: str) -> bool:
+    fields = line.split(",")
+    return (len(fields) == 5 and all(f.isdigit() for f in fields[:3] + fields[4:]) and fields[3] in BEHAVIORS
+            and WINDOW_START <= int(fields[4]) < WINDOW_END)
 
 
 def test_taobao_scale_has_the_release_shape_per_user():
