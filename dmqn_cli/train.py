@@ -25,7 +25,7 @@ def train(
     data: Optional[str] = typer.Argument(None, help="Prepared data set: a NAME inside the workspace or a path (see `dmqn prep`)."),
     model: str = typer.Option("dmqn", "--model", "-m", help=f"Model to train: {', '.join(model_names())}."),
     config: Optional[Path] = ConfigOption,
-    resume: Optional[str] = typer.Option(None, "--resume", help="Continue the interrupted run RUN_ID from its last checkpoint."),
+    resume: Optional[str] = typer.Option(None, "--resume", help="Continue the run RUN_ID (interrupted, failed or dead: see `dmqn runs`) from its last checkpoint."),
     epochs: Optional[int] = EpochsOption,
     batch_size: Optional[int] = BatchSizeOption,
     lr: Optional[float] = LrOption,

@@ -29,7 +29,7 @@ from dmqn_core.prepared import PreparedSet
 from dmqn_core.progress import NullProgress, Progress
 from dmqn_core.runstore import RunRecord, RunStore, new_run_id
 from dmqn_core.train import resolve_configs, train
-from dmqn_core.workspace import Workspace, atomic_write_bytes
+from dmqn_core.workspace import Workspace, atomic_write_bytes, check_plain_name
 
 # `--models all`, in the order of the paper's Table 2 (short sequences, retrieval, full sequence),
 # with the history-free floor first and ETA (not in the paper's table) beside the other retrieval models.
@@ -146,7 +146,8 @@ def run_bench(workspace: Workspace, dataset: str, models: list[str], seeds: list
     data = PreparedSet.open(workspace.dataset_path(dataset))
     dataset_name = data.meta.get("name") or Path(data.path).name
     budget = budget_of(data, model_settings, train_settings)
-    name = name or default_bench_name(dataset_name, data, budget)
+    # The name becomes the directory benches/NAME: a given one must not reach outside benches/.
+    name = check_plain_name(default_bench_name(dataset_name, data, budget) if name is None else name, "bench name")
     store = RunStore(workspace.store_path)
     store.register_bench(name, dataset_name, budget)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -43,6 +44,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         # from_dict hands lists from json; a tuple keeps the config hashable and immutable-looking.
         self.mlp_hidden = tuple(int(h) for h in self.mlp_hidden)
+        # NaN passes every `<` and `<=` test below (all comparisons with NaN are false).
+        for name in ("tau", "dropout", "usage_loss_weight", "dien_aux_weight"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         for name in ("n_items", "n_categories", "n_behavior_types"):
             if getattr(self, name) < 2:
                 raise ValueError(f"{name} must be >= 2 (index 0 is padding), got {getattr(self, name)}")

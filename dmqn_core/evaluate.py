@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import pickle
+import re
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,25 +24,88 @@ from dmqn_core.workspace import Workspace
 
 SPLITS = ("train", "valid", "test")
 
+# The two files of a run's directory (dmqn_core.train writes them, atomically).
+CHECKPOINT = "checkpoint.pt"   # everything needed to resume: model, optimiser, step, RNG, configs
+BEST = "best.pt"               # the weights of the best validation epoch, used for test and eval
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
+
+def load_checkpoint(path: Path, keys: tuple[str, ...] = ("model_state",)) -> dict[str, Any]:
+    """A checkpoint written by dmqn_core.train, which must hold ``keys``.
+
+    Checkpoints hold only tensors and plain Python values (dicts, lists, numbers, strings), so
+    they are read with torch's weights-only unpickler: a file that names any other Python object
+    (whose unpickling could run code, e.g. os.system) is refused before anything of it runs.
+    Unreadable files become one DmqnError instead of an unpickler's or a zip reader's traceback.
+    """
     if not path.exists():
         raise DmqnError(f"checkpoint {path} does not exist")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        with warnings.catch_warnings():
+            # Foreign pickles make torch warn about their protocol before it refuses them below.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            value = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch's message names the first object it refused as "GLOBAL module.name".
+        refused = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if refused:
+            raise DmqnError(f"checkpoint {path} is not a safe checkpoint: it would load the Python object "
+                            f"{refused.group(1)}, and dmqn loads only tensors and plain values") from None
+        raise DmqnError(f"checkpoint {path} is damaged or not a checkpoint (it does not unpickle)") from None
+    except EOFError:
+        raise DmqnError(f"checkpoint {path} is damaged or not a checkpoint (it ends too early)") from None
+    except (OSError, RuntimeError, KeyError, ValueError) as exc:
+        raise DmqnError(f"checkpoint {path} is damaged or not a checkpoint ({one_line(exc)})") from None
+    missing = [key for key in keys if not isinstance(value, dict) or key not in value]
+    if missing:
+        raise DmqnError(f"checkpoint {path} is damaged or not a checkpoint (no {', '.join(missing)})")
+    return value
+
+
+def restore_weights(model: torch.nn.Module, checkpoint: dict[str, Any], path: Path) -> None:
+    """Load a checkpoint's model_state into ``model``; weights of another model are a DmqnError."""
+    try:
+        model.load_state_dict(checkpoint["model_state"])
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        raise DmqnError(f"checkpoint {path} does not fit the run's {type(model).__name__} ({one_line(exc)})") from None
+
+
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception as the short one-line detail of a DmqnError: its type and its words."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:limit]
+
+
+def check_run_data(record: RunRecord, data: PreparedSet) -> None:
+    """Refuse a prepared set other than the one the run trained on (the set was prepared again
+    under the same name since, from another log or with other settings).
+
+    Runs recorded before fingerprints were kept are compared by protocol and vocabulary sizes.
+    """
+    recorded = record.params.get("data", {})
+    if "fingerprint" in recorded:
+        same = recorded["fingerprint"] == data.fingerprint
+    else:
+        model = record.params.get("model", {})
+        sizes = (model.get("n_items"), model.get("n_categories"), model.get("n_behavior_types"))
+        same = (recorded.get("protocol") == data.meta.get("protocol")
+                and sizes == (data.n_items + 1, data.n_categories + 1, data.n_behavior_types + 1))
+    if not same:
+        raise DmqnError(f"the prepared set at {data.path} is not the one run {record.run_id} was trained on "
+                        "(it was prepared again since); prepare it again as it was, or train a new run")
 
 
 def load_run_model(workspace: Workspace, run_id: str | None = None, device: str = "cpu"
                    ) -> tuple[torch.nn.Module, RunRecord, PreparedSet]:
-    """The best-validation weights of a run (the latest run when ``run_id`` is None), in eval mode."""
+    """The best-validation weights of a run (the latest finished run when ``run_id`` is None), in eval mode."""
     store = RunStore(workspace.store_path)
     record = store.get_run(store.resolve_run_id(run_id))
-    best = workspace.run_dir(record.run_id) / "best.pt"
+    best = workspace.run_dir(record.run_id) / BEST
     if not best.exists():
         raise DmqnError(f"run {record.run_id} has no trained weights yet (status: {record.status})")
     data = PreparedSet.open(record.dataset_path)
+    check_run_data(record, data)
     config = ModelConfig.from_dict(record.params["model"])
     model = build_model(record.model, config, item_popularity=data.item_popularity)
-    model.load_state_dict(load_checkpoint(best)["model_state"])
+    restore_weights(model, load_checkpoint(best), best)
     return model.to(device).eval(), record, data
 
 @torch.no_grad()

@@ -35,7 +35,7 @@ import torch
 from dmqn_core.batches import gather_histories
 from dmqn_core.dmqn import DMQN
 from dmqn_core.errors import DmqnError
-from dmqn_core.evaluate import load_run_model
+from dmqn_core.evaluate import check_run_data, load_run_model
 from dmqn_core.prepared import PreparedSet
 from dmqn_core.runstore import RunRecord, RunStore
 from dmqn_core.workspace import Workspace
@@ -288,7 +288,12 @@ class RunInspector:
             runs = dmqn_runs(workspace)
             if not runs:
                 raise DmqnError(f"no dmqn or dmqn-simple run in {self.store.path} (train one with `dmqn train`)")
-            run_id = runs[0].run_id
+            # As RunStore.resolve_run_id: a run still training, failed or dead has no recorded sample.
+            finished = [run for run in runs if run.status == "finished"]
+            if not finished:
+                raise DmqnError(f"no finished dmqn or dmqn-simple run in {self.store.path} yet; name a run "
+                                "(see `dmqn runs`)")
+            run_id = finished[0].run_id
         record = self.store.get_run(run_id)
         if record.model not in DMQN_MODELS:
             raise DmqnError(f"run {record.run_id} trains {record.model!r}; only dmqn and dmqn-simple runs have codebooks")
@@ -300,7 +305,7 @@ class RunInspector:
         self.codebook_size: int = int(config["codebook_size"])
         self.embed_dim: int = int(config["embed_dim"])
         self._max_len = int(record.params["train"]["max_len"])
-        self._dataset_path = record.dataset_path
+        self._record = record
         self._data: PreparedSet | None = None
         self._model: DMQN | None = None
         self._lock = threading.Lock()   # the TUI reads from worker threads
@@ -308,7 +313,9 @@ class RunInspector:
     def _prepared(self) -> PreparedSet:
         with self._lock:
             if self._data is None:
-                self._data = PreparedSet.open(self._dataset_path)
+                data = PreparedSet.open(self._record.dataset_path)
+                check_run_data(self._record, data)
+                self._data = data
             return self._data
 
     def _checkpoint_model(self) -> DMQN:

@@ -45,6 +45,7 @@ import json
 import os
 import secrets
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -55,6 +56,7 @@ import numpy as np
 import pyarrow as pa
 
 from dmqn_core.errors import DmqnError
+from dmqn_core.workspace import lock_is_held
 
 SCHEMA_VERSION = 3  # 2: benches, bench_runs; 3: inspect_*, codebook_vectors, item_vectors
 
@@ -65,7 +67,7 @@ SCHEMA = [
         model           VARCHAR NOT NULL,
         dataset         VARCHAR NOT NULL,
         dataset_path    VARCHAR NOT NULL,
-        status          VARCHAR NOT NULL,      -- running | finished | failed | interrupted
+        status          VARCHAR NOT NULL,      -- running | finished | failed | interrupted (see RunRecord)
         created_at      TIMESTAMPTZ NOT NULL,
         finished_at     TIMESTAMPTZ,
         seed            BIGINT,
@@ -192,9 +194,16 @@ _UPDATABLE = set(RUN_COLUMNS) - {"run_id", "created_at"}
 # A writer holds DuckDB's file lock only for one short transaction; retry for this long.
 _LOCK_WAIT_SECONDS = 30.0
 
+# The file in each run's directory that its training process holds locked (workspace.exclusive_lock).
+RUN_LOCK = ".lock"
+
 
 @dataclass
 class RunRecord:
+    """One row of ``runs``. ``status`` is as recorded, except that a run recorded as running whose
+    lock no process holds (its process was killed with SIGKILL, or the machine went down) reads
+    ``dead``: it can be resumed like an interrupted one."""
+
     run_id: str
     model: str
     dataset: str
@@ -226,10 +235,19 @@ def _now() -> datetime:
 
 
 class RunStore:
-    """Read and write ``runs.duckdb``. Cheap to construct; connections are opened per call."""
+    """Read and write ``runs.duckdb``. Cheap to construct; connections are opened per call.
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    ``runs_dir`` holds a directory per run with its lock (RUN_LOCK); by default the workspace's
+    ``runs/`` beside the store.
+    """
+
+    def __init__(self, path: str | os.PathLike, runs_dir: str | os.PathLike | None = None) -> None:
         self.path = Path(path)
+        self.runs_dir = Path(runs_dir) if runs_dir is not None else self.path.parent / "runs"
+
+    def lock_path(self, run_id: str) -> Path:
+        """The file a process training ``run_id`` holds locked."""
+        return self.runs_dir / run_id / RUN_LOCK
 
     # -- connections -------------------------------------------------------------------
     def _connect(self, read_only: bool) -> duckdb.DuckDBPyConnection:
@@ -239,15 +257,42 @@ class RunStore:
                 return duckdb.connect(str(self.path), read_only=read_only)
             except duckdb.IOException as exc:
                 if "lock" not in str(exc).lower() or time.monotonic() > deadline:
-                    raise DmqnError(f"cannot open run store {self.path}: {str(exc).splitlines()[0]}") from None
+                    raise DmqnError(f"cannot open run store {self.path}: {_first_line(exc)}") from None
                 time.sleep(0.2)
+            except duckdb.Error as exc:
+                raise self._unusable(exc) from None
+
+    @contextmanager
+    def _connection(self, read_only: bool) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A connection for one batch of statements, closed afterwards.
+
+        DuckDB reads most blocks of the file only when a statement needs them, so damage can
+        surface in any statement, not only when connecting: such errors become one DmqnError
+        naming the file. Errors of the statements themselves (this module's bugs) stay as they are.
+        """
+        con = self._connect(read_only)
+        try:
+            yield con
+        except (duckdb.IOException, duckdb.SerializationException, duckdb.InternalException) as exc:
+            raise self._unusable(exc) from None
+        except duckdb.Error as exc:
+            if not str(exc).startswith("Corrupt"):
+                raise
+            raise self._unusable(exc) from None
+        finally:
+            con.close()
+
+    def _unusable(self, exc: duckdb.Error) -> DmqnError:
+        if isinstance(exc, duckdb.IOException):
+            return DmqnError(f"cannot use run store {self.path}: {_first_line(exc)}")
+        return DmqnError(f"run store {self.path} is damaged ({_first_line(exc)}); move it aside to start "
+                         "a new one, or put back a copy")
 
     def _write(self, statements: Iterable[tuple[str, Sequence | None]],
                frames: Mapping[str, pa.Table] | None = None) -> None:
         """Run the statements in one transaction; ``frames`` are Arrow tables the statements can
         select from by name (bulk inserts: DuckDB's executemany costs milliseconds per row)."""
-        con = self._connect(read_only=False)
-        try:
+        with self._connection(read_only=False) as con:
             con.execute("BEGIN TRANSACTION")
             for sql in SCHEMA:
                 con.execute(sql)
@@ -263,8 +308,6 @@ class RunStore:
                 else:
                     con.execute(sql, params or [])
             con.execute("COMMIT")
-        finally:
-            con.close()
 
     def _read(self, sql: str, params: Sequence | None = None, table: str = "runs") -> list[tuple]:
         """Rows of a read-only query; none while ``table`` does not exist yet (a store written before
@@ -275,13 +318,10 @@ class RunStore:
         """The rows of several (sql, params, table) queries, read through one read-only connection."""
         if not self.path.exists():
             return [[] for _ in queries]
-        con = self._connect(read_only=True)
-        try:
+        with self._connection(read_only=True) as con:
             tables = {row[0] for row in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
             return [con.execute(sql, params or []).fetchall() if table in tables else []
                     for sql, params, table in queries]
-        finally:
-            con.close()
 
     # -- runs --------------------------------------------------------------------------
     def create_run(self, *, model: str, dataset: str, dataset_path: str, params: dict[str, Any],
@@ -321,19 +361,28 @@ class RunStore:
         )
         return [self._record(row) for row in rows]
 
-    def resolve_run_id(self, run_id: str | None) -> str:
-        """The given run id, checked; or the latest run when none is given."""
+    def resolve_run_id(self, run_id: str | None, finished_only: bool = True) -> str:
+        """The given run id, checked; or, when none is given, the latest finished run (the latest
+        run of any status with ``finished_only=False``).
+
+        A run still training, or one that failed or died, has no test metrics and maybe no weights:
+        commands that default to "the latest run" want the latest one they can use.
+        """
         if run_id:
             return self.get_run(run_id).run_id
-        rows = self._read("SELECT run_id FROM runs ORDER BY created_at DESC, run_id DESC LIMIT 1")
-        if not rows:
-            raise DmqnError(f"no runs in {self.path} yet (train one with `dmqn train`)")
-        return rows[0][0]
+        rows = self._read("SELECT run_id FROM runs WHERE (NOT ? OR status = 'finished') "
+                          "ORDER BY created_at DESC, run_id DESC LIMIT 1", [finished_only])
+        if rows:
+            return rows[0][0]
+        if finished_only and self._read("SELECT 1 FROM runs LIMIT 1"):
+            raise DmqnError(f"no finished run in {self.path} yet; name a run (see `dmqn runs`)")
+        raise DmqnError(f"no runs in {self.path} yet (train one with `dmqn train`)")
 
-    @staticmethod
-    def _record(row: tuple) -> RunRecord:
+    def _record(self, row: tuple) -> RunRecord:
         values = dict(zip(RUN_COLUMNS, row))
         values["params"] = json.loads(values["params"]) if values["params"] else {}
+        if values["status"] == "running" and not lock_is_held(self.lock_path(values["run_id"])):
+            values["status"] = "dead"
         return RunRecord(**values)
 
     # -- metrics -----------------------------------------------------------------------
@@ -490,6 +539,10 @@ def _arrow_frame(names: Sequence[str], columns: Mapping[str, Any]) -> pa.Table:
         else:
             arrays.append(pa.array(np.asarray(columns[name]).astype(kind.to_pandas_dtype(), copy=False), type=kind))
     return pa.table(arrays, names=list(names))
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
 
 
 def iter_param_rows(params: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:

@@ -11,12 +11,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import json
 import math
 import os
 import signal
 import sys
 import threading
 import time
+import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -32,23 +34,25 @@ from dmqn_core.batches import BatchLoader
 from dmqn_core.config import ModelConfig
 from dmqn_core.dmqn import DMQN
 from dmqn_core.errors import DmqnError
-from dmqn_core.evaluate import evaluate_split, load_checkpoint, predict
+from dmqn_core.evaluate import (
+    BEST, CHECKPOINT, check_run_data, evaluate_split, load_checkpoint, one_line, predict, restore_weights,
+)
 from dmqn_core.inspection import record_inspection
 from dmqn_core.metrics import ctr_metrics
 from dmqn_core.models import build_model, model_names
 from dmqn_core.prepared import PreparedSet
 from dmqn_core.progress import NullProgress, Progress
 from dmqn_core.quantizer import CodebookUsage
-from dmqn_core.runstore import RunStore, new_run_id
-from dmqn_core.workspace import Workspace, atomic_write_bytes, exclusive_lock
+from dmqn_core.runstore import RUN_LOCK, RunStore, new_run_id
+from dmqn_core.workspace import Workspace, atomic_write_bytes, check_plain_name, exclusive_lock
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-CHECKPOINT = "checkpoint.pt"   # everything needed to resume: model, optimiser, step, RNG, configs
-BEST = "best.pt"               # the weights of the best validation epoch, used for test and eval
+# What a checkpoint needs to resume a run (load_checkpoint checks that they are there).
+RESUME_KEYS = ("model_state", "optimizer_state", "train_state", "torch_rng")
 
 
 @dataclass
@@ -72,11 +76,53 @@ class TrainConfig:
 
 
 def _checked(cls: type, values: dict[str, Any], section: str) -> dict[str, Any]:
+    """``values`` with each one checked against the type of ``cls``'s field of that name.
+
+    TOML and Python callers hand over any type; a wrong one must fail here, with the setting's
+    name, not as a TypeError inside a model (or pass: True is an int to Python, 1 to range()).
+    """
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
         raise DmqnError(f"unknown [{section}] setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
-    return dict(values)
+    hints = typing.get_type_hints(cls)
+    return {name: _typed(value, hints[name], f"[{section}] setting {name}") for name, value in values.items()}
+
+
+def _typed(value: Any, hint: Any, what: str) -> Any:
+    """``value`` as a field of type ``hint`` holds it (an int given for a float becomes a float)."""
+    options = typing.get_args(hint)
+    if type(None) in options:          # X | None
+        if value is None:
+            return None
+        (hint,) = [option for option in options if option is not type(None)]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        expected = "true or false"
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        expected = "an integer"
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        expected = "a number"
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+        expected = "a string"
+    elif typing.get_origin(hint) is tuple:          # mlp_hidden: tuple[int, ...]
+        if isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return tuple(value)
+        expected = "a list of integers"
+    else:
+        raise TypeError(f"{what}: no type check for {hint!r}; add one to _typed")
+    try:
+        shown = json.dumps(value)      # as TOML spells most values: true, "text", [1, 2]
+    except (TypeError, ValueError):
+        shown = repr(value)
+    raise DmqnError(f"{what} must be {expected}, got {shown}")
 
 
 def read_config_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -102,12 +148,13 @@ def resolve_configs(data: PreparedSet, model_settings: dict[str, Any], train_set
     given = _checked(ModelConfig, model_settings, "model")
     if vocab_fields & set(given):
         raise DmqnError(f"{', '.join(sorted(vocab_fields & set(given)))} come(s) from the data set and cannot be set")
-    if "mlp_hidden" in given:
-        given["mlp_hidden"] = tuple(given["mlp_hidden"])
-    model_config = ModelConfig(
-        n_items=data.n_items + 1, n_categories=data.n_categories + 1,
-        n_behavior_types=data.n_behavior_types + 1, **given,
-    )
+    try:
+        model_config = ModelConfig(
+            n_items=data.n_items + 1, n_categories=data.n_categories + 1,
+            n_behavior_types=data.n_behavior_types + 1, **given,
+        )
+    except ValueError as exc:      # ModelConfig's own range checks, for library callers a ValueError
+        raise DmqnError(f"invalid model setting: {exc}") from None
     train_config = TrainConfig.from_dict(train_settings)
     if train_config.max_len is None:
         train_config = dataclasses.replace(train_config, max_len=int(data.meta["protocol"]["max_len"]))
@@ -116,13 +163,20 @@ def resolve_configs(data: PreparedSet, model_settings: dict[str, Any], train_set
 
 
 def _validate(cfg: TrainConfig) -> None:
-    for name in ("epochs", "batch_size", "eval_batch_size", "max_len"):
+    # patience 0 would stop every run after its first epoch, whatever its validation AUC.
+    for name in ("epochs", "batch_size", "eval_batch_size", "max_len", "patience"):
         if getattr(cfg, name) < 1:
             raise DmqnError(f"{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if cfg.inspect_users < 0:
         raise DmqnError(f"inspect-users must be 0 or more, got {cfg.inspect_users}")
-    if cfg.lr <= 0:
-        raise DmqnError(f"lr must be positive, got {cfg.lr}")
+    # NumPy's generators take seeds >= 0, the run store keeps them as BIGINT.
+    if not 0 <= cfg.seed < 2**63:
+        raise DmqnError(f"seed must be in 0 .. 2^63-1, got {cfg.seed}")
+    # Written as `not (... and ...)`: NaN fails every comparison, so `lr <= 0` would let it through.
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise DmqnError(f"lr must be a positive number, got {cfg.lr}")
+    if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
+        raise DmqnError(f"weight-decay must be 0 or a positive number, got {cfg.weight_decay}")
     if cfg.device not in ("cpu", "cuda") and not cfg.device.startswith("cuda:"):
         raise DmqnError(f"device must be cpu or cuda, got {cfg.device!r}")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
@@ -159,7 +213,12 @@ def train(workspace: Workspace, dataset: str | None = None, model_name: str = "d
 
     ``run_id`` names a new run in advance (a bench records it before training starts, so that
     it can find the run again after a kill). While a process trains a run it holds the run's
-    lock: a second process resuming the same run fails at once instead of training it twice.
+    lock: a second process resuming the same run fails at once instead of training it twice,
+    and a run recorded as running whose lock nobody holds reads as dead (dmqn_core.runstore).
+
+    Every setting, the model and the data set are checked before a new run gets its directory,
+    lock and run-store row, so a refused training leaves nothing behind; a run that fails after
+    that is recorded as failed (interrupted after Ctrl-C or SIGTERM).
 
     Started by torchrun with more than one process (``dmqn_core.distributed``), every process
     calls this: they train one model with DistributedDataParallel, each on its part of every
@@ -167,23 +226,28 @@ def train(workspace: Workspace, dataset: str | None = None, model_name: str = "d
     progress. Every rank returns rank 0's result.
     """
     with distributed.process_group() as context, contextlib.ExitStack() as held:
-        def claim_run() -> str:       # on rank 0, which holds the lock until training ends
-            if resume is not None:
-                claimed = RunStore(workspace.store_path).get_run(resume).run_id
-            else:
-                claimed = run_id or new_run_id()
-            held.enter_context(exclusive_lock(workspace.run_dir(claimed) / ".lock", f"run {claimed}"))
-            return claimed
+        store = RunStore(workspace.store_path)   # used by rank 0 only: the other ranks never touch the store
 
-        claimed = distributed.from_main(context, claim_run)
-        return _train(workspace, dataset, model_name, model_settings, train_settings, resume,
-                      progress if context.is_main else None, claimed, context)
+        def claim_run() -> _Plan:       # on rank 0, which holds the lock until training ends
+            if resume is not None:
+                claimed = store.get_run(check_plain_name(resume, "run id")).run_id
+                held.enter_context(exclusive_lock(workspace.run_dir(claimed) / RUN_LOCK, f"run {claimed}"))
+                # Checked under the lock: no other process can be resuming the run meanwhile.
+                return _plan_resume(workspace, store, claimed, train_settings, context)
+            plan = _plan_new(workspace, store, dataset, model_name, model_settings, train_settings, run_id, context)
+            held.enter_context(exclusive_lock(workspace.run_dir(plan.run_id) / RUN_LOCK, f"run {plan.run_id}"))
+            return plan
+
+        plan = distributed.from_main(context, claim_run)
+        return _train(workspace, store, plan, progress if context.is_main else None, context)
 
 
 @dataclass
 class _Plan:
     """What rank 0 settles before training, from the arguments or the resumed run, for every rank."""
 
+    run_id: str
+    new_run: bool          # False: an existing run is resumed
     model_name: str
     dataset_name: str
     data_path: str
@@ -192,104 +256,112 @@ class _Plan:
     resumed: bool          # a checkpoint exists to continue from
 
 
-def _plan(workspace: Workspace, store: RunStore, dataset: str | None, model_name: str,
-          model_settings: dict[str, Any] | None, train_settings: dict[str, Any] | None, resume: str | None,
-          context: distributed.Context) -> _Plan:
-    if resume is not None:
-        record = store.get_run(resume)
-        resumed = (workspace.run_dir(record.run_id) / CHECKPOINT).exists()
-        if record.status == "finished":
-            raise DmqnError(f"run {record.run_id} already finished; nothing to resume")
-        data = PreparedSet.open(record.dataset_path)
-        model_config = ModelConfig.from_dict(record.params["model"])
-        extra = dict(train_settings or {})
-        if set(extra) - {"epochs", "device"}:
-            raise DmqnError("a resumed run keeps its settings; only --epochs and --device may change")
-        train_config = TrainConfig.from_dict({**record.params["train"], **extra})
-        _validate(train_config)
-        model_name, dataset_name = record.model, record.dataset
-    else:
-        if dataset is None:
-            raise DmqnError("name a prepared data set to train on (see `dmqn prep`)")
-        if model_name not in model_names():
-            raise DmqnError(f"unknown model {model_name!r}; known: {', '.join(model_names())}")
-        data = PreparedSet.open(workspace.dataset_path(dataset))
-        model_config, train_config = resolve_configs(data, model_settings or {}, train_settings or {})
-        resumed = False
-        dataset_name = data.meta.get("name") or Path(data.path).name
+def _plan_new(workspace: Workspace, store: RunStore, dataset: str | None, model_name: str,
+              model_settings: dict[str, Any] | None, train_settings: dict[str, Any] | None,
+              run_id: str | None, context: distributed.Context) -> _Plan:
+    if dataset is None:
+        raise DmqnError("name a prepared data set to train on (see `dmqn prep`)")
+    if model_name not in model_names():
+        raise DmqnError(f"unknown model {model_name!r}; known: {', '.join(model_names())}")
+    if run_id is not None:
+        check_plain_name(run_id, "run id")
+    data = PreparedSet.open(workspace.dataset_path(dataset))
+    model_config, train_config = resolve_configs(data, model_settings or {}, train_settings or {})
+    _check_world_size(train_config, context)
+    run_id = run_id or new_run_id()
+    if store.has_run(run_id):       # also opens the store: a damaged one fails before the run exists
+        raise DmqnError(f"run {run_id} already exists; resume it with --resume {run_id}")
+    return _Plan(run_id, True, model_name, data.meta.get("name") or Path(data.path).name, str(data.path),
+                 model_config, train_config, resumed=False)
+
+
+def _plan_resume(workspace: Workspace, store: RunStore, run_id: str, train_settings: dict[str, Any] | None,
+                 context: distributed.Context) -> _Plan:
+    record = store.get_run(run_id)
+    if record.status == "finished":
+        raise DmqnError(f"run {record.run_id} already finished; nothing to resume")
+    data = PreparedSet.open(record.dataset_path)
+    check_run_data(record, data)
+    model_config = ModelConfig.from_dict(record.params["model"])
+    extra = dict(train_settings or {})
+    if set(extra) - {"epochs", "device"}:
+        raise DmqnError("a resumed run keeps its settings; only --epochs and --device may change")
+    train_config = TrainConfig.from_dict({**record.params["train"], **extra})
+    _validate(train_config)
+    _check_world_size(train_config, context)
+    return _Plan(record.run_id, False, record.model, record.dataset, str(data.path), model_config, train_config,
+                 resumed=(workspace.run_dir(record.run_id) / CHECKPOINT).exists())
+
+
+def _check_world_size(train_config: TrainConfig, context: distributed.Context) -> None:
     if train_config.batch_size < context.world_size:
         raise DmqnError(f"batch-size {train_config.batch_size} is smaller than the {context.world_size} "
                         "training processes; every process needs a part of each batch")
-    return _Plan(model_name, dataset_name, str(data.path), model_config, train_config, resumed)
 
 
-def _train(workspace: Workspace, dataset: str | None, model_name: str, model_settings: dict[str, Any] | None,
-           train_settings: dict[str, Any] | None, resume: str | None, progress: Progress | None,
-           run_id: str, context: distributed.Context) -> TrainResult:
+def _train(workspace: Workspace, store: RunStore, plan: _Plan, progress: Progress | None,
+           context: distributed.Context) -> TrainResult:
     progress = progress or NullProgress()
     main = context.is_main
-    store = RunStore(workspace.store_path)   # used by rank 0 only: the other ranks never touch the store
-    plan = distributed.from_main(context, lambda: _plan(workspace, store, dataset, model_name, model_settings,
-                                                        train_settings, resume, context))
-    model_name, dataset_name, model_config, train_config = (plan.model_name, plan.dataset_name,
-                                                            plan.model_config, plan.train_config)
+    run_id, model_name, dataset_name, model_config, train_config = (
+        plan.run_id, plan.model_name, plan.dataset_name, plan.model_config, plan.train_config)
     run_dir = workspace.run_dir(run_id)
-    # Rank 0 checked that the checkpoint exists; under torchrun the run directory must be on a
-    # file system every rank sees (as the prepared set must).
-    checkpoint = load_checkpoint(run_dir / CHECKPOINT) if plan.resumed else None
-    data = PreparedSet.open(plan.data_path)
-
-    device = distributed.rank_device(context, train_config.device)
-    torch.manual_seed(train_config.seed)      # the same initial weights on every rank
-    model = build_model(model_name, model_config, item_popularity=data.item_popularity).to(device)
-    # A registry entry may fix settings (dmqn-simple has no ICIM): store what the model really uses.
-    model_config = getattr(model, "config", model_config)
-    n_parameters = count_parameters(model)
-    params = {
-        "model": model_config.to_dict(),
-        "train": asdict(train_config),
-        "data": {"name": dataset_name, "path": str(data.path), "protocol": data.meta.get("protocol", {})},
-        "versions": {"dmqn": dmqn_core.__version__, "torch": torch.__version__, "numpy": np.__version__},
-        # How the latest (re)start trained: processes, and what carried their gradients.
-        "distributed": {"world_size": context.world_size, "backend": distributed.gradient_backend(context, device)},
-    }
-    if main and resume is None:
-        run_id = store.create_run(model=model_name, dataset=dataset_name, dataset_path=str(data.path),
-                                  params=params, seed=train_config.seed, n_parameters=n_parameters,
-                                  run_id=run_id)
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trainable, lr=train_config.lr, weight_decay=train_config.weight_decay) if trainable else None
-    state = {"epoch": 0, "step": 0, "best_epoch": None, "best_valid_auc": None, "stale_epochs": 0,
-             "train_seconds": 0.0, "history": []}
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model_state"])
-        if optimizer is not None and checkpoint.get("optimizer_state"):
-            optimizer.load_state_dict(checkpoint["optimizer_state"])
-        state.update(checkpoint["train_state"])
-        torch.set_rng_state(checkpoint["torch_rng"])
-        progress.log(f"resuming run {run_id} after epoch {state['epoch']}")
-    if main and resume is not None:
-        store.delete_epochs_after(run_id, state["epoch"])
-        store.update_run(run_id, status="running", error=None, params=params)
-    forward = model
-    if context.active and optimizer is not None:
-        # Every parameter of every registered model gets a gradient at every step
-        # (tests/test_model_contract.py: test_gradients_reach_every_parameter), so DDP need not
-        # search the graph for unused ones. The only buffers (ETA's and SDIM's SimHash planes)
-        # are fixed; DDP's default broadcast of rank 0's buffers before each step is cheap and
-        # would keep running statistics in step if a model ever had some.
-        forward = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            process_group=distributed.gradient_group(context, device), find_unused_parameters=False)
-        progress.log(f"training with {context.world_size} processes ({distributed.gradient_backend(context, device)}), "
-                     f"each on its part of every batch of {train_config.batch_size}")
-
-    loader = BatchLoader(data, "train", train_config.batch_size, train_config.max_len,
-                         shuffle=True, seed=train_config.seed, shard=(context.rank, context.world_size))
+    started = False      # rank 0 has recorded this (re)start of the run as running
     try:
+        # Rank 0 checked that the checkpoint exists; under torchrun the run directory must be on a
+        # file system every rank sees (as the prepared set must).
+        checkpoint = load_checkpoint(run_dir / CHECKPOINT, RESUME_KEYS) if plan.resumed else None
+        data = PreparedSet.open(plan.data_path)
+
+        device = distributed.rank_device(context, train_config.device)
+        torch.manual_seed(train_config.seed)      # the same initial weights on every rank
+        model = build_model(model_name, model_config, item_popularity=data.item_popularity).to(device)
+        # A registry entry may fix settings (dmqn-simple has no ICIM): store what the model really uses.
+        model_config = getattr(model, "config", model_config)
+        n_parameters = count_parameters(model)
+        params = {
+            "model": model_config.to_dict(),
+            "train": asdict(train_config),
+            "data": {"name": dataset_name, "path": str(data.path), "protocol": data.meta.get("protocol", {}),
+                     "fingerprint": data.fingerprint},
+            "versions": {"dmqn": dmqn_core.__version__, "torch": torch.__version__, "numpy": np.__version__},
+            # How the latest (re)start trained: processes, and what carried their gradients.
+            "distributed": {"world_size": context.world_size, "backend": distributed.gradient_backend(context, device)},
+        }
+
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = (torch.optim.Adam(trainable, lr=train_config.lr, weight_decay=train_config.weight_decay)
+                     if trainable else None)
+        state = {"epoch": 0, "step": 0, "best_epoch": None, "best_valid_auc": None, "stale_epochs": 0,
+                 "train_seconds": 0.0, "history": []}
+        if checkpoint is not None:
+            _restore(checkpoint, run_dir / CHECKPOINT, model, optimizer, state)
+            progress.log(f"resuming run {run_id} after epoch {state['epoch']}")
+        if main:
+            if plan.new_run:
+                store.create_run(model=model_name, dataset=dataset_name, dataset_path=str(data.path),
+                                 params=params, seed=train_config.seed, n_parameters=n_parameters, run_id=run_id)
+            else:
+                store.delete_epochs_after(run_id, state["epoch"])
+                store.update_run(run_id, status="running", error=None, params=params)
+        started = True
+
+        forward = model
+        if context.active and optimizer is not None:
+            # Every parameter of every registered model gets a gradient at every step
+            # (tests/test_model_contract.py: test_gradients_reach_every_parameter), so DDP need not
+            # search the graph for unused ones. The only buffers (ETA's and SDIM's SimHash planes)
+            # are fixed; DDP's default broadcast of rank 0's buffers before each step is cheap and
+            # would keep running statistics in step if a model ever had some.
+            forward = DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None,
+                process_group=distributed.gradient_group(context, device), find_unused_parameters=False)
+            progress.log(f"training with {context.world_size} processes "
+                         f"({distributed.gradient_backend(context, device)}), "
+                         f"each on its part of every batch of {train_config.batch_size}")
+
+        loader = BatchLoader(data, "train", train_config.batch_size, train_config.max_len,
+                             shuffle=True, seed=train_config.seed, shard=(context.rank, context.world_size))
         if optimizer is None:
             # Nothing to learn (the popularity scorer): one validation pass picks the "best epoch".
             metrics, _ = _evaluate(model, data, "valid", train_config, device, progress, context)
@@ -319,7 +391,7 @@ def _train(workspace: Workspace, dataset: str | None, model_name: str, model_set
                 progress.log(f"early stop: no better validation AUC for {train_config.patience} epochs")
                 break
 
-        model.load_state_dict(load_checkpoint(run_dir / BEST)["model_state"])
+        restore_weights(model, load_checkpoint(run_dir / BEST), run_dir / BEST)
         test, _ = _evaluate(model, data, "test", train_config, device, progress, context)
         if main:
             store.log_metrics(run_id, "test", test, epoch=state["best_epoch"])
@@ -335,17 +407,50 @@ def _train(workspace: Workspace, dataset: str | None, model_name: str, model_set
         test = distributed.broadcast(context, test)
     except KeyboardInterrupt:
         if main:
-            with _signals_ignored():
-                store.finish_run(run_id, "interrupted", error="interrupted by the user")
+            _record_end(store, plan, run_dir, started, "interrupted", "interrupted by the user")
         raise
     except Exception as exc:
         if main:
-            with _signals_ignored():
-                store.finish_run(run_id, "failed", error=f"{type(exc).__name__}: {exc}")
+            _record_end(store, plan, run_dir, started, "failed", f"{type(exc).__name__}: {exc}")
         raise
     return TrainResult(run_id=run_id, model=model_name, dataset=dataset_name, best_epoch=state["best_epoch"],
                        best_valid_auc=state["best_valid_auc"], test=test, train_seconds=state["train_seconds"],
                        n_parameters=n_parameters, history=state["history"])
+
+
+def _restore(checkpoint: dict[str, Any], path: Path, model: torch.nn.Module,
+             optimizer: torch.optim.Optimizer | None, state: dict[str, Any]) -> None:
+    """Continue from a checkpoint: weights, optimiser moments, counters and the RNG."""
+    restore_weights(model, checkpoint, path)
+    try:
+        if optimizer is not None and checkpoint["optimizer_state"]:
+            optimizer.load_state_dict(checkpoint["optimizer_state"])
+        state.update(checkpoint["train_state"])
+        torch.set_rng_state(checkpoint["torch_rng"])
+    except (ValueError, TypeError, RuntimeError, KeyError) as exc:
+        raise DmqnError(f"checkpoint {path} is damaged or not this run's ({one_line(exc)})") from None
+
+
+def _record_end(store: RunStore, plan: _Plan, run_dir: Path, started: bool, status: str, error: str) -> None:
+    """Rank 0, after training stopped with an error: record how the run ended.
+
+    Before this (re)start was recorded nothing is: a resumed run keeps its status, and the
+    directory of a new run, which holds nothing but its lock, is removed again.
+    """
+    with _signals_ignored():
+        if not started:
+            if plan.new_run:
+                (run_dir / RUN_LOCK).unlink(missing_ok=True)
+                with contextlib.suppress(OSError):   # something else was put there: leave it
+                    run_dir.rmdir()
+            return
+        try:
+            store.finish_run(plan.run_id, status, error=error)
+        except (DmqnError, OSError):
+            # A store that cannot be written now (read-only, disk full) must not hide the error that
+            # stopped the run. Left "running", the run reads dead once this process lets its lock go,
+            # and is resumable all the same.
+            pass
 
 
 @contextlib.contextmanager

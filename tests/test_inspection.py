@@ -221,7 +221,8 @@ def test_runs_that_cannot_be_inspected(tiny_workspace, tmp_path, run_id):
     runs = dmqn_runs(tiny_workspace)
     assert run_id in [r.run_id for r in runs] and pop not in [r.run_id for r in runs]
     assert [r.created_at for r in runs] == sorted((r.created_at for r in runs), reverse=True)
-    assert RunInspector(tiny_workspace).run_id == runs[0].run_id
+    # The default is the latest finished one: a run still training or killed has no recorded sample.
+    assert RunInspector(tiny_workspace).run_id == next(r.run_id for r in runs if r.status == "finished")
     comparable = RunInspector(tiny_workspace, run_id).comparable_runs()
     assert {run_id, pop} <= {r.run_id for r in comparable} and {r.dataset for r in comparable} == {"tiny"}
 

@@ -4,6 +4,7 @@ import pytest
 
 from dmqn_core.errors import DmqnError
 from dmqn_core.runstore import INSPECTION_COLUMNS, SCHEMA, SCHEMA_VERSION, RunStore
+from dmqn_core.workspace import exclusive_lock
 
 
 def make_run(store: RunStore, model: str = "dmqn", dataset: str = "d") -> str:
@@ -33,12 +34,28 @@ def test_latest_run_and_unknown_run(tmp_path):
     with pytest.raises(DmqnError, match="no runs"):
         store.resolve_run_id(None)
     first = make_run(store)
-    second = make_run(store, model="pop")
-    assert store.resolve_run_id(None) == second
-    assert store.resolve_run_id(first) == first
+    with pytest.raises(DmqnError, match="no finished run .* yet; name a run"):
+        store.resolve_run_id(None)
+    store.finish_run(first, "finished")
+    second = make_run(store, model="pop")           # newer, but not finished
+    assert store.resolve_run_id(None) == first
+    assert store.resolve_run_id(None, finished_only=False) == second
+    assert store.resolve_run_id(second) == second    # a named run of any status
     with pytest.raises(DmqnError, match="unknown run"):
         store.get_run("nope")
     assert [r.run_id for r in store.list_runs(model="pop")] == [second]
+
+
+def test_a_running_run_reads_dead_while_no_process_holds_its_lock(tmp_path):
+    store = RunStore(tmp_path / "runs.duckdb")
+    run = make_run(store)
+    assert store.get_run(run).status == "dead"                 # no process ever took its lock
+    with exclusive_lock(store.lock_path(run), f"run {run}"):   # as the training process does
+        assert store.get_run(run).status == "running"
+        assert [r.status for r in store.list_runs()] == ["running"]
+    assert [r.status for r in store.list_runs()] == ["dead"]
+    store.finish_run(run, "interrupted")                       # only "running" is ever read otherwise
+    assert store.get_run(run).status == "interrupted"
 
 
 def test_delete_epochs_after_checkpoint(tmp_path):
