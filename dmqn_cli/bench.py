@@ -3,31 +3,52 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
-from rich.table import Table
+from rich.table import Column, Table
+from rich.text import Text
 
-from dmqn_cli.common import WorkspaceOption, console, err_console, fail, handle_errors, open_workspace
+from dmqn_cli.common import (
+    JsonOption, WideOption, WorkspaceOption, console, err_console, fail, handle_errors, open_workspace, print_json,
+)
 from dmqn_cli.options import (
     BatchSizeOption, ConfigOption, DeviceOption, DropoutOption, EmbedDimOption, EpochsOption, InspectUsersOption,
     LrOption, MaxLenOption, MiddleLenOption, PatienceOption, ShortLenOption, TopKOption, WeightDecayOption,
     collect_settings,
 )
 from dmqn_cli.progress import RichProgress
+from dmqn_cli.results import fitted_table, number
 from dmqn_core.bench import (
-    ALL_MODELS, TABLE2_COLUMNS, TABLE3_COLUMNS, BenchStep, describe_budget, resolve_models, run_bench,
-    table2_cells, table3_cells,
+    ALL_MODELS, TABLE2_COLUMNS, TABLE3_COLUMNS, BenchReport, BenchStep, describe_budget, mean_std, resolve_models,
+    run_bench, table2_cells, table3_cells,
 )
 
+# What a narrow terminal (or a pipe: 80 columns) gives up first; the model, test AUC and GAUC stay.
+_DROPPABLE = ("infer/s", "train/s", "params", "logloss", "runs", "Δ AUC vs dmqn-simple")
 
-def _rich_table(title: str, columns: tuple[str, ...], cells: list[list[str]]) -> Table:
-    table = Table(title=title)
-    for i, column in enumerate(columns):
-        table.add_column(column, justify="left" if i == 0 else "right")
-    for row in cells:
-        table.add_row(*row)
-    return table
+
+def _terminal_table(title: str, columns: tuple[str, ...], cells: list[list[str]], wide: bool) -> Table:
+    # No cell wraps: a model name or a "mean ± std" is read whole or not shown.
+    return fitted_table(title, [Column(c, justify="left" if i == 0 else "right", no_wrap=True)
+                                for i, c in enumerate(columns)],
+                        cells, droppable=_DROPPABLE, wide=wide)
+
+
+def _bench_json(report: BenchReport, seeds: list[int]) -> dict[str, Any]:
+    """The bench for scripts: one row per model with the mean and sample std over the seeds (null: none)."""
+    rows = []
+    for row in report.table2():
+        fields: dict[str, Any] = {"model": row.model, "runs": len(row.auc), "run_ids": row.run_ids}
+        for name, values in (("auc", row.auc), ("gauc", row.gauc), ("logloss", row.logloss)):
+            mean, std = mean_std(values)
+            fields[f"{name}_mean"], fields[f"{name}_std"] = number(mean), number(std)
+        rows.append({**fields, "train_samples_per_s": number(row.train_samples_per_s),
+                     "infer_samples_per_s": number(row.infer_samples_per_s), "n_parameters": row.n_parameters,
+                     "best_epochs": row.best_epochs, "failed": row.failed})
+    return {"name": report.name, "dataset": report.dataset, "directory": str(report.directory), "seeds": seeds,
+            "budget": report.budget, "machine": report.machine, "trained": report.trained,
+            "reused": report.reused, "rows": rows, "failures": report.failures}
 
 
 @handle_errors
@@ -50,6 +71,8 @@ def bench(
     middle_len: Optional[int] = MiddleLenOption,
     top_k: Optional[int] = TopKOption,
     dropout: Optional[float] = DropoutOption,
+    as_json: bool = JsonOption,
+    wide: bool = WideOption,
     workspace: Optional[Path] = WorkspaceOption,
 ) -> None:
     """Train and evaluate every listed model under one budget; print and save Tables 2 and 3.
@@ -57,6 +80,11 @@ def bench(
     Every model gets the same epochs, batch size, learning rate, embedding size and MLP, with early stopping
     on validation AUC. Each run is stored in the run store. Re-running the same command skips finished runs
     and resumes interrupted ones. The tables are written as Markdown and CSV under WORKSPACE/benches/NAME/.
+
+    --json prints {name, dataset, directory, seeds, budget, machine, trained, reused, rows, failures}, a row per
+    model with model, runs, run_ids, auc_mean, auc_std, gauc_mean, gauc_std, logloss_mean, logloss_std,
+    train_samples_per_s, infer_samples_per_s, n_parameters, best_epochs and failed (null: no value);
+    progress goes to stderr.
     """
     ws = open_workspace(workspace)
     model_list = resolve_models(models)
@@ -74,9 +102,10 @@ def bench(
     with RichProgress() as progress:
         def show(step: BenchStep) -> None:
             where = f"[{step.index}/{step.total}] {step.model} seed {step.seed}"
-            text = {"train": f"training (run {step.run_id})", "resume": f"resuming run {step.run_id}",
-                    "done": f"finished earlier (run {step.run_id})", "failed": f"[red]failed[/]: {step.message}"}
-            progress.log(f"[bold cyan]{where}[/] {text[step.action]}")
+            outcome = {"train": Text(f"training (run {step.run_id})"), "resume": Text(f"resuming run {step.run_id}"),
+                       "done": Text(f"finished earlier (run {step.run_id})"),
+                       "failed": Text.assemble(("failed", "red"), f": {step.message}")}
+            progress.log(Text.assemble((where, "bold cyan"), " ", outcome[step.action]))
 
         try:
             report = run_bench(ws, data, model_list, seed_list, model_settings, train_settings, name=name,
@@ -84,16 +113,20 @@ def bench(
         except KeyboardInterrupt:
             raise fail("interrupted; run the same command again to resume the bench", code=130) from None
 
-    console.print(f"bench [bold]{report.name}[/] on {report.dataset}: {report.trained} run(s) trained now, "
-                  f"{report.reused} reused")
-    console.print(f"budget: {describe_budget(report.budget, seed_list)}")
-    console.print(f"machine: {report.machine}")
-    console.print(_rich_table("Table 2: all models (test split, mean ± std over seeds)", TABLE2_COLUMNS,
-                              table2_cells(report.table2())))
-    if report.table3():
-        console.print(_rich_table("Table 3: DMQN-simple vs DMQN (ICIM)", TABLE3_COLUMNS, table3_cells(report.table3())))
-    console.print(f"tables: {report.directory}/table2.md, table2.csv, table3.md, table3.csv")
+    if as_json:
+        print_json(_bench_json(report, seed_list))
+    else:
+        console.print(Text.assemble("bench ", (report.name, "bold"), f" on {report.dataset}: {report.trained} "
+                                    f"run(s) trained now, {report.reused} reused"))
+        console.print(Text(f"budget: {describe_budget(report.budget, seed_list)}"))
+        console.print(Text(f"machine: {report.machine}"))
+        console.print(_terminal_table("Table 2: all models (test split, mean ± std over seeds)", TABLE2_COLUMNS,
+                                      table2_cells(report.table2()), wide), crop=not wide)
+        if report.table3():
+            console.print(_terminal_table("Table 3: DMQN-simple vs DMQN (ICIM)", TABLE3_COLUMNS,
+                                          table3_cells(report.table3()), wide), crop=not wide)
+        console.print(Text(f"tables: {report.directory}/table2.md, table2.csv, table3.md, table3.csv"))
     if report.failures:
         for failure in report.failures:
-            err_console.print(f"[bold red]failed:[/] {failure}", highlight=False)
+            err_console.print(Text.assemble(("failed:", "bold red"), " ", failure), highlight=False)
         raise typer.Exit(1)

@@ -8,9 +8,9 @@ from typing import Optional
 
 import typer
 
-from dmqn_cli.common import WorkspaceOption, console, handle_errors, open_workspace
+from dmqn_cli.common import JsonOption, WorkspaceOption, console, handle_errors, open_workspace, print_json
 from dmqn_cli.progress import RichProgress
-from dmqn_cli.results import metrics_table
+from dmqn_cli.results import metrics_table, number
 from dmqn_core.evaluate import evaluate_run
 
 
@@ -26,10 +26,21 @@ def evaluate(
     split: Split = typer.Option(Split.test, "--split", help="Which split of the run's data set."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Samples per inference batch \\[default: the run's eval batch size]."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    as_json: bool = JsonOption,
     workspace: Optional[Path] = WorkspaceOption,
 ) -> None:
-    """Evaluate a run's best-validation weights; the metrics are printed and stored in the run store."""
+    """Evaluate a run's best-validation weights; the metrics are printed and stored in the run store.
+
+    --json prints {run_id, split, auc, gauc, logloss, samples, samples_per_s} (null: no value); the progress
+    bar goes to stderr.
+    """
     ws = open_workspace(workspace)
     with RichProgress() as progress:
         run, metrics = evaluate_run(ws, run_id, split.value, batch_size, device, progress)
+    if as_json:
+        print_json({"run_id": run, "split": split.value, "auc": number(metrics.get("auc")),
+                    "gauc": number(metrics.get("gauc")), "logloss": number(metrics.get("logloss")),
+                    "samples": int(metrics["samples"]) if "samples" in metrics else None,
+                    "samples_per_s": number(metrics.get("samples_per_s"))})
+        return
     console.print(metrics_table(f"run {run} · {split.value}", [(split.value, metrics)]))

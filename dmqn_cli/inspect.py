@@ -7,14 +7,15 @@ from typing import Optional
 
 import typer
 
-from dmqn_cli.common import WorkspaceOption, handle_errors
+from dmqn_cli.common import WorkspaceOption, handle_errors, int64_ids
 from dmqn_core.inspection import RunInspector
 from dmqn_core.workspace import Workspace
 
 
 @handle_errors
 def inspect(
-    user: int = typer.Option(..., "--user", help="Raw user id (`dmqn quickstart` prints one worth a look)."),
+    user: int = typer.Option(..., "--user", callback=int64_ids,
+                             help="Raw user id (`dmqn quickstart` prints one worth a look)."),
     run_id: Optional[str] = typer.Option(None, "--run", help="A dmqn or dmqn-simple run \\[default: the latest one]."),
     workspace: Optional[Path] = WorkspaceOption,
 ) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich.console import RenderableType
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -13,6 +14,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
 
 from dmqn_cli.common import err_console
 
@@ -34,15 +36,19 @@ class RichProgress:
     def __init__(self) -> None:
         self._progress = Progress(
             SpinnerColumn(),
-            TextColumn("[bold]{task.description}"),
+            # markup=False: a description or a value may quote a user's name.
+            TextColumn("{task.description}", style="bold", markup=False),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"),
+            TextColumn("{task.fields[info]}", markup=False),
             TimeElapsedColumn(),
             TextColumn("eta"),
             TimeRemainingColumn(),
             console=err_console,
             transient=True,
+            # Not drawn into a file or a pipe, where a transient bar would only leave an empty line;
+            # log() lines still go there.
+            disable=not err_console.is_terminal,
         )
         self._task = None
 
@@ -67,5 +73,6 @@ class RichProgress:
             self._progress.remove_task(self._task)
             self._task = None
 
-    def log(self, message: str) -> None:
-        self._progress.console.print(message, highlight=False)
+    def log(self, message: RenderableType) -> None:
+        """A line above the bar; text is printed as it is (core messages quote names, never markup)."""
+        self._progress.console.print(Text(message) if isinstance(message, str) else message, highlight=False)

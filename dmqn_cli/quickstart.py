@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from enum import Enum
 from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.text import Text
 
 from dmqn_cli.common import WorkspaceOption, console, handle_errors, open_workspace
 from dmqn_cli.progress import RichProgress
@@ -33,33 +35,34 @@ def quickstart(
 ) -> None:
     """synth → prep → train DMQN and the popularity baseline → eval, then what to try next."""
     ws = open_workspace(workspace)
-    console.print(f"workspace: {ws.root}")
+    say = functools.partial(console.print, markup=False)  # every line quotes a path or an id, never markup
+    say(f"workspace: {ws.root}")
     with RichProgress() as progress:
         result = run_quickstart(ws, scale.value, seed, epochs, progress=progress,
-                                on_step=lambda message: progress.log(f"[bold cyan]{message}[/]"))
+                                on_step=lambda message: progress.log(Text(message, style="bold cyan")))
     counts = result.prepared.meta["counts"]
-    console.print(f"log:      {result.log.path} ({result.log.rows:,} rows, {result.log.users:,} users)")
-    console.print(f"data set: {result.prepared.path} ({counts['users']:,} users, "
-                  f"{sum(counts['samples'].values()):,} samples)")
-    console.print(f"runs:     {ws.store_path} (pop {result.popularity.run_id}, dmqn {result.dmqn.run_id})")
+    say(f"log:      {result.log.path} ({result.log.rows:,} rows, {result.log.users:,} users)")
+    say(f"data set: {result.prepared.path} ({counts['users']:,} users, "
+        f"{sum(counts['samples'].values()):,} samples)")
+    say(f"runs:     {ws.store_path} (pop {result.popularity.run_id}, dmqn {result.dmqn.run_id})")
     console.print(metrics_table("test split", [("item popularity", result.popularity.test),
                                                ("DMQN", result.dmqn_eval)]))
     lift = result.dmqn_eval["auc"] - result.popularity.test["auc"]
-    console.print(f"DMQN test AUC {result.dmqn_eval['auc']:.4f} vs popularity {result.popularity.test['auc']:.4f} "
-                  f"({lift:+.4f}) in {result.seconds:.0f} s")
+    say(f"DMQN test AUC {result.dmqn_eval['auc']:.4f} vs popularity {result.popularity.test['auc']:.4f} "
+        f"({lift:+.4f}) in {result.seconds:.0f} s")
     ws_flag = "" if os.environ.get("DMQN_WORKSPACE") else f" -w {ws.root}" if ws.root != Path.cwd() / "dmqn-workspace" else ""
-    console.print("next:")
+    say("next:")
     if result.inspect_user is not None:
-        console.print(f"  dmqn inspect --user {result.inspect_user}{ws_flag}   "
-                      "codeword assignments, clusters and attention of a user")
-        console.print(f"  dmqn report{ws_flag}   codebook utilisation, UMAP and attention heatmaps in one HTML file")
-    console.print(f"  dmqn runs{ws_flag}                         every run and its metrics")
-    console.print(f"  dmqn runs show {result.dmqn.run_id}{ws_flag}   parameters, epochs, codebook utilisation")
-    console.print(f"  dmqn eval {result.dmqn.run_id} --split valid{ws_flag}")
+        say(f"  dmqn inspect --user {result.inspect_user}{ws_flag}   "
+            "codeword assignments, clusters and attention of a user")
+        say(f"  dmqn report{ws_flag}   codebook utilisation, UMAP and attention heatmaps in one HTML file")
+    say(f"  dmqn runs{ws_flag}                         every run and its metrics")
+    say(f"  dmqn runs show {result.dmqn.run_id}{ws_flag}   parameters, epochs, codebook utilisation")
+    say(f"  dmqn eval {result.dmqn.run_id} --split valid{ws_flag}")
     if result.inspect_candidates:
         items = ",".join(str(i) for i in result.inspect_candidates[:5])
-        console.print(f"  dmqn export-cache {result.dmqn.run_id}{ws_flag} && dmqn score {result.dmqn.run_id} "
-                      f"--user {result.inspect_user} --items {items}{ws_flag}   cached user states, serving")
-    console.print(f"  dmqn train quickstart --model dmqn-simple{ws_flag}   the ablation without ICIM")
-    console.print(f"  dmqn bench quickstart --models din-short,din-full,twin,dmqn-simple,dmqn --seeds 1{ws_flag}"
-                  "   DMQN against the baselines")
+        say(f"  dmqn export-cache {result.dmqn.run_id}{ws_flag} && dmqn score {result.dmqn.run_id} "
+            f"--user {result.inspect_user} --items {items}{ws_flag}   cached user states, serving")
+    say(f"  dmqn train quickstart --model dmqn-simple{ws_flag}   the ablation without ICIM")
+    say(f"  dmqn bench quickstart --models din-short,din-full,twin,dmqn-simple,dmqn --seeds 1{ws_flag}"
+        "   DMQN against the baselines")

@@ -6,8 +6,9 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.text import Text
 
-from dmqn_cli.common import WorkspaceOption, console, handle_errors, open_workspace
+from dmqn_cli.common import WorkspaceOption, console, handle_errors, int64_ids, open_workspace
 from dmqn_cli.progress import RichProgress
 
 DEFAULT_USERS = 4
@@ -20,7 +21,7 @@ def report(
                                        help="HTML file to write \\[default: WORKSPACE/reports/RUN_ID.html]."),
     users: int = typer.Option(DEFAULT_USERS, "--users", min=0,
                               help="How many recorded sample users get an attention heatmap."),
-    user: Optional[List[int]] = typer.Option(None, "--user", metavar="USER_ID",
+    user: Optional[List[int]] = typer.Option(None, "--user", metavar="USER_ID", callback=int64_ids,
                                              help="Show this raw user id's attention instead (repeatable; "
                                                   "users outside the recorded sample are computed from the checkpoint)."),
     workspace: Optional[Path] = WorkspaceOption,
@@ -30,6 +31,7 @@ def report(
     training curves and the other runs on the same data set.
 
     Written to a temporary name and renamed into place: an interrupted report leaves no half-written file.
+    A missing directory of --out is created.
     """
     # Imported here, not at the top: plotly takes a while to load and no other command needs it.
     from dmqn_inspect.report import build_report
@@ -38,6 +40,6 @@ def report(
     with RichProgress() as progress:
         result = build_report(ws, run_id, out, users=user or users, progress=progress)
     for note in result.notes:
-        console.print(f"[yellow]note:[/] {note}", highlight=False)
-    console.print(f"report of run {result.run_id}: {result.path} ({result.size_bytes / 1e6:.1f} MB, "
-                  f"{result.seconds:.1f} s)", highlight=False)
+        console.print(Text.assemble(("note:", "yellow"), " ", note))
+    console.print(Text(f"report of run {result.run_id}: {result.path} ({result.size_bytes / 1e6:.1f} MB, "
+                       f"{result.seconds:.1f} s)"))

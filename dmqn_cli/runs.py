@@ -2,17 +2,87 @@
 
 from __future__ import annotations
 
+import csv
+import io
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
-from rich.table import Table
+from rich.table import Column, Table
+from rich.text import Text
 
-from dmqn_cli.common import WorkspaceOption, console, handle_errors, open_workspace
-from dmqn_cli.results import fmt
-from dmqn_core.runstore import RunStore, iter_param_rows
+from dmqn_cli.common import JsonOption, WideOption, WorkspaceOption, console, handle_errors, open_workspace, print_json
+from dmqn_cli.results import fitted_table, fmt, number
+from dmqn_core.runstore import RunRecord, RunStore, iter_param_rows
 
 runs_app = typer.Typer(help="List runs, or show one run's parameters and metric history.", no_args_is_help=False)
+
+# The fields of a run in --json and --csv, in this order; their names do not change.
+RUN_FIELDS = ("run_id", "model", "dataset", "status", "epochs", "best_epoch", "best_valid_auc", "test_auc",
+              "test_gauc", "test_logloss", "n_parameters", "seed", "train_seconds", "created_at", "finished_at",
+              "error")
+
+# The metrics of `dmqn runs show` in this order, any other after them.
+_METRIC_ORDER = ("loss", "auc", "gauc", "logloss", "samples", "samples_per_s")
+
+# What a narrow terminal (or a pipe: 80 columns) gives up first; run, model, data set, status and test AUC stay.
+_DROPPABLE = ("train s", "test GAUC", "epochs", "created", "valid AUC")
+
+
+def run_fields(record: RunRecord) -> dict[str, Any]:
+    """A run as scripts read it: JSON numbers, ISO-8601 times, None (null) where there is no value."""
+    return {
+        "run_id": record.run_id, "model": record.model, "dataset": record.dataset, "status": record.status,
+        "epochs": record.epochs_done, "best_epoch": record.best_epoch,
+        "best_valid_auc": number(record.best_valid_auc), "test_auc": number(record.test_auc),
+        "test_gauc": number(record.test_gauc), "test_logloss": number(record.test_logloss),
+        "n_parameters": record.n_parameters, "seed": record.seed, "train_seconds": number(record.train_seconds),
+        "created_at": record.created_at.isoformat(),
+        "finished_at": record.finished_at.isoformat() if record.finished_at else None,
+        "error": record.error,
+    }
+
+
+def _csv(records: list[RunRecord]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=RUN_FIELDS, lineterminator="\n")  # None is written as an empty cell
+    writer.writeheader()
+    writer.writerows(run_fields(r) for r in records)
+    return out.getvalue()
+
+
+def _runs_table(store: RunStore, records: list[RunRecord], wide: bool) -> Table:
+    # Ids, models, statuses and numbers never wrap or shrink; only a long data set name wraps.
+    columns = [Column("run", no_wrap=True), Column("model", no_wrap=True), Column("data set", overflow="fold"),
+               Column("status", no_wrap=True),
+               *(Column(header, justify="right", no_wrap=True)
+                 for header in ("epochs", "valid AUC", "test AUC", "test GAUC", "train s", "created"))]
+    date = "%Y-%m-%d %H:%M" if wide else "%m-%d %H:%M"
+    rows = [[Text(r.run_id), Text(r.model), Text(r.dataset), Text(r.status), str(r.epochs_done),
+             fmt(r.best_valid_auc), fmt(r.test_auc), fmt(r.test_gauc), f"{r.train_seconds or 0:.0f}",
+             r.created_at.strftime(date)] for r in records]
+    return fitted_table(f"runs in {store.path}", columns, rows, droppable=_DROPPABLE, wide=wide)
+
+
+def _history_table(history: list[tuple[int | None, str, str, float]], wide: bool) -> Table:
+    """One row per epoch and split (epoch "eval": a later `dmqn eval`), one column per metric: a few columns
+    however many epochs and metrics a run has."""
+    names = sorted({name for _, _, name, _ in history},
+                   key=lambda n: (_METRIC_ORDER.index(n) if n in _METRIC_ORDER else len(_METRIC_ORDER), n))
+    by_row: dict[tuple[str, str], dict[str, float]] = {}
+    for epoch, split, name, value in history:
+        by_row.setdefault(("eval" if epoch is None else str(epoch), split), {})[name] = value
+
+    def cell(name: str, values: dict[str, float]) -> str:
+        value = values.get(name)
+        if name == "samples" and value is not None:
+            return fmt(int(value))
+        return fmt(value, 0) if name == "samples_per_s" else fmt(value)
+
+    columns = [Column("epoch", justify="right", no_wrap=True), Column("split", no_wrap=True),
+               *(Column(name.replace("_per_s", "/s"), justify="right", no_wrap=True) for name in names)]
+    rows = [[epoch, split, *(cell(name, values) for name in names)] for (epoch, split), values in by_row.items()]
+    return fitted_table("metrics", columns, rows, droppable=("samples/s", "samples"), wide=wide)
 
 
 @runs_app.callback(invoke_without_command=True)
@@ -21,65 +91,76 @@ def list_runs(
     ctx: typer.Context,
     dataset: Optional[str] = typer.Option(None, "--dataset", help="Only runs on this data set."),
     model: Optional[str] = typer.Option(None, "--model", help="Only runs of this model."),
+    as_json: bool = JsonOption,
+    as_csv: bool = typer.Option(False, "--csv", help="Print CSV for scripts: a header row, then one row per run."),
+    wide: bool = WideOption,
     workspace: Optional[Path] = WorkspaceOption,
 ) -> None:
-    """List runs: id, model, data set, status, best valid AUC, test AUC, duration."""
+    """List runs: id, model, data set, status, epochs, best valid AUC, test AUC and GAUC, duration, creation time.
+
+    A narrow terminal (or a pipe) shows the columns that fit; --wide shows all of them. --json prints a list of
+    objects and --csv a table with the fields run_id, model, dataset, status, epochs, best_epoch, best_valid_auc,
+    test_auc, test_gauc, test_logloss, n_parameters, seed, train_seconds, created_at, finished_at (ISO 8601)
+    and error; a missing value is null (an empty cell).
+    """
     if ctx.invoked_subcommand is not None:
         return
+    if as_json and as_csv:
+        raise typer.BadParameter("choose one of --json and --csv")
     store = RunStore(open_workspace(workspace).store_path)
     records = store.list_runs(dataset=dataset, model=model)
-    if not records:
-        console.print(f"no runs in {store.path} yet — try `dmqn quickstart` or `dmqn train`")
-        return
-    table = Table(title=f"runs in {store.path}")
-    table.add_column("run", no_wrap=True)
-    for column in ("model", "data set", "status", "epochs", "best valid AUC", "test AUC", "test GAUC", "train s", "created"):
-        table.add_column(column)
-    for r in records:
-        table.add_row(r.run_id, r.model, r.dataset, r.status, str(r.epochs_done), fmt(r.best_valid_auc),
-                      fmt(r.test_auc), fmt(r.test_gauc), f"{r.train_seconds or 0:.0f}",
-                      r.created_at.strftime("%Y-%m-%d %H:%M"))
-    console.print(table)
+    if as_json:
+        print_json([run_fields(r) for r in records])
+    elif as_csv:
+        typer.echo(_csv(records), nl=False)
+    elif not records:
+        console.print(Text(f"no runs in {store.path} yet — try `dmqn quickstart` or `dmqn train`"))
+    else:
+        console.print(_runs_table(store, records, wide), crop=not wide)
 
 
 @runs_app.command("show")
 @handle_errors
 def show_run(
-    run_id: Optional[str] = typer.Argument(None, help="Run to show \\[default: the latest run]."),
+    run_id: Optional[str] = typer.Argument(None, help="Run to show \\[default: the latest run, failed or dead ones included]."),
+    as_json: bool = JsonOption,
+    wide: bool = WideOption,
     workspace: Optional[Path] = WorkspaceOption,
 ) -> None:
-    """Parameters, summary and per-epoch metric history of one run."""
+    """Parameters, summary and per-epoch metric history of one run.
+
+    --json prints the fields of `dmqn runs --json` plus dataset_path, checkpoint, params (the settings used,
+    nested), metrics (a list of {epoch, split, name, value}; epoch null for a later `dmqn eval`) and
+    codebook_usage (a list of {epoch, codebook, used, dead, perplexity}).
+    """
     store = RunStore(open_workspace(workspace).store_path)
-    record = store.get_run(store.resolve_run_id(run_id))
-    console.print(f"[bold]run {record.run_id}[/]  {record.model} on {record.dataset}  status {record.status}"
-                  f"  parameters {fmt(record.n_parameters)}")
+    record = store.get_run(store.resolve_run_id(run_id, finished_only=False))
+    history = store.metric_history(record.run_id)
+    usage = store.codebook_usage(record.run_id)
+    if as_json:
+        print_json({**run_fields(record), "dataset_path": record.dataset_path, "checkpoint": record.checkpoint,
+                    "params": record.params,
+                    "metrics": [{"epoch": epoch, "split": split, "name": name, "value": number(value)}
+                                for epoch, split, name, value in history],
+                    "codebook_usage": [{"epoch": epoch, "codebook": codebook, "used": used, "dead": dead,
+                                        "perplexity": number(perplexity)}
+                                       for epoch, codebook, used, dead, perplexity in usage]})
+        return
+    console.print(Text.assemble(("run " + record.run_id, "bold"),
+                                f"  {record.model} on {record.dataset}  status {record.status}"
+                                f"  parameters {fmt(record.n_parameters)}"))
     if record.error:
-        console.print(f"[red]error:[/] {record.error}")
+        console.print(Text.assemble(("error:", "red"), " ", record.error))
     params = Table(title="parameters", show_header=False)
     params.add_column("name")
-    params.add_column("value")
+    params.add_column("value", overflow="fold")  # a long path folds rather than losing its end
     for name, value in iter_param_rows(record.params):
-        params.add_row(name, str(value))
+        params.add_row(Text(name), Text(str(value)))
     console.print(params)
-    history = store.metric_history(record.run_id)
     if history:
-        names = sorted({(split, name) for _, split, name, _ in history})
-        table = Table(title="metrics")
-        table.add_column("epoch")
-        for split, name in names:
-            table.add_column(f"{split} {name}", justify="right")
-        by_epoch: dict[object, dict[tuple[str, str], float]] = {}
-        for epoch, split, name, value in history:
-            by_epoch.setdefault("eval" if epoch is None else epoch, {})[(split, name)] = value
-        for epoch, values in by_epoch.items():
-            table.add_row(str(epoch), *[fmt(values.get(key)) if key[1] != "samples" else fmt(int(values[key])) if key in values else "-"
-                                        for key in names])
-        console.print(table)
-    usage = store.codebook_usage(record.run_id)
+        console.print(_history_table(history, wide), crop=not wide)
     if usage:
-        table = Table(title="codebook utilisation (validation behaviors)")
-        for column in ("epoch", "codebook", "used", "dead", "perplexity"):
-            table.add_column(column, justify="right")
-        for epoch, codebook, used, dead, perplexity in usage:
-            table.add_row(str(epoch), str(codebook), str(used), str(dead), f"{perplexity:.1f}")
-        console.print(table)
+        columns = [Column(c, justify="right") for c in ("epoch", "codebook", "used", "dead", "perplexity")]
+        rows = [[str(epoch), str(codebook), str(used), str(dead), f"{perplexity:.1f}"]
+                for epoch, codebook, used, dead, perplexity in usage]
+        console.print(fitted_table("codebook utilisation (validation behaviors)", columns, rows))

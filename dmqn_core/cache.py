@@ -22,7 +22,7 @@ import torch
 from dmqn_core.batches import gather_histories
 from dmqn_core.dmqn import DMQN
 from dmqn_core.errors import DmqnError
-from dmqn_core.evaluate import load_run_model
+from dmqn_core.evaluate import BEST, load_run_model
 from dmqn_core.progress import NullProgress, Progress
 from dmqn_core.state_codec import DTYPES, DecodedState, decode_state, encode_states, stack_states
 from dmqn_core.state_store import StateStore, open_state_store
@@ -38,7 +38,7 @@ def model_version(run_id: str, checkpoint: Path) -> str:
 @dataclass
 class ExportResult:
     version: str
-    store: str          # where the states went (a file path or a Redis URL)
+    store: str          # where the states went (a file path, or a Redis URL with its password hidden)
     users: int          # users written by this call
     total_users: int    # users stored for this version
     bytes: int          # bytes stored for this version
@@ -54,7 +54,7 @@ def _dmqn_run(workspace: Workspace, run_id: str | None, device: str = "cpu"):
     if not isinstance(model, DMQN):
         raise DmqnError(f"run {record.run_id} trains {record.model!r}; only dmqn and dmqn-simple have a cacheable "
                         "user state")
-    version = model_version(record.run_id, workspace.run_dir(record.run_id) / "best.pt")
+    version = model_version(record.run_id, workspace.run_dir(record.run_id) / BEST)
     return model, record, data, version
 
 

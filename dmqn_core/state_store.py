@@ -10,7 +10,7 @@ Embedded (the default, ``WORKSPACE/cache/states.sqlite``, no server)::
     manifest(version PK, run_id, dtype, n_codebooks, codebook_size, dim, users, bytes, created_at)
     states(version, user_id, value BLOB)   PRIMARY KEY (version, user_id)
 
-Redis (``--to redis://host:port/db``)::
+Redis (``--to redis://[:PASSWORD@]host:port/db``; shown everywhere through ``redact_uri``)::
 
     dmqn:<version>:<user_id>    string, the packed state
     dmqn:manifest:<version>     hash: run_id, dtype, n_codebooks, codebook_size, dim, users, bytes, created_at
@@ -18,10 +18,13 @@ Redis (``--to redis://host:port/db``)::
 
 from __future__ import annotations
 
+import functools
+import re
 import sqlite3
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable, Protocol
+from typing import Callable, Iterable, Protocol, TypeVar
+from urllib.parse import unquote
 
 from dmqn_core.errors import DmqnError
 
@@ -48,8 +51,42 @@ SCHEMA = [
 ]
 
 
+# redis-py also reads a password from the query string (?password=...).
+_QUERY_PASSWORD = re.compile(r"([?&]password=)([^&#]*)", re.IGNORECASE)
+
+
+def redact_uri(uri: str) -> str:
+    """A store URI as it may be shown (messages, summaries, results): redis://:***@host:port/db.
+
+    Everything between :// and the last @ counts as user info, so that a password holding an
+    unescaped '/', '?', '#' or '@' is hidden as well; a user name before the first ':' is kept,
+    user info without a ':' is hidden whole (it may be a password in the old redis://PASSWORD@host form).
+    """
+    head, sep, rest = uri.partition("://")
+    if not sep:
+        return uri
+    userinfo, at, host = rest.rpartition("@")
+    if at:
+        user, colon, _ = userinfo.partition(":")
+        rest = f"{user}:***@{host}" if colon else f"***@{host}"
+    return head + sep + _QUERY_PASSWORD.sub(r"\1***", rest)
+
+
+def _uri_secrets(uri: str) -> list[str]:
+    """The texts of ``uri`` that redact_uri hides, raw, percent-decoded and cut where urllib ends the
+    host part ('/', '?', '#': it then reads the piece before as a port, and quotes it), longest first."""
+    _, sep, rest = uri.partition("://")
+    userinfo, at, _ = rest.rpartition("@")
+    found = [m.group(2) for m in _QUERY_PASSWORD.finditer(rest)]
+    if sep and at:
+        _, colon, password = userinfo.partition(":")
+        found.append(password if colon else userinfo)
+    texts = {text for secret in found for text in (secret, unquote(secret), *re.split(r"[/?#]", secret))}
+    return sorted(texts - {""}, key=len, reverse=True)
+
+
 class StateStore(Protocol):
-    """What export and scoring need from a store; ``describe`` names it in messages."""
+    """What export and scoring need from a store; ``describe`` names it in messages (never with a password)."""
 
     def describe(self) -> str: ...
 
@@ -66,6 +103,31 @@ class StateStore(Protocol):
     def clear(self, version: str) -> None: ...
 
     def close(self) -> None: ...
+
+
+# SQLite's primary result codes that are about the file or its disk rather than the statement:
+# permission, busy past the timeout, read-only, I/O error, corrupt, full, cannot open, not a database.
+_SQLITE_FILE_ERRORS = {3, 5, 8, 10, 11, 13, 14, 26}
+_SQLITE_DAMAGED = {11, 26}
+
+M = TypeVar("M", bound=Callable)
+
+
+def _file_errors(method: M) -> M:
+    """A problem with the SQLite file becomes a DmqnError naming it; a wrong statement stays a bug."""
+
+    @functools.wraps(method)
+    def wrapper(self: "EmbeddedStateStore", *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.DatabaseError as exc:
+            code = getattr(exc, "sqlite_errorcode", None)
+            if code is None or code & 0xFF not in _SQLITE_FILE_ERRORS:
+                raise
+            hint = "; delete it and run `dmqn export-cache` again" if code & 0xFF in _SQLITE_DAMAGED else ""
+            raise DmqnError(f"cannot use the state cache {self.path}: {exc}{hint}") from None
+
+    return wrapper  # type: ignore[return-value]
 
 
 class EmbeddedStateStore:
@@ -118,7 +180,8 @@ class EmbeddedStateStore:
                     con.execute(sql, params)
             con.execute("COMMIT")
         except BaseException:
-            con.execute("ROLLBACK")
+            if con.in_transaction:  # a failed COMMIT (disk full) may have rolled back already
+                con.execute("ROLLBACK")
             raise
 
     def _has_tables(self) -> bool:
@@ -127,18 +190,21 @@ class EmbeddedStateStore:
         return self._connection(write=False).execute(
             "SELECT count(*) FROM sqlite_master WHERE name = 'states'").fetchone()[0] == 1
 
+    @_file_errors
     def put(self, version: str, rows: list[tuple[int, bytes]]) -> None:
         """Write (user_id, value) rows in one transaction, replacing earlier values of the same version."""
         if rows:
             self._transaction([("INSERT OR REPLACE INTO states VALUES (?, ?, ?)",
                                 [(version, int(u), v) for u, v in rows])])
 
+    @_file_errors
     def users(self, version: str) -> set[int]:
         if not self._has_tables():
             return set()
         return {r[0] for r in self._connection(write=False).execute(
             "SELECT user_id FROM states WHERE version = ?", [version])}
 
+    @_file_errors
     def get(self, version: str, user_ids: Iterable[int]) -> dict[int, bytes]:
         con = self._connection(write=False)
         out = {}
@@ -149,6 +215,7 @@ class EmbeddedStateStore:
                 out[int(user_id)] = bytes(row[0])
         return out
 
+    @_file_errors
     def write_manifest(self, version: str, run_id: str, dtype: str, shape: tuple[int, int, int]) -> tuple[int, int]:
         """Record (or refresh) a version's manifest from what is stored; returns (users, bytes)."""
         con = self._connection(write=True)
@@ -158,10 +225,12 @@ class EmbeddedStateStore:
                             [version, run_id, dtype, *shape, users, size, datetime.now(timezone.utc).isoformat()])])
         return int(users), int(size)
 
+    @_file_errors
     def clear(self, version: str) -> None:
         self._transaction([("DELETE FROM states WHERE version = ?", [version]),
                            ("DELETE FROM manifest WHERE version = ?", [version])])
 
+    @_file_errors
     def manifest(self, version: str) -> dict | None:
         if not self._has_tables():
             return None
@@ -188,18 +257,29 @@ class RedisStateStore:
     def __init__(self, url: str, ttl: int | None = None, timeout: float = 5.0) -> None:
         import redis  # redis-py; imported here so the embedded store works without touching it
 
-        self.url = url
+        self.url = redact_uri(url)  # the only form of the URL kept: it is what messages show
+        self._secrets = _uri_secrets(url)
         self.ttl = ttl
         self._errors = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
         try:
+            # TypeError: a query parameter redis-py does not know (redis://host/0?colour=1).
             self.client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
             self.client.ping()
-        except ValueError as exc:
-            raise DmqnError(f"not a Redis URL: {url} ({exc})") from None
+        except (ValueError, TypeError) as exc:
+            raise DmqnError(f"not a Redis URL: {self.url} ({self._scrub(exc)})") from None
+        except redis.exceptions.AuthenticationError as exc:  # a ConnectionError to redis-py, yet the server answered
+            raise DmqnError(f"Redis at {self.url} refused the connection: {self._scrub(exc)}") from None
         except self._errors as exc:
-            raise DmqnError(f"cannot reach Redis at {url}: {exc}") from None
+            raise DmqnError(f"cannot reach Redis at {self.url}: {self._scrub(exc)}") from None
         except redis.exceptions.RedisError as exc:
-            raise DmqnError(f"Redis at {url} refused the connection: {exc}") from None
+            raise DmqnError(f"Redis at {self.url} refused the connection: {self._scrub(exc)}") from None
+
+    def _scrub(self, exc: Exception) -> str:
+        """redis-py's message without the password it may echo (urllib quotes a mistyped port, for one)."""
+        text = str(exc)
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
 
     def describe(self) -> str:
         return self.url
@@ -216,7 +296,7 @@ class RedisStateStore:
         try:
             return fn(*args)
         except self._errors as exc:
-            raise DmqnError(f"lost the connection to Redis at {self.url} while {what}: {exc}") from None
+            raise DmqnError(f"lost the connection to Redis at {self.url} while {what}: {self._scrub(exc)}") from None
 
     def put(self, version: str, rows: list[tuple[int, bytes]]) -> None:
         def write() -> None:
@@ -315,7 +395,7 @@ def open_state_store(default_path: Path, uri: str | None = None,
     if uri is not None and uri.split("://", 1)[0] in ("redis", "rediss", "unix"):
         return RedisStateStore(uri, ttl=ttl)
     if "://" in (uri or ""):
-        raise DmqnError(f"unknown state store {uri!r}: give redis://host:port/db or a file path")
+        raise DmqnError(f"unknown state store {redact_uri(uri)!r}: give redis://host:port/db or a file path")
     if ttl is not None:
         raise DmqnError("--ttl needs a Redis target (--to redis://...); the embedded store keeps states until replaced")
     return EmbeddedStateStore(Path(uri) if uri else default_path)

@@ -14,6 +14,7 @@ from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
+from textual.content import Content
 from textual.message import Message
 from textual.widgets import Footer, Static, TabbedContent, TabPane
 from textual.worker import get_current_worker
@@ -200,6 +201,10 @@ class InspectApp(App[None]):
         self._show_message(f"loading user {event.user_id}…")
         self._load(self.run_data.inspector, event.user_id, new_run=False)
 
+    @on(UserSearch.Rejected)
+    def _user_rejected(self, event: UserSearch.Rejected) -> None:
+        self._show_message(event.reason, error=True)
+
     @on(UserSearch.Closed)
     def _search_closed(self) -> None:
         self._focus_view()
@@ -247,7 +252,8 @@ class InspectApp(App[None]):
 
     def _show_message(self, text: str, error: bool = False) -> None:
         message = self.query_one("#message", Static)
-        message.update(text)
+        # Content, not a str: the text quotes run ids, paths and error messages, which are not markup.
+        message.update(Content(text))
         message.display = bool(text)
         message.set_class(error, "-error")
 

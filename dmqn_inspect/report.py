@@ -89,6 +89,8 @@ def build_report(workspace: Workspace, run_id: str | None = None, out: Path | No
     progress = progress or NullProgress()
     inspector = RunInspector(workspace, run_id)
     out = Path(out) if out is not None else default_report_path(workspace, inspector.run_id)
+    # Now rather than when writing: a directory that cannot be made fails before the UMAP, not after it.
+    out.parent.mkdir(parents=True, exist_ok=True)
     page = _Page(inspector)
 
     runs = inspector.comparable_runs()
@@ -165,7 +167,6 @@ def build_report(workspace: Workspace, run_id: str | None = None, out: Path | No
 
     progress.start("writing the report", None)
     document = page.render(this_run, best_epoch, len(sampled)).encode("utf-8")
-    out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out.parent, out.name)  # left by a report killed while writing
     atomic_write_bytes(out, document)
     progress.stop()

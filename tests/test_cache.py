@@ -83,7 +83,7 @@ def test_a_new_checkpoint_never_reads_old_states(tiny_workspace, dmqn_run, targe
     best = tiny_workspace.run_dir(dmqn_run) / "best.pt"
     original = best.read_bytes()
     try:
-        state = torch.load(best, weights_only=False)
+        state = torch.load(best, weights_only=True)
         state["model_state"]["head.net.0.bias"] += 1.0
         torch.save(state, best)
         with pytest.raises(DmqnError, match="no exported states"):

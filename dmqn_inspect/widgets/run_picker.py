@@ -7,6 +7,7 @@ from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
+from textual.content import Content
 from textual.screen import ModalScreen
 from textual.widgets import OptionList, Static
 from textual.widgets.option_list import Option
@@ -36,8 +37,10 @@ class RunPicker(ModalScreen[str | None]):
 
     def _option(self, run: RunSummary) -> Option:
         mark = "*" if run.run_id == self.current_run_id else " "
-        return Option(f"{mark} {run.run_id:<20} {run.model:<11} {run.dataset[:14]:<14} {run.status[:11]:<11} "
-                      f"{_metric(run.test_auc)}", id=run.run_id)
+        # Content, not a str: a data set may be called "[red]x", which is a name, not markup.
+        line = (f"{mark} {run.run_id:<20} {run.model:<11} {run.dataset[:14]:<14} {run.status[:11]:<11} "
+                f"{_metric(run.test_auc)}")
+        return Option(Content(line), id=run.run_id)
 
     def on_mount(self) -> None:
         options = self.query_one(OptionList)

@@ -9,6 +9,10 @@ from textual.suggester import SuggestFromList
 from textual.widgets import Input
 
 
+# Raw ids are int64 in the run store and the prepared arrays; a larger one names no user.
+_ID_RANGE = range(-(2**63), 2**63)
+
+
 class UserSearch(Input):
     BINDINGS = [Binding("escape", "close", "cancel", show=False)]
 
@@ -18,6 +22,13 @@ class UserSearch(Input):
         def __init__(self, user_id: int) -> None:
             super().__init__()
             self.user_id = user_id
+
+    class Rejected(Message):
+        """The user typed an id that cannot be one (beyond 64 bits); ``reason`` says so."""
+
+        def __init__(self, reason: str) -> None:
+            super().__init__()
+            self.reason = reason
 
     class Closed(Message):
         """The search was closed, whether a user was chosen or not."""
@@ -42,7 +53,12 @@ class UserSearch(Input):
     def _submitted(self, event: Input.Submitted) -> None:
         event.stop()
         try:
-            self.post_message(self.Chosen(int(event.value)))
+            user_id = int(event.value)
         except ValueError:  # empty, or a lone sign: nothing to look up
             pass
+        else:
+            if user_id in _ID_RANGE:
+                self.post_message(self.Chosen(user_id))
+            else:
+                self.post_message(self.Rejected(f"user id {user_id} is outside the 64-bit range of ids"))
         self.action_close()
