@@ -47,9 +47,18 @@ def synth_worker(out: str, users: int | None, seed: int) -> None:
     scale = SCALES["taobao"] if users is None else dataclasses.replace(SCALES["taobao"], n_users=users)
     with RichProgress() as progress:
         summary = write_log(out, scale, seed, progress=progress)
-    print(json.dumps({"rows": summary.rows, "users": summary.users, "items": summary.items,
-                      "categories": summary.categories, "malformed": summary.malformed,
-                      "out_of_range": summary.out_of_range}))
+    print(
+        json.dumps(
+            {
+                "rows": summary.rows,
+                "users": summary.users,
+                "items": summary.items,
+                "categories": summary.categories,
+                "malformed": summary.malformed,
+                "out_of_range": summary.out_of_range,
+            }
+        )
+    )
 
 
 def run_child(command: list[str], watch: Path | None = None) -> dict:
@@ -76,8 +85,13 @@ def run_child(command: list[str], watch: Path | None = None) -> dict:
     child.returncode = os.waitstatus_to_exitcode(status)
     if child.returncode != 0:
         sys.exit(f"{' '.join(command[:4])} ... failed with exit code {child.returncode}")
-    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss": usage.ru_maxrss * 1024,
-            "stdout": stdout, "peak_disk": peak_disk}
+    return {
+        "wall_s": wall,
+        "cpu_s": usage.ru_utime + usage.ru_stime,
+        "peak_rss": usage.ru_maxrss * 1024,
+        "stdout": stdout,
+        "peak_disk": peak_disk,
+    }
 
 
 def tree_bytes(path: Path | None) -> int:
@@ -99,12 +113,20 @@ def gb(n: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--users", type=int, default=None,
-                        help=f"users to generate (default: the taobao scale's {SCALES['taobao'].n_users:,})")
+    parser.add_argument(
+        "--users",
+        type=int,
+        default=None,
+        help=f"users to generate (default: the taobao scale's {SCALES['taobao'].n_users:,})",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log", type=Path, default=None, help="prep this existing log instead of generating one")
-    parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()),
-                        help="where the run's directory is made (default: %(default)s)")
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        default=Path(tempfile.gettempdir()),
+        help="where the run's directory is made (default: %(default)s)",
+    )
     parser.add_argument("--memory-limit", default=None, help="dmqn prep --memory-limit (default: prep's own)")
     parser.add_argument("--threads", type=int, default=None, help="dmqn prep --threads (default: all cores)")
     parser.add_argument("--keep", action="store_true", help="keep the log and the prepared set")
@@ -130,8 +152,21 @@ def main() -> None:
             results["synth"] = {**synth, **json.loads(synth.pop("stdout").strip().splitlines()[-1])}
         results["log_bytes"] = log.stat().st_size
 
-        prep_command = [sys.executable, "-m", "dmqn_cli", "prep", str(log), "--format", "taobao",
-                        "--out", SET_NAME, "--workspace", str(workspace), "--temp-dir", str(scratch)]
+        prep_command = [
+            sys.executable,
+            "-m",
+            "dmqn_cli",
+            "prep",
+            str(log),
+            "--format",
+            "taobao",
+            "--out",
+            SET_NAME,
+            "--workspace",
+            str(workspace),
+            "--temp-dir",
+            str(scratch),
+        ]
         if args.memory_limit:
             prep_command += ["--memory-limit", args.memory_limit]
         if args.threads:
@@ -140,8 +175,12 @@ def main() -> None:
         prep = run_child(prep_command, watch=scratch)
         prep.pop("stdout")
         meta = json.loads((workspace / "data" / SET_NAME / "meta.json").read_text())
-        results["prep"] = {**prep, "counts": meta["counts"], "stage_seconds": meta["stage_seconds"],
-                           "rows": meta["counts"]["rows_read"]}
+        results["prep"] = {
+            **prep,
+            "counts": meta["counts"],
+            "stage_seconds": meta["stage_seconds"],
+            "rows": meta["counts"]["rows_read"],
+        }
         results["set_bytes"] = tree_bytes(workspace / "data" / SET_NAME)
     finally:
         if not args.keep:
@@ -168,12 +207,13 @@ def machine() -> str:
 
 
 def report(results: dict) -> None:
-    lines = [f"machine: {results['machine']}",
-             "load average (1/5/15 min) before: {:.2f} {:.2f} {:.2f}".format(*results["load_before"]),
-             "                          after:  {:.2f} {:.2f} {:.2f}".format(*results["load_after"]),
-             "",
-             f"{'phase':6} {'rows':>13} {'wall':>9} {'cpu':>9} {'rows/s':>10} {'peak RSS':>10}  disk",
-             ]
+    lines = [
+        f"machine: {results['machine']}",
+        "load average (1/5/15 min) before: {:.2f} {:.2f} {:.2f}".format(*results["load_before"]),
+        "                          after:  {:.2f} {:.2f} {:.2f}".format(*results["load_after"]),
+        "",
+        f"{'phase':6} {'rows':>13} {'wall':>9} {'cpu':>9} {'rows/s':>10} {'peak RSS':>10}  disk",
+    ]
     for phase in ("synth", "prep"):
         if phase not in results:
             continue
@@ -182,19 +222,25 @@ def report(results: dict) -> None:
             disk = f"log {gb(results['log_bytes'])}"
         else:
             disk = f"set {gb(results['set_bytes'])}, DuckDB working dir peak {gb(r['peak_disk'])}"
-        lines.append(f"{phase:6} {r['rows']:>13,} {r['wall_s']:>8.0f}s {r['cpu_s']:>8.0f}s "
-                     f"{r['rows'] / r['wall_s']:>10,.0f} {r['peak_rss'] / 1e9:>7.2f} GB  {disk}")
+        lines.append(
+            f"{phase:6} {r['rows']:>13,} {r['wall_s']:>8.0f}s {r['cpu_s']:>8.0f}s "
+            f"{r['rows'] / r['wall_s']:>10,.0f} {r['peak_rss'] / 1e9:>7.2f} GB  {disk}"
+        )
     if "synth" in results:
         s = results["synth"]
-        lines.append(f"\nlog: {s['users']:,} users, {s['items']:,} items, {s['categories']:,} categories, "
-                     f"{s['malformed']:,} malformed rows, {s['out_of_range']:,} out-of-range timestamps")
+        lines.append(
+            f"\nlog: {s['users']:,} users, {s['items']:,} items, {s['categories']:,} categories, "
+            f"{s['malformed']:,} malformed rows, {s['out_of_range']:,} out-of-range timestamps"
+        )
     if "prep" in results:
         p = results["prep"]
         c = p["counts"]
         bad = ", ".join(f"{k} {v:,}" for k, v in c["rows_bad"].items() if v)
-        lines.append(f"prep: skipped {bad or 'nothing'}; {c['users']:,} users kept, {c['behaviors']:,} behaviors, "
-                     f"samples train/valid/test {c['samples']['train']:,}/{c['samples']['valid']:,}/"
-                     f"{c['samples']['test']:,}")
+        lines.append(
+            f"prep: skipped {bad or 'nothing'}; {c['users']:,} users kept, {c['behaviors']:,} behaviors, "
+            f"samples train/valid/test {c['samples']['train']:,}/{c['samples']['valid']:,}/"
+            f"{c['samples']['test']:,}"
+        )
         lines.append("prep stages (s): " + ", ".join(f"{k} {v:.0f}" for k, v in p["stage_seconds"].items()))
     print("\n".join(lines))
 

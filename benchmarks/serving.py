@@ -48,8 +48,9 @@ from dmqn_core.workspace import Workspace
 LENGTHS = (100, 1000, 5000)
 CANDIDATES = (1, 100, 1000)
 # Every user longer than the longest L, so that each L really encodes L behaviors.
-LONG_HISTORIES = SynthScale(n_users=300, n_items=20_000, n_categories=400, n_topics=40,
-                            mean_length=6_000, max_length=7_000, min_length=5_200)
+LONG_HISTORIES = SynthScale(
+    n_users=300, n_items=20_000, n_categories=400, n_topics=40, mean_length=6_000, max_length=7_000, min_length=5_200
+)
 
 
 @contextmanager
@@ -63,9 +64,23 @@ def private_redis() -> Iterator[str | None]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as directory:
-        process = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--dir", directory,
-                                    "--save", "", "--appendonly", "no"],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        process = subprocess.Popen(
+            [
+                server,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                directory,
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             for _ in range(200):
                 try:
@@ -79,8 +94,9 @@ def private_redis() -> Iterator[str | None]:
             process.wait(timeout=10)
 
 
-def interleaved_latencies(paths: dict[str, Callable[[int, np.ndarray], object]], pick: Callable[[], tuple],
-                          calls: int, warmup: int = 5) -> dict[str, np.ndarray]:
+def interleaved_latencies(
+    paths: dict[str, Callable[[int, np.ndarray], object]], pick: Callable[[], tuple], calls: int, warmup: int = 5
+) -> dict[str, np.ndarray]:
     """Milliseconds per call of every path, the paths taking turns on the same request.
 
     Round-robin on identical requests keeps the comparison side by side: a burst of load from
@@ -103,14 +119,17 @@ def full_model_scorer(workspace: Workspace, run_id: str, max_len: int) -> Callab
 
     def score(user_index: int, item_index: np.ndarray) -> np.ndarray:
         users = np.array([user_index])
-        item, category, behavior, _, mask = gather_histories(data, users, np.asarray(data.user_offsets[users]),
-                                                             max_len)
+        item, category, behavior, _, mask = gather_histories(data, users, np.asarray(data.user_offsets[users]), max_len)
         with torch.no_grad():
-            state = model.encode_user(torch.from_numpy(item), torch.from_numpy(category),
-                                      torch.from_numpy(behavior), torch.from_numpy(mask))
-            logits = model.score(state, torch.from_numpy(item_index),
-                                 torch.from_numpy(np.asarray(data.item_category[item_index], dtype=np.int64)),
-                                 torch.zeros(len(item_index), dtype=torch.long))
+            state = model.encode_user(
+                torch.from_numpy(item), torch.from_numpy(category), torch.from_numpy(behavior), torch.from_numpy(mask)
+            )
+            logits = model.score(
+                state,
+                torch.from_numpy(item_index),
+                torch.from_numpy(np.asarray(data.item_category[item_index], dtype=np.int64)),
+                torch.zeros(len(item_index), dtype=torch.long),
+            )
         return torch.sigmoid(logits).numpy()
 
     return score
@@ -133,16 +152,20 @@ def main() -> None:
         ws = Workspace(args.workspace or Path(tmp) / "ws").ensure()
         if not ws.dataset_path("serving").exists():
             log = ws.root / "long-histories.csv"
-            print(f"writing a synthetic log with {LONG_HISTORIES.n_users} users of >= {LONG_HISTORIES.min_length} "
-                  "behaviors ...", file=sys.stderr)
+            print(
+                f"writing a synthetic log with {LONG_HISTORIES.n_users} users of >= {LONG_HISTORIES.min_length} "
+                "behaviors ...",
+                file=sys.stderr,
+            )
             write_log(log, LONG_HISTORIES, seed=args.seed)
             prepare(log, "taobao", "serving", workspace=ws, max_len=max(LENGTHS), train_targets=2, seed=args.seed)
         rng = np.random.default_rng(args.seed)
         results = []
         for L in LENGTHS:
             print(f"L = {L}: training DMQN (1 epoch) and exporting ...", file=sys.stderr)
-            run = train(ws, "serving", "dmqn", {}, {"epochs": 1, "max_len": L, "seed": args.seed,
-                                                    "inspect_users": 0}).run_id
+            run = train(
+                ws, "serving", "dmqn", {}, {"epochs": 1, "max_len": L, "seed": args.seed, "inspect_users": 0}
+            ).run_id
             exports = {"embedded": export_states(ws, run)}
             if redis_url:
                 exports["redis"] = export_states(ws, run, to=redis_url)
@@ -153,19 +176,23 @@ def main() -> None:
             full = full_model_scorer(ws, run, L)
             paths: dict[str, Callable[[int, np.ndarray], object]] = {
                 name: (lambda user, items, scorer=scorer: scorer.score(int(data.raw_user(user)), data.raw_item(items)))
-                for name, scorer in scorers.items()}
+                for name, scorer in scorers.items()
+            }
             paths["full"] = full
             for C in CANDIDATES:
+
                 def pick(C: int = C) -> tuple[int, np.ndarray]:
-                    return int(rng.integers(1, data.n_users + 1)), rng.choice(np.arange(1, data.n_items + 1), C,
-                                                                             replace=False)
+                    return int(rng.integers(1, data.n_users + 1)), rng.choice(
+                        np.arange(1, data.n_items + 1), C, replace=False
+                    )
 
                 calls = args.calls if L < 5000 else max(args.calls // 2, 20)
                 results.append({"L": L, "C": C, **interleaved_latencies(paths, pick, calls)})
             for scorer in scorers.values():
                 scorer.close()
-            results[-1]["exports"] = {name: (e.users_per_s, e.bytes / max(e.total_users, 1))
-                                      for name, e in exports.items()}
+            results[-1]["exports"] = {
+                name: (e.users_per_s, e.bytes / max(e.total_users, 1)) for name, e in exports.items()
+            }
 
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     report(results, peak_mb, args)
@@ -180,21 +207,37 @@ def report(results: list[dict], peak_mb: float, args: argparse.Namespace) -> Non
         cells = [f"{np.percentile(row[p], 50):.2f} / {np.percentile(row[p], 99):.2f}" for p in paths]
         ratio = np.percentile(row["full"], 50) / np.percentile(row["cache/embedded"], 50)
         lines.append(f"| {row['L']} | {row['C']} | " + " | ".join(cells) + f" | {ratio:.1f}x |")
-        rows_json.append({"L": row["L"], "C": row["C"], **{
-            p: {"p50_ms": float(np.percentile(row[p], 50)), "p99_ms": float(np.percentile(row[p], 99)),
-                "calls": len(row[p])} for p in paths}})
+        rows_json.append(
+            {
+                "L": row["L"],
+                "C": row["C"],
+                **{
+                    p: {
+                        "p50_ms": float(np.percentile(row[p], 50)),
+                        "p99_ms": float(np.percentile(row[p], 99)),
+                        "calls": len(row[p]),
+                    }
+                    for p in paths
+                },
+            }
+        )
     lines += ["", "| L | store | export users/s | bytes per user |", "|---|---|---|---|"]
     exports = []
     for row in results:
         for name, (per_s, per_user) in row.get("exports", {}).items():
             lines.append(f"| {row['L']} | {name} | {per_s:,.0f} | {per_user:,.0f} |")
             exports.append({"L": row["L"], "store": name, "users_per_s": per_s, "bytes_per_user": per_user})
-    lines += ["", f"peak resident memory: {peak_mb:,.0f} MB; torch threads: {args.threads}; "
-              f"calls per cell: {args.calls}"]
+    lines += [
+        "",
+        f"peak resident memory: {peak_mb:,.0f} MB; torch threads: {args.threads}; calls per cell: {args.calls}",
+    ]
     print("\n".join(lines))
     if args.out:
-        args.out.write_text(json.dumps({"latency": rows_json, "exports": exports, "peak_mb": peak_mb,
-                                        "threads": args.threads}, indent=2))
+        args.out.write_text(
+            json.dumps(
+                {"latency": rows_json, "exports": exports, "peak_mb": peak_mb, "threads": args.threads}, indent=2
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -49,8 +49,9 @@ PAIRED = ("dmqn", "din-full")  # measured alternately: their ratio is the target
 N_ITEMS, N_CATEGORIES, N_BEHAVIOR_TYPES = 20_000, 400, 5
 
 
-def make_batch(rng: np.random.Generator, item_category: np.ndarray, popularity: np.ndarray, batch_size: int,
-               length: int) -> dict[str, torch.Tensor]:
+def make_batch(
+    rng: np.random.Generator, item_category: np.ndarray, popularity: np.ndarray, batch_size: int, length: int
+) -> dict[str, torch.Tensor]:
     """One training batch as BatchLoader builds it: H = batch_size / 2 full histories (H, L), B candidates."""
     H, L = batch_size // 2, length
     items = rng.choice(len(popularity), size=(H, L), p=popularity) + 1  # (H, L), ids 1..n_items-1
@@ -72,8 +73,9 @@ def make_batch(rng: np.random.Generator, item_category: np.ndarray, popularity: 
     )
 
 
-def measure(model_name: str, length: int, batch_size: int, warmup: int, steps: int, threads: int, seed: int
-            ) -> dict[str, float]:
+def measure(
+    model_name: str, length: int, batch_size: int, warmup: int, steps: int, threads: int, seed: int
+) -> dict[str, float]:
     """Train `warmup` untimed then `steps` timed steps in this process.
 
     Returns samples/s of wall-clock time, samples per CPU-second of this process (all its threads;
@@ -106,15 +108,34 @@ def measure(model_name: str, length: int, batch_size: int, warmup: int, steps: i
         step(batches[i % len(batches)])
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - started_cpu
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
-    return {"samples_per_s": steps * batch_size / seconds, "samples_per_cpu_s": steps * batch_size / cpu_seconds,
-            "seconds": seconds, "cpu_seconds": cpu_seconds, "peak_mb": peak_kb / 1024}
+    return {
+        "samples_per_s": steps * batch_size / seconds,
+        "samples_per_cpu_s": steps * batch_size / cpu_seconds,
+        "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
+        "peak_mb": peak_kb / 1024,
+    }
 
 
 def run_child(model_name: str, length: int, args: argparse.Namespace) -> dict[str, float]:
     """measure() in a fresh interpreter, so that ru_maxrss is this configuration's peak alone."""
-    command = [sys.executable, __file__, "--child", model_name, str(length), "--batch-size", str(args.batch_size),
-               "--warmup", str(args.warmup), "--steps", str(args.steps), "--threads", str(args.threads),
-               "--seed", str(args.seed)]
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        model_name,
+        str(length),
+        "--batch-size",
+        str(args.batch_size),
+        "--warmup",
+        str(args.warmup),
+        "--steps",
+        str(args.steps),
+        "--threads",
+        str(args.threads),
+        "--seed",
+        str(args.seed),
+    ]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{model_name} at L={length} failed:\n{done.stderr[-4000:]}")
@@ -153,16 +174,21 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before timing")
     parser.add_argument("--steps", type=int, default=6, help="timed steps per measurement")
     parser.add_argument("--repeats", type=int, default=3, help="alternating measurements of dmqn and din-full per L")
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
-                        help="torch threads [default: every core this process may use]")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="torch threads [default: every core this process may use]",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="also write the results as JSON to this file")
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "L"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.child:
-        result = measure(args.child[0], int(args.child[1]), args.batch_size, args.warmup, args.steps,
-                         args.threads, args.seed)
+        result = measure(
+            args.child[0], int(args.child[1]), args.batch_size, args.warmup, args.steps, args.threads, args.seed
+        )
         print(json.dumps(result))
         return
 
@@ -171,17 +197,23 @@ def main() -> None:
     if args.batch_size < 2 or args.batch_size % 2:
         parser.error("--batch-size must be even (a positive and a negative per history)")
     machine = f"{cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {args.threads} threads"
-    print(f"{machine}; batch {args.batch_size}, {args.warmup} warm-up + {args.steps} timed steps; "
-          f"load average at start {load_average()}", flush=True)
+    print(
+        f"{machine}; batch {args.batch_size}, {args.warmup} warm-up + {args.steps} timed steps; "
+        f"load average at start {load_average()}",
+        flush=True,
+    )
 
     runs: dict[tuple[str, int], list[dict[str, float]]] = {}
     for length in lengths:
         for model_name in schedule(models, args.repeats):
             result = run_child(model_name, length, args)
             runs.setdefault((model_name, length), []).append(result)
-            print(f"  L={length:>5} {model_name:<12} {result['samples_per_s']:>9,.1f} samples/s "
-                  f"{result['samples_per_cpu_s']:>9,.1f} per CPU s {result['peak_mb']:>8,.0f} MB peak   "
-                  f"(load {load_average()})", flush=True)
+            print(
+                f"  L={length:>5} {model_name:<12} {result['samples_per_s']:>9,.1f} samples/s "
+                f"{result['samples_per_cpu_s']:>9,.1f} per CPU s {result['peak_mb']:>8,.0f} MB peak   "
+                f"(load {load_average()})",
+                flush=True,
+            )
 
     def median(model_name: str, length: int, key: str) -> float:
         return statistics.median(r[key] for r in runs[(model_name, length)])
@@ -197,21 +229,33 @@ def main() -> None:
     print("| model | " + " | ".join(f"L={n} samples/s | per CPU s | peak MB" for n in lengths) + " |")
     print("| --- | " + " | ".join("---: | ---: | ---:" for _ in lengths) + " |")
     for model_name in models:
-        cells = [f"{median(model_name, n, 'samples_per_s'):,.0f} | {median(model_name, n, 'samples_per_cpu_s'):,.0f}"
-                 f" | {median(model_name, n, 'peak_mb'):,.0f}" for n in lengths]
+        cells = [
+            f"{median(model_name, n, 'samples_per_s'):,.0f} | {median(model_name, n, 'samples_per_cpu_s'):,.0f}"
+            f" | {median(model_name, n, 'peak_mb'):,.0f}"
+            for n in lengths
+        ]
         print(f"| {model_name} | " + " | ".join(cells) + " |")
     for length in ratios["samples_per_s"]:
-        print(f"dmqn / din-full at L={length}: {ratios['samples_per_s'][length]:.2f} wall-clock, "
-              f"{ratios['samples_per_cpu_s'][length]:.2f} per CPU second "
-              f"(medians of {args.repeats} side-by-side pairs)")
+        print(
+            f"dmqn / din-full at L={length}: {ratios['samples_per_s'][length]:.2f} wall-clock, "
+            f"{ratios['samples_per_cpu_s'][length]:.2f} per CPU second "
+            f"(medians of {args.repeats} side-by-side pairs)"
+        )
     print(f"load average at end {load_average()}")
 
     if args.out:
         report = {
-            "machine": machine, "batch_size": args.batch_size, "warmup": args.warmup, "steps": args.steps,
-            "threads": args.threads, "seed": args.seed, "load_average_end": load_average(),
+            "machine": machine,
+            "batch_size": args.batch_size,
+            "warmup": args.warmup,
+            "steps": args.steps,
+            "threads": args.threads,
+            "seed": args.seed,
+            "load_average_end": load_average(),
             "runs": [{"model": m, "L": n, **r} for (m, n), rs in runs.items() for r in rs],
-            "ratio_dmqn_din_full": {key: {str(n): r for n, r in by_length.items()} for key, by_length in ratios.items()},
+            "ratio_dmqn_din_full": {
+                key: {str(n): r for n, r in by_length.items()} for key, by_length in ratios.items()
+            },
         }
         with open(args.out, "w") as f:
             json.dump(report, f, indent=2)

@@ -10,18 +10,47 @@ from rich.table import Column, Table
 from rich.text import Text
 
 from dmqn_cli.common import (
-    JsonOption, WideOption, WorkspaceOption, console, err_console, fail, handle_errors, open_workspace, print_json,
+    JsonOption,
+    WideOption,
+    WorkspaceOption,
+    console,
+    err_console,
+    fail,
+    handle_errors,
+    open_workspace,
+    print_json,
 )
 from dmqn_cli.options import (
-    BatchSizeOption, ConfigOption, DeviceOption, DropoutOption, EmbedDimOption, EpochsOption, InspectUsersOption,
-    LrOption, MaxLenOption, MiddleLenOption, PatienceOption, ShortLenOption, TopKOption, WeightDecayOption,
+    BatchSizeOption,
+    ConfigOption,
+    DeviceOption,
+    DropoutOption,
+    EmbedDimOption,
+    EpochsOption,
+    InspectUsersOption,
+    LrOption,
+    MaxLenOption,
+    MiddleLenOption,
+    PatienceOption,
+    ShortLenOption,
+    TopKOption,
+    WeightDecayOption,
     collect_settings,
 )
 from dmqn_cli.progress import RichProgress
 from dmqn_cli.results import fitted_table, number
 from dmqn_core.bench import (
-    ALL_MODELS, TABLE2_COLUMNS, TABLE3_COLUMNS, BenchReport, BenchStep, describe_budget, mean_std, resolve_models,
-    run_bench, table2_cells, table3_cells,
+    ALL_MODELS,
+    TABLE2_COLUMNS,
+    TABLE3_COLUMNS,
+    BenchReport,
+    BenchStep,
+    describe_budget,
+    mean_std,
+    resolve_models,
+    run_bench,
+    table2_cells,
+    table3_cells,
 )
 
 # What a narrow terminal (or a pipe: 80 columns) gives up first; the model, test AUC and GAUC stay.
@@ -30,9 +59,13 @@ _DROPPABLE = ("infer/s", "train/s", "params", "logloss", "runs", "Δ AUC vs dmqn
 
 def _terminal_table(title: str, columns: tuple[str, ...], cells: list[list[str]], wide: bool) -> Table:
     # No cell wraps: a model name or a "mean ± std" is read whole or not shown.
-    return fitted_table(title, [Column(c, justify="left" if i == 0 else "right", no_wrap=True)
-                                for i, c in enumerate(columns)],
-                        cells, droppable=_DROPPABLE, wide=wide)
+    return fitted_table(
+        title,
+        [Column(c, justify="left" if i == 0 else "right", no_wrap=True) for i, c in enumerate(columns)],
+        cells,
+        droppable=_DROPPABLE,
+        wide=wide,
+    )
 
 
 def _bench_json(report: BenchReport, seeds: list[int]) -> dict[str, Any]:
@@ -43,12 +76,28 @@ def _bench_json(report: BenchReport, seeds: list[int]) -> dict[str, Any]:
         for name, values in (("auc", row.auc), ("gauc", row.gauc), ("logloss", row.logloss)):
             mean, std = mean_std(values)
             fields[f"{name}_mean"], fields[f"{name}_std"] = number(mean), number(std)
-        rows.append({**fields, "train_samples_per_s": number(row.train_samples_per_s),
-                     "infer_samples_per_s": number(row.infer_samples_per_s), "n_parameters": row.n_parameters,
-                     "best_epochs": row.best_epochs, "failed": row.failed})
-    return {"name": report.name, "dataset": report.dataset, "directory": str(report.directory), "seeds": seeds,
-            "budget": report.budget, "machine": report.machine, "trained": report.trained,
-            "reused": report.reused, "rows": rows, "failures": report.failures}
+        rows.append(
+            {
+                **fields,
+                "train_samples_per_s": number(row.train_samples_per_s),
+                "infer_samples_per_s": number(row.infer_samples_per_s),
+                "n_parameters": row.n_parameters,
+                "best_epochs": row.best_epochs,
+                "failed": row.failed,
+            }
+        )
+    return {
+        "name": report.name,
+        "dataset": report.dataset,
+        "directory": str(report.directory),
+        "seeds": seeds,
+        "budget": report.budget,
+        "machine": report.machine,
+        "trained": report.trained,
+        "reused": report.reused,
+        "rows": rows,
+        "failures": report.failures,
+    }
 
 
 @handle_errors
@@ -56,7 +105,11 @@ def bench(
     data: str = typer.Argument(..., help="Prepared data set: a NAME inside the workspace or a path (see `dmqn prep`)."),
     models: str = typer.Option("all", "--models", help=f"Comma-separated models, or 'all' ({', '.join(ALL_MODELS)})."),
     seeds: int = typer.Option(3, "--seeds", min=1, help="Runs per model, with seeds 0 .. SEEDS-1."),
-    name: Optional[str] = typer.Option(None, "--name", help="Bench name \\[default: the data set plus a hash of the budget, so the same command resumes]."),
+    name: Optional[str] = typer.Option(
+        None,
+        "--name",
+        help="Bench name \\[default: the data set plus a hash of the budget, so the same command resumes].",
+    ),
     config: Optional[Path] = ConfigOption,
     epochs: Optional[int] = EpochsOption,
     batch_size: Optional[int] = BatchSizeOption,
@@ -91,40 +144,76 @@ def bench(
     model_settings, train_settings = collect_settings(
         config,
         {"embed_dim": embed_dim, "short_len": short_len, "middle_len": middle_len, "top_k": top_k, "dropout": dropout},
-        {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
-         "max_len": max_len, "patience": patience, "device": device,
-         "inspect_users": inspect_users},
+        {
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "max_len": max_len,
+            "patience": patience,
+            "device": device,
+            "inspect_users": inspect_users,
+        },
     )
     if "seed" in train_settings:
         raise typer.BadParameter("a seed in the train table of --config does not apply to a bench; use --seeds")
     seed_list = list(range(seeds))
 
     with RichProgress() as progress:
+
         def show(step: BenchStep) -> None:
             where = f"[{step.index}/{step.total}] {step.model} seed {step.seed}"
-            outcome = {"train": Text(f"training (run {step.run_id})"), "resume": Text(f"resuming run {step.run_id}"),
-                       "done": Text(f"finished earlier (run {step.run_id})"),
-                       "failed": Text.assemble(("failed", "red"), f": {step.message}")}
+            outcome = {
+                "train": Text(f"training (run {step.run_id})"),
+                "resume": Text(f"resuming run {step.run_id}"),
+                "done": Text(f"finished earlier (run {step.run_id})"),
+                "failed": Text.assemble(("failed", "red"), f": {step.message}"),
+            }
             progress.log(Text.assemble((where, "bold cyan"), " ", outcome[step.action]))
 
         try:
-            report = run_bench(ws, data, model_list, seed_list, model_settings, train_settings, name=name,
-                               progress=progress, on_step=show)
+            report = run_bench(
+                ws,
+                data,
+                model_list,
+                seed_list,
+                model_settings,
+                train_settings,
+                name=name,
+                progress=progress,
+                on_step=show,
+            )
         except KeyboardInterrupt:
             raise fail("interrupted; run the same command again to resume the bench", code=130) from None
 
     if as_json:
         print_json(_bench_json(report, seed_list))
     else:
-        console.print(Text.assemble("bench ", (report.name, "bold"), f" on {report.dataset}: {report.trained} "
-                                    f"run(s) trained now, {report.reused} reused"))
+        console.print(
+            Text.assemble(
+                "bench ",
+                (report.name, "bold"),
+                f" on {report.dataset}: {report.trained} run(s) trained now, {report.reused} reused",
+            )
+        )
         console.print(Text(f"budget: {describe_budget(report.budget, seed_list)}"))
         console.print(Text(f"machine: {report.machine}"))
-        console.print(_terminal_table("Table 2: all models (test split, mean ± std over seeds)", TABLE2_COLUMNS,
-                                      table2_cells(report.table2()), wide), crop=not wide)
+        console.print(
+            _terminal_table(
+                "Table 2: all models (test split, mean ± std over seeds)",
+                TABLE2_COLUMNS,
+                table2_cells(report.table2()),
+                wide,
+            ),
+            crop=not wide,
+        )
         if report.table3():
-            console.print(_terminal_table("Table 3: DMQN-simple vs DMQN (ICIM)", TABLE3_COLUMNS,
-                                          table3_cells(report.table3()), wide), crop=not wide)
+            console.print(
+                _terminal_table(
+                    "Table 3: DMQN-simple vs DMQN (ICIM)", TABLE3_COLUMNS, table3_cells(report.table3()), wide
+                ),
+                crop=not wide,
+            )
         console.print(Text(f"tables: {report.directory}/table2.md, table2.csv, table3.md, table3.csv"))
     if report.failures:
         for failure in report.failures:

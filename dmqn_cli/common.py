@@ -24,12 +24,12 @@ WorkspaceOption = typer.Option(
     "--workspace",
     "-w",
     envvar=WORKSPACE_ENV,
-    help="Workspace directory holding runs.duckdb, prepared data sets and checkpoints "
-    "\\[default: ./dmqn-workspace].",
+    help="Workspace directory holding runs.duckdb, prepared data sets and checkpoints \\[default: ./dmqn-workspace].",
     show_default=False,
 )
-JsonOption = typer.Option(False, "--json",
-                          help="Print JSON for scripts instead of tables; nothing else goes to stdout.")
+JsonOption = typer.Option(
+    False, "--json", help="Print JSON for scripts instead of tables; nothing else goes to stdout."
+)
 WideOption = typer.Option(False, "--wide", help="Show every column, however wide the table gets.")
 
 F = TypeVar("F", bound=Callable)

@@ -24,7 +24,9 @@ class Split(str, Enum):
 def evaluate(
     run_id: Optional[str] = typer.Argument(None, help="Run to evaluate \\[default: the latest run]."),
     split: Split = typer.Option(Split.test, "--split", help="Which split of the run's data set."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Samples per inference batch \\[default: the run's eval batch size]."),
+    batch_size: Optional[int] = typer.Option(
+        None, "--batch-size", help="Samples per inference batch \\[default: the run's eval batch size]."
+    ),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     as_json: bool = JsonOption,
     workspace: Optional[Path] = WorkspaceOption,
@@ -38,9 +40,16 @@ def evaluate(
     with RichProgress() as progress:
         run, metrics = evaluate_run(ws, run_id, split.value, batch_size, device, progress)
     if as_json:
-        print_json({"run_id": run, "split": split.value, "auc": number(metrics.get("auc")),
-                    "gauc": number(metrics.get("gauc")), "logloss": number(metrics.get("logloss")),
-                    "samples": int(metrics["samples"]) if "samples" in metrics else None,
-                    "samples_per_s": number(metrics.get("samples_per_s"))})
+        print_json(
+            {
+                "run_id": run,
+                "split": split.value,
+                "auc": number(metrics.get("auc")),
+                "gauc": number(metrics.get("gauc")),
+                "logloss": number(metrics.get("logloss")),
+                "samples": int(metrics["samples"]) if "samples" in metrics else None,
+                "samples_per_s": number(metrics.get("samples_per_s")),
+            }
+        )
         return
     console.print(metrics_table(f"run {run} · {split.value}", [(split.value, metrics)]))

@@ -14,8 +14,9 @@ from dmqn_core.workspace import Workspace
 
 @handle_errors
 def inspect(
-    user: int = typer.Option(..., "--user", callback=int64_ids,
-                             help="Raw user id (`dmqn quickstart` prints one worth a look)."),
+    user: int = typer.Option(
+        ..., "--user", callback=int64_ids, help="Raw user id (`dmqn quickstart` prints one worth a look)."
+    ),
     run_id: Optional[str] = typer.Option(None, "--run", help="A dmqn or dmqn-simple run \\[default: the latest one]."),
     workspace: Optional[Path] = WorkspaceOption,
 ) -> None:

@@ -12,24 +12,68 @@ from dmqn_core.train import read_config_file
 MODEL_PANEL = "Model"
 TRAIN_PANEL = "Training"
 
-ConfigOption = typer.Option(None, "--config", "-c", help="TOML file with \\[model] and \\[train] tables; flags override it (see examples/dmqn.toml).")
-EpochsOption = typer.Option(None, "--epochs", help="Maximum number of epochs \\[default: 8].", rich_help_panel=TRAIN_PANEL)
-BatchSizeOption = typer.Option(None, "--batch-size", help="Training samples per batch \\[default: 256].", rich_help_panel=TRAIN_PANEL)
+ConfigOption = typer.Option(
+    None,
+    "--config",
+    "-c",
+    help="TOML file with \\[model] and \\[train] tables; flags override it (see examples/dmqn.toml).",
+)
+EpochsOption = typer.Option(
+    None, "--epochs", help="Maximum number of epochs \\[default: 8].", rich_help_panel=TRAIN_PANEL
+)
+BatchSizeOption = typer.Option(
+    None, "--batch-size", help="Training samples per batch \\[default: 256].", rich_help_panel=TRAIN_PANEL
+)
 LrOption = typer.Option(None, "--lr", help="Adam learning rate \\[default: 0.001].", rich_help_panel=TRAIN_PANEL)
-WeightDecayOption = typer.Option(None, "--weight-decay", help="Adam weight decay \\[default: 0].", rich_help_panel=TRAIN_PANEL)
-MaxLenOption = typer.Option(None, "--max-len", help="Most recent behaviors kept per history \\[default: the data set's --max-len].", rich_help_panel=TRAIN_PANEL)
-PatienceOption = typer.Option(None, "--patience", help="Stop after this many epochs without a better validation AUC \\[default: 2].", rich_help_panel=TRAIN_PANEL)
+WeightDecayOption = typer.Option(
+    None, "--weight-decay", help="Adam weight decay \\[default: 0].", rich_help_panel=TRAIN_PANEL
+)
+MaxLenOption = typer.Option(
+    None,
+    "--max-len",
+    help="Most recent behaviors kept per history \\[default: the data set's --max-len].",
+    rich_help_panel=TRAIN_PANEL,
+)
+PatienceOption = typer.Option(
+    None,
+    "--patience",
+    help="Stop after this many epochs without a better validation AUC \\[default: 2].",
+    rich_help_panel=TRAIN_PANEL,
+)
 DeviceOption = typer.Option(None, "--device", help="cpu or cuda \\[default: cpu].", rich_help_panel=TRAIN_PANEL)
-InspectUsersOption = typer.Option(None, "--inspect-users", min=0, help="dmqn/dmqn-simple: users whose codeword assignments and attention are recorded at the end for `dmqn inspect` and `dmqn report`; 0 records nothing \\[default: 300].", rich_help_panel=TRAIN_PANEL)
-EmbedDimOption = typer.Option(None, "--embed-dim", help="Embedding and codeword dimension D \\[default: 32].", rich_help_panel=MODEL_PANEL)
-ShortLenOption = typer.Option(None, "--short-len", help="Recent behaviors of the short-term features (DIN short, the MLP's recent mean) \\[default: 50].", rich_help_panel=MODEL_PANEL)
-MiddleLenOption = typer.Option(None, "--middle-len", help="Behaviors seen by din-middle \\[default: 200].", rich_help_panel=MODEL_PANEL)
-TopKOption = typer.Option(None, "--top-k", help="Behaviors (TWIN V2: clusters) kept by the retrieval of SIM, ETA, TWIN, TWIN V2 \\[default: 50].", rich_help_panel=MODEL_PANEL)
-DropoutOption = typer.Option(None, "--dropout", help="Dropout in the MLP head \\[default: 0].", rich_help_panel=MODEL_PANEL)
+InspectUsersOption = typer.Option(
+    None,
+    "--inspect-users",
+    min=0,
+    help="dmqn/dmqn-simple: users whose codeword assignments and attention are recorded at the end for `dmqn inspect` and `dmqn report`; 0 records nothing \\[default: 300].",
+    rich_help_panel=TRAIN_PANEL,
+)
+EmbedDimOption = typer.Option(
+    None, "--embed-dim", help="Embedding and codeword dimension D \\[default: 32].", rich_help_panel=MODEL_PANEL
+)
+ShortLenOption = typer.Option(
+    None,
+    "--short-len",
+    help="Recent behaviors of the short-term features (DIN short, the MLP's recent mean) \\[default: 50].",
+    rich_help_panel=MODEL_PANEL,
+)
+MiddleLenOption = typer.Option(
+    None, "--middle-len", help="Behaviors seen by din-middle \\[default: 200].", rich_help_panel=MODEL_PANEL
+)
+TopKOption = typer.Option(
+    None,
+    "--top-k",
+    help="Behaviors (TWIN V2: clusters) kept by the retrieval of SIM, ETA, TWIN, TWIN V2 \\[default: 50].",
+    rich_help_panel=MODEL_PANEL,
+)
+DropoutOption = typer.Option(
+    None, "--dropout", help="Dropout in the MLP head \\[default: 0].", rich_help_panel=MODEL_PANEL
+)
 
 
-def collect_settings(config: Optional[Path], model_flags: dict[str, Any], train_flags: dict[str, Any]
-                     ) -> tuple[dict[str, Any], dict[str, Any]]:
+def collect_settings(
+    config: Optional[Path], model_flags: dict[str, Any], train_flags: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Settings of a --config file, overridden by the flags that were given (None = not given)."""
     model_settings, train_settings = read_config_file(config) if config else ({}, {})
     model_settings.update({k: v for k, v in model_flags.items() if v is not None})

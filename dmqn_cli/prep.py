@@ -33,45 +33,69 @@ class SourceFormat(str, enum.Enum):
 
 @handle_errors
 def prep(
-    source: Path = typer.Argument(..., help="The log: a Taobao CSV (.csv or .csv.gz), a MovieLens folder "
-                                            "(100K, 1M or latest) or a delimited file with a header.",
-                                  show_default=False),
+    source: Path = typer.Argument(
+        ...,
+        help="The log: a Taobao CSV (.csv or .csv.gz), a MovieLens folder "
+        "(100K, 1M or latest) or a delimited file with a header.",
+        show_default=False,
+    ),
     format: SourceFormat = typer.Option(..., "--format", "-f", help="Layout of SOURCE.", show_default=False),
-    out: str = typer.Option(..., "--out", "-o", help="Name of the prepared set inside <workspace>/data/ "
-                                                    "(or a path).", show_default=False),
+    out: str = typer.Option(
+        ..., "--out", "-o", help="Name of the prepared set inside <workspace>/data/ (or a path).", show_default=False
+    ),
     workspace: Optional[Path] = WorkspaceOption,
-    max_len: int = typer.Option(1000, help="Histories are cut to the most recent MAX_LEN behaviors "
-                                           "(at read time; stored in meta.json)."),
-    neg_ratio: int = typer.Option(1, help="Negatives per positive, drawn by popularity among items the "
-                                          "user never clicked."),
-    train_targets: int = typer.Option(20, help="Training targets per user: the clicks just before the "
-                                               "validation target."),
+    max_len: int = typer.Option(
+        1000, help="Histories are cut to the most recent MAX_LEN behaviors (at read time; stored in meta.json)."
+    ),
+    neg_ratio: int = typer.Option(
+        1, help="Negatives per positive, drawn by popularity among items the user never clicked."
+    ),
+    train_targets: int = typer.Option(
+        20, help="Training targets per user: the clicks just before the validation target."
+    ),
     min_behaviors: int = typer.Option(20, help="Users with fewer valid behaviors are dropped."),
     time_range: Optional[str] = typer.Option(
-        None, help="Keep rows with START <= timestamp < END (unix seconds or ISO date-times); 'all' keeps "
-                   "every row. Default: taobao 1511539200,1512316800 (2017-11-25..12-03 China time), "
-                   "others all.", show_default=False),
+        None,
+        help="Keep rows with START <= timestamp < END (unix seconds or ISO date-times); 'all' keeps "
+        "every row. Default: taobao 1511539200,1512316800 (2017-11-25..12-03 China time), "
+        "others all.",
+        show_default=False,
+    ),
     columns: Optional[str] = typer.Option(
-        None, help="csv only: user=COL,item=COL,timestamp=COL[,category=COL][,behavior=COL] naming the "
-                   "file's columns.", show_default=False),
+        None,
+        help="csv only: user=COL,item=COL,timestamp=COL[,category=COL][,behavior=COL] naming the file's columns.",
+        show_default=False,
+    ),
     delimiter: str = typer.Option(",", help="csv only: the field delimiter."),
     click_behaviors: Optional[str] = typer.Option(
-        None, help="Comma-separated behavior types that are clicks (targets). Default: taobao pv, "
-                   "movielens click (rating >= 4), csv every behavior.", show_default=False),
-    strict: bool = typer.Option(False, "--strict", help="Fail on the first invalid row instead of skipping "
-                                                       "and counting it."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing set of that name (only ever a "
-                                                             "set dmqn prep made, never another folder)."),
+        None,
+        help="Comma-separated behavior types that are clicks (targets). Default: taobao pv, "
+        "movielens click (rating >= 4), csv every behavior.",
+        show_default=False,
+    ),
+    strict: bool = typer.Option(
+        False, "--strict", help="Fail on the first invalid row instead of skipping and counting it."
+    ),
+    overwrite: bool = typer.Option(
+        False,
+        "--overwrite",
+        help="Replace an existing set of that name (only ever a set dmqn prep made, never another folder).",
+    ),
     seed: int = typer.Option(0, help="Seed of the negative sampling (same seed, same set)."),
     memory_limit: Optional[str] = typer.Option(
-        None, help="DuckDB memory limit, a size (4GB) or a share of the machine's memory (40%); beyond it "
-                   f"DuckDB spills to disk. \\[default: {MEMORY_FRACTION:.0%} of memory]", show_default=False),
-    threads: Optional[int] = typer.Option(None, help="DuckDB threads \\[default: all cores].",
-                                          show_default=False),
+        None,
+        help="DuckDB memory limit, a size (4GB) or a share of the machine's memory (40%); beyond it "
+        f"DuckDB spills to disk. \\[default: {MEMORY_FRACTION:.0%} of memory]",
+        show_default=False,
+    ),
+    threads: Optional[int] = typer.Option(None, help="DuckDB threads \\[default: all cores].", show_default=False),
     temp_dir: Optional[Path] = typer.Option(
-        None, help="Directory for DuckDB's working database and spill files (at peak about the size of "
-                   "a Taobao-format log), removed afterwards. \\[default: inside the set's temporary directory in the "
-                   "workspace]", show_default=False),
+        None,
+        help="Directory for DuckDB's working database and spill files (at peak about the size of "
+        "a Taobao-format log), removed afterwards. \\[default: inside the set's temporary directory in the "
+        "workspace]",
+        show_default=False,
+    ),
 ) -> None:
     """Turn a behavior log into a prepared long-sequence CTR set (train/valid/test by time per user)."""
     ws = open_workspace(workspace)
@@ -88,11 +112,26 @@ def prep(
             status.update(f"{stage_text} (query {percent:.0f}% done)")
 
         result = prepare(
-            source, Format(format.value), out, workspace=ws, max_len=max_len, neg_ratio=neg_ratio,
-            train_targets=train_targets, min_behaviors=min_behaviors, time_range=parse_time_range(time_range),
-            columns=parse_columns(columns), delimiter=delimiter, click_behaviors=clicks, strict=strict,
-            overwrite=overwrite, seed=seed, memory_limit=memory_limit, threads=threads, temp_dir=temp_dir,
-            on_stage=on_stage, on_progress=on_progress,
+            source,
+            Format(format.value),
+            out,
+            workspace=ws,
+            max_len=max_len,
+            neg_ratio=neg_ratio,
+            train_targets=train_targets,
+            min_behaviors=min_behaviors,
+            time_range=parse_time_range(time_range),
+            columns=parse_columns(columns),
+            delimiter=delimiter,
+            click_behaviors=clicks,
+            strict=strict,
+            overwrite=overwrite,
+            seed=seed,
+            memory_limit=memory_limit,
+            threads=threads,
+            temp_dir=temp_dir,
+            on_stage=on_stage,
+            on_progress=on_progress,
         )
     console.print(_summary(result.meta, result.path, result.seconds))
 
@@ -100,8 +139,11 @@ def prep(
 def _summary(meta: dict, path: Path, seconds: float) -> Table:
     counts = meta["counts"]
     # Text, not a markup string: the set's name and path are the user's, brackets included.
-    table = Table(title=Text(f"prepared {meta['name']} ({meta['source']['variant']}) in {seconds:.1f}s"),
-                  show_header=False, title_justify="left")
+    table = Table(
+        title=Text(f"prepared {meta['name']} ({meta['source']['variant']}) in {seconds:.1f}s"),
+        show_header=False,
+        title_justify="left",
+    )
     table.add_column(style="bold")
     table.add_column(justify="right")
     table.add_row("rows read", f"{counts['rows_read']:,}")
@@ -113,11 +155,12 @@ def _summary(meta: dict, path: Path, seconds: float) -> Table:
     table.add_row("  dropped: < min behaviors", f"{counts['users_dropped_min_behaviors']:,}")
     table.add_row("  dropped: < 3 clicks with history", f"{counts['users_dropped_few_clicks']:,}")
     table.add_row("behaviors", f"{counts['behaviors']:,}")
-    table.add_row("items / categories / behavior types",
-                  f"{counts['items']:,} / {counts['categories']:,} / {counts['behavior_types']:,}")
+    table.add_row(
+        "items / categories / behavior types",
+        f"{counts['items']:,} / {counts['categories']:,} / {counts['behavior_types']:,}",
+    )
     for split in ("train", "valid", "test"):
-        table.add_row(f"samples {split} (positives)",
-                      f"{counts['samples'][split]:,} ({counts['positives'][split]:,})")
+        table.add_row(f"samples {split} (positives)", f"{counts['samples'][split]:,} ({counts['positives'][split]:,})")
     if counts["negatives_short"]:
         table.add_row("negatives missing (user clicked every item)", f"{counts['negatives_short']:,}")
     table.add_row("written to", Text(str(path)))

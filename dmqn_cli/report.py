@@ -17,13 +17,20 @@ DEFAULT_USERS = 4
 @handle_errors
 def report(
     run_id: Optional[str] = typer.Argument(None, help="A dmqn or dmqn-simple run \\[default: the latest one]."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", dir_okay=False,
-                                       help="HTML file to write \\[default: WORKSPACE/reports/RUN_ID.html]."),
-    users: int = typer.Option(DEFAULT_USERS, "--users", min=0,
-                              help="How many recorded sample users get an attention heatmap."),
-    user: Optional[List[int]] = typer.Option(None, "--user", metavar="USER_ID", callback=int64_ids,
-                                             help="Show this raw user id's attention instead (repeatable; "
-                                                  "users outside the recorded sample are computed from the checkpoint)."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", "-o", dir_okay=False, help="HTML file to write \\[default: WORKSPACE/reports/RUN_ID.html]."
+    ),
+    users: int = typer.Option(
+        DEFAULT_USERS, "--users", min=0, help="How many recorded sample users get an attention heatmap."
+    ),
+    user: Optional[List[int]] = typer.Option(
+        None,
+        "--user",
+        metavar="USER_ID",
+        callback=int64_ids,
+        help="Show this raw user id's attention instead (repeatable; "
+        "users outside the recorded sample are computed from the checkpoint).",
+    ),
     workspace: Optional[Path] = WorkspaceOption,
 ) -> None:
     """Write one HTML file that opens offline (plotly.js embedded once): codeword utilisation, its history,
@@ -41,5 +48,6 @@ def report(
         result = build_report(ws, run_id, out, users=user or users, progress=progress)
     for note in result.notes:
         console.print(Text.assemble(("note:", "yellow"), " ", note))
-    console.print(Text(f"report of run {result.run_id}: {result.path} ({result.size_bytes / 1e6:.1f} MB, "
-                       f"{result.seconds:.1f} s)"))
+    console.print(
+        Text(f"report of run {result.run_id}: {result.path} ({result.size_bytes / 1e6:.1f} MB, {result.seconds:.1f} s)")
+    )

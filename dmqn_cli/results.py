@@ -33,8 +33,13 @@ def number(value: float | int | None) -> float | int | None:
     return value if math.isfinite(value) else None
 
 
-def fitted_table(title: str, columns: Sequence[Column], rows: Sequence[Sequence[RenderableType]],
-                 droppable: Sequence[str] = (), wide: bool = False) -> Table:
+def fitted_table(
+    title: str,
+    columns: Sequence[Column],
+    rows: Sequence[Sequence[RenderableType]],
+    droppable: Sequence[str] = (),
+    wide: bool = False,
+) -> Table:
     """A compact table that fits the terminal (80 columns when piped) without cutting a cell short.
 
     The ``droppable`` columns (headers) go, in that order, until the rest fit; a caption names them.
@@ -44,8 +49,14 @@ def fitted_table(title: str, columns: Sequence[Column], rows: Sequence[Sequence[
     keep = list(range(len(columns)))
     dropping = [i for header in droppable for i, column in enumerate(columns) if column.header == header]
     while True:
-        table = Table(*(columns[i].copy() for i in keep), title=Text(title), box=box.SIMPLE_HEAD,
-                      show_edge=False, pad_edge=False, padding=(0, 1, 0, 0))
+        table = Table(
+            *(columns[i].copy() for i in keep),
+            title=Text(title),
+            box=box.SIMPLE_HEAD,
+            show_edge=False,
+            pad_edge=False,
+            padding=(0, 1, 0, 0),
+        )
         for row in rows:
             table.add_row(*(row[i] for i in keep))
         natural = console.measure(table, options=console.options.update_width(100_000)).maximum
@@ -67,14 +78,25 @@ def metrics_table(title: str, rows: list[tuple[str, dict[str, float]]]) -> Table
     for column in ("", "AUC", "GAUC", "logloss", "samples", "samples/s"):
         table.add_column(column, justify="right" if column else "left")
     for label, m in rows:
-        table.add_row(Text(label), fmt(m.get("auc")), fmt(m.get("gauc")), fmt(m.get("logloss")),
-                      fmt(int(m["samples"])) if "samples" in m else "-", fmt(m.get("samples_per_s"), 0))
+        table.add_row(
+            Text(label),
+            fmt(m.get("auc")),
+            fmt(m.get("gauc")),
+            fmt(m.get("logloss")),
+            fmt(int(m["samples"])) if "samples" in m else "-",
+            fmt(m.get("samples_per_s"), 0),
+        )
     return table
 
 
 def print_train_result(result: TrainResult) -> None:
-    console.print(Text.assemble("run ", (result.run_id, "bold"),
-                                f": {result.model} on {result.dataset}, {result.n_parameters:,} parameters, "
-                                f"best epoch {result.best_epoch}, valid AUC {fmt(result.best_valid_auc)}, "
-                                f"{result.train_seconds:.0f} s of training"))
+    console.print(
+        Text.assemble(
+            "run ",
+            (result.run_id, "bold"),
+            f": {result.model} on {result.dataset}, {result.n_parameters:,} parameters, "
+            f"best epoch {result.best_epoch}, valid AUC {fmt(result.best_valid_auc)}, "
+            f"{result.train_seconds:.0f} s of training",
+        )
+    )
     console.print(metrics_table("test", [(result.model, result.test)]))

@@ -18,9 +18,24 @@ from dmqn_core.runstore import RunRecord, RunStore, iter_param_rows
 runs_app = typer.Typer(help="List runs, or show one run's parameters and metric history.", no_args_is_help=False)
 
 # The fields of a run in --json and --csv, in this order; their names do not change.
-RUN_FIELDS = ("run_id", "model", "dataset", "status", "epochs", "best_epoch", "best_valid_auc", "test_auc",
-              "test_gauc", "test_logloss", "n_parameters", "seed", "train_seconds", "created_at", "finished_at",
-              "error")
+RUN_FIELDS = (
+    "run_id",
+    "model",
+    "dataset",
+    "status",
+    "epochs",
+    "best_epoch",
+    "best_valid_auc",
+    "test_auc",
+    "test_gauc",
+    "test_logloss",
+    "n_parameters",
+    "seed",
+    "train_seconds",
+    "created_at",
+    "finished_at",
+    "error",
+)
 
 # The metrics of `dmqn runs show` in this order, any other after them.
 _METRIC_ORDER = ("loss", "auc", "gauc", "logloss", "samples", "samples_per_s")
@@ -32,11 +47,19 @@ _DROPPABLE = ("train s", "test GAUC", "epochs", "created", "valid AUC")
 def run_fields(record: RunRecord) -> dict[str, Any]:
     """A run as scripts read it: JSON numbers, ISO-8601 times, None (null) where there is no value."""
     return {
-        "run_id": record.run_id, "model": record.model, "dataset": record.dataset, "status": record.status,
-        "epochs": record.epochs_done, "best_epoch": record.best_epoch,
-        "best_valid_auc": number(record.best_valid_auc), "test_auc": number(record.test_auc),
-        "test_gauc": number(record.test_gauc), "test_logloss": number(record.test_logloss),
-        "n_parameters": record.n_parameters, "seed": record.seed, "train_seconds": number(record.train_seconds),
+        "run_id": record.run_id,
+        "model": record.model,
+        "dataset": record.dataset,
+        "status": record.status,
+        "epochs": record.epochs_done,
+        "best_epoch": record.best_epoch,
+        "best_valid_auc": number(record.best_valid_auc),
+        "test_auc": number(record.test_auc),
+        "test_gauc": number(record.test_gauc),
+        "test_logloss": number(record.test_logloss),
+        "n_parameters": record.n_parameters,
+        "seed": record.seed,
+        "train_seconds": number(record.train_seconds),
         "created_at": record.created_at.isoformat(),
         "finished_at": record.finished_at.isoformat() if record.finished_at else None,
         "error": record.error,
@@ -53,22 +76,42 @@ def _csv(records: list[RunRecord]) -> str:
 
 def _runs_table(store: RunStore, records: list[RunRecord], wide: bool) -> Table:
     # Ids, models, statuses and numbers never wrap or shrink; only a long data set name wraps.
-    columns = [Column("run", no_wrap=True), Column("model", no_wrap=True), Column("data set", overflow="fold"),
-               Column("status", no_wrap=True),
-               *(Column(header, justify="right", no_wrap=True)
-                 for header in ("epochs", "valid AUC", "test AUC", "test GAUC", "train s", "created"))]
+    columns = [
+        Column("run", no_wrap=True),
+        Column("model", no_wrap=True),
+        Column("data set", overflow="fold"),
+        Column("status", no_wrap=True),
+        *(
+            Column(header, justify="right", no_wrap=True)
+            for header in ("epochs", "valid AUC", "test AUC", "test GAUC", "train s", "created")
+        ),
+    ]
     date = "%Y-%m-%d %H:%M" if wide else "%m-%d %H:%M"
-    rows = [[Text(r.run_id), Text(r.model), Text(r.dataset), Text(r.status), str(r.epochs_done),
-             fmt(r.best_valid_auc), fmt(r.test_auc), fmt(r.test_gauc), f"{r.train_seconds or 0:.0f}",
-             r.created_at.strftime(date)] for r in records]
+    rows = [
+        [
+            Text(r.run_id),
+            Text(r.model),
+            Text(r.dataset),
+            Text(r.status),
+            str(r.epochs_done),
+            fmt(r.best_valid_auc),
+            fmt(r.test_auc),
+            fmt(r.test_gauc),
+            f"{r.train_seconds or 0:.0f}",
+            r.created_at.strftime(date),
+        ]
+        for r in records
+    ]
     return fitted_table(f"runs in {store.path}", columns, rows, droppable=_DROPPABLE, wide=wide)
 
 
 def _history_table(history: list[tuple[int | None, str, str, float]], wide: bool) -> Table:
     """One row per epoch and split (epoch "eval": a later `dmqn eval`), one column per metric: a few columns
     however many epochs and metrics a run has."""
-    names = sorted({name for _, _, name, _ in history},
-                   key=lambda n: (_METRIC_ORDER.index(n) if n in _METRIC_ORDER else len(_METRIC_ORDER), n))
+    names = sorted(
+        {name for _, _, name, _ in history},
+        key=lambda n: (_METRIC_ORDER.index(n) if n in _METRIC_ORDER else len(_METRIC_ORDER), n),
+    )
     by_row: dict[tuple[str, str], dict[str, float]] = {}
     for epoch, split, name, value in history:
         by_row.setdefault(("eval" if epoch is None else str(epoch), split), {})[name] = value
@@ -79,8 +122,11 @@ def _history_table(history: list[tuple[int | None, str, str, float]], wide: bool
             return fmt(int(value))
         return fmt(value, 0) if name == "samples_per_s" else fmt(value)
 
-    columns = [Column("epoch", justify="right", no_wrap=True), Column("split", no_wrap=True),
-               *(Column(name.replace("_per_s", "/s"), justify="right", no_wrap=True) for name in names)]
+    columns = [
+        Column("epoch", justify="right", no_wrap=True),
+        Column("split", no_wrap=True),
+        *(Column(name.replace("_per_s", "/s"), justify="right", no_wrap=True) for name in names),
+    ]
     rows = [[epoch, split, *(cell(name, values) for name in names)] for (epoch, split), values in by_row.items()]
     return fitted_table("metrics", columns, rows, droppable=("samples/s", "samples"), wide=wide)
 
@@ -122,7 +168,9 @@ def list_runs(
 @runs_app.command("show")
 @handle_errors
 def show_run(
-    run_id: Optional[str] = typer.Argument(None, help="Run to show \\[default: the latest run, failed or dead ones included]."),
+    run_id: Optional[str] = typer.Argument(
+        None, help="Run to show \\[default: the latest run, failed or dead ones included]."
+    ),
     as_json: bool = JsonOption,
     wide: bool = WideOption,
     workspace: Optional[Path] = WorkspaceOption,
@@ -138,17 +186,29 @@ def show_run(
     history = store.metric_history(record.run_id)
     usage = store.codebook_usage(record.run_id)
     if as_json:
-        print_json({**run_fields(record), "dataset_path": record.dataset_path, "checkpoint": record.checkpoint,
-                    "params": record.params,
-                    "metrics": [{"epoch": epoch, "split": split, "name": name, "value": number(value)}
-                                for epoch, split, name, value in history],
-                    "codebook_usage": [{"epoch": epoch, "codebook": codebook, "used": used, "dead": dead,
-                                        "perplexity": number(perplexity)}
-                                       for epoch, codebook, used, dead, perplexity in usage]})
+        print_json(
+            {
+                **run_fields(record),
+                "dataset_path": record.dataset_path,
+                "checkpoint": record.checkpoint,
+                "params": record.params,
+                "metrics": [
+                    {"epoch": epoch, "split": split, "name": name, "value": number(value)}
+                    for epoch, split, name, value in history
+                ],
+                "codebook_usage": [
+                    {"epoch": epoch, "codebook": codebook, "used": used, "dead": dead, "perplexity": number(perplexity)}
+                    for epoch, codebook, used, dead, perplexity in usage
+                ],
+            }
+        )
         return
-    console.print(Text.assemble(("run " + record.run_id, "bold"),
-                                f"  {record.model} on {record.dataset}  status {record.status}"
-                                f"  parameters {fmt(record.n_parameters)}"))
+    console.print(
+        Text.assemble(
+            ("run " + record.run_id, "bold"),
+            f"  {record.model} on {record.dataset}  status {record.status}  parameters {fmt(record.n_parameters)}",
+        )
+    )
     if record.error:
         console.print(Text.assemble(("error:", "red"), " ", record.error))
     params = Table(title="parameters", show_header=False)
@@ -161,6 +221,8 @@ def show_run(
         console.print(_history_table(history, wide), crop=not wide)
     if usage:
         columns = [Column(c, justify="right") for c in ("epoch", "codebook", "used", "dead", "perplexity")]
-        rows = [[str(epoch), str(codebook), str(used), str(dead), f"{perplexity:.1f}"]
-                for epoch, codebook, used, dead, perplexity in usage]
+        rows = [
+            [str(epoch), str(codebook), str(used), str(dead), f"{perplexity:.1f}"]
+            for epoch, codebook, used, dead, perplexity in usage
+        ]
         console.print(fitted_table("codebook utilisation (validation behaviors)", columns, rows))

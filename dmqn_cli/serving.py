@@ -10,7 +10,15 @@ import typer
 from rich.text import Text
 
 from dmqn_cli.common import (
-    JsonOption, WorkspaceOption, console, err_console, handle_errors, int64_ids, open_workspace, parse_id, print_json,
+    JsonOption,
+    WorkspaceOption,
+    console,
+    err_console,
+    handle_errors,
+    int64_ids,
+    open_workspace,
+    parse_id,
+    print_json,
 )
 from dmqn_cli.progress import RichProgress
 from dmqn_core.cache import CachedScorer, export_states
@@ -46,10 +54,15 @@ def export_cache(
     dtype: str = typer.Option("float32", "--dtype", help="float32 (exact) or float16 (half the bytes)."),
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="Users encoded per batch."),
     resume: bool = typer.Option(False, "--resume", help="Skip users already stored for this model version."),
-    to: Optional[str] = typer.Option(None, "--to", help="redis://\\[:PASSWORD@]host:port/db, or a SQLite file "
-                                     "\\[default: WORKSPACE/cache/states.sqlite]; a password is never printed."),
-    ttl: Optional[int] = typer.Option(None, "--ttl", min=1, help="Seconds before Redis expires the states "
-                                      "(Redis only) \\[default: never]."),
+    to: Optional[str] = typer.Option(
+        None,
+        "--to",
+        help="redis://\\[:PASSWORD@]host:port/db, or a SQLite file "
+        "\\[default: WORKSPACE/cache/states.sqlite]; a password is never printed.",
+    ),
+    ttl: Optional[int] = typer.Option(
+        None, "--ttl", min=1, help="Seconds before Redis expires the states (Redis only) \\[default: never]."
+    ),
     workspace: Optional[Path] = WorkspaceOption,
 ) -> None:
     """Encode each user's whole history once (MCQM + ICIM) and store the state for cached scoring.
@@ -63,9 +76,14 @@ def export_cache(
     with RichProgress() as progress:
         result = export_states(ws, run_id, user_ids, dtype, batch_size, resume, progress, to=to, ttl=ttl)
     per_user = result.bytes / max(result.total_users, 1)
-    console.print(Text(f"{result.store}, version {result.version}: {result.users:,} users written in "
-                       f"{result.seconds:.1f} s ({result.users_per_s:,.0f} users/s); {result.total_users:,} users "
-                       f"stored, {result.bytes:,} bytes ({per_user:,.0f} bytes per user, {dtype})"), soft_wrap=True)
+    console.print(
+        Text(
+            f"{result.store}, version {result.version}: {result.users:,} users written in "
+            f"{result.seconds:.1f} s ({result.users_per_s:,.0f} users/s); {result.total_users:,} users "
+            f"stored, {result.bytes:,} bytes ({per_user:,.0f} bytes per user, {dtype})"
+        ),
+        soft_wrap=True,
+    )
 
 
 @handle_errors
@@ -73,8 +91,12 @@ def score(
     run_id: Optional[str] = typer.Argument(None, help="A dmqn or dmqn-simple run \\[default: the latest run]."),
     user: int = typer.Option(..., "--user", callback=int64_ids, help="Raw user id."),
     items: str = typer.Option(..., "--items", help="Comma-separated raw item ids."),
-    source: Optional[str] = typer.Option(None, "--from", help="redis://\\[:PASSWORD@]host:port/db, or a SQLite file "
-                                         "\\[default: WORKSPACE/cache/states.sqlite]; a password is never printed."),
+    source: Optional[str] = typer.Option(
+        None,
+        "--from",
+        help="redis://\\[:PASSWORD@]host:port/db, or a SQLite file "
+        "\\[default: WORKSPACE/cache/states.sqlite]; a password is never printed.",
+    ),
     as_json: bool = JsonOption,
     workspace: Optional[Path] = WorkspaceOption,
 ) -> None:
@@ -84,16 +106,26 @@ def score(
     {"run_id", "version", "user_id", "scores": [{"item_id", "probability"}]}.
     """
     item_ids = _read_items(items)
-    with CachedScorer(open_workspace(workspace), run_id, source) as scorer, \
-            warnings.catch_warnings(record=True) as caught:
+    with (
+        CachedScorer(open_workspace(workspace), run_id, source) as scorer,
+        warnings.catch_warnings(record=True) as caught,
+    ):
         warnings.simplefilter("always")
         probabilities = scorer.score(user, item_ids)
     for warning in caught:
         err_console.print(Text.assemble(("warning:", "yellow"), " ", str(warning.message)), soft_wrap=True)
     if as_json:
-        print_json({"run_id": scorer.record.run_id, "version": scorer.version, "user_id": user,
-                    "scores": [{"item_id": item, "probability": float(probability)}
-                               for item, probability in zip(item_ids, probabilities)]})
+        print_json(
+            {
+                "run_id": scorer.record.run_id,
+                "version": scorer.version,
+                "user_id": user,
+                "scores": [
+                    {"item_id": item, "probability": float(probability)}
+                    for item, probability in zip(item_ids, probabilities)
+                ],
+            }
+        )
         return
     for item, probability in zip(item_ids, probabilities):  # plain "item<TAB>probability" lines for scripts
         typer.echo(f"{item}\t{probability:.6f}")

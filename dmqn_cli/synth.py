@@ -22,9 +22,7 @@ class Scale(str, Enum):
 
 @handle_errors
 def synth(
-    out: Path = typer.Argument(
-        ..., help="CSV file to write (replaced atomically if it exists).", show_default=False
-    ),
+    out: Path = typer.Argument(..., help="CSV file to write (replaced atomically if it exists).", show_default=False),
     scale: Scale = typer.Option(
         Scale.small,
         "--scale",
@@ -43,13 +41,15 @@ def synth(
     seconds = time.perf_counter() - start
     quirks = ""
     if summary.malformed or summary.out_of_range:
-        quirks = (f"; {summary.malformed:,} malformed rows and {summary.out_of_range:,} timestamps "
-                  "outside the window, as in the real release")
+        quirks = (
+            f"; {summary.malformed:,} malformed rows and {summary.out_of_range:,} timestamps "
+            "outside the window, as in the real release"
+        )
     console.print(
         f"wrote {summary.rows:,} rows ({summary.users:,} users, {summary.items:,} items, "
         f"{summary.categories:,} categories{quirks}) in {seconds:.1f}s "
         f"({summary.rows / max(seconds, 1e-9):,.0f} rows/s) to {summary.path}",
         highlight=False,
         soft_wrap=True,
-        markup=False,   # the path is the user's: brackets in it are text
+        markup=False,  # the path is the user's: brackets in it are text
     )

@@ -9,9 +9,23 @@ import typer
 
 from dmqn_cli.common import WorkspaceOption, console, handle_errors, open_workspace
 from dmqn_cli.options import (
-    MODEL_PANEL, TRAIN_PANEL, BatchSizeOption, ConfigOption, DeviceOption, DropoutOption, EmbedDimOption,
-    EpochsOption, InspectUsersOption, LrOption, MaxLenOption, MiddleLenOption, PatienceOption, ShortLenOption,
-    TopKOption, WeightDecayOption, collect_settings,
+    MODEL_PANEL,
+    TRAIN_PANEL,
+    BatchSizeOption,
+    ConfigOption,
+    DeviceOption,
+    DropoutOption,
+    EmbedDimOption,
+    EpochsOption,
+    InspectUsersOption,
+    LrOption,
+    MaxLenOption,
+    MiddleLenOption,
+    PatienceOption,
+    ShortLenOption,
+    TopKOption,
+    WeightDecayOption,
+    collect_settings,
 )
 from dmqn_cli.progress import RichProgress
 from dmqn_cli.results import print_train_result
@@ -22,29 +36,55 @@ from dmqn_core.train import train as train_model
 
 @handle_errors
 def train(
-    data: Optional[str] = typer.Argument(None, help="Prepared data set: a NAME inside the workspace or a path (see `dmqn prep`)."),
+    data: Optional[str] = typer.Argument(
+        None, help="Prepared data set: a NAME inside the workspace or a path (see `dmqn prep`)."
+    ),
     model: str = typer.Option("dmqn", "--model", "-m", help=f"Model to train: {', '.join(model_names())}."),
     config: Optional[Path] = ConfigOption,
-    resume: Optional[str] = typer.Option(None, "--resume", help="Continue the run RUN_ID (interrupted, failed or dead: see `dmqn runs`) from its last checkpoint."),
+    resume: Optional[str] = typer.Option(
+        None,
+        "--resume",
+        help="Continue the run RUN_ID (interrupted, failed or dead: see `dmqn runs`) from its last checkpoint.",
+    ),
     epochs: Optional[int] = EpochsOption,
     batch_size: Optional[int] = BatchSizeOption,
     lr: Optional[float] = LrOption,
     weight_decay: Optional[float] = WeightDecayOption,
     max_len: Optional[int] = MaxLenOption,
     patience: Optional[int] = PatienceOption,
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of initialisation, shuffling and Gumbel noise \\[default: 0].", rich_help_panel=TRAIN_PANEL),
+    seed: Optional[int] = typer.Option(
+        None,
+        "--seed",
+        help="Seed of initialisation, shuffling and Gumbel noise \\[default: 0].",
+        rich_help_panel=TRAIN_PANEL,
+    ),
     device: Optional[str] = DeviceOption,
     inspect_users: Optional[int] = InspectUsersOption,
     embed_dim: Optional[int] = EmbedDimOption,
-    codebooks: Optional[int] = typer.Option(None, "--codebooks", help="Number of codebooks N \\[default: 4].", rich_help_panel=MODEL_PANEL),
-    codebook_size: Optional[int] = typer.Option(None, "--codebook-size", help="Codewords per codebook W \\[default: 32].", rich_help_panel=MODEL_PANEL),
-    tau: Optional[float] = typer.Option(None, "--tau", help="Gumbel-softmax temperature (eq. 6) \\[default: 1.0].", rich_help_panel=MODEL_PANEL),
-    icim_layers: Optional[int] = typer.Option(None, "--icim-layers", help="HSTU layers in ICIM; 0 is DMQN-simple \\[default: 1].", rich_help_panel=MODEL_PANEL),
-    icim_heads: Optional[int] = typer.Option(None, "--icim-heads", help="Attention heads of each HSTU layer \\[default: 2].", rich_help_panel=MODEL_PANEL),
+    codebooks: Optional[int] = typer.Option(
+        None, "--codebooks", help="Number of codebooks N \\[default: 4].", rich_help_panel=MODEL_PANEL
+    ),
+    codebook_size: Optional[int] = typer.Option(
+        None, "--codebook-size", help="Codewords per codebook W \\[default: 32].", rich_help_panel=MODEL_PANEL
+    ),
+    tau: Optional[float] = typer.Option(
+        None, "--tau", help="Gumbel-softmax temperature (eq. 6) \\[default: 1.0].", rich_help_panel=MODEL_PANEL
+    ),
+    icim_layers: Optional[int] = typer.Option(
+        None, "--icim-layers", help="HSTU layers in ICIM; 0 is DMQN-simple \\[default: 1].", rich_help_panel=MODEL_PANEL
+    ),
+    icim_heads: Optional[int] = typer.Option(
+        None, "--icim-heads", help="Attention heads of each HSTU layer \\[default: 2].", rich_help_panel=MODEL_PANEL
+    ),
     short_len: Optional[int] = ShortLenOption,
     middle_len: Optional[int] = MiddleLenOption,
     top_k: Optional[int] = TopKOption,
-    usage_loss_weight: Optional[float] = typer.Option(None, "--usage-loss-weight", help="Weight of the codebook-usage (anti-collapse) regulariser \\[default: 0].", rich_help_panel=MODEL_PANEL),
+    usage_loss_weight: Optional[float] = typer.Option(
+        None,
+        "--usage-loss-weight",
+        help="Weight of the codebook-usage (anti-collapse) regulariser \\[default: 0].",
+        rich_help_panel=MODEL_PANEL,
+    ),
     dropout: Optional[float] = DropoutOption,
     workspace: Optional[Path] = WorkspaceOption,
 ) -> None:
@@ -60,15 +100,35 @@ def train(
     ws = open_workspace(workspace)
     model_settings, train_settings = collect_settings(
         config,
-        {"embed_dim": embed_dim, "n_codebooks": codebooks, "codebook_size": codebook_size, "tau": tau,
-         "icim_layers": icim_layers, "icim_heads": icim_heads, "short_len": short_len, "middle_len": middle_len,
-         "top_k": top_k, "usage_loss_weight": usage_loss_weight, "dropout": dropout},
-        {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
-         "max_len": max_len, "patience": patience, "seed": seed, "device": device,
-         "inspect_users": inspect_users},
+        {
+            "embed_dim": embed_dim,
+            "n_codebooks": codebooks,
+            "codebook_size": codebook_size,
+            "tau": tau,
+            "icim_layers": icim_layers,
+            "icim_heads": icim_heads,
+            "short_len": short_len,
+            "middle_len": middle_len,
+            "top_k": top_k,
+            "usage_loss_weight": usage_loss_weight,
+            "dropout": dropout,
+        },
+        {
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "max_len": max_len,
+            "patience": patience,
+            "seed": seed,
+            "device": device,
+            "inspect_users": inspect_users,
+        },
     )
     if resume and (data or config or model_settings):
-        raise typer.BadParameter("--resume continues a run with its own data and settings; pass only --epochs/--device with it")
+        raise typer.BadParameter(
+            "--resume continues a run with its own data and settings; pass only --epochs/--device with it"
+        )
     if not resume and not data:
         raise typer.BadParameter("name a prepared data set (DATA) or --resume RUN_ID")
     if not distributed.context_from_env().is_main:

@@ -19,24 +19,28 @@ from dmqn_core.prepared import PreparedSet
 
 @dataclass
 class Batch:
-    hist_item: torch.Tensor      # (H, L) long, 0 at padding
+    hist_item: torch.Tensor  # (H, L) long, 0 at padding
     hist_category: torch.Tensor  # (H, L) long
     hist_behavior: torch.Tensor  # (H, L) long
     hist_timestamp: torch.Tensor  # (H, L) long, unix seconds, 0 at padding
-    hist_mask: torch.Tensor      # (H, L) bool, True at real behaviors; left-aligned, most recent last
-    hist_index: torch.Tensor     # (B,) long, row of each sample's history
-    cand_item: torch.Tensor      # (B,) long
+    hist_mask: torch.Tensor  # (H, L) bool, True at real behaviors; left-aligned, most recent last
+    hist_index: torch.Tensor  # (B,) long, row of each sample's history
+    cand_item: torch.Tensor  # (B,) long
     cand_category: torch.Tensor  # (B,) long
-    label: torch.Tensor          # (B,) float
-    user: np.ndarray             # (B,) user index, for GAUC
-    sample: np.ndarray           # (B,) position of each sample in its split
+    label: torch.Tensor  # (B,) float
+    user: np.ndarray  # (B,) user index, for GAUC
+    sample: np.ndarray  # (B,) position of each sample in its split
 
     def __len__(self) -> int:
         return len(self.label)
 
     def to(self, device: torch.device | str) -> "Batch":
         moved = {
-            f.name: (getattr(self, f.name).to(device) if isinstance(getattr(self, f.name), torch.Tensor) else getattr(self, f.name))
+            f.name: (
+                getattr(self, f.name).to(device)
+                if isinstance(getattr(self, f.name), torch.Tensor)
+                else getattr(self, f.name)
+            )
             for f in fields(self)
         }
         return Batch(**moved)
@@ -55,8 +59,9 @@ class Batch:
         }
 
 
-def gather_histories(data: PreparedSet, users: np.ndarray, hist_ends: np.ndarray, max_len: int
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def gather_histories(
+    data: PreparedSet, users: np.ndarray, hist_ends: np.ndarray, max_len: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Item, category, behavior-type, timestamp and mask arrays (H, L) of the given histories.
 
     Each history is the behaviors ``[max(user_start, end - max_len), end)`` of its user,
@@ -68,8 +73,8 @@ def gather_histories(data: PreparedSet, users: np.ndarray, hist_ends: np.ndarray
     lengths = ends - starts
     width = max(int(lengths.max()) if len(lengths) else 0, 1)
     positions = np.arange(width, dtype=np.int64)
-    mask = positions[None, :] < lengths[:, None]                        # (H, L)
-    rows = np.where(mask, starts[:, None] + positions[None, :], 0)       # (H, L)
+    mask = positions[None, :] < lengths[:, None]  # (H, L)
+    rows = np.where(mask, starts[:, None] + positions[None, :], 0)  # (H, L)
     # Sorted unique rows keep the memory-mapped reads sequential.
     flat, inverse = np.unique(rows[mask], return_inverse=True)
     out = []
@@ -93,8 +98,16 @@ class BatchLoader:
     rank, as multi-process training needs.
     """
 
-    def __init__(self, data: PreparedSet, split: str, batch_size: int, max_len: int,
-                 shuffle: bool = False, seed: int = 0, shard: tuple[int, int] = (0, 1)) -> None:
+    def __init__(
+        self,
+        data: PreparedSet,
+        split: str,
+        batch_size: int,
+        max_len: int,
+        shuffle: bool = False,
+        seed: int = 0,
+        shard: tuple[int, int] = (0, 1),
+    ) -> None:
         self.data = data
         self.samples = data.split(split)
         self.batch_size = batch_size
@@ -137,7 +150,7 @@ class BatchLoader:
             return []
         if not self.shuffle:
             order = np.concatenate(self.groups)
-            return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+            return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         rng = np.random.default_rng([self.seed, self.epoch])
         permutation = rng.permutation(len(self.groups))
         groups = [self.groups[i] for i in permutation]
@@ -147,9 +160,9 @@ class BatchLoader:
         batches: list[np.ndarray] = []
         for begin in range(0, len(groups), window):
             chunk = range(begin, min(begin + window, len(groups)))
-            by_length = begin + np.argsort(lengths[chunk.start:chunk.stop], kind="stable")
+            by_length = begin + np.argsort(lengths[chunk.start : chunk.stop], kind="stable")
             order = np.concatenate([groups[i] for i in by_length])
-            batches += [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+            batches += [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         return [batches[i] for i in rng.permutation(len(batches))]
 
     def shard_of(self, idx: np.ndarray) -> np.ndarray:
@@ -157,7 +170,7 @@ class BatchLoader:
         if self.world_size == 1:
             return idx
         bounds = [0, *shard_cuts(np.asarray(self.samples.hist_end[idx]), self.world_size), len(idx)]
-        return idx[bounds[self.rank]:bounds[self.rank + 1]]
+        return idx[bounds[self.rank] : bounds[self.rank + 1]]
 
     def sample_order(self) -> np.ndarray:
         """This rank's samples in the order iteration yields them."""
@@ -219,8 +232,8 @@ def shard_cuts(hist_ends: np.ndarray, world_size: int) -> list[int]:
     least ``world_size`` samples; a smaller batch leaves the last ranks empty.
     """
     n = len(hist_ends)
-    boundaries = np.flatnonzero(np.diff(hist_ends)) + 1   # first sample of every group but the first
-    aims = [-(-k * n // world_size) for k in range(world_size + 1)]   # ceil: the last ranks get the smaller parts
+    boundaries = np.flatnonzero(np.diff(hist_ends)) + 1  # first sample of every group but the first
+    aims = [-(-k * n // world_size) for k in range(world_size + 1)]  # ceil: the last ranks get the smaller parts
     cuts: list[int] = []
     previous = 0
     for k in range(1, world_size):

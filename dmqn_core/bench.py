@@ -33,8 +33,21 @@ from dmqn_core.workspace import Workspace, atomic_write_bytes, check_plain_name
 
 # `--models all`, in the order of the paper's Table 2 (short sequences, retrieval, full sequence),
 # with the history-free floor first and ETA (not in the paper's table) beside the other retrieval models.
-ALL_MODELS = ("pop", "din-short", "dsin", "dien", "sim", "eta", "twin", "sdim", "din-middle", "twin-v2",
-              "din-full", "dmqn-simple", "dmqn")
+ALL_MODELS = (
+    "pop",
+    "din-short",
+    "dsin",
+    "dien",
+    "sim",
+    "eta",
+    "twin",
+    "sdim",
+    "din-middle",
+    "twin-v2",
+    "din-full",
+    "dmqn-simple",
+    "dmqn",
+)
 # Table 3: the ablation beside the two strongest baselines of the paper.
 TABLE3_MODELS = ("twin-v2", "din-full", "dmqn-simple", "dmqn")
 
@@ -120,8 +133,9 @@ def budget_of(data: PreparedSet, model_settings: dict[str, Any], train_settings:
 
 def default_bench_name(dataset: str, data: PreparedSet, budget: dict[str, Any]) -> str:
     source = data.meta.get("source", {})
-    fingerprint = json.dumps({"budget": budget, "source": source.get("sha256"),
-                              "protocol": data.meta.get("protocol")}, sort_keys=True)
+    fingerprint = json.dumps(
+        {"budget": budget, "source": source.get("sha256"), "protocol": data.meta.get("protocol")}, sort_keys=True
+    )
     return f"{dataset}-{hashlib.sha256(fingerprint.encode()).hexdigest()[:8]}"
 
 
@@ -133,10 +147,17 @@ def machine_description(device: str) -> str:
     return text
 
 
-def run_bench(workspace: Workspace, dataset: str, models: list[str], seeds: list[int],
-              model_settings: dict[str, Any] | None = None, train_settings: dict[str, Any] | None = None,
-              name: str | None = None, progress: Progress | None = None,
-              on_step: Callable[[BenchStep], None] | None = None) -> BenchReport:
+def run_bench(
+    workspace: Workspace,
+    dataset: str,
+    models: list[str],
+    seeds: list[int],
+    model_settings: dict[str, Any] | None = None,
+    train_settings: dict[str, Any] | None = None,
+    name: str | None = None,
+    progress: Progress | None = None,
+    on_step: Callable[[BenchStep], None] | None = None,
+) -> BenchReport:
     """Train and evaluate every (model, seed) not finished yet, then write Tables 2 and 3."""
     progress = progress or NullProgress()
     notify = on_step or (lambda step: None)
@@ -172,8 +193,15 @@ def run_bench(workspace: Workspace, dataset: str, models: list[str], seeds: list
                     run_id = new_run_id()
                     store.set_bench_run(name, model, seed, run_id)
                     notify(BenchStep(index, total, model, seed, "train", run_id))
-                    train(workspace, dataset, model, model_settings, {**train_settings, "seed": seed},
-                          progress=progress, run_id=run_id)
+                    train(
+                        workspace,
+                        dataset,
+                        model,
+                        model_settings,
+                        {**train_settings, "seed": seed},
+                        progress=progress,
+                        run_id=run_id,
+                    )
                 trained += 1
             except KeyboardInterrupt:
                 raise
@@ -183,9 +211,17 @@ def run_bench(workspace: Workspace, dataset: str, models: list[str], seeds: list
                 notify(BenchStep(index, total, model, seed, "failed", run_id or "", message))
 
     rows = [_row(store, model, [store.bench_run(name, model, seed) for seed in seeds]) for model in models]
-    report = BenchReport(name=name, dataset=dataset_name, directory=workspace.root / "benches" / name,
-                         budget=budget, machine=machine_description(budget["train"]["device"]),
-                         rows=rows, trained=trained, reused=reused, failures=failures)
+    report = BenchReport(
+        name=name,
+        dataset=dataset_name,
+        directory=workspace.root / "benches" / name,
+        budget=budget,
+        machine=machine_description(budget["train"]["device"]),
+        rows=rows,
+        trained=trained,
+        reused=reused,
+        failures=failures,
+    )
     write_tables(report, seeds)
     return report
 
@@ -199,8 +235,11 @@ def _row(store: RunStore, model: str, run_ids: list[str | None]) -> BenchRow:
         rates = [v for epoch, split, metric, v in history if split == "train" and metric == "samples_per_s"]
         if rates:
             train_rates.append(statistics.fmean(rates))
-        tests = [v for epoch, split, metric, v in history
-                 if split == "test" and metric == "samples_per_s" and epoch is not None]
+        tests = [
+            v
+            for epoch, split, metric, v in history
+            if split == "test" and metric == "samples_per_s" and epoch is not None
+        ]
         if tests:
             infer_rates.append(tests[-1])
     return BenchRow(
@@ -241,9 +280,19 @@ TABLE3_COLUMNS = ("model", "runs", "test AUC", "GAUC", "Δ AUC vs dmqn-simple")
 
 
 def table2_cells(rows: list[BenchRow]) -> list[list[str]]:
-    return [[r.model, str(len(r.auc)), format_mean_std(r.auc), format_mean_std(r.gauc), format_mean_std(r.logloss),
-             _rate(r.train_samples_per_s), _rate(r.infer_samples_per_s),
-             "-" if r.n_parameters is None else f"{r.n_parameters:,}"] for r in rows]
+    return [
+        [
+            r.model,
+            str(len(r.auc)),
+            format_mean_std(r.auc),
+            format_mean_std(r.gauc),
+            format_mean_std(r.logloss),
+            _rate(r.train_samples_per_s),
+            _rate(r.infer_samples_per_s),
+            "-" if r.n_parameters is None else f"{r.n_parameters:,}",
+        ]
+        for r in rows
+    ]
 
 
 def table3_cells(rows: list[BenchRow]) -> list[list[str]]:
@@ -266,37 +315,75 @@ def markdown_table(columns: tuple[str, ...], cells: list[list[str]]) -> str:
 def _csv_rows(rows: list[BenchRow]) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["model", "runs", "auc_mean", "auc_std", "gauc_mean", "gauc_std", "logloss_mean",
-                     "logloss_std", "train_samples_per_s", "infer_samples_per_s", "parameters", "best_epochs",
-                     "run_ids"])
+    writer.writerow(
+        [
+            "model",
+            "runs",
+            "auc_mean",
+            "auc_std",
+            "gauc_mean",
+            "gauc_std",
+            "logloss_mean",
+            "logloss_std",
+            "train_samples_per_s",
+            "infer_samples_per_s",
+            "parameters",
+            "best_epochs",
+            "run_ids",
+        ]
+    )
     for r in rows:
-        writer.writerow([r.model, len(r.auc), *mean_std(r.auc), *mean_std(r.gauc), *mean_std(r.logloss),
-                         r.train_samples_per_s, r.infer_samples_per_s, r.n_parameters,
-                         " ".join(map(str, r.best_epochs)), " ".join(r.run_ids)])
+        writer.writerow(
+            [
+                r.model,
+                len(r.auc),
+                *mean_std(r.auc),
+                *mean_std(r.gauc),
+                *mean_std(r.logloss),
+                r.train_samples_per_s,
+                r.infer_samples_per_s,
+                r.n_parameters,
+                " ".join(map(str, r.best_epochs)),
+                " ".join(r.run_ids),
+            ]
+        )
     return out.getvalue()
 
 
 def describe_budget(budget: dict[str, Any], seeds: list[int]) -> str:
     t, m = budget["train"], budget["model"]
-    return (f"seeds {', '.join(map(str, seeds))}; at most {t['epochs']} epochs, early stopping after {t['patience']} "
-            f"without a better validation AUC; batch {t['batch_size']}; Adam lr {t['lr']} (constant), weight decay "
-            f"{t['weight_decay']}; max_len {t['max_len']}; embedding dim {m['embed_dim']}; MLP {list(m['mlp_hidden'])}")
+    return (
+        f"seeds {', '.join(map(str, seeds))}; at most {t['epochs']} epochs, early stopping after {t['patience']} "
+        f"without a better validation AUC; batch {t['batch_size']}; Adam lr {t['lr']} (constant), weight decay "
+        f"{t['weight_decay']}; max_len {t['max_len']}; embedding dim {m['embed_dim']}; MLP {list(m['mlp_hidden'])}"
+    )
 
 
 def write_tables(report: BenchReport, seeds: list[int]) -> None:
     """table2.md/.csv, table3.md/.csv and bench.json in the bench's directory, each written atomically."""
     report.directory.mkdir(parents=True, exist_ok=True)
-    header = (f"Data set `{report.dataset}`, bench `{report.name}`. Budget: {describe_budget(report.budget, seeds)}. "
-              f"Machine: {report.machine}. Mean ± sample std over seeds; train/s and infer/s are samples per second, "
-              f"averaged over the epochs (training) and measured on the test pass (inference).\n\n")
+    header = (
+        f"Data set `{report.dataset}`, bench `{report.name}`. Budget: {describe_budget(report.budget, seeds)}. "
+        f"Machine: {report.machine}. Mean ± sample std over seeds; train/s and infer/s are samples per second, "
+        f"averaged over the epochs (training) and measured on the test pass (inference).\n\n"
+    )
     files = {
         "table2.md": header + markdown_table(TABLE2_COLUMNS, table2_cells(report.table2())),
         "table2.csv": _csv_rows(report.table2()),
         "table3.md": header + markdown_table(TABLE3_COLUMNS, table3_cells(report.table3())),
         "table3.csv": _csv_rows(report.table3()),
-        "bench.json": json.dumps({"name": report.name, "dataset": report.dataset, "seeds": seeds,
-                                  "budget": report.budget, "machine": report.machine,
-                                  "rows": [asdict(r) for r in report.rows]}, indent=2) + "\n",
+        "bench.json": json.dumps(
+            {
+                "name": report.name,
+                "dataset": report.dataset,
+                "seeds": seeds,
+                "budget": report.budget,
+                "machine": report.machine,
+                "rows": [asdict(r) for r in report.rows],
+            },
+            indent=2,
+        )
+        + "\n",
     }
     for filename, text in files.items():
         atomic_write_bytes(report.directory / filename, text.encode())

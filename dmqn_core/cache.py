@@ -38,10 +38,10 @@ def model_version(run_id: str, checkpoint: Path) -> str:
 @dataclass
 class ExportResult:
     version: str
-    store: str          # where the states went (a file path, or a Redis URL with its password hidden)
-    users: int          # users written by this call
-    total_users: int    # users stored for this version
-    bytes: int          # bytes stored for this version
+    store: str  # where the states went (a file path, or a Redis URL with its password hidden)
+    users: int  # users written by this call
+    total_users: int  # users stored for this version
+    bytes: int  # bytes stored for this version
     seconds: float
 
     @property
@@ -52,8 +52,9 @@ class ExportResult:
 def _dmqn_run(workspace: Workspace, run_id: str | None, device: str = "cpu"):
     model, record, data = load_run_model(workspace, run_id, device)
     if not isinstance(model, DMQN):
-        raise DmqnError(f"run {record.run_id} trains {record.model!r}; only dmqn and dmqn-simple have a cacheable "
-                        "user state")
+        raise DmqnError(
+            f"run {record.run_id} trains {record.model!r}; only dmqn and dmqn-simple have a cacheable user state"
+        )
     version = model_version(record.run_id, workspace.run_dir(record.run_id) / BEST)
     return model, record, data, version
 
@@ -67,10 +68,17 @@ def state_store(workspace: Workspace, uri: str | None = None, ttl: int | None = 
     return open_state_store(cache_path(workspace), uri, ttl=ttl)
 
 
-def export_states(workspace: Workspace, run_id: str | None = None, users: Iterable[int] | None = None,
-                  dtype: str = "float32", batch_size: int = 256, resume: bool = False,
-                  progress: Progress | None = None, to: str | None = None,
-                  ttl: int | None = None) -> ExportResult:
+def export_states(
+    workspace: Workspace,
+    run_id: str | None = None,
+    users: Iterable[int] | None = None,
+    dtype: str = "float32",
+    batch_size: int = 256,
+    resume: bool = False,
+    progress: Progress | None = None,
+    to: str | None = None,
+    ttl: int | None = None,
+) -> ExportResult:
     """Encode every user (or the given raw user ids) of a DMQN run and store the states.
 
     to: None (the workspace's embedded store), a SQLite file path or redis://host:port/db;
@@ -83,8 +91,11 @@ def export_states(workspace: Workspace, run_id: str | None = None, users: Iterab
     progress = progress or NullProgress()
     store = state_store(workspace, to, ttl)
     model, record, data, version = _dmqn_run(workspace, run_id)
-    index = (np.arange(1, data.n_users + 1, dtype=np.int64) if users is None
-             else data.user_index(np.asarray(list(users), dtype=np.int64), strict=True))
+    index = (
+        np.arange(1, data.n_users + 1, dtype=np.int64)
+        if users is None
+        else data.user_index(np.asarray(list(users), dtype=np.int64), strict=True)
+    )
     raw = np.asarray(data.raw_user(index), dtype=np.int64)
     c = model.config
     shape = (c.n_codebooks, c.codebook_size, c.embed_dim)
@@ -92,8 +103,10 @@ def export_states(workspace: Workspace, run_id: str | None = None, users: Iterab
     if existing is not None and existing["dtype"] != dtype:
         # One version holds one dtype, so that its manifest describes every value.
         if resume:
-            raise DmqnError(f"the states of {version} are {existing['dtype']}; export again without --resume "
-                            f"to replace them with {dtype}")
+            raise DmqnError(
+                f"the states of {version} are {existing['dtype']}; export again without --resume "
+                f"to replace them with {dtype}"
+            )
         store.clear(version)
     store.write_manifest(version, record.run_id, dtype, shape)
     if resume:
@@ -108,8 +121,9 @@ def export_states(workspace: Workspace, run_id: str | None = None, users: Iterab
         for begin in range(0, len(index), batch_size):
             chunk = slice(begin, begin + batch_size)
             item, category, behavior, _, mask = gather_histories(data, index[chunk], ends[chunk], max_len)
-            state = model.encode_user(torch.from_numpy(item), torch.from_numpy(category),
-                                      torch.from_numpy(behavior), torch.from_numpy(mask))
+            state = model.encode_user(
+                torch.from_numpy(item), torch.from_numpy(category), torch.from_numpy(behavior), torch.from_numpy(mask)
+            )
             store.put(version, list(zip(raw[chunk].tolist(), encode_states(state, dtype))))
             progress.advance(1, users_per_s=(begin + len(raw[chunk])) / max(time.perf_counter() - started, 1e-9))
     progress.stop()
@@ -133,9 +147,11 @@ class CachedScorer:
         self.model, self.record, self.data, self.version = _dmqn_run(workspace, run_id)
         manifest = self.store.manifest(self.version)
         if manifest is None:
-            raise DmqnError(f"no exported states for run {self.record.run_id} at this checkpoint in "
-                            f"{self.store.describe()} (version {self.version}); run "
-                            f"`dmqn export-cache {self.record.run_id}`")
+            raise DmqnError(
+                f"no exported states for run {self.record.run_id} at this checkpoint in "
+                f"{self.store.describe()} (version {self.version}); run "
+                f"`dmqn export-cache {self.record.run_id}`"
+            )
         self.manifest = manifest
 
     def close(self) -> None:
@@ -157,22 +173,31 @@ class CachedScorer:
         index = self.data.item_index(items, strict=True)
         value = self.store.get(self.version, [user_id]).get(int(user_id))
         if value is None:
-            warnings.warn(f"user {user_id} has no cached state for {self.version} in {self.store.describe()}; "
-                          "scoring with an empty history",
-                          stacklevel=2)
+            warnings.warn(
+                f"user {user_id} has no cached state for {self.version} in {self.store.describe()}; "
+                "scoring with an empty history",
+                stacklevel=2,
+            )
             c = self.model.config
             state = stack_states([_empty_state(c.n_codebooks, c.embed_dim)])
         else:
             state = stack_states([decode_state(value)])
         with torch.no_grad():
             idx = torch.from_numpy(index)
-            logits = self.model.score(state, idx, torch.from_numpy(np.asarray(self.data.item_category[index],
-                                                                               dtype=np.int64)),
-                                      torch.zeros(len(index), dtype=torch.long))
+            logits = self.model.score(
+                state,
+                idx,
+                torch.from_numpy(np.asarray(self.data.item_category[index], dtype=np.int64)),
+                torch.zeros(len(index), dtype=torch.long),
+            )
         return torch.sigmoid(logits).numpy()
 
 
 def _empty_state(n_codebooks: int, dim: int) -> DecodedState:
     empty = np.zeros(0, dtype=np.int64)
-    return DecodedState(np.zeros(dim, np.float32), [empty] * n_codebooks, [empty] * n_codebooks,
-                        [np.zeros((0, dim), np.float32)] * n_codebooks)
+    return DecodedState(
+        np.zeros(dim, np.float32),
+        [empty] * n_codebooks,
+        [empty] * n_codebooks,
+        [np.zeros((0, dim), np.float32)] * n_codebooks,
+    )

@@ -51,9 +51,23 @@ class ModelConfig:
         for name in ("n_items", "n_categories", "n_behavior_types"):
             if getattr(self, name) < 2:
                 raise ValueError(f"{name} must be >= 2 (index 0 is padding), got {getattr(self, name)}")
-        for name in ("embed_dim", "n_codebooks", "codebook_size", "icim_heads", "short_len", "middle_len",
-                     "attention_heads", "top_k", "simhash_bits", "sdim_rounds", "sdim_bits",
-                     "cluster_max_size", "session_gap", "max_sessions", "session_len"):
+        for name in (
+            "embed_dim",
+            "n_codebooks",
+            "codebook_size",
+            "icim_heads",
+            "short_len",
+            "middle_len",
+            "attention_heads",
+            "top_k",
+            "simhash_bits",
+            "sdim_rounds",
+            "sdim_bits",
+            "cluster_max_size",
+            "session_gap",
+            "max_sessions",
+            "session_len",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.icim_layers < 0:
@@ -61,7 +75,9 @@ class ModelConfig:
         if self.embed_dim % self.icim_heads:
             raise ValueError(f"embed_dim ({self.embed_dim}) must be divisible by icim_heads ({self.icim_heads})")
         if self.embed_dim % self.attention_heads:
-            raise ValueError(f"embed_dim ({self.embed_dim}) must be divisible by attention_heads ({self.attention_heads})")
+            raise ValueError(
+                f"embed_dim ({self.embed_dim}) must be divisible by attention_heads ({self.attention_heads})"
+            )
         if self.sdim_bits > 16:
             raise ValueError(f"sdim_bits must be <= 16, got {self.sdim_bits}")
         if self.dien_aux_weight < 0:

@@ -43,4 +43,3 @@ class DIN(InterestModel):
     def interests(self, histories: Histories, candidates: Candidates, hist_index: Tensor) -> Tensor:
         h, c = histories, candidates.embedded
         return self.interest(c, h.embedded, h.mask, hist_index).unsqueeze(1)  # (B, 1, D)
-

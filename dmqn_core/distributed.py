@@ -30,7 +30,7 @@ from dmqn_core.errors import DmqnError
 # store, the checkpoints and the inspection sample while the others wait (seconds to a minute).
 TIMEOUT = timedelta(minutes=10)
 
-_joined = False   # whether this process has joined torchrun's group (see process_group)
+_joined = False  # whether this process has joined torchrun's group (see process_group)
 
 T = TypeVar("T")
 
@@ -41,7 +41,7 @@ class Context:
 
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0          # rank on this machine: the GPU this process uses
+    local_rank: int = 0  # rank on this machine: the GPU this process uses
 
     @property
     def active(self) -> bool:
@@ -66,8 +66,10 @@ def context_from_env(environ: Mapping[str, str] | None = None) -> Context:
             return SINGLE
         missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not environ.get(name)]
         if missing:
-            raise DmqnError(f"WORLD_SIZE is {world_size} but {', '.join(missing)} is not set; "
-                            "start multi-process training with torchrun")
+            raise DmqnError(
+                f"WORLD_SIZE is {world_size} but {', '.join(missing)} is not set; "
+                "start multi-process training with torchrun"
+            )
         return Context(int(environ["RANK"]), world_size, int(environ.get("LOCAL_RANK", "0")))
     except ValueError as exc:
         raise DmqnError(f"bad torchrun environment: {exc}") from None
@@ -94,8 +96,10 @@ def process_group() -> Iterator[Context]:
         yield context
         return
     if _joined:
-        raise DmqnError("this process already trained a run of its torchrun launch; to train several, call "
-                        "torch.distributed.init_process_group('gloo') once before the first")
+        raise DmqnError(
+            "this process already trained a run of its torchrun launch; to train several, call "
+            "torch.distributed.init_process_group('gloo') once before the first"
+        )
     _joined = True
     dist.init_process_group("gloo", timeout=TIMEOUT, rank=context.rank, world_size=context.world_size)
     try:
@@ -109,11 +113,14 @@ def rank_device(context: Context, device: str) -> torch.device:
     if not context.active or not device.startswith("cuda"):
         return torch.device(device)
     if device != "cuda":
-        raise DmqnError(f"under torchrun every process uses the GPU of its LOCAL_RANK: "
-                        f"pass --device cuda, not {device}")
+        raise DmqnError(
+            f"under torchrun every process uses the GPU of its LOCAL_RANK: pass --device cuda, not {device}"
+        )
     if context.local_rank >= torch.cuda.device_count():
-        raise DmqnError(f"local rank {context.local_rank} has no GPU of its own: this machine shows "
-                        f"{torch.cuda.device_count()}; start at most that many processes per node")
+        raise DmqnError(
+            f"local rank {context.local_rank} has no GPU of its own: this machine shows "
+            f"{torch.cuda.device_count()}; start at most that many processes per node"
+        )
     torch.cuda.set_device(context.local_rank)
     return torch.device("cuda", context.local_rank)
 

@@ -65,12 +65,16 @@ class DMQN(nn.Module):
         self.config = config
         self.embedding = BehaviorEmbedding(c)
         self.quantizer = MultiCodebookQuantizer(c.n_codebooks, c.codebook_size, c.embed_dim, c.tau)
-        self.icim = ClusterInteraction(c.icim_layers, c.n_codebooks, c.codebook_size, c.embed_dim, c.icim_heads, c.dropout)
+        self.icim = ClusterInteraction(
+            c.icim_layers, c.n_codebooks, c.codebook_size, c.embed_dim, c.icim_heads, c.dropout
+        )
         self.ctam = ClusterTargetAttention(c.n_codebooks, c.embed_dim, c.ctam_size_bias)
         self.head = MLPHead(c.embed_dim, c.n_codebooks, c.mlp_hidden, c.dropout, n_scalars=c.n_codebooks)
         self._usage: Tensor | None = None
 
-    def encode_user(self, hist_item: Tensor, hist_category: Tensor, hist_behavior: Tensor, hist_mask: Tensor) -> UserState:
+    def encode_user(
+        self, hist_item: Tensor, hist_category: Tensor, hist_behavior: Tensor, hist_mask: Tensor
+    ) -> UserState:
         """(H, L) ids and mask (True = real, left-aligned) -> UserState of H users."""
         e = self.embedding.behaviors(hist_item, hist_category, hist_behavior, hist_mask)  # (H, L, D)
         with_usage = self.training and self.config.usage_loss_weight > 0

@@ -36,8 +36,9 @@ from dmqn_core.mlp import MLPHead
 from dmqn_core.sequence import masked_softmax
 
 
-def split_sessions(timestamp: Tensor, mask: Tensor, gap: int, max_sessions: int, session_len: int
-                   ) -> tuple[Tensor, Tensor]:
+def split_sessions(
+    timestamp: Tensor, mask: Tensor, gap: int, max_sessions: int, session_len: int
+) -> tuple[Tensor, Tensor]:
     """Session division: (H, L) timestamps and left-aligned mask -> positions (H, S, T) and mask (H, S, T).
 
     Behavior l > 0 opens a new session iff timestamp[l] - timestamp[l-1] > gap (a gap of exactly
@@ -126,8 +127,9 @@ class DSIN(InterestModel):
         D = config.embed_dim
         self.config = config
         self.embedding = BehaviorEmbedding(config)
-        self.extractor = SessionInterestExtractor(D, config.attention_heads, config.max_sessions,
-                                                  config.session_len, config.dropout)
+        self.extractor = SessionInterestExtractor(
+            D, config.attention_heads, config.max_sessions, config.session_len, config.dropout
+        )
         self.interaction = nn.LSTM(D, D, batch_first=True, bidirectional=True)
         self.activate_interest = nn.Linear(D, D, bias=False)  # W^I
         self.activate_hidden = nn.Linear(D, D, bias=False)  # W^H
@@ -145,8 +147,9 @@ class DSIN(InterestModel):
         out, _ = pad_packed_sequence(out, batch_first=True, total_length=S)  # (H, S, 2D)
         return out.view(H, S, 2, D).sum(dim=2) * session_mask.unsqueeze(-1).to(out.dtype)
 
-    def activate(self, values: Tensor, weight: nn.Linear, session_mask: Tensor, c: Tensor, hist_index: Tensor
-                 ) -> Tensor:
+    def activate(
+        self, values: Tensor, weight: nn.Linear, session_mask: Tensor, c: Tensor, hist_index: Tensor
+    ) -> Tensor:
         """a_k = softmax_k(v_k W c) over existing sessions, sum_k a_k v_k: values (H, S, D) -> (B, D)."""
         keys = weight(values).index_select(0, hist_index)  # (B, S, D)
         a = masked_softmax(torch.einsum("bsd,bd->bs", keys, c), session_mask.index_select(0, hist_index))
@@ -168,4 +171,3 @@ class DSIN(InterestModel):
         u_i = self.activate(interests, self.activate_interest, session_mask, cand, hist_index)  # (B, D)
         u_h = self.activate(hidden, self.activate_hidden, session_mask, cand, hist_index)  # (B, D)
         return torch.stack([u_i, u_h], dim=1)
-

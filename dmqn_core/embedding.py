@@ -35,8 +35,11 @@ class BehaviorEmbedding(nn.Module):
         self.item = nn.Embedding(config.n_items, D, padding_idx=0)
         self.category = nn.Embedding(config.n_categories, D, padding_idx=0)
         self.behavior = nn.Embedding(config.n_behavior_types, D, padding_idx=0)
-        for table, std in ((self.item, ITEM_INIT_STD), (self.category, CATEGORY_INIT_STD),
-                           (self.behavior, BEHAVIOR_INIT_STD)):
+        for table, std in (
+            (self.item, ITEM_INIT_STD),
+            (self.category, CATEGORY_INIT_STD),
+            (self.behavior, BEHAVIOR_INIT_STD),
+        ):
             nn.init.normal_(table.weight, std=std)
             with torch.no_grad():
                 table.weight[0].zero_()  # re-zero the padding row that normal_ overwrote

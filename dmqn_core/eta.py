@@ -42,8 +42,9 @@ def simhash(x: Tensor, planes: Tensor) -> Tensor:
     return (x @ planes) > 0
 
 
-def hamming_top_k(hist_signature: Tensor, hist_mask: Tensor, hist_index: Tensor, cand_signature: Tensor,
-                  k: int) -> tuple[Tensor, Tensor]:
+def hamming_top_k(
+    hist_signature: Tensor, hist_mask: Tensor, hist_index: Tensor, cand_signature: Tensor, k: int
+) -> tuple[Tensor, Tensor]:
     """The k behaviors of each candidate's history nearest to it in Hamming distance.
 
     hist_signature (H, L, bits) bool; hist_mask (H, L); hist_index (B,); cand_signature (B, bits) bool
@@ -81,9 +82,9 @@ class ETA(InterestModel):
         # Retrieval is a hard selection: no gradient passes it, the embeddings learn through the attention.
         with torch.no_grad():
             hist_signature = simhash(self.embedding.candidate(h.item, h.category), self.planes)  # (H, L, bits)
-            positions, valid = hamming_top_k(hist_signature, h.mask, hist_index,
-                                             simhash(c, self.planes), cfg.top_k)  # (B, k)
+            positions, valid = hamming_top_k(
+                hist_signature, h.mask, hist_index, simhash(c, self.planes), cfg.top_k
+            )  # (B, k)
         long, _ = self.esu(c, gather_rows(h.embedded, hist_index, positions), valid)  # (B, D)
         short = self.short(c, h.embedded, h.mask, hist_index)  # (B, D)
         return torch.stack([long, short], dim=1)
-

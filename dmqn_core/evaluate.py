@@ -25,8 +25,8 @@ from dmqn_core.workspace import Workspace
 SPLITS = ("train", "valid", "test")
 
 # The two files of a run's directory (dmqn_core.train writes them, atomically).
-CHECKPOINT = "checkpoint.pt"   # everything needed to resume: model, optimiser, step, RNG, configs
-BEST = "best.pt"               # the weights of the best validation epoch, used for test and eval
+CHECKPOINT = "checkpoint.pt"  # everything needed to resume: model, optimiser, step, RNG, configs
+BEST = "best.pt"  # the weights of the best validation epoch, used for test and eval
 
 
 def load_checkpoint(path: Path, keys: tuple[str, ...] = ("model_state",)) -> dict[str, Any]:
@@ -48,8 +48,10 @@ def load_checkpoint(path: Path, keys: tuple[str, ...] = ("model_state",)) -> dic
         # torch's message names the first object it refused as "GLOBAL module.name".
         refused = re.search(r"GLOBAL ([\w.]+)", str(exc))
         if refused:
-            raise DmqnError(f"checkpoint {path} is not a safe checkpoint: it would load the Python object "
-                            f"{refused.group(1)}, and dmqn loads only tensors and plain values") from None
+            raise DmqnError(
+                f"checkpoint {path} is not a safe checkpoint: it would load the Python object "
+                f"{refused.group(1)}, and dmqn loads only tensors and plain values"
+            ) from None
         raise DmqnError(f"checkpoint {path} is damaged or not a checkpoint (it does not unpickle)") from None
     except EOFError:
         raise DmqnError(f"checkpoint {path} is damaged or not a checkpoint (it ends too early)") from None
@@ -86,15 +88,21 @@ def check_run_data(record: RunRecord, data: PreparedSet) -> None:
     else:
         model = record.params.get("model", {})
         sizes = (model.get("n_items"), model.get("n_categories"), model.get("n_behavior_types"))
-        same = (recorded.get("protocol") == data.meta.get("protocol")
-                and sizes == (data.n_items + 1, data.n_categories + 1, data.n_behavior_types + 1))
+        same = recorded.get("protocol") == data.meta.get("protocol") and sizes == (
+            data.n_items + 1,
+            data.n_categories + 1,
+            data.n_behavior_types + 1,
+        )
     if not same:
-        raise DmqnError(f"the prepared set at {data.path} is not the one run {record.run_id} was trained on "
-                        "(it was prepared again since); prepare it again as it was, or train a new run")
+        raise DmqnError(
+            f"the prepared set at {data.path} is not the one run {record.run_id} was trained on "
+            "(it was prepared again since); prepare it again as it was, or train a new run"
+        )
 
 
-def load_run_model(workspace: Workspace, run_id: str | None = None, device: str = "cpu"
-                   ) -> tuple[torch.nn.Module, RunRecord, PreparedSet]:
+def load_run_model(
+    workspace: Workspace, run_id: str | None = None, device: str = "cpu"
+) -> tuple[torch.nn.Module, RunRecord, PreparedSet]:
     """The best-validation weights of a run (the latest finished run when ``run_id`` is None), in eval mode."""
     store = RunStore(workspace.store_path)
     record = store.get_run(store.resolve_run_id(run_id))
@@ -108,9 +116,15 @@ def load_run_model(workspace: Workspace, run_id: str | None = None, device: str 
     restore_weights(model, load_checkpoint(best), best)
     return model.to(device).eval(), record, data
 
+
 @torch.no_grad()
-def predict(model: torch.nn.Module, loader: BatchLoader, device: torch.device,
-            progress: Progress | None = None, description: str = "predict") -> dict[str, Any]:
+def predict(
+    model: torch.nn.Module,
+    loader: BatchLoader,
+    device: torch.device,
+    progress: Progress | None = None,
+    description: str = "predict",
+) -> dict[str, Any]:
     """Logits of every sample of the loader, with the codeword counts of DMQN-like models.
 
     Returns users, labels, logits, seconds and ``codeword_counts`` (N, W) summed over the
@@ -128,7 +142,7 @@ def predict(model: torch.nn.Module, loader: BatchLoader, device: torch.device,
         if encode is not None:
             state = encode(batch.hist_item, batch.hist_category, batch.hist_behavior, batch.hist_mask)
             out = model.score(state, batch.cand_item, batch.cand_category, batch.hist_index)
-            batch_counts = state.cluster_size.sum(dim=0).double().cpu()     # (N, W)
+            batch_counts = state.cluster_size.sum(dim=0).double().cpu()  # (N, W)
             counts = batch_counts if counts is None else counts + batch_counts
         else:
             out = model(**batch.model_inputs())
@@ -148,8 +162,15 @@ def predict(model: torch.nn.Module, loader: BatchLoader, device: torch.device,
     }
 
 
-def evaluate_split(model: torch.nn.Module, data: PreparedSet, split: str, batch_size: int, max_len: int,
-                   device: torch.device, progress: Progress | None = None) -> tuple[dict[str, float], np.ndarray | None]:
+def evaluate_split(
+    model: torch.nn.Module,
+    data: PreparedSet,
+    split: str,
+    batch_size: int,
+    max_len: int,
+    device: torch.device,
+    progress: Progress | None = None,
+) -> tuple[dict[str, float], np.ndarray | None]:
     """AUC, GAUC, logloss and samples/s of one split; plus codeword counts when the model has codebooks."""
     loader = BatchLoader(data, split, batch_size, max_len)
     out = predict(model, loader, device, progress, description=f"{split} ")
@@ -158,15 +179,27 @@ def evaluate_split(model: torch.nn.Module, data: PreparedSet, split: str, batch_
     return metrics, out["codeword_counts"]
 
 
-def evaluate_run(workspace: Workspace, run_id: str | None = None, split: str = "test",
-                 batch_size: int | None = None, device: str = "cpu",
-                 progress: Progress | None = None) -> tuple[str, dict[str, float]]:
+def evaluate_run(
+    workspace: Workspace,
+    run_id: str | None = None,
+    split: str = "test",
+    batch_size: int | None = None,
+    device: str = "cpu",
+    progress: Progress | None = None,
+) -> tuple[str, dict[str, float]]:
     """Evaluate a run's best weights on a split, store the metrics (epoch NULL) and return them."""
     if split not in SPLITS:
         raise DmqnError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     model, record, data = load_run_model(workspace, run_id, device)
     train_params = record.params["train"]
-    metrics, _ = evaluate_split(model, data, split, batch_size or int(train_params["eval_batch_size"]),
-                                int(train_params["max_len"]), torch.device(device), progress)
+    metrics, _ = evaluate_split(
+        model,
+        data,
+        split,
+        batch_size or int(train_params["eval_batch_size"]),
+        int(train_params["max_len"]),
+        torch.device(device),
+        progress,
+    )
     RunStore(workspace.store_path).log_metrics(record.run_id, split, metrics, epoch=None)
     return record.run_id, metrics

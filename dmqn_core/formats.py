@@ -65,9 +65,27 @@ MOVIELENS_BEHAVIORS = ("click", "rate_low")
 CSV_DEFAULT_BEHAVIOR = "click"
 CSV_NO_CATEGORY = 0
 GENRES = (
-    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
-    "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller",
-    "War", "Western", "IMAX", "(no genres listed)",
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
+    "IMAX",
+    "(no genres listed)",
 )
 GENRE_ALIASES = {"Children": "Children's"}
 CSV_FIELDS = ("user", "item", "category", "behavior", "timestamp")
@@ -132,8 +150,9 @@ def source_files(source: Path, fmt: Format) -> list[Path]:
     return [source]
 
 
-def load_source(con: duckdb.DuckDBPyConnection, source: Path, fmt: Format,
-                columns: dict[str, str], delimiter: str) -> SourceInfo:
+def load_source(
+    con: duckdb.DuckDBPyConnection, source: Path, fmt: Format, columns: dict[str, str], delimiter: str
+) -> SourceInfo:
     """Create ``events`` (and its rejects table) from ``source`` in format ``fmt``."""
     source_files(source, fmt)  # its checks: one file, or a MovieLens folder
     if fmt is Format.taobao:
@@ -221,8 +240,7 @@ def _head_lines(path: Path, encoding: str = "utf-8") -> list[tuple[int, str | No
     return lines
 
 
-def _check_head(path: Path, what: str, n_columns: int, split: str, delim_name: str,
-                skip_first: bool = False) -> None:
+def _check_head(path: Path, what: str, n_columns: int, split: str, delim_name: str, skip_first: bool = False) -> None:
     """Fail fast when the first lines show the file is not in the expected format.
 
     A file is rejected when most of its first non-empty lines are undecodable or have the wrong
@@ -238,8 +256,10 @@ def _check_head(path: Path, what: str, n_columns: int, split: str, delim_name: s
         if text is None:
             bad.append(f"{path} is not UTF-8 text: undecodable bytes on line {number} (is --format right?)")
         elif len(text.split(split)) != n_columns:
-            bad.append(f"{what} expects {n_columns} {delim_name}-separated columns, "
-                       f"line {number} of {path.name} has {len(text.split(split))}")
+            bad.append(
+                f"{what} expects {n_columns} {delim_name}-separated columns, "
+                f"line {number} of {path.name} has {len(text.split(split))}"
+            )
     if len(bad) * 2 > len(lines):
         raise DmqnError(bad[0])
 
@@ -262,10 +282,10 @@ def _load_taobao(con: duckdb.DuckDBPyConnection, path: Path) -> SourceInfo:
             FROM (
                 -- No trim(): it doubles the cost on 100M rows, and TRY_CAST already accepts
                 -- surrounding blanks (including the CR of CRLF files, which ends the timestamp).
-                SELECT line, p, {_integer_sql('p[1]')} AS u, {_integer_sql('p[2]')} AS i,
-                       {_integer_sql('p[3]')} AS c, p[4] AS b, TRY_CAST(p[5] AS BIGINT) AS t
+                SELECT line, p, {_integer_sql("p[1]")} AS u, {_integer_sql("p[2]")} AS i,
+                       {_integer_sql("p[3]")} AS c, p[4] AS b, TRY_CAST(p[5] AS BIGINT) AS t
                 FROM (SELECT line, string_split(line, ',') AS p
-                      FROM {_read_lines_sql('utf-8', 0, 'rejects_log', source_compression(path))})
+                      FROM {_read_lines_sql("utf-8", 0, "rejects_log", source_compression(path))})
             )
         )
         """,
@@ -304,9 +324,9 @@ def _load_movielens(con: duckdb.DuckDBPyConnection, folder: Path) -> SourceInfo:
             f"""
             CREATE TABLE movies AS
             SELECT item_id, coalesce(list_position(flags, '1') - 1, 0) AS category_id
-            FROM (SELECT {_integer_sql('p[1]')} AS item_id, list_slice(p, -19, -1) AS flags, len(p) AS n
+            FROM (SELECT {_integer_sql("p[1]")} AS item_id, list_slice(p, -19, -1) AS flags, len(p) AS n
                   FROM (SELECT string_split(rtrim(line, ' \t\r'), '|') AS p
-                        FROM {_read_lines_sql('latin-1', 0, None, source_compression(items))}
+                        FROM {_read_lines_sql("latin-1", 0, None, source_compression(items))}
                         WHERE line IS NOT NULL))
             WHERE item_id IS NOT NULL AND n >= 20
             """,
@@ -316,17 +336,27 @@ def _load_movielens(con: duckdb.DuckDBPyConnection, folder: Path) -> SourceInfo:
     elif variant == "ml-1m":
         _check_head(ratings, "MovieLens ratings.dat", 4, "::", "'::'")
         _check_items_nonempty(items)
-        _create_movies_from_genres(con, items, "latin-1", 0,
-                                   _integer_sql("split_part(line, '::', 1)"),
-                                   "split_part(regexp_extract(line, '[^:]*$'), '|', 1)")
+        _create_movies_from_genres(
+            con,
+            items,
+            "latin-1",
+            0,
+            _integer_sql("split_part(line, '::', 1)"),
+            "split_part(regexp_extract(line, '[^:]*$'), '|', 1)",
+        )
         split, header = "::", 0
     else:
         _check_head(ratings, "MovieLens ratings.csv", 4, ",", "comma", skip_first=True)
         _check_items_nonempty(items)
         # Titles may be quoted and hold commas; the id is the first field and the genres the last.
-        _create_movies_from_genres(con, items, "utf-8", 1,
-                                   _integer_sql("split_part(line, ',', 1)"),
-                                   "split_part(regexp_extract(line, '[^,]*$'), '|', 1)")
+        _create_movies_from_genres(
+            con,
+            items,
+            "utf-8",
+            1,
+            _integer_sql("split_part(line, ',', 1)"),
+            "split_part(regexp_extract(line, '[^,]*$'), '|', 1)",
+        )
         split, header = ",", 1
     con.execute(
         f"""
@@ -343,10 +373,10 @@ def _load_movielens(con: duckdb.DuckDBPyConnection, folder: Path) -> SourceInfo:
                         WHEN t IS NULL THEN 'bad_timestamp'
                    END AS reason
             FROM (
-                SELECT line, p, {_integer_sql('p[1]')} AS u, {_integer_sql('p[2]')} AS i,
+                SELECT line, p, {_integer_sql("p[1]")} AS u, {_integer_sql("p[2]")} AS i,
                        TRY_CAST(trim(p[3]) AS DOUBLE) AS r, TRY_CAST(trim(p[4]) AS BIGINT) AS t
                 FROM (SELECT line, string_split(rtrim(line, ' \t\r'), ?) AS p
-                      FROM {_read_lines_sql('utf-8', header, 'rejects_log', source_compression(ratings))})
+                      FROM {_read_lines_sql("utf-8", header, "rejects_log", source_compression(ratings))})
             )
         )
         """,
@@ -359,8 +389,10 @@ def _load_movielens(con: duckdb.DuckDBPyConnection, folder: Path) -> SourceInfo:
         WHERE events.reason IS NULL AND events.item_id = movies.item_id
         """
     )
-    con.execute("UPDATE events SET reason = 'bad_id', bad_line = concat_ws(' ', user_id, item_id, ts) "
-                "WHERE reason IS NULL AND category_id IS NULL")
+    con.execute(
+        "UPDATE events SET reason = 'bad_id', bad_line = concat_ws(' ', user_id, item_id, ts) "
+        "WHERE reason IS NULL AND category_id IS NULL"
+    )
     return SourceInfo(variant, [ratings, items], MOVIELENS_BEHAVIORS, ("click",), header, "rejects_log", ratings)
 
 
@@ -380,8 +412,9 @@ def _load_genre_table(con: duckdb.DuckDBPyConnection) -> None:
     )
 
 
-def _create_movies_from_genres(con: duckdb.DuckDBPyConnection, path: Path, encoding: str, skip: int,
-                               id_sql: str, genre_sql: str) -> None:
+def _create_movies_from_genres(
+    con: duckdb.DuckDBPyConnection, path: Path, encoding: str, skip: int, id_sql: str, genre_sql: str
+) -> None:
     """``movies(item_id, category_id)`` from a file listing each movie's '|'-joined genres."""
     con.execute(
         f"""
@@ -413,7 +446,7 @@ def _load_csv(con: duckdb.DuckDBPyConnection, path: Path, columns: dict[str, str
     missing = [field for field in CSV_REQUIRED if field not in columns]
     if missing:
         raise DmqnError(f"--format csv needs --columns with {', '.join(f'{m}=COLUMN' for m in missing)}")
-    if len(delimiter) != 1 or delimiter in "\r\n\"":
+    if len(delimiter) != 1 or delimiter in '\r\n"':
         raise DmqnError(f"--delimiter must be one character other than a quote or newline, got {delimiter!r}")
     lines = _head_lines(path)
     if not lines:
@@ -424,14 +457,17 @@ def _load_csv(con: duckdb.DuckDBPyConnection, path: Path, columns: dict[str, str
         raise DmqnError(f"{path} has a header but no data rows")
     options = f"header=true, all_varchar=true, delim=?, strict_mode=false, compression='{source_compression(path)}'"
     try:
-        names = [row[0] for row in con.execute(f"DESCRIBE SELECT * FROM read_csv(?, {options})",
-                                                [str(path), delimiter]).fetchall()]
+        names = [
+            row[0]
+            for row in con.execute(f"DESCRIBE SELECT * FROM read_csv(?, {options})", [str(path), delimiter]).fetchall()
+        ]
     except duckdb.Error as exc:
         raise DmqnError(f"cannot read {path} as delimited text: {str(exc).splitlines()[0]}") from None
     unknown = [f"{field}={name}" for field, name in columns.items() if name not in names]
     if unknown:
-        raise DmqnError(f"--columns {', '.join(unknown)}: no such column in {path.name} "
-                        f"(its columns: {', '.join(names)})")
+        raise DmqnError(
+            f"--columns {', '.join(unknown)}: no such column in {path.name} (its columns: {', '.join(names)})"
+        )
     col = {field: quote_identifier(name) for field, name in columns.items()}
     category = _integer_sql(col["category"]) if "category" in col else "CAST(? AS BIGINT)"
     behavior = f"nullif(trim({col['behavior']}), '')" if "behavior" in col else "CAST(? AS VARCHAR)"
@@ -454,10 +490,10 @@ def _load_csv(con: duckdb.DuckDBPyConnection, path: Path, columns: dict[str, str
                         WHEN t IS NULL THEN 'bad_timestamp'
                    END AS reason
             FROM (
-                SELECT {_integer_sql(col['user'])} AS u, {_integer_sql(col['item'])} AS i,
+                SELECT {_integer_sql(col["user"])} AS u, {_integer_sql(col["item"])} AS i,
                        {category} AS c, {behavior} AS b,
-                       coalesce(TRY_CAST(trim({col['timestamp']}) AS BIGINT),
-                                CAST(floor(epoch(TRY_CAST(trim({col['timestamp']}) AS TIMESTAMPTZ))) AS BIGINT)) AS t,
+                       coalesce(TRY_CAST(trim({col["timestamp"]}) AS BIGINT),
+                                CAST(floor(epoch(TRY_CAST(trim({col["timestamp"]}) AS TIMESTAMPTZ))) AS BIGINT)) AS t,
                        {line_sql} AS line
                 FROM read_csv(?, {options}, ignore_errors=true, store_rejects=true,
                               rejects_table='rejects_log', rejects_scan='rejects_log_scan')

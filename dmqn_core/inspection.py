@@ -50,30 +50,30 @@ RECORD_BATCH_USERS = 50
 
 @dataclass
 class ClusterSummary:
-    codeword: int                              # codeword index 0..W-1
-    size: int                                  # behaviors of this user assigned to it
-    top_categories: list[tuple[int, int]]      # up to 3 (raw category id, count), most frequent first
-    first_timestamp: int                       # unix seconds of the oldest member behavior
-    last_timestamp: int                        # unix seconds of the newest member behavior
+    codeword: int  # codeword index 0..W-1
+    size: int  # behaviors of this user assigned to it
+    top_categories: list[tuple[int, int]]  # up to 3 (raw category id, count), most frequent first
+    first_timestamp: int  # unix seconds of the oldest member behavior
+    last_timestamp: int  # unix seconds of the newest member behavior
 
 
 @dataclass
 class UserInspection:
     run_id: str
-    user_id: int                 # raw user id of the log
-    recorded: bool               # True: read from the run store's sample; False: computed from the checkpoint
-    n_codebooks: int             # N
-    codebook_size: int           # W
-    timestamp: np.ndarray        # (L,) int64 unix seconds, oldest first (the last max_len behaviors)
-    item: np.ndarray             # (L,) int64 raw item ids
-    category: np.ndarray         # (L,) int64 raw category ids
-    behavior: np.ndarray         # (L,) str behavior type names ('pv', 'buy', ... as in the prepared set)
-    codeword: np.ndarray         # (N, L) int64 inference-path (argmax) codeword of each behavior
-    candidate_item: np.ndarray   # (C,) int64 raw item ids of the user's test samples (C may be 0)
+    user_id: int  # raw user id of the log
+    recorded: bool  # True: read from the run store's sample; False: computed from the checkpoint
+    n_codebooks: int  # N
+    codebook_size: int  # W
+    timestamp: np.ndarray  # (L,) int64 unix seconds, oldest first (the last max_len behaviors)
+    item: np.ndarray  # (L,) int64 raw item ids
+    category: np.ndarray  # (L,) int64 raw category ids
+    behavior: np.ndarray  # (L,) str behavior type names ('pv', 'buy', ... as in the prepared set)
+    codeword: np.ndarray  # (N, L) int64 inference-path (argmax) codeword of each behavior
+    candidate_item: np.ndarray  # (C,) int64 raw item ids of the user's test samples (C may be 0)
     candidate_category: np.ndarray  # (C,) int64 raw category ids
-    label: np.ndarray            # (C,) int64 0/1 click labels
-    score: np.ndarray            # (C,) float64 predicted click probability
-    attention: np.ndarray        # (C, N, W) float64 CTAM weights; 0 at empty clusters, sum 1 over W with history
+    label: np.ndarray  # (C,) int64 0/1 click labels
+    score: np.ndarray  # (C,) float64 predicted click probability
+    attention: np.ndarray  # (C, N, W) float64 CTAM weights; 0 at empty clusters, sum 1 over W with history
 
     def clusters(self, codebook: int) -> list[ClusterSummary]:
         """The non-empty clusters of one codebook, largest first (ties: lower codeword first)."""
@@ -85,12 +85,15 @@ class UserInspection:
             members = words == word
             categories, counts = np.unique(self.category[members], return_counts=True)
             top = np.lexsort((categories, -counts))[:3]
-            summaries.append(ClusterSummary(
-                codeword=int(word), size=int(members.sum()),
-                top_categories=[(int(categories[i]), int(counts[i])) for i in top],
-                first_timestamp=int(self.timestamp[members].min()),
-                last_timestamp=int(self.timestamp[members].max()),
-            ))
+            summaries.append(
+                ClusterSummary(
+                    codeword=int(word),
+                    size=int(members.sum()),
+                    top_categories=[(int(categories[i]), int(counts[i])) for i in top],
+                    first_timestamp=int(self.timestamp[members].min()),
+                    last_timestamp=int(self.timestamp[members].max()),
+                )
+            )
         summaries.sort(key=lambda c: (-c.size, c.codeword))
         return summaries
 
@@ -101,15 +104,23 @@ class RunSummary:
     model: str
     dataset: str
     status: str
-    created_at: str          # ISO text
+    created_at: str  # ISO text
     test_auc: float | None
     test_gauc: float | None
     test_logloss: float | None
 
     @classmethod
     def of(cls, record: RunRecord) -> "RunSummary":
-        return cls(record.run_id, record.model, record.dataset, record.status, record.created_at.isoformat(),
-                   record.test_auc, record.test_gauc, record.test_logloss)
+        return cls(
+            record.run_id,
+            record.model,
+            record.dataset,
+            record.status,
+            record.created_at.isoformat(),
+            record.test_auc,
+            record.test_gauc,
+            record.test_logloss,
+        )
 
 
 # -- computing inspections from a model ---------------------------------------------------
@@ -122,7 +133,7 @@ def candidate_histories(data: PreparedSet, users: np.ndarray) -> dict[int, tuple
     for user in np.asarray(users, dtype=np.int64).tolist():
         samples = hits[test_users[hits] == user]
         if len(samples) == 0:
-            out[user] = (int(data.user_offsets[user]), samples)   # the whole history, no candidates
+            out[user] = (int(data.user_offsets[user]), samples)  # the whole history, no candidates
             continue
         ends = np.asarray(test.hist_end[samples], dtype=np.int64)
         last = int(ends.max())
@@ -131,8 +142,9 @@ def candidate_histories(data: PreparedSet, users: np.ndarray) -> dict[int, tuple
 
 
 @torch.no_grad()
-def compute_inspections(model: DMQN, data: PreparedSet, run_id: str, users: np.ndarray,
-                        max_len: int) -> Iterator[UserInspection]:
+def compute_inspections(
+    model: DMQN, data: PreparedSet, run_id: str, users: np.ndarray, max_len: int
+) -> Iterator[UserInspection]:
     """The inspection of each user index, computed with the model (put in eval mode) one user at a time."""
     model.eval()
     device = next(model.parameters()).device
@@ -144,15 +156,19 @@ def compute_inspections(model: DMQN, data: PreparedSet, run_id: str, users: np.n
         item, category, behavior, timestamp, mask = gather_histories(data, np.array([user]), np.array([end]), max_len)
         length = int(mask.sum())
         hist = [torch.from_numpy(a).to(device) for a in (item, category, behavior, mask)]
-        codeword = model.codeword_assignments(*hist)[0, :, :length].cpu().numpy().astype(np.int64)   # (N, L)
+        codeword = model.codeword_assignments(*hist)[0, :, :length].cpu().numpy().astype(np.int64)  # (N, L)
         cand_item = np.asarray(test.item[samples], dtype=np.int64)
         cand_category = np.asarray(test.category[samples], dtype=np.int64)
         n = len(samples)
         if n:
             state = model.encode_user(*hist)
-            logits, weights = model.score(state, torch.from_numpy(cand_item).to(device),
-                                          torch.from_numpy(cand_category).to(device),
-                                          torch.zeros(n, dtype=torch.long, device=device), return_weights=True)
+            logits, weights = model.score(
+                state,
+                torch.from_numpy(cand_item).to(device),
+                torch.from_numpy(cand_category).to(device),
+                torch.zeros(n, dtype=torch.long, device=device),
+                return_weights=True,
+            )
             score = torch.sigmoid(logits).cpu().numpy().astype(np.float64)
             attention = weights.cpu().numpy().astype(np.float64)
         else:
@@ -160,13 +176,21 @@ def compute_inspections(model: DMQN, data: PreparedSet, run_id: str, users: np.n
             attention = np.zeros((0, config.n_codebooks, config.codebook_size), dtype=np.float64)
         names = np.asarray(data.behavior_names, dtype=str)
         yield UserInspection(
-            run_id=run_id, user_id=int(data.raw_user(user)), recorded=False,
-            n_codebooks=config.n_codebooks, codebook_size=config.codebook_size,
-            timestamp=timestamp[0, :length], item=_raw(data.raw_item, item[0, :length]),
-            category=_raw(data.raw_category, category[0, :length]), behavior=names[behavior[0, :length] - 1],
-            codeword=codeword, candidate_item=_raw(data.raw_item, cand_item),
+            run_id=run_id,
+            user_id=int(data.raw_user(user)),
+            recorded=False,
+            n_codebooks=config.n_codebooks,
+            codebook_size=config.codebook_size,
+            timestamp=timestamp[0, :length],
+            item=_raw(data.raw_item, item[0, :length]),
+            category=_raw(data.raw_category, category[0, :length]),
+            behavior=names[behavior[0, :length] - 1],
+            codeword=codeword,
+            candidate_item=_raw(data.raw_item, cand_item),
             candidate_category=_raw(data.raw_category, cand_category),
-            label=np.asarray(test.label[samples], dtype=np.int64), score=score, attention=attention,
+            label=np.asarray(test.label[samples], dtype=np.int64),
+            score=score,
+            attention=attention,
         )
 
 
@@ -186,8 +210,9 @@ def folded_codebooks(model: DMQN) -> np.ndarray:
 
 
 @torch.no_grad()
-def item_vector_sample(model: DMQN, data: PreparedSet, limit: int = MAX_ITEM_VECTORS
-                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def item_vector_sample(
+    model: DMQN, data: PreparedSet, limit: int = MAX_ITEM_VECTORS
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Raw item ids, raw category ids, popularity and candidate embeddings (item + category, (M, D))
     of the ``limit`` most frequent items, most frequent first (ties: lower raw id first)."""
     popularity = np.asarray(data.item_popularity[1:], dtype=np.int64)
@@ -195,8 +220,12 @@ def item_vector_sample(model: DMQN, data: PreparedSet, limit: int = MAX_ITEM_VEC
     category = np.asarray(data.item_category[index], dtype=np.int64)
     device = next(model.parameters()).device
     vectors = model.embedding.candidate(torch.from_numpy(index).to(device), torch.from_numpy(category).to(device))
-    return (_raw(data.raw_item, index), _raw(data.raw_category, category), popularity[index - 1],
-            vectors.float().cpu().numpy())
+    return (
+        _raw(data.raw_item, index),
+        _raw(data.raw_category, category),
+        popularity[index - 1],
+        vectors.float().cpu().numpy(),
+    )
 
 
 def sample_users(data: PreparedSet, n_users: int, seed: int) -> np.ndarray:
@@ -208,8 +237,9 @@ def sample_users(data: PreparedSet, n_users: int, seed: int) -> np.ndarray:
 
 
 # -- recording -----------------------------------------------------------------------------
-def record_inspection(store: RunStore, run_id: str, model: DMQN, data: PreparedSet, max_len: int,
-                      n_users: int, seed: int) -> int:
+def record_inspection(
+    store: RunStore, run_id: str, model: DMQN, data: PreparedSet, max_len: int, n_users: int, seed: int
+) -> int:
     """Write the codebooks, the item sample and the inspections of a user sample; returns the users recorded.
 
     Whatever the run recorded before is replaced (a resumed run records again), in the
@@ -218,14 +248,21 @@ def record_inspection(store: RunStore, run_id: str, model: DMQN, data: PreparedS
     items, categories, popularity, vectors = item_vector_sample(model, data)
     codebooks = folded_codebooks(model)
     N, W, _ = codebooks.shape
-    store.log_inspection(run_id, {
-        "codebook_vectors": {"codebook": np.repeat(np.arange(N), W), "codeword": np.tile(np.arange(W), N),
-                             "vector": codebooks.reshape(N * W, -1)},
-        "item_vectors": {"item": items, "category": categories, "popularity": popularity, "vector": vectors},
-    }, replace=True)
+    store.log_inspection(
+        run_id,
+        {
+            "codebook_vectors": {
+                "codebook": np.repeat(np.arange(N), W),
+                "codeword": np.tile(np.arange(W), N),
+                "vector": codebooks.reshape(N * W, -1),
+            },
+            "item_vectors": {"item": items, "category": categories, "popularity": popularity, "vector": vectors},
+        },
+        replace=True,
+    )
     users = sample_users(data, n_users, seed)
     for begin in range(0, len(users), RECORD_BATCH_USERS):
-        batch = list(compute_inspections(model, data, run_id, users[begin:begin + RECORD_BATCH_USERS], max_len))
+        batch = list(compute_inspections(model, data, run_id, users[begin : begin + RECORD_BATCH_USERS], max_len))
         store.log_inspection(run_id, _inspection_rows(batch))
     return len(users)
 
@@ -233,7 +270,11 @@ def record_inspection(store: RunStore, run_id: str, model: DMQN, data: PreparedS
 def _inspection_rows(batch: list[UserInspection]) -> dict[str, dict[str, np.ndarray]]:
     """The rows of the inspect_* tables for a batch of inspections, as columns."""
     tables: dict[str, dict[str, list[np.ndarray]]] = {
-        "inspect_users": {}, "inspect_behaviors": {}, "inspect_candidates": {}, "inspect_attention": {}}
+        "inspect_users": {},
+        "inspect_behaviors": {},
+        "inspect_candidates": {},
+        "inspect_attention": {},
+    }
 
     def add(table: str, **columns: np.ndarray) -> None:
         for name, values in columns.items():
@@ -244,19 +285,42 @@ def _inspection_rows(batch: list[UserInspection]) -> dict[str, dict[str, np.ndar
         C = len(u.label)
         add("inspect_users", user_id=[u.user_id], history_length=[L], candidates=[C])
         # One row per behavior and codebook, behavior-major.
-        add("inspect_behaviors", user_id=np.full(L * N, u.user_id), position=np.repeat(np.arange(L), N),
-            codebook=np.tile(np.arange(N), L), codeword=u.codeword.T.reshape(-1),
-            timestamp=np.repeat(u.timestamp, N), item=np.repeat(u.item, N),
-            category=np.repeat(u.category, N), behavior=np.repeat(u.behavior, N))
-        add("inspect_candidates", user_id=np.full(C, u.user_id), candidate=np.arange(C), item=u.candidate_item,
-            category=u.candidate_category, label=u.label, score=u.score)
+        add(
+            "inspect_behaviors",
+            user_id=np.full(L * N, u.user_id),
+            position=np.repeat(np.arange(L), N),
+            codebook=np.tile(np.arange(N), L),
+            codeword=u.codeword.T.reshape(-1),
+            timestamp=np.repeat(u.timestamp, N),
+            item=np.repeat(u.item, N),
+            category=np.repeat(u.category, N),
+            behavior=np.repeat(u.behavior, N),
+        )
+        add(
+            "inspect_candidates",
+            user_id=np.full(C, u.user_id),
+            candidate=np.arange(C),
+            item=u.candidate_item,
+            category=u.candidate_category,
+            label=u.label,
+            score=u.score,
+        )
         # Attention rows for the non-empty clusters only: an empty cluster's weight is 0 by construction.
         sizes = np.stack([np.bincount(u.codeword[n], minlength=u.codebook_size) for n in range(N)])
         c, n, w = np.nonzero(np.broadcast_to(sizes > 0, u.attention.shape))
-        add("inspect_attention", user_id=np.full(len(c), u.user_id), candidate=c, codebook=n, codeword=w,
-            weight=u.attention[c, n, w])
-    return {table: {name: np.concatenate(parts) for name, parts in columns.items()}
-            for table, columns in tables.items() if columns}
+        add(
+            "inspect_attention",
+            user_id=np.full(len(c), u.user_id),
+            candidate=c,
+            codebook=n,
+            codeword=w,
+            weight=u.attention[c, n, w],
+        )
+    return {
+        table: {name: np.concatenate(parts) for name, parts in columns.items()}
+        for table, columns in tables.items()
+        if columns
+    }
 
 
 def user_worth_inspecting(workspace: Workspace, run_id: str) -> int | None:
@@ -291,12 +355,15 @@ class RunInspector:
             # As RunStore.resolve_run_id: a run still training, failed or dead has no recorded sample.
             finished = [run for run in runs if run.status == "finished"]
             if not finished:
-                raise DmqnError(f"no finished dmqn or dmqn-simple run in {self.store.path} yet; name a run "
-                                "(see `dmqn runs`)")
+                raise DmqnError(
+                    f"no finished dmqn or dmqn-simple run in {self.store.path} yet; name a run (see `dmqn runs`)"
+                )
             run_id = finished[0].run_id
         record = self.store.get_run(run_id)
         if record.model not in DMQN_MODELS:
-            raise DmqnError(f"run {record.run_id} trains {record.model!r}; only dmqn and dmqn-simple runs have codebooks")
+            raise DmqnError(
+                f"run {record.run_id} trains {record.model!r}; only dmqn and dmqn-simple runs have codebooks"
+            )
         self.run_id: str = record.run_id
         self.model: str = record.model
         self.dataset: str = record.dataset
@@ -308,7 +375,7 @@ class RunInspector:
         self._record = record
         self._data: PreparedSet | None = None
         self._model: DMQN | None = None
-        self._lock = threading.Lock()   # the TUI reads from worker threads
+        self._lock = threading.Lock()  # the TUI reads from worker threads
 
     def _prepared(self) -> PreparedSet:
         with self._lock:
@@ -344,17 +411,22 @@ class RunInspector:
         model = self._checkpoint_model()
         return next(compute_inspections(model, data, self.run_id, index, self._max_len))
 
-    def _recorded(self, user_id: int, behaviors: list[tuple], candidates: list[tuple],
-                  attention_rows: list[tuple]) -> UserInspection:
+    def _recorded(
+        self, user_id: int, behaviors: list[tuple], candidates: list[tuple], attention_rows: list[tuple]
+    ) -> UserInspection:
         N, W = self.n_codebooks, self.codebook_size
-        per_behavior = behaviors[::N]    # rows are ordered by position, then codebook
+        per_behavior = behaviors[::N]  # rows are ordered by position, then codebook
         L = len(per_behavior)
         codeword = np.array([row[2] for row in behaviors], dtype=np.int64).reshape(L, N).T
         attention = np.zeros((len(candidates), N, W), dtype=np.float64)
         for candidate, codebook, word, weight in attention_rows:
             attention[candidate, codebook, word] = weight
         return UserInspection(
-            run_id=self.run_id, user_id=user_id, recorded=True, n_codebooks=N, codebook_size=W,
+            run_id=self.run_id,
+            user_id=user_id,
+            recorded=True,
+            n_codebooks=N,
+            codebook_size=W,
             timestamp=np.array([r[3] for r in per_behavior], dtype=np.int64),
             item=np.array([r[4] for r in per_behavior], dtype=np.int64),
             category=np.array([r[5] for r in per_behavior], dtype=np.int64),
@@ -406,8 +478,11 @@ class RunInspector:
         if not rows:
             items, categories, _, vectors = item_vector_sample(self._checkpoint_model(), self._prepared())
             return items, categories, vectors
-        return (np.array([r[0] for r in rows], dtype=np.int64), np.array([r[1] for r in rows], dtype=np.int64),
-                np.array([r[3] for r in rows], dtype=np.float32).reshape(len(rows), self.embed_dim))
+        return (
+            np.array([r[0] for r in rows], dtype=np.int64),
+            np.array([r[1] for r in rows], dtype=np.int64),
+            np.array([r[3] for r in rows], dtype=np.float32).reshape(len(rows), self.embed_dim),
+        )
 
     def comparable_runs(self) -> list[RunSummary]:
         return [RunSummary.of(r) for r in self.store.list_runs(dataset=self.dataset)]

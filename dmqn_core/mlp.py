@@ -15,8 +15,9 @@ class MLPHead(nn.Module):
     match strengths (see attention.py). Activation: PReLU, as in DIN's MLP.
     """
 
-    def __init__(self, dim: int, n_interests: int, hidden: tuple[int, ...], dropout: float = 0.0,
-                 n_scalars: int = 0) -> None:
+    def __init__(
+        self, dim: int, n_interests: int, hidden: tuple[int, ...], dropout: float = 0.0, n_scalars: int = 0
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         width = dim * (2 * n_interests + 3) + n_scalars
@@ -28,8 +29,13 @@ class MLPHead(nn.Module):
 
     def forward(self, candidate: Tensor, interests: Tensor, recent: Tensor, scalars: Tensor | None = None) -> Tensor:
         """candidate (B, D), interests (B, K, D), recent (B, D), scalars (B, S) -> (B,) logits."""
-        parts = [candidate, interests.flatten(1), (candidate.unsqueeze(1) * interests).flatten(1),
-                 recent, candidate * recent]
+        parts = [
+            candidate,
+            interests.flatten(1),
+            (candidate.unsqueeze(1) * interests).flatten(1),
+            recent,
+            candidate * recent,
+        ]
         if scalars is not None:
             parts.append(scalars)
         return self.net(torch.cat(parts, dim=-1)).squeeze(-1)  # input (B, (2K+3) D + S)

@@ -61,8 +61,17 @@ import numpy as np
 
 from dmqn_core import prepared as fmt_out
 from dmqn_core.errors import DmqnError
-from dmqn_core.formats import (GZIP_ERRORS, Format, SourceInfo, damaged_gzip, is_gzip, load_source, one_line,
-                                reject_reason_sql, source_files)
+from dmqn_core.formats import (
+    GZIP_ERRORS,
+    Format,
+    SourceInfo,
+    damaged_gzip,
+    is_gzip,
+    load_source,
+    one_line,
+    reject_reason_sql,
+    source_files,
+)
 from dmqn_core.workspace import Workspace, check_can_publish, publish_directory, remove_stale_temporaries
 
 TAOBAO_TIME_RANGE = (1511539200, 1512316800)
@@ -194,9 +203,13 @@ def prepare(
     ``on_progress`` (from another thread, about twice a second) the running query's percent done.
     """
     fmt = Format(format)
-    for name, value, low in (("--max-len", max_len, 1), ("--neg-ratio", neg_ratio, 0),
-                             ("--train-targets", train_targets, 1), ("--min-behaviors", min_behaviors, 1),
-                             ("--seed", seed, 0)):
+    for name, value, low in (
+        ("--max-len", max_len, 1),
+        ("--neg-ratio", neg_ratio, 0),
+        ("--train-targets", train_targets, 1),
+        ("--min-behaviors", min_behaviors, 1),
+        ("--seed", seed, 0),
+    ):
         if value < low:
             raise DmqnError(f"{name} must be >= {low}, got {value}")
     if threads is not None and threads < 1:
@@ -229,11 +242,25 @@ def prepare(
             _new_directory(tmp, _is_own_set)
             created = True
             job = _Job(
-                source=source_path, fmt=fmt, tmp=tmp, work=work, name=final.name, max_len=max_len,
-                neg_ratio=neg_ratio, train_targets=train_targets, min_behaviors=min_behaviors,
-                time_range=time_range, columns=dict(columns or {}), delimiter=delimiter,
-                click_behaviors=click_behaviors, strict=strict, seed=seed, memory_limit=memory_limit,
-                threads=threads, on_stage=on_stage, on_progress=on_progress,
+                source=source_path,
+                fmt=fmt,
+                tmp=tmp,
+                work=work,
+                name=final.name,
+                max_len=max_len,
+                neg_ratio=neg_ratio,
+                train_targets=train_targets,
+                min_behaviors=min_behaviors,
+                time_range=time_range,
+                columns=dict(columns or {}),
+                delimiter=delimiter,
+                click_behaviors=click_behaviors,
+                strict=strict,
+                seed=seed,
+                memory_limit=memory_limit,
+                threads=threads,
+                on_stage=on_stage,
+                on_progress=on_progress,
             )
             meta = job.run()
             publish_directory(tmp, final, overwrite, replaceable=fmt_out.is_prepared_set, what="a prepared set")
@@ -296,8 +323,11 @@ def _is_own_set(path: Path) -> bool:
         if entry.name == ".work":
             ok = _is_work_directory(entry)
         elif entry.name in folders:
-            ok = (entry.is_dir() and not entry.is_symlink()
-                  and all(sub.is_file() and f"{entry.name}/{sub.name}" in files for sub in entry.iterdir()))
+            ok = (
+                entry.is_dir()
+                and not entry.is_symlink()
+                and all(sub.is_file() and f"{entry.name}/{sub.name}" in files for sub in entry.iterdir())
+            )
         else:
             ok = entry.name in files and entry.is_file()
         if not ok:
@@ -461,7 +491,9 @@ class _Job:
         try:
             con = duckdb.connect(str(self.work / "prep.duckdb"), config=config)
         except duckdb.Error as exc:
-            raise DmqnError(f"cannot start DuckDB (check --memory-limit/--threads): {str(exc).splitlines()[0]}") from None
+            raise DmqnError(
+                f"cannot start DuckDB (check --memory-limit/--threads): {str(exc).splitlines()[0]}"
+            ) from None
         poller = None
         try:
             # DuckDB never prints its own bar (it would interleave with the command's display);
@@ -571,8 +603,10 @@ class _Job:
     def _count_rows(self, con: duckdb.DuckDBPyConnection, info: SourceInfo) -> tuple[int, dict[str, int]]:
         if self.time_range is not None:
             # In place (rowid stays the file order); only the few stray rows are written.
-            con.execute("UPDATE events SET reason = 'out_of_time_range' WHERE reason IS NULL AND (ts < ? OR ts >= ?)",
-                        list(self.time_range))
+            con.execute(
+                "UPDATE events SET reason = 'out_of_time_range' WHERE reason IS NULL AND (ts < ? OR ts >= ?)",
+                list(self.time_range),
+            )
         self._mark_duplicates(con)
         per_reason = con.execute(
             "SELECT reason, count(*), min(rowid) FROM events WHERE reason IS DISTINCT FROM 'blank' GROUP BY reason"
@@ -581,7 +615,7 @@ class _Job:
         con.execute(
             f"""
             CREATE TABLE rejected AS
-            SELECT line, {reject_reason_sql('any_value(error_type)')} AS reason
+            SELECT line, {reject_reason_sql("any_value(error_type)")} AS reason
             FROM {info.rejects_table} GROUP BY line
             """
         )
@@ -604,12 +638,15 @@ class _Job:
         if total == 0:
             raise DmqnError(f"{info.log_file} is empty (no data rows)")
         if n_bad and (self.strict or n_bad == total or 2 * n_bad > total):
-            reason = (min(first, key=first.get) if self.strict
-                      else max((r for r in INVALID_REASONS if rows_bad[r]), key=rows_bad.get))
+            reason = (
+                min(first, key=first.get)
+                if self.strict
+                else max((r for r in INVALID_REASONS if rows_bad[r]), key=rows_bad.get)
+            )
             example = self._describe_bad(con, info, reason, first[reason])
             if self.strict:
                 raise DmqnError(f"--strict: {example} ({n_bad} bad row(s) in all)")
-            hint = ("check --time-range" if reason == "out_of_time_range" else "is --format right?")
+            hint = "check --time-range" if reason == "out_of_time_range" else "is --format right?"
             what = "no valid row" if n_bad == total else f"{n_bad} of {total} rows are invalid"
             raise DmqnError(f"{info.log_file}: {what}, mostly {reason} ({rows_bad[reason]}), e.g. {example} — {hint}")
         return total, rows_bad
@@ -684,8 +721,10 @@ class _Job:
             return list(info.default_clicks or known)
         unknown = [b for b in self.click_behaviors if b not in known]
         if unknown:
-            raise DmqnError(f"--click-behaviors: {', '.join(unknown)} is not a behavior of this log "
-                            f"(its behaviors: {', '.join(known)})")
+            raise DmqnError(
+                f"--click-behaviors: {', '.join(unknown)} is not a behavior of this log "
+                f"(its behaviors: {', '.join(known)})"
+            )
         return sorted(set(self.click_behaviors))
 
     # -- cleaning ----------------------------------------------------------------------------
@@ -704,8 +743,9 @@ class _Job:
             """,
             [clicks, self.min_behaviors],
         )
-        n_all, n_few = con.execute("SELECT count(*), count(*) FILTER (WHERE n < ?) FROM ucount",
-                                   [self.min_behaviors]).fetchall()[0]
+        n_all, n_few = con.execute(
+            "SELECT count(*), count(*) FILTER (WHERE n < ?) FROM ucount", [self.min_behaviors]
+        ).fetchall()[0]
         n_kept, n_no_clicks = con.execute(
             "SELECT count(*) FILTER (WHERE n_elig >= ?), count(*) FILTER (WHERE n_elig < ?) FROM ustats",
             [MIN_CLICKS, MIN_CLICKS],
@@ -756,10 +796,16 @@ class _Job:
             """
         )
         con.execute("DROP TABLE ic")
-        names = [r[0] for r in con.execute(
-            "SELECT DISTINCT behavior FROM ev SEMI JOIN vu USING (user_id) ORDER BY behavior").fetchall()]
-        con.execute("CREATE TABLE vb AS SELECT unnest(?) AS behavior, CAST(unnest(?) AS TINYINT) AS b_idx",
-                    [names, list(range(1, len(names) + 1))])
+        names = [
+            r[0]
+            for r in con.execute(
+                "SELECT DISTINCT behavior FROM ev SEMI JOIN vu USING (user_id) ORDER BY behavior"
+            ).fetchall()
+        ]
+        con.execute(
+            "CREATE TABLE vb AS SELECT unnest(?) AS behavior, CAST(unnest(?) AS TINYINT) AS b_idx",
+            [names, list(range(1, len(names) + 1))],
+        )
         if len(names) > np.iinfo(np.int8).max:
             raise DmqnError(f"{len(names)} behavior types; the format stores at most {np.iinfo(np.int8).max}")
         return names
@@ -880,8 +926,13 @@ class _Job:
         offsets = np.zeros(len(per_user["count_star()"]) + 1, dtype=np.int64)
         np.cumsum(per_user["count_star()"], out=offsets[1:])
         fmt_out.save_array(root, "behaviors/user_offsets.npy", offsets, np.int64)
-        self._export(con, "SELECT i_idx, c_idx, b_idx, ts FROM beh", [], n_rows,
-                     [(f"behaviors/{name}.npy", dtype) for name, dtype in fmt_out.BEHAVIOR_ARRAYS.items()])
+        self._export(
+            con,
+            "SELECT i_idx, c_idx, b_idx, ts FROM beh",
+            [],
+            n_rows,
+            [(f"behaviors/{name}.npy", dtype) for name, dtype in fmt_out.BEHAVIOR_ARRAYS.items()],
+        )
 
         samples: dict[str, int] = {}
         positives: dict[str, int] = {}
@@ -901,7 +952,8 @@ class _Job:
                     FROM neg n JOIN pos p USING (sid) JOIN vi USING (i_idx) WHERE p.split = ?
                 ) ORDER BY u_idx, ts, label DESC, item
                 """,
-                [split, split], n_pos + n_neg,
+                [split, split],
+                n_pos + n_neg,
                 [(f"samples/{split}_{name}.npy", dtype) for name, dtype in fmt_out.SAMPLE_ARRAYS.items()],
             )
 
@@ -925,8 +977,9 @@ class _Job:
             "positives": positives,
         }
 
-    def _export(self, con: duckdb.DuckDBPyConnection, sql: str, params: list, n_rows: int,
-                targets: list[tuple[str, type]]) -> None:
+    def _export(
+        self, con: duckdb.DuckDBPyConnection, sql: str, params: list, n_rows: int, targets: list[tuple[str, type]]
+    ) -> None:
         """Stream a query's columns into memory-mapped .npy files, one Arrow batch at a time."""
         writers = [fmt_out.open_array_writer(self.tmp, rel, dtype, n_rows) for rel, dtype in targets]
         start = 0

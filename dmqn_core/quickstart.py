@@ -37,9 +37,14 @@ class QuickstartResult:
     inspect_candidates: list[int]  # that user's test candidates (raw item ids), for a `dmqn score` example
 
 
-def run_quickstart(workspace: Workspace, scale: str = "small", seed: int = 0, epochs: int | None = None,
-                   progress: Progress | None = None,
-                   on_step: Callable[[str], None] | None = None) -> QuickstartResult:
+def run_quickstart(
+    workspace: Workspace,
+    scale: str = "small",
+    seed: int = 0,
+    epochs: int | None = None,
+    progress: Progress | None = None,
+    on_step: Callable[[str], None] | None = None,
+) -> QuickstartResult:
     """Run every stage on built-in synthetic data; each stage's output stays in the workspace."""
     progress = progress or NullProgress()
     step = on_step or (lambda message: None)
@@ -53,21 +58,41 @@ def run_quickstart(workspace: Workspace, scale: str = "small", seed: int = 0, ep
     log = write_log(log_path, scale, seed)
 
     step("2/5 prep: CTR samples with DuckDB")
-    prepared = prepare(log_path, "taobao", DATASET, workspace=workspace, overwrite=True, seed=seed,
-                       train_targets=budget["train_targets"])
+    prepared = prepare(
+        log_path,
+        "taobao",
+        DATASET,
+        workspace=workspace,
+        overwrite=True,
+        seed=seed,
+        train_targets=budget["train_targets"],
+    )
 
     step("3/5 train: the item-popularity baseline")
     popularity = train(workspace, DATASET, "pop", train_settings={"seed": seed}, progress=progress)
 
     step("4/5 train: DMQN")
-    dmqn = train(workspace, DATASET, "dmqn", train_settings={"seed": seed, "epochs": epochs or budget["epochs"]},
-                 progress=progress)
+    dmqn = train(
+        workspace,
+        DATASET,
+        "dmqn",
+        train_settings={"seed": seed, "epochs": epochs or budget["epochs"]},
+        progress=progress,
+    )
 
     step("5/5 eval: DMQN on the test split")
     _, dmqn_eval = evaluate_run(workspace, dmqn.run_id, "test", progress=progress)
     inspect_user = user_worth_inspecting(workspace, dmqn.run_id)
-    candidates = ([] if inspect_user is None else
-                  RunInspector(workspace, dmqn.run_id).user(inspect_user).candidate_item.tolist())
-    return QuickstartResult(log=log, prepared=prepared, popularity=popularity, dmqn=dmqn, dmqn_eval=dmqn_eval,
-                            seconds=time.perf_counter() - started, inspect_user=inspect_user,
-                            inspect_candidates=candidates)
+    candidates = (
+        [] if inspect_user is None else RunInspector(workspace, dmqn.run_id).user(inspect_user).candidate_item.tolist()
+    )
+    return QuickstartResult(
+        log=log,
+        prepared=prepared,
+        popularity=popularity,
+        dmqn=dmqn,
+        dmqn_eval=dmqn_eval,
+        seconds=time.perf_counter() - started,
+        inspect_user=inspect_user,
+        inspect_candidates=candidates,
+    )

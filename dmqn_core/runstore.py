@@ -178,16 +178,44 @@ INSPECTION_COLUMNS: dict[str, tuple[str, ...]] = {
     "item_vectors": ("item", "category", "popularity", "vector"),
 }
 _INSPECTION_TYPES: dict[str, pa.DataType] = {
-    "user_id": pa.int64(), "history_length": pa.int32(), "candidates": pa.int32(), "position": pa.int32(),
-    "codebook": pa.int32(), "codeword": pa.int32(), "timestamp": pa.int64(), "item": pa.int64(),
-    "category": pa.int64(), "behavior": pa.string(), "candidate": pa.int32(), "label": pa.int8(),
-    "score": pa.float32(), "weight": pa.float32(), "popularity": pa.int64(), "vector": pa.list_(pa.float32()),
+    "user_id": pa.int64(),
+    "history_length": pa.int32(),
+    "candidates": pa.int32(),
+    "position": pa.int32(),
+    "codebook": pa.int32(),
+    "codeword": pa.int32(),
+    "timestamp": pa.int64(),
+    "item": pa.int64(),
+    "category": pa.int64(),
+    "behavior": pa.string(),
+    "candidate": pa.int32(),
+    "label": pa.int8(),
+    "score": pa.float32(),
+    "weight": pa.float32(),
+    "popularity": pa.int64(),
+    "vector": pa.list_(pa.float32()),
 }
 
 RUN_COLUMNS = (
-    "run_id", "model", "dataset", "dataset_path", "status", "created_at", "finished_at", "seed",
-    "params", "n_parameters", "epochs_done", "best_epoch", "best_valid_auc", "test_auc",
-    "test_gauc", "test_logloss", "train_seconds", "checkpoint", "error",
+    "run_id",
+    "model",
+    "dataset",
+    "dataset_path",
+    "status",
+    "created_at",
+    "finished_at",
+    "seed",
+    "params",
+    "n_parameters",
+    "epochs_done",
+    "best_epoch",
+    "best_valid_auc",
+    "test_auc",
+    "test_gauc",
+    "test_logloss",
+    "train_seconds",
+    "checkpoint",
+    "error",
 )
 _UPDATABLE = set(RUN_COLUMNS) - {"run_id", "created_at"}
 
@@ -285,11 +313,14 @@ class RunStore:
     def _unusable(self, exc: duckdb.Error) -> DmqnError:
         if isinstance(exc, duckdb.IOException):
             return DmqnError(f"cannot use run store {self.path}: {_first_line(exc)}")
-        return DmqnError(f"run store {self.path} is damaged ({_first_line(exc)}); move it aside to start "
-                         "a new one, or put back a copy")
+        return DmqnError(
+            f"run store {self.path} is damaged ({_first_line(exc)}); move it aside to start "
+            "a new one, or put back a copy"
+        )
 
-    def _write(self, statements: Iterable[tuple[str, Sequence | None]],
-               frames: Mapping[str, pa.Table] | None = None) -> None:
+    def _write(
+        self, statements: Iterable[tuple[str, Sequence | None]], frames: Mapping[str, pa.Table] | None = None
+    ) -> None:
         """Run the statements in one transaction; ``frames`` are Arrow tables the statements can
         select from by name (bulk inserts: DuckDB's executemany costs milliseconds per row)."""
         with self._connection(read_only=False) as con:
@@ -320,18 +351,41 @@ class RunStore:
             return [[] for _ in queries]
         with self._connection(read_only=True) as con:
             tables = {row[0] for row in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
-            return [con.execute(sql, params or []).fetchall() if table in tables else []
-                    for sql, params, table in queries]
+            return [
+                con.execute(sql, params or []).fetchall() if table in tables else [] for sql, params, table in queries
+            ]
 
     # -- runs --------------------------------------------------------------------------
-    def create_run(self, *, model: str, dataset: str, dataset_path: str, params: dict[str, Any],
-                   seed: int | None, n_parameters: int | None, run_id: str | None = None) -> str:
+    def create_run(
+        self,
+        *,
+        model: str,
+        dataset: str,
+        dataset_path: str,
+        params: dict[str, Any],
+        seed: int | None,
+        n_parameters: int | None,
+        run_id: str | None = None,
+    ) -> str:
         run_id = run_id or new_run_id()
-        self._write([(
-            "INSERT INTO runs (run_id, model, dataset, dataset_path, status, created_at, seed, params, n_parameters) "
-            "VALUES (?, ?, ?, ?, 'running', ?, ?, ?, ?)",
-            [run_id, model, dataset, dataset_path, _now(), seed, json.dumps(params, sort_keys=True), n_parameters],
-        )])
+        self._write(
+            [
+                (
+                    "INSERT INTO runs (run_id, model, dataset, dataset_path, status, created_at, seed, params, n_parameters) "
+                    "VALUES (?, ?, ?, ?, 'running', ?, ?, ?, ?)",
+                    [
+                        run_id,
+                        model,
+                        dataset,
+                        dataset_path,
+                        _now(),
+                        seed,
+                        json.dumps(params, sort_keys=True),
+                        n_parameters,
+                    ],
+                )
+            ]
+        )
         return run_id
 
     def update_run(self, run_id: str, **fields: Any) -> None:
@@ -370,8 +424,11 @@ class RunStore:
         """
         if run_id:
             return self.get_run(run_id).run_id
-        rows = self._read("SELECT run_id FROM runs WHERE (NOT ? OR status = 'finished') "
-                          "ORDER BY created_at DESC, run_id DESC LIMIT 1", [finished_only])
+        rows = self._read(
+            "SELECT run_id FROM runs WHERE (NOT ? OR status = 'finished') "
+            "ORDER BY created_at DESC, run_id DESC LIMIT 1",
+            [finished_only],
+        )
         if rows:
             return rows[0][0]
         if finished_only and self._read("SELECT 1 FROM runs LIMIT 1"):
@@ -394,35 +451,46 @@ class RunStore:
 
     def metric_history(self, run_id: str) -> list[tuple[int | None, str, str, float]]:
         """(epoch, split, name, value) in the order they were recorded."""
-        return [tuple(r) for r in self._read(
-            "SELECT epoch, split, name, value FROM metrics WHERE run_id = ? ORDER BY recorded_at, epoch NULLS LAST, split, name",
-            [run_id],
-        )]
+        return [
+            tuple(r)
+            for r in self._read(
+                "SELECT epoch, split, name, value FROM metrics WHERE run_id = ? ORDER BY recorded_at, epoch NULLS LAST, split, name",
+                [run_id],
+            )
+        ]
 
-    def log_codebook_usage(self, run_id: str, epoch: int, counts: Sequence[Sequence[int]],
-                           usage: Sequence[tuple[int, int, float]]) -> None:
+    def log_codebook_usage(
+        self, run_id: str, epoch: int, counts: Sequence[Sequence[int]], usage: Sequence[tuple[int, int, float]]
+    ) -> None:
         """counts[codebook][codeword]; usage[codebook] = (used, dead, perplexity)."""
         count_rows = [[run_id, epoch, j, k, int(c)] for j, row in enumerate(counts) for k, c in enumerate(row)]
         usage_rows = [[run_id, epoch, j, int(u), int(d), float(p)] for j, (u, d, p) in enumerate(usage)]
-        self._write([
-            ("INSERT INTO codeword_counts VALUES (?, ?, ?, ?, ?)", count_rows),
-            ("INSERT INTO codebook_usage VALUES (?, ?, ?, ?, ?, ?)", usage_rows),
-        ])
+        self._write(
+            [
+                ("INSERT INTO codeword_counts VALUES (?, ?, ?, ?, ?)", count_rows),
+                ("INSERT INTO codebook_usage VALUES (?, ?, ?, ?, ?, ?)", usage_rows),
+            ]
+        )
 
     def codebook_usage(self, run_id: str) -> list[tuple[int, int, int, int, float]]:
         """(epoch, codebook, used, dead, perplexity) rows of a run."""
-        return [tuple(r) for r in self._read(
-            "SELECT epoch, codebook, used, dead, perplexity FROM codebook_usage WHERE run_id = ? ORDER BY epoch, codebook",
-            [run_id],
-        )]
+        return [
+            tuple(r)
+            for r in self._read(
+                "SELECT epoch, codebook, used, dead, perplexity FROM codebook_usage WHERE run_id = ? ORDER BY epoch, codebook",
+                [run_id],
+            )
+        ]
 
     def delete_epochs_after(self, run_id: str, epoch: int) -> None:
         """Forget what a crashed run logged past its last checkpoint, before resuming it."""
-        self._write([
-            ("DELETE FROM metrics WHERE run_id = ? AND (epoch > ? OR epoch IS NULL)", [run_id, epoch]),
-            ("DELETE FROM codebook_usage WHERE run_id = ? AND epoch > ?", [run_id, epoch]),
-            ("DELETE FROM codeword_counts WHERE run_id = ? AND epoch > ?", [run_id, epoch]),
-        ])
+        self._write(
+            [
+                ("DELETE FROM metrics WHERE run_id = ? AND (epoch > ? OR epoch IS NULL)", [run_id, epoch]),
+                ("DELETE FROM codebook_usage WHERE run_id = ? AND epoch > ?", [run_id, epoch]),
+                ("DELETE FROM codeword_counts WHERE run_id = ? AND epoch > ?", [run_id, epoch]),
+            ]
+        )
 
     # -- benches -----------------------------------------------------------------------
     def register_bench(self, bench: str, dataset: str, settings: dict[str, Any]) -> None:
@@ -437,15 +505,20 @@ class RunStore:
 
     def bench_run(self, bench: str, model: str, seed: int) -> str | None:
         """The run id recorded for (bench, model, seed), if any."""
-        rows = self._read("SELECT run_id FROM bench_runs WHERE bench = ? AND model = ? AND seed = ?",
-                          [bench, model, seed], table="bench_runs")
+        rows = self._read(
+            "SELECT run_id FROM bench_runs WHERE bench = ? AND model = ? AND seed = ?",
+            [bench, model, seed],
+            table="bench_runs",
+        )
         return rows[0][0] if rows else None
 
     def set_bench_run(self, bench: str, model: str, seed: int, run_id: str) -> None:
-        self._write([
-            ("DELETE FROM bench_runs WHERE bench = ? AND model = ? AND seed = ?", [bench, model, seed]),
-            ("INSERT INTO bench_runs VALUES (?, ?, ?, ?)", [bench, model, seed, run_id]),
-        ])
+        self._write(
+            [
+                ("DELETE FROM bench_runs WHERE bench = ? AND model = ? AND seed = ?", [bench, model, seed]),
+                ("INSERT INTO bench_runs VALUES (?, ?, ?, ?)", [bench, model, seed, run_id]),
+            ]
+        )
 
     def has_run(self, run_id: str) -> bool:
         return bool(self._read("SELECT 1 FROM runs WHERE run_id = ?", [run_id]))
@@ -477,50 +550,91 @@ class RunStore:
 
     def inspected_users(self, run_id: str) -> list[tuple[int, int, int]]:
         """(user_id, history_length, candidates) of the run's recorded sample, by user id."""
-        return [tuple(r) for r in self._read(
-            "SELECT user_id, history_length, candidates FROM inspect_users WHERE run_id = ? ORDER BY user_id",
-            [run_id], table="inspect_users")]
+        return [
+            tuple(r)
+            for r in self._read(
+                "SELECT user_id, history_length, candidates FROM inspect_users WHERE run_id = ? ORDER BY user_id",
+                [run_id],
+                table="inspect_users",
+            )
+        ]
 
     def inspected_user(self, run_id: str, user_id: int) -> tuple[list[tuple], list[tuple], list[tuple]] | None:
         """A recorded user's behavior rows (position, codebook, codeword, timestamp, item, category, behavior),
         candidate rows (candidate, item, category, label, score) and attention rows (candidate, codebook,
         codeword, weight); None when the user is not in the run's sample."""
         key = [run_id, int(user_id)]
-        found, behaviors, candidates, attention = self._read_all([
-            ("SELECT 1 FROM inspect_users WHERE run_id = ? AND user_id = ?", key, "inspect_users"),
-            ("SELECT position, codebook, codeword, timestamp, item, category, behavior FROM inspect_behaviors "
-             "WHERE run_id = ? AND user_id = ? ORDER BY position, codebook", key, "inspect_behaviors"),
-            ("SELECT candidate, item, category, label, score FROM inspect_candidates "
-             "WHERE run_id = ? AND user_id = ? ORDER BY candidate", key, "inspect_candidates"),
-            ("SELECT candidate, codebook, codeword, weight FROM inspect_attention "
-             "WHERE run_id = ? AND user_id = ? ORDER BY candidate, codebook, codeword", key, "inspect_attention"),
-        ])
+        found, behaviors, candidates, attention = self._read_all(
+            [
+                ("SELECT 1 FROM inspect_users WHERE run_id = ? AND user_id = ?", key, "inspect_users"),
+                (
+                    "SELECT position, codebook, codeword, timestamp, item, category, behavior FROM inspect_behaviors "
+                    "WHERE run_id = ? AND user_id = ? ORDER BY position, codebook",
+                    key,
+                    "inspect_behaviors",
+                ),
+                (
+                    "SELECT candidate, item, category, label, score FROM inspect_candidates "
+                    "WHERE run_id = ? AND user_id = ? ORDER BY candidate",
+                    key,
+                    "inspect_candidates",
+                ),
+                (
+                    "SELECT candidate, codebook, codeword, weight FROM inspect_attention "
+                    "WHERE run_id = ? AND user_id = ? ORDER BY candidate, codebook, codeword",
+                    key,
+                    "inspect_attention",
+                ),
+            ]
+        )
         return (behaviors, candidates, attention) if found else None
 
     def codeword_counts(self, run_id: str, epoch: int) -> list[tuple[int, int, int]]:
         """(codebook, codeword, count) of one epoch's validation assignments."""
-        return [tuple(r) for r in self._read(
-            "SELECT codebook, codeword, count FROM codeword_counts WHERE run_id = ? AND epoch = ? "
-            "ORDER BY codebook, codeword", [run_id, epoch], table="codeword_counts")]
+        return [
+            tuple(r)
+            for r in self._read(
+                "SELECT codebook, codeword, count FROM codeword_counts WHERE run_id = ? AND epoch = ? "
+                "ORDER BY codebook, codeword",
+                [run_id, epoch],
+                table="codeword_counts",
+            )
+        ]
 
     def codeword_categories(self, run_id: str) -> list[tuple[int, int, int, int]]:
         """(codebook, codeword, category, behaviors) over every recorded user of the run, one GROUP BY."""
-        return [tuple(r) for r in self._read(
-            "SELECT codebook, codeword, category, count(*) FROM inspect_behaviors WHERE run_id = ? "
-            "GROUP BY codebook, codeword, category ORDER BY codebook, codeword, category",
-            [run_id], table="inspect_behaviors")]
+        return [
+            tuple(r)
+            for r in self._read(
+                "SELECT codebook, codeword, category, count(*) FROM inspect_behaviors WHERE run_id = ? "
+                "GROUP BY codebook, codeword, category ORDER BY codebook, codeword, category",
+                [run_id],
+                table="inspect_behaviors",
+            )
+        ]
 
     def codebook_vectors(self, run_id: str) -> list[tuple[int, int, list[float]]]:
         """(codebook, codeword, vector) recorded at the end of training."""
-        return [tuple(r) for r in self._read(
-            "SELECT codebook, codeword, vector FROM codebook_vectors WHERE run_id = ? ORDER BY codebook, codeword",
-            [run_id], table="codebook_vectors")]
+        return [
+            tuple(r)
+            for r in self._read(
+                "SELECT codebook, codeword, vector FROM codebook_vectors WHERE run_id = ? ORDER BY codebook, codeword",
+                [run_id],
+                table="codebook_vectors",
+            )
+        ]
 
     def item_vectors(self, run_id: str) -> list[tuple[int, int, int, list[float]]]:
         """(item, category, popularity, vector) recorded at the end of training, most frequent first."""
-        return [tuple(r) for r in self._read(
-            "SELECT item, category, popularity, vector FROM item_vectors WHERE run_id = ? "
-            "ORDER BY popularity DESC, item", [run_id], table="item_vectors")]
+        return [
+            tuple(r)
+            for r in self._read(
+                "SELECT item, category, popularity, vector FROM item_vectors WHERE run_id = ? "
+                "ORDER BY popularity DESC, item",
+                [run_id],
+                table="item_vectors",
+            )
+        ]
 
 
 def _arrow_frame(names: Sequence[str], columns: Mapping[str, Any]) -> pa.Table:

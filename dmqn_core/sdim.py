@@ -95,11 +95,11 @@ class SDIM(InterestModel):
         h, c, cfg = histories, candidates.embedded, self.config
         # Hashing is a hard assignment: no gradient passes it, the embeddings learn through the sums.
         with torch.no_grad():
-            hist_buckets = hash_buckets(self.embedding.candidate(h.item, h.category), self.planes,
-                                        cfg.sdim_rounds)  # (H, L, m)
+            hist_buckets = hash_buckets(
+                self.embedding.candidate(h.item, h.category), self.planes, cfg.sdim_rounds
+            )  # (H, L, m)
             cand_buckets = hash_buckets(c, self.planes, cfg.sdim_rounds)  # (B, m)
-        sums = bucket_sums(h.embedded, hist_buckets, 2 ** cfg.sdim_bits)  # (H, m, 2^tau, D), once per history
+        sums = bucket_sums(h.embedded, hist_buckets, 2**cfg.sdim_bits)  # (H, m, 2^tau, D), once per history
         long = sampled_interest(sums, hist_index, cand_buckets)  # (B, D)
         short = self.short(c, h.embedded, h.mask, hist_index)  # (B, D)
         return torch.stack([long, short], dim=1)
-

@@ -35,8 +35,9 @@ from dmqn_core.sequence import TIME_BUCKETS, gather_rows, time_gaps
 from dmqn_core.target_attention import MultiHeadTargetAttention
 
 
-def category_search(hist_category: Tensor, hist_mask: Tensor, hist_index: Tensor, cand_category: Tensor,
-                    k: int) -> tuple[Tensor, Tensor]:
+def category_search(
+    hist_category: Tensor, hist_mask: Tensor, hist_index: Tensor, cand_category: Tensor, k: int
+) -> tuple[Tensor, Tensor]:
     """SIM hard search: the k most recent behaviors of each candidate's history in the candidate's category.
 
     hist_category, hist_mask (H, L); hist_index, cand_category (B,) -> positions (B, k'), valid (B, k'),
@@ -44,8 +45,9 @@ def category_search(hist_category: Tensor, hist_mask: Tensor, hist_index: Tensor
     """
     B, L = hist_index.shape[0], hist_category.shape[1]
     k = min(k, L)
-    match = (hist_category.index_select(0, hist_index) == cand_category.unsqueeze(1)) \
-        & hist_mask.index_select(0, hist_index)  # (B, L), eq. 1: r_i = Sign(C_i = C_a)
+    match = (hist_category.index_select(0, hist_index) == cand_category.unsqueeze(1)) & hist_mask.index_select(
+        0, hist_index
+    )  # (B, L), eq. 1: r_i = Sign(C_i = C_a)
     count = match.sum(dim=1, keepdim=True)  # (B, 1)
     kept = count.clamp(max=k)  # (B, 1)
     # A match's output slot is its chronological rank among the matches minus the number dropped
@@ -83,4 +85,3 @@ class SIM(InterestModel):
         long, _ = self.esu(c, z, valid)  # (B, D)
         short = self.short(c, h.embedded, h.mask, hist_index)  # (B, D)
         return torch.stack([long, short], dim=1)
-

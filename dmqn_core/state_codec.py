@@ -64,8 +64,12 @@ def encode_states(state: UserState, dtype: str = "float32") -> list[bytes]:
         parts = [_HEADER.pack(MAGIC, VERSION, code, N, D), recent[h].astype(np_dtype).tobytes()]
         for n in range(N):
             ids = np.flatnonzero(mask[h, n])  # ascending codeword ids
-            parts += [struct.pack("<H", len(ids)), ids.astype("<u2").tobytes(), size[h, n, ids].tobytes(),
-                      clusters[h, n, ids].astype(np_dtype).tobytes()]
+            parts += [
+                struct.pack("<H", len(ids)),
+                ids.astype("<u2").tobytes(),
+                size[h, n, ids].tobytes(),
+                clusters[h, n, ids].astype(np_dtype).tobytes(),
+            ]
         values.append(b"".join(parts))
     return values
 
@@ -114,5 +118,9 @@ def stack_states(states: Sequence[DecodedState], device: torch.device | str = "c
             k = len(s.codewords[n])
             clusters[h, n, :k], mask[h, n, :k], size[h, n, :k] = s.tokens[n], True, s.sizes[n]
     recent = np.stack([s.recent for s in states])
-    return UserState(torch.from_numpy(clusters).to(device), torch.from_numpy(mask).to(device),
-                     torch.from_numpy(size).to(device), torch.from_numpy(recent).to(device))
+    return UserState(
+        torch.from_numpy(clusters).to(device),
+        torch.from_numpy(mask).to(device),
+        torch.from_numpy(size).to(device),
+        torch.from_numpy(recent).to(device),
+    )

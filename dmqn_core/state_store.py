@@ -164,8 +164,7 @@ class EmbeddedStateStore:
         else:
             if not self.path.exists():
                 raise DmqnError(f"no state cache at {self.path} (run `dmqn export-cache` first)")
-            con = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=60,
-                                  isolation_level=None)
+            con = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=60, isolation_level=None)
         self._con, self._writable = con, write
         return con
 
@@ -187,30 +186,38 @@ class EmbeddedStateStore:
     def _has_tables(self) -> bool:
         if not self.path.exists():
             return False
-        return self._connection(write=False).execute(
-            "SELECT count(*) FROM sqlite_master WHERE name = 'states'").fetchone()[0] == 1
+        return (
+            self._connection(write=False)
+            .execute("SELECT count(*) FROM sqlite_master WHERE name = 'states'")
+            .fetchone()[0]
+            == 1
+        )
 
     @_file_errors
     def put(self, version: str, rows: list[tuple[int, bytes]]) -> None:
         """Write (user_id, value) rows in one transaction, replacing earlier values of the same version."""
         if rows:
-            self._transaction([("INSERT OR REPLACE INTO states VALUES (?, ?, ?)",
-                                [(version, int(u), v) for u, v in rows])])
+            self._transaction(
+                [("INSERT OR REPLACE INTO states VALUES (?, ?, ?)", [(version, int(u), v) for u, v in rows])]
+            )
 
     @_file_errors
     def users(self, version: str) -> set[int]:
         if not self._has_tables():
             return set()
-        return {r[0] for r in self._connection(write=False).execute(
-            "SELECT user_id FROM states WHERE version = ?", [version])}
+        return {
+            r[0]
+            for r in self._connection(write=False).execute("SELECT user_id FROM states WHERE version = ?", [version])
+        }
 
     @_file_errors
     def get(self, version: str, user_ids: Iterable[int]) -> dict[int, bytes]:
         con = self._connection(write=False)
         out = {}
         for user_id in user_ids:  # one primary-key lookup each: the serving path asks for one user
-            row = con.execute("SELECT value FROM states WHERE version = ? AND user_id = ?",
-                              [version, int(user_id)]).fetchone()
+            row = con.execute(
+                "SELECT value FROM states WHERE version = ? AND user_id = ?", [version, int(user_id)]
+            ).fetchone()
             if row is not None:
                 out[int(user_id)] = bytes(row[0])
         return out
@@ -219,23 +226,34 @@ class EmbeddedStateStore:
     def write_manifest(self, version: str, run_id: str, dtype: str, shape: tuple[int, int, int]) -> tuple[int, int]:
         """Record (or refresh) a version's manifest from what is stored; returns (users, bytes)."""
         con = self._connection(write=True)
-        users, size = con.execute("SELECT count(*), coalesce(sum(length(value)), 0) FROM states WHERE version = ?",
-                                  [version]).fetchone()
-        self._transaction([("INSERT OR REPLACE INTO manifest VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                            [version, run_id, dtype, *shape, users, size, datetime.now(timezone.utc).isoformat()])])
+        users, size = con.execute(
+            "SELECT count(*), coalesce(sum(length(value)), 0) FROM states WHERE version = ?", [version]
+        ).fetchone()
+        self._transaction(
+            [
+                (
+                    "INSERT OR REPLACE INTO manifest VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [version, run_id, dtype, *shape, users, size, datetime.now(timezone.utc).isoformat()],
+                )
+            ]
+        )
         return int(users), int(size)
 
     @_file_errors
     def clear(self, version: str) -> None:
-        self._transaction([("DELETE FROM states WHERE version = ?", [version]),
-                           ("DELETE FROM manifest WHERE version = ?", [version])])
+        self._transaction(
+            [("DELETE FROM states WHERE version = ?", [version]), ("DELETE FROM manifest WHERE version = ?", [version])]
+        )
 
     @_file_errors
     def manifest(self, version: str) -> dict | None:
         if not self._has_tables():
             return None
-        row = self._connection(write=False).execute(
-            f"SELECT {', '.join(MANIFEST_FIELDS)} FROM manifest WHERE version = ?", [version]).fetchone()
+        row = (
+            self._connection(write=False)
+            .execute(f"SELECT {', '.join(MANIFEST_FIELDS)} FROM manifest WHERE version = ?", [version])
+            .fetchone()
+        )
         return dict(zip(MANIFEST_FIELDS, row)) if row else None
 
     def close(self) -> None:
@@ -313,7 +331,7 @@ class RedisStateStore:
         if any(c in version for c in "*?[]\\"):
             raise DmqnError(f"invalid model version {version!r}")
         for key in self.client.scan_iter(match=prefix + b"*", count=self.SCAN_COUNT):
-            if key[len(prefix):].lstrip(b"-").isdigit():
+            if key[len(prefix) :].lstrip(b"-").isdigit():
                 yield key
 
     def users(self, version: str) -> set[int]:
@@ -340,8 +358,16 @@ class RedisStateStore:
 
         users, size = self._call("counting states", count)
         n_codebooks, codebook_size, dim = shape
-        fields = {"run_id": run_id, "dtype": dtype, "n_codebooks": n_codebooks, "codebook_size": codebook_size,
-                  "dim": dim, "users": users, "bytes": size, "created_at": datetime.now(timezone.utc).isoformat()}
+        fields = {
+            "run_id": run_id,
+            "dtype": dtype,
+            "n_codebooks": n_codebooks,
+            "codebook_size": codebook_size,
+            "dim": dim,
+            "users": users,
+            "bytes": size,
+            "created_at": datetime.now(timezone.utc).isoformat(),
+        }
 
         def write() -> None:
             pipe = self.client.pipeline(transaction=True)  # the manifest is replaced whole or not at all
@@ -387,8 +413,9 @@ class RedisStateStore:
         self.client.close()
 
 
-def open_state_store(default_path: Path, uri: str | None = None,
-                     ttl: int | None = None) -> EmbeddedStateStore | RedisStateStore:
+def open_state_store(
+    default_path: Path, uri: str | None = None, ttl: int | None = None
+) -> EmbeddedStateStore | RedisStateStore:
     """None -> the embedded store at default_path; redis://, rediss://, unix:// -> Redis; else a SQLite file path."""
     if ttl is not None and ttl < 1:
         raise DmqnError(f"--ttl must be a positive number of seconds, got {ttl}")

@@ -76,8 +76,32 @@ CATEGORY_ID_RANGE = 5_162_430
 
 # Relative activity per hour of the day, China time: quiet nights, busy evenings.
 HOURLY_ACTIVITY = np.array(
-    [0.5, 0.3, 0.2, 0.15, 0.15, 0.2, 0.4, 0.7, 0.9, 1.0, 1.0, 1.0,
-     1.1, 1.0, 1.0, 1.0, 1.0, 1.0, 1.1, 1.3, 1.5, 1.6, 1.4, 0.9]
+    [
+        0.5,
+        0.3,
+        0.2,
+        0.15,
+        0.15,
+        0.2,
+        0.4,
+        0.7,
+        0.9,
+        1.0,
+        1.0,
+        1.0,
+        1.1,
+        1.0,
+        1.0,
+        1.0,
+        1.0,
+        1.0,
+        1.1,
+        1.3,
+        1.5,
+        1.6,
+        1.4,
+        0.9,
+    ]
 )
 
 
@@ -118,21 +142,32 @@ class SynthScale:
 
 
 SCALES: dict[str, SynthScale] = {
-    "tiny": SynthScale(n_users=200, n_items=4_000, n_categories=150, n_topics=20,
-                       mean_length=120, max_length=500),
-    "small": SynthScale(n_users=1_500, n_items=20_000, n_categories=400, n_topics=40,
-                        mean_length=250, max_length=1_000),
-    "medium": SynthScale(n_users=20_000, n_items=200_000, n_categories=1_500, n_topics=100,
-                         mean_length=400, max_length=1_300),
+    "tiny": SynthScale(n_users=200, n_items=4_000, n_categories=150, n_topics=20, mean_length=120, max_length=500),
+    "small": SynthScale(
+        n_users=1_500, n_items=20_000, n_categories=400, n_topics=40, mean_length=250, max_length=1_000
+    ),
+    "medium": SynthScale(
+        n_users=20_000, n_items=200_000, n_categories=1_500, n_topics=100, mean_length=400, max_length=1_300
+    ),
     # The shape of the full UserBehavior release: 987,994 users, 4,162,024 items, 9,439
     # categories, 100,150,807 rows (3.67 GB of CSV), about 101 behaviors per user (median near 80
     # in the head sample). The catalog is larger than the items seen because the Zipf tail of
     # big categories is never drawn: 4.55M gives 4.23M distinct items in the log (seed 0, which
     # has 99.7M rows, 3.65 GB). Out-of-range timestamps at about the head sample's rate (1 row
     # in 4,321).
-    "taobao": SynthScale(n_users=987_994, n_items=4_550_000, n_categories=9_439, n_topics=600,
-                         mean_length=99.75, max_length=3_000, min_length=10, length_sigma=0.75,
-                         block_users=8_192, out_of_range_rate=2e-4, malformed_rate=1e-6),
+    "taobao": SynthScale(
+        n_users=987_994,
+        n_items=4_550_000,
+        n_categories=9_439,
+        n_topics=600,
+        mean_length=99.75,
+        max_length=3_000,
+        min_length=10,
+        length_sigma=0.75,
+        block_users=8_192,
+        out_of_range_rate=2e-4,
+        malformed_rate=1e-6,
+    ),
 }
 
 # How the malformed rows of a blocked log are garbled; named after dmqn prep's reasons for skipping them.
@@ -196,8 +231,9 @@ def generate_log(scale: str | SynthScale, seed: int = 0) -> dict[str, np.ndarray
     }
 
 
-def _user_events(cfg: SynthScale, catalog: _Catalog, n_users: int,
-                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _user_events(
+    cfg: SynthScale, catalog: _Catalog, n_users: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The behaviors of ``n_users`` users (indices 0..n_users-1) as (user, seconds into the window,
     item index), sorted by (user, time)."""
     lengths = _user_lengths(cfg, n_users, rng)
@@ -219,8 +255,9 @@ def _behavior_types(n: int, rng: np.random.Generator) -> np.ndarray:
     return np.searchsorted(mix, rng.random(n) * mix[-1], side="right").astype(np.int8)
 
 
-def write_log(path: str | os.PathLike, scale: str | SynthScale = "small", seed: int = 0,
-              progress: Progress | None = None) -> SynthSummary:
+def write_log(
+    path: str | os.PathLike, scale: str | SynthScale = "small", seed: int = 0, progress: Progress | None = None
+) -> SynthSummary:
     """Generate a log and write it as a headerless Taobao CSV, atomically.
 
     A blocked scale (``block_users`` set, e.g. ``taobao``) is generated and written one block
@@ -280,9 +317,11 @@ def _write_blocks(tmp: Path, cfg: SynthScale, seed: int, progress: Progress) -> 
     # DuckDB's COPY writes a whole file at once; Arrow's CSV writer appends batch by batch, in
     # the same text format (no quotes: no field needs them).
     options = pacsv.WriteOptions(include_header=False, quoting_style="none")
-    with (pa.OSFile(str(tmp), "wb") as sink,
-          pacsv.CSVWriter(sink, _ARROW_SCHEMA, write_options=options) as writer,
-          ThreadPoolExecutor(max_workers=1) as pool):
+    with (
+        pa.OSFile(str(tmp), "wb") as sink,
+        pacsv.CSVWriter(sink, _ARROW_SCHEMA, write_options=options) as writer,
+        ThreadPoolExecutor(max_workers=1) as pool,
+    ):
         # Arrow formats and writes a block (without the GIL) while numpy generates the next one;
         # at most two blocks are held.
         writing: Future | None = None
@@ -312,13 +351,15 @@ def _write_blocks(tmp: Path, cfg: SynthScale, seed: int, progress: Progress) -> 
     )
 
 
-_ARROW_SCHEMA = pa.schema([
-    ("user_id", pa.int64()),
-    ("item_id", pa.int64()),
-    ("category_id", pa.int64()),
-    ("behavior_type", pa.dictionary(pa.int8(), pa.string())),
-    ("timestamp", pa.int64()),
-])
+_ARROW_SCHEMA = pa.schema(
+    [
+        ("user_id", pa.int64()),
+        ("item_id", pa.int64()),
+        ("category_id", pa.int64()),
+        ("behavior_type", pa.dictionary(pa.int8(), pa.string())),
+        ("timestamp", pa.int64()),
+    ]
+)
 
 
 @dataclass(frozen=True)
@@ -339,13 +380,16 @@ class LogBlock:
     def write(self, writer: pacsv.CSVWriter, sink: pa.NativeFile) -> None:
         """Append the block's lines: Arrow writes the clean runs, the garbled lines go in between."""
         c = self.columns
-        table = pa.table({
-            "user_id": c["user_id"],
-            "item_id": c["item_id"],
-            "category_id": c["category_id"],
-            "behavior_type": pa.DictionaryArray.from_arrays(c["behavior_type"], _BEHAVIOR_NAMES),
-            "timestamp": c["timestamp"],
-        }, schema=_ARROW_SCHEMA)
+        table = pa.table(
+            {
+                "user_id": c["user_id"],
+                "item_id": c["item_id"],
+                "category_id": c["category_id"],
+                "behavior_type": pa.DictionaryArray.from_arrays(c["behavior_type"], _BEHAVIOR_NAMES),
+                "timestamp": c["timestamp"],
+            },
+            schema=_ARROW_SCHEMA,
+        )
         start = 0
         for row, kind in zip(self.malformed.tolist(), self.malformed_kind.tolist()):
             writer.write_table(table.slice(start, row - start))
@@ -355,8 +399,13 @@ class LogBlock:
 
     def _garbled_line(self, row: int, kind: str) -> bytes:
         c = self.columns
-        fields = [str(c["user_id"][row]), str(c["item_id"][row]), str(c["category_id"][row]),
-                  BEHAVIORS[c["behavior_type"][row]], str(c["timestamp"][row])]
+        fields = [
+            str(c["user_id"][row]),
+            str(c["item_id"][row]),
+            str(c["category_id"][row]),
+            BEHAVIORS[c["behavior_type"][row]],
+            str(c["timestamp"][row]),
+        ]
         if kind == "bad_columns":
             fields = fields[:4]  # a line cut short
         else:
@@ -396,7 +445,7 @@ class BlockedLog:
         if not 0 <= index < self.n_blocks:
             raise IndexError(f"block {index} of {self.n_blocks}")
         rng = np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(1, index)))
-        users = self.user_ids[index * cfg.block_users:(index + 1) * cfg.block_users]
+        users = self.user_ids[index * cfg.block_users : (index + 1) * cfg.block_users]
         user, time, item = _user_events(cfg, self.catalog, len(users), rng)
         behavior = _behavior_types(len(user), rng)
         timestamp = WINDOW_START + time.astype(np.int64)
@@ -480,14 +529,12 @@ def _make_catalog(cfg: SynthScale, rng: np.random.Generator) -> _Catalog:
     )
 
 
-def _popular_item(cfg: SynthScale, catalog: _Catalog, category: np.ndarray,
-                  rng: np.random.Generator) -> np.ndarray:
+def _popular_item(cfg: SynthScale, catalog: _Catalog, category: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     rank = _zipf_rank(catalog.category_n_items[category], cfg.zipf_exponent, rng)
     return catalog.category_first_item[category] + rank
 
 
-def _popular_category(cfg: SynthScale, catalog: _Catalog, topic: np.ndarray,
-                      rng: np.random.Generator) -> np.ndarray:
+def _popular_category(cfg: SynthScale, catalog: _Catalog, topic: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     rank = _zipf_rank(catalog.topic_n_categories[topic], cfg.zipf_exponent, rng)
     return catalog.topic_categories[topic, rank]
 
@@ -563,8 +610,9 @@ def _make_interests(cfg: SynthScale, catalog: _Catalog, n_users: int, rng: np.ra
     )
 
 
-def _interest_events(cfg: SynthScale, catalog: _Catalog, interests: _Interests, lengths: np.ndarray,
-                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _interest_events(
+    cfg: SynthScale, catalog: _Catalog, interests: _Interests, lengths: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Quasi-periodic mini-bursts on each user's long-term interests, with item revisits."""
     n = len(interests.user)
     # Attention shares decide the number of visits, hence each interest's own revisit period.
@@ -605,8 +653,7 @@ def _interest_events(cfg: SynthScale, catalog: _Catalog, interests: _Interests, 
     return interests.user[interest], time, item
 
 
-def _burst_times(start: np.ndarray, sizes: np.ndarray, mean_gap: float,
-                 rng: np.random.Generator) -> np.ndarray:
+def _burst_times(start: np.ndarray, sizes: np.ndarray, mean_gap: float, rng: np.random.Generator) -> np.ndarray:
     """Times of the behaviors of bursts beginning at ``start``, exponential gaps inside a burst."""
     gaps = rng.exponential(mean_gap, int(sizes.sum()))
     gaps[_segment_offsets(sizes) == 0] = 0.0
@@ -635,8 +682,9 @@ def _revisit_items(group: np.ndarray, item: np.ndarray, prob: float, rng: np.ran
     return out
 
 
-def _session_events(cfg: SynthScale, catalog: _Catalog, interests: _Interests, lengths: np.ndarray,
-                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _session_events(
+    cfg: SynthScale, catalog: _Catalog, interests: _Interests, lengths: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Short bursts of many behaviors on a topic outside the user's long-term interests."""
     mean_size = (cfg.min_session + cfg.max_session) / 2
     n_sessions = rng.poisson(lengths * cfg.session_share / mean_size)
@@ -658,8 +706,9 @@ def _session_events(cfg: SynthScale, catalog: _Catalog, interests: _Interests, l
     return user[session], time, _popular_item(cfg, catalog, category, rng)
 
 
-def _noise_events(cfg: SynthScale, catalog: _Catalog, lengths: np.ndarray, n_so_far: np.ndarray,
-                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _noise_events(
+    cfg: SynthScale, catalog: _Catalog, lengths: np.ndarray, n_so_far: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Exploration: popular items from anywhere in the catalog, at random times.
 
     Light users whose interests and sessions came out short are topped up to min_length.

@@ -40,8 +40,9 @@ class ActivationUnit(nn.Module):
         per_history = behaviors @ (w_b + w_d).T  # (H, L, h0)
         per_candidate = candidate @ (w_c - w_d).T + self.first.bias  # (B, h0)
         b = behaviors.index_select(0, hist_index)  # (B, L, D)
-        hidden = (per_history.index_select(0, hist_index) + per_candidate.unsqueeze(1)
-                  + (b * candidate.unsqueeze(1)) @ w_p.T)  # (B, L, h0)
+        hidden = (
+            per_history.index_select(0, hist_index) + per_candidate.unsqueeze(1) + (b * candidate.unsqueeze(1)) @ w_p.T
+        )  # (B, L, h0)
         # PReLU's per-channel slopes read dim 1 as the channel: run the MLP on (B*L, h0).
         w = self.rest(hidden.flatten(0, 1)).view(hidden.shape[:2])  # (B, L)
         return w * mask.index_select(0, hist_index).to(w.dtype)
@@ -79,8 +80,7 @@ class MultiHeadTargetAttention(nn.Module):
         q = self.wq(candidate).unflatten(-1, (self.heads, -1))  # (B, h, d)
         return torch.einsum("bhd,bkhd->bhk", q, keys) / math.sqrt(keys.shape[-1])
 
-    def forward(self, candidate: Tensor, x: Tensor, mask: Tensor, bias: Tensor | None = None
-                ) -> tuple[Tensor, Tensor]:
+    def forward(self, candidate: Tensor, x: Tensor, mask: Tensor, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """candidate (B, D); x (B, K, D); mask (B, K) bool; bias (B, K) added to every head's logits.
 
         Returns the interest (B, D) and the weights (B, heads, K), which are 0 at masked

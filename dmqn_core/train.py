@@ -35,7 +35,14 @@ from dmqn_core.config import ModelConfig
 from dmqn_core.dmqn import DMQN
 from dmqn_core.errors import DmqnError
 from dmqn_core.evaluate import (
-    BEST, CHECKPOINT, check_run_data, evaluate_split, load_checkpoint, one_line, predict, restore_weights,
+    BEST,
+    CHECKPOINT,
+    check_run_data,
+    evaluate_split,
+    load_checkpoint,
+    one_line,
+    predict,
+    restore_weights,
 )
 from dmqn_core.inspection import record_inspection
 from dmqn_core.metrics import ctr_metrics
@@ -62,8 +69,8 @@ class TrainConfig:
     eval_batch_size: int = 1024
     lr: float = 1e-3
     weight_decay: float = 0.0
-    max_len: int | None = None        # None: the prepared set's --max-len
-    patience: int = 2                 # epochs without a better validation AUC before stopping
+    max_len: int | None = None  # None: the prepared set's --max-len
+    patience: int = 2  # epochs without a better validation AUC before stopping
     seed: int = 0
     device: str = "cpu"
     # dmqn / dmqn-simple: users whose codeword assignments and attention are recorded at the end
@@ -92,7 +99,7 @@ def _checked(cls: type, values: dict[str, Any], section: str) -> dict[str, Any]:
 def _typed(value: Any, hint: Any, what: str) -> Any:
     """``value`` as a field of type ``hint`` holds it (an int given for a float becomes a float)."""
     options = typing.get_args(hint)
-    if type(None) in options:          # X | None
+    if type(None) in options:  # X | None
         if value is None:
             return None
         (hint,) = [option for option in options if option is not type(None)]
@@ -112,14 +119,14 @@ def _typed(value: Any, hint: Any, what: str) -> Any:
         if isinstance(value, str):
             return value
         expected = "a string"
-    elif typing.get_origin(hint) is tuple:          # mlp_hidden: tuple[int, ...]
+    elif typing.get_origin(hint) is tuple:  # mlp_hidden: tuple[int, ...]
         if isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             return tuple(value)
         expected = "a list of integers"
     else:
         raise TypeError(f"{what}: no type check for {hint!r}; add one to _typed")
     try:
-        shown = json.dumps(value)      # as TOML spells most values: true, "text", [1, 2]
+        shown = json.dumps(value)  # as TOML spells most values: true, "text", [1, 2]
     except (TypeError, ValueError):
         shown = repr(value)
     raise DmqnError(f"{what} must be {expected}, got {shown}")
@@ -141,8 +148,9 @@ def read_config_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str,
     return dict(document.get("model", {})), dict(document.get("train", {}))
 
 
-def resolve_configs(data: PreparedSet, model_settings: dict[str, Any], train_settings: dict[str, Any]
-                    ) -> tuple[ModelConfig, TrainConfig]:
+def resolve_configs(
+    data: PreparedSet, model_settings: dict[str, Any], train_settings: dict[str, Any]
+) -> tuple[ModelConfig, TrainConfig]:
     """Defaults, overridden by the given settings; vocabulary sizes come from the data."""
     vocab_fields = {"n_items", "n_categories", "n_behavior_types"}
     given = _checked(ModelConfig, model_settings, "model")
@@ -150,10 +158,12 @@ def resolve_configs(data: PreparedSet, model_settings: dict[str, Any], train_set
         raise DmqnError(f"{', '.join(sorted(vocab_fields & set(given)))} come(s) from the data set and cannot be set")
     try:
         model_config = ModelConfig(
-            n_items=data.n_items + 1, n_categories=data.n_categories + 1,
-            n_behavior_types=data.n_behavior_types + 1, **given,
+            n_items=data.n_items + 1,
+            n_categories=data.n_categories + 1,
+            n_behavior_types=data.n_behavior_types + 1,
+            **given,
         )
-    except ValueError as exc:      # ModelConfig's own range checks, for library callers a ValueError
+    except ValueError as exc:  # ModelConfig's own range checks, for library callers a ValueError
         raise DmqnError(f"invalid model setting: {exc}") from None
     train_config = TrainConfig.from_dict(train_settings)
     if train_config.max_len is None:
@@ -206,9 +216,16 @@ def _save(obj: dict[str, Any], path: Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def train(workspace: Workspace, dataset: str | None = None, model_name: str = "dmqn",
-          model_settings: dict[str, Any] | None = None, train_settings: dict[str, Any] | None = None,
-          resume: str | None = None, progress: Progress | None = None, run_id: str | None = None) -> TrainResult:
+def train(
+    workspace: Workspace,
+    dataset: str | None = None,
+    model_name: str = "dmqn",
+    model_settings: dict[str, Any] | None = None,
+    train_settings: dict[str, Any] | None = None,
+    resume: str | None = None,
+    progress: Progress | None = None,
+    run_id: str | None = None,
+) -> TrainResult:
     """Train ``model_name`` on a prepared set, or resume the run ``resume``; returns the summary.
 
     ``run_id`` names a new run in advance (a bench records it before training starts, so that
@@ -226,9 +243,9 @@ def train(workspace: Workspace, dataset: str | None = None, model_name: str = "d
     progress. Every rank returns rank 0's result.
     """
     with distributed.process_group() as context, contextlib.ExitStack() as held:
-        store = RunStore(workspace.store_path)   # used by rank 0 only: the other ranks never touch the store
+        store = RunStore(workspace.store_path)  # used by rank 0 only: the other ranks never touch the store
 
-        def claim_run() -> _Plan:       # on rank 0, which holds the lock until training ends
+        def claim_run() -> _Plan:  # on rank 0, which holds the lock until training ends
             if resume is not None:
                 claimed = store.get_run(check_plain_name(resume, "run id")).run_id
                 held.enter_context(exclusive_lock(workspace.run_dir(claimed) / RUN_LOCK, f"run {claimed}"))
@@ -247,18 +264,25 @@ class _Plan:
     """What rank 0 settles before training, from the arguments or the resumed run, for every rank."""
 
     run_id: str
-    new_run: bool          # False: an existing run is resumed
+    new_run: bool  # False: an existing run is resumed
     model_name: str
     dataset_name: str
     data_path: str
     model_config: ModelConfig
     train_config: TrainConfig
-    resumed: bool          # a checkpoint exists to continue from
+    resumed: bool  # a checkpoint exists to continue from
 
 
-def _plan_new(workspace: Workspace, store: RunStore, dataset: str | None, model_name: str,
-              model_settings: dict[str, Any] | None, train_settings: dict[str, Any] | None,
-              run_id: str | None, context: distributed.Context) -> _Plan:
+def _plan_new(
+    workspace: Workspace,
+    store: RunStore,
+    dataset: str | None,
+    model_name: str,
+    model_settings: dict[str, Any] | None,
+    train_settings: dict[str, Any] | None,
+    run_id: str | None,
+    context: distributed.Context,
+) -> _Plan:
     if dataset is None:
         raise DmqnError("name a prepared data set to train on (see `dmqn prep`)")
     if model_name not in model_names():
@@ -269,14 +293,27 @@ def _plan_new(workspace: Workspace, store: RunStore, dataset: str | None, model_
     model_config, train_config = resolve_configs(data, model_settings or {}, train_settings or {})
     _check_world_size(train_config, context)
     run_id = run_id or new_run_id()
-    if store.has_run(run_id):       # also opens the store: a damaged one fails before the run exists
+    if store.has_run(run_id):  # also opens the store: a damaged one fails before the run exists
         raise DmqnError(f"run {run_id} already exists; resume it with --resume {run_id}")
-    return _Plan(run_id, True, model_name, data.meta.get("name") or Path(data.path).name, str(data.path),
-                 model_config, train_config, resumed=False)
+    return _Plan(
+        run_id,
+        True,
+        model_name,
+        data.meta.get("name") or Path(data.path).name,
+        str(data.path),
+        model_config,
+        train_config,
+        resumed=False,
+    )
 
 
-def _plan_resume(workspace: Workspace, store: RunStore, run_id: str, train_settings: dict[str, Any] | None,
-                 context: distributed.Context) -> _Plan:
+def _plan_resume(
+    workspace: Workspace,
+    store: RunStore,
+    run_id: str,
+    train_settings: dict[str, Any] | None,
+    context: distributed.Context,
+) -> _Plan:
     record = store.get_run(run_id)
     if record.status == "finished":
         raise DmqnError(f"run {record.run_id} already finished; nothing to resume")
@@ -289,24 +326,40 @@ def _plan_resume(workspace: Workspace, store: RunStore, run_id: str, train_setti
     train_config = TrainConfig.from_dict({**record.params["train"], **extra})
     _validate(train_config)
     _check_world_size(train_config, context)
-    return _Plan(record.run_id, False, record.model, record.dataset, str(data.path), model_config, train_config,
-                 resumed=(workspace.run_dir(record.run_id) / CHECKPOINT).exists())
+    return _Plan(
+        record.run_id,
+        False,
+        record.model,
+        record.dataset,
+        str(data.path),
+        model_config,
+        train_config,
+        resumed=(workspace.run_dir(record.run_id) / CHECKPOINT).exists(),
+    )
 
 
 def _check_world_size(train_config: TrainConfig, context: distributed.Context) -> None:
     if train_config.batch_size < context.world_size:
-        raise DmqnError(f"batch-size {train_config.batch_size} is smaller than the {context.world_size} "
-                        "training processes; every process needs a part of each batch")
+        raise DmqnError(
+            f"batch-size {train_config.batch_size} is smaller than the {context.world_size} "
+            "training processes; every process needs a part of each batch"
+        )
 
 
-def _train(workspace: Workspace, store: RunStore, plan: _Plan, progress: Progress | None,
-           context: distributed.Context) -> TrainResult:
+def _train(
+    workspace: Workspace, store: RunStore, plan: _Plan, progress: Progress | None, context: distributed.Context
+) -> TrainResult:
     progress = progress or NullProgress()
     main = context.is_main
     run_id, model_name, dataset_name, model_config, train_config = (
-        plan.run_id, plan.model_name, plan.dataset_name, plan.model_config, plan.train_config)
+        plan.run_id,
+        plan.model_name,
+        plan.dataset_name,
+        plan.model_config,
+        plan.train_config,
+    )
     run_dir = workspace.run_dir(run_id)
-    started = False      # rank 0 has recorded this (re)start of the run as running
+    started = False  # rank 0 has recorded this (re)start of the run as running
     try:
         # Rank 0 checked that the checkpoint exists; under torchrun the run directory must be on a
         # file system every rank sees (as the prepared set must).
@@ -314,7 +367,7 @@ def _train(workspace: Workspace, store: RunStore, plan: _Plan, progress: Progres
         data = PreparedSet.open(plan.data_path)
 
         device = distributed.rank_device(context, train_config.device)
-        torch.manual_seed(train_config.seed)      # the same initial weights on every rank
+        torch.manual_seed(train_config.seed)  # the same initial weights on every rank
         model = build_model(model_name, model_config, item_popularity=data.item_popularity).to(device)
         # A registry entry may fix settings (dmqn-simple has no ICIM): store what the model really uses.
         model_config = getattr(model, "config", model_config)
@@ -322,25 +375,46 @@ def _train(workspace: Workspace, store: RunStore, plan: _Plan, progress: Progres
         params = {
             "model": model_config.to_dict(),
             "train": asdict(train_config),
-            "data": {"name": dataset_name, "path": str(data.path), "protocol": data.meta.get("protocol", {}),
-                     "fingerprint": data.fingerprint},
+            "data": {
+                "name": dataset_name,
+                "path": str(data.path),
+                "protocol": data.meta.get("protocol", {}),
+                "fingerprint": data.fingerprint,
+            },
             "versions": {"dmqn": dmqn_core.__version__, "torch": torch.__version__, "numpy": np.__version__},
             # How the latest (re)start trained: processes, and what carried their gradients.
             "distributed": {"world_size": context.world_size, "backend": distributed.gradient_backend(context, device)},
         }
 
         trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = (torch.optim.Adam(trainable, lr=train_config.lr, weight_decay=train_config.weight_decay)
-                     if trainable else None)
-        state = {"epoch": 0, "step": 0, "best_epoch": None, "best_valid_auc": None, "stale_epochs": 0,
-                 "train_seconds": 0.0, "history": []}
+        optimizer = (
+            torch.optim.Adam(trainable, lr=train_config.lr, weight_decay=train_config.weight_decay)
+            if trainable
+            else None
+        )
+        state = {
+            "epoch": 0,
+            "step": 0,
+            "best_epoch": None,
+            "best_valid_auc": None,
+            "stale_epochs": 0,
+            "train_seconds": 0.0,
+            "history": [],
+        }
         if checkpoint is not None:
             _restore(checkpoint, run_dir / CHECKPOINT, model, optimizer, state)
             progress.log(f"resuming run {run_id} after epoch {state['epoch']}")
         if main:
             if plan.new_run:
-                store.create_run(model=model_name, dataset=dataset_name, dataset_path=str(data.path),
-                                 params=params, seed=train_config.seed, n_parameters=n_parameters, run_id=run_id)
+                store.create_run(
+                    model=model_name,
+                    dataset=dataset_name,
+                    dataset_path=str(data.path),
+                    params=params,
+                    seed=train_config.seed,
+                    n_parameters=n_parameters,
+                    run_id=run_id,
+                )
             else:
                 store.delete_epochs_after(run_id, state["epoch"])
                 store.update_run(run_id, status="running", error=None, params=params)
@@ -354,14 +428,26 @@ def _train(workspace: Workspace, store: RunStore, plan: _Plan, progress: Progres
             # are fixed; DDP's default broadcast of rank 0's buffers before each step is cheap and
             # would keep running statistics in step if a model ever had some.
             forward = DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None,
-                process_group=distributed.gradient_group(context, device), find_unused_parameters=False)
-            progress.log(f"training with {context.world_size} processes "
-                         f"({distributed.gradient_backend(context, device)}), "
-                         f"each on its part of every batch of {train_config.batch_size}")
+                model,
+                device_ids=[device.index] if device.type == "cuda" else None,
+                process_group=distributed.gradient_group(context, device),
+                find_unused_parameters=False,
+            )
+            progress.log(
+                f"training with {context.world_size} processes "
+                f"({distributed.gradient_backend(context, device)}), "
+                f"each on its part of every batch of {train_config.batch_size}"
+            )
 
-        loader = BatchLoader(data, "train", train_config.batch_size, train_config.max_len,
-                             shuffle=True, seed=train_config.seed, shard=(context.rank, context.world_size))
+        loader = BatchLoader(
+            data,
+            "train",
+            train_config.batch_size,
+            train_config.max_len,
+            shuffle=True,
+            seed=train_config.seed,
+            shard=(context.rank, context.world_size),
+        )
         if optimizer is None:
             # Nothing to learn (the popularity scorer): one validation pass picks the "best epoch".
             metrics, _ = _evaluate(model, data, "valid", train_config, device, progress, context)
@@ -377,14 +463,32 @@ def _train(workspace: Workspace, store: RunStore, plan: _Plan, progress: Progres
                 # Different Gumbel noise and dropout on every rank, a function of (seed, rank, epoch)
                 # so that a resumed run continues exactly (one process restores its RNG state instead).
                 torch.manual_seed(_rank_seed(train_config.seed, context.rank, epoch))
-            train_loss, samples_per_s, seconds = _train_epoch(forward, loader, optimizer, device, progress, epoch,
-                                                              train_config.epochs, state, context)
+            train_loss, samples_per_s, seconds = _train_epoch(
+                forward, loader, optimizer, device, progress, epoch, train_config.epochs, state, context
+            )
             valid, counts = _evaluate(model, data, "valid", train_config, device, progress, context)
             if main:
-                improved = _record_epoch(store, run_id, run_dir, model, model_name, model_config, optimizer,
-                                         train_config, state, epoch, train_loss, samples_per_s, seconds, valid, counts)
-                progress.log(f"epoch {epoch}: train loss {train_loss:.4f}, valid AUC {valid['auc']:.4f}"
-                             f"{' (best)' if improved else ''}, {samples_per_s:,.0f} samples/s")
+                improved = _record_epoch(
+                    store,
+                    run_id,
+                    run_dir,
+                    model,
+                    model_name,
+                    model_config,
+                    optimizer,
+                    train_config,
+                    state,
+                    epoch,
+                    train_loss,
+                    samples_per_s,
+                    seconds,
+                    valid,
+                    counts,
+                )
+                progress.log(
+                    f"epoch {epoch}: train loss {train_loss:.4f}, valid AUC {valid['auc']:.4f}"
+                    f"{' (best)' if improved else ''}, {samples_per_s:,.0f} samples/s"
+                )
             # Rank 0's bookkeeping decides for everyone: all ranks stop after the same epoch.
             state = distributed.broadcast(context, state)
             if state["stale_epochs"] >= train_config.patience:
@@ -396,13 +500,21 @@ def _train(workspace: Workspace, store: RunStore, plan: _Plan, progress: Progres
         if main:
             store.log_metrics(run_id, "test", test, epoch=state["best_epoch"])
             if isinstance(model, DMQN) and train_config.inspect_users > 0:
-                recorded = record_inspection(store, run_id, model, data, train_config.max_len,
-                                             train_config.inspect_users, train_config.seed)
+                recorded = record_inspection(
+                    store, run_id, model, data, train_config.max_len, train_config.inspect_users, train_config.seed
+                )
                 progress.log(f"recorded {recorded} users for `dmqn inspect` and `dmqn report`")
-            store.finish_run(run_id, "finished", test_auc=test["auc"], test_gauc=test["gauc"],
-                             test_logloss=test["logloss"], best_epoch=state["best_epoch"],
-                             best_valid_auc=state["best_valid_auc"], train_seconds=state["train_seconds"],
-                             checkpoint=str(run_dir / BEST))
+            store.finish_run(
+                run_id,
+                "finished",
+                test_auc=test["auc"],
+                test_gauc=test["gauc"],
+                test_logloss=test["logloss"],
+                best_epoch=state["best_epoch"],
+                best_valid_auc=state["best_valid_auc"],
+                train_seconds=state["train_seconds"],
+                checkpoint=str(run_dir / BEST),
+            )
         # The other ranks wait here for rank 0's records, so that all processes end together.
         test = distributed.broadcast(context, test)
     except KeyboardInterrupt:
@@ -413,13 +525,26 @@ def _train(workspace: Workspace, store: RunStore, plan: _Plan, progress: Progres
         if main:
             _record_end(store, plan, run_dir, started, "failed", f"{type(exc).__name__}: {exc}")
         raise
-    return TrainResult(run_id=run_id, model=model_name, dataset=dataset_name, best_epoch=state["best_epoch"],
-                       best_valid_auc=state["best_valid_auc"], test=test, train_seconds=state["train_seconds"],
-                       n_parameters=n_parameters, history=state["history"])
+    return TrainResult(
+        run_id=run_id,
+        model=model_name,
+        dataset=dataset_name,
+        best_epoch=state["best_epoch"],
+        best_valid_auc=state["best_valid_auc"],
+        test=test,
+        train_seconds=state["train_seconds"],
+        n_parameters=n_parameters,
+        history=state["history"],
+    )
 
 
-def _restore(checkpoint: dict[str, Any], path: Path, model: torch.nn.Module,
-             optimizer: torch.optim.Optimizer | None, state: dict[str, Any]) -> None:
+def _restore(
+    checkpoint: dict[str, Any],
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    state: dict[str, Any],
+) -> None:
     """Continue from a checkpoint: weights, optimiser moments, counters and the RNG."""
     restore_weights(model, checkpoint, path)
     try:
@@ -441,7 +566,7 @@ def _record_end(store: RunStore, plan: _Plan, run_dir: Path, started: bool, stat
         if not started:
             if plan.new_run:
                 (run_dir / RUN_LOCK).unlink(missing_ok=True)
-                with contextlib.suppress(OSError):   # something else was put there: leave it
+                with contextlib.suppress(OSError):  # something else was put there: leave it
                     run_dir.rmdir()
             return
         try:
@@ -461,7 +586,7 @@ def _signals_ignored() -> Iterator[None]:
     rank 0 is recording the failure: a KeyboardInterrupt inside that write would roll it back
     and leave the run "running". The process is on its way out with its own error anyway.
     """
-    if threading.current_thread() is not threading.main_thread():   # only the main thread has handlers
+    if threading.current_thread() is not threading.main_thread():  # only the main thread has handlers
         yield
         return
     previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in (signal.SIGINT, signal.SIGTERM)}
@@ -469,14 +594,27 @@ def _signals_ignored() -> Iterator[None]:
         yield
     finally:
         for signum, handler in previous.items():
-            if handler is not None:      # None: a handler installed outside Python, which stays replaced
+            if handler is not None:  # None: a handler installed outside Python, which stays replaced
                 signal.signal(signum, handler)
 
 
-def _record_epoch(store: RunStore, run_id: str, run_dir: Path, model: torch.nn.Module, model_name: str,
-                  model_config: ModelConfig, optimizer: torch.optim.Optimizer, train_config: TrainConfig,
-                  state: dict[str, Any], epoch: int, train_loss: float, samples_per_s: float, seconds: float,
-                  valid: dict[str, float], counts: np.ndarray | None) -> bool:
+def _record_epoch(
+    store: RunStore,
+    run_id: str,
+    run_dir: Path,
+    model: torch.nn.Module,
+    model_name: str,
+    model_config: ModelConfig,
+    optimizer: torch.optim.Optimizer,
+    train_config: TrainConfig,
+    state: dict[str, Any],
+    epoch: int,
+    train_loss: float,
+    samples_per_s: float,
+    seconds: float,
+    valid: dict[str, float],
+    counts: np.ndarray | None,
+) -> bool:
     """Rank 0's end of an epoch: update ``state``, write best.pt, the checkpoint and the run store; True if improved."""
     state["train_seconds"] += seconds
     state["epoch"] = epoch
@@ -491,15 +629,32 @@ def _record_epoch(store: RunStore, run_id: str, run_dir: Path, model: torch.nn.M
     store.log_metrics(run_id, "valid", valid, epoch=epoch)
     if counts is not None:
         usage = CodebookUsage.from_counts(np.rint(counts))
-        store.log_codebook_usage(run_id, epoch, usage.counts.tolist(),
-                                 list(zip(usage.counts.shape[1] - usage.dead, usage.dead, usage.perplexity)))
-    _save({"model_state": model.state_dict(), "optimizer_state": optimizer.state_dict(),
-           "train_state": dict(state), "torch_rng": torch.get_rng_state(),
-           "model_name": model_name, "model_config": model_config.to_dict(),
-           "train_config": asdict(train_config)}, run_dir / CHECKPOINT)
-    store.update_run(run_id, epochs_done=epoch, best_epoch=state["best_epoch"],
-                     best_valid_auc=state["best_valid_auc"], train_seconds=state["train_seconds"],
-                     checkpoint=str(run_dir / CHECKPOINT))
+        store.log_codebook_usage(
+            run_id,
+            epoch,
+            usage.counts.tolist(),
+            list(zip(usage.counts.shape[1] - usage.dead, usage.dead, usage.perplexity)),
+        )
+    _save(
+        {
+            "model_state": model.state_dict(),
+            "optimizer_state": optimizer.state_dict(),
+            "train_state": dict(state),
+            "torch_rng": torch.get_rng_state(),
+            "model_name": model_name,
+            "model_config": model_config.to_dict(),
+            "train_config": asdict(train_config),
+        },
+        run_dir / CHECKPOINT,
+    )
+    store.update_run(
+        run_id,
+        epochs_done=epoch,
+        best_epoch=state["best_epoch"],
+        best_valid_auc=state["best_valid_auc"],
+        train_seconds=state["train_seconds"],
+        checkpoint=str(run_dir / CHECKPOINT),
+    )
     return improved
 
 
@@ -507,9 +662,15 @@ def _rank_seed(seed: int, rank: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0])
 
 
-def _evaluate(model: torch.nn.Module, data: PreparedSet, split: str, train_config: TrainConfig,
-              device: torch.device, progress: Progress, context: distributed.Context
-              ) -> tuple[dict[str, float], np.ndarray | None]:
+def _evaluate(
+    model: torch.nn.Module,
+    data: PreparedSet,
+    split: str,
+    train_config: TrainConfig,
+    device: torch.device,
+    progress: Progress,
+    context: distributed.Context,
+) -> tuple[dict[str, float], np.ndarray | None]:
     """Metrics of a split (and codeword counts for models with codebooks), on rank 0.
 
     Under torchrun every rank predicts its part of every evaluation batch; rank 0 gathers the
@@ -518,11 +679,14 @@ def _evaluate(model: torch.nn.Module, data: PreparedSet, split: str, train_confi
     """
     if not context.active:
         return evaluate_split(model, data, split, train_config.eval_batch_size, train_config.max_len, device, progress)
-    loader = BatchLoader(data, split, train_config.eval_batch_size, train_config.max_len,
-                         shard=(context.rank, context.world_size))
+    loader = BatchLoader(
+        data, split, train_config.eval_batch_size, train_config.max_len, shard=(context.rank, context.world_size)
+    )
     out = predict(model, loader, device, progress, description=f"{split} ")
-    parts = distributed.gather(context, (loader.sample_order(), out["users"], out["labels"], out["logits"],
-                                         out["codeword_counts"], out["seconds"]))
+    parts = distributed.gather(
+        context,
+        (loader.sample_order(), out["users"], out["labels"], out["logits"], out["codeword_counts"], out["seconds"]),
+    )
     if parts is None:
         return {}, None
     # Each sample's place in one process's order: the same metrics from the same logits.
@@ -537,10 +701,17 @@ def _evaluate(model: torch.nn.Module, data: PreparedSet, split: str, train_confi
     return metrics, (np.sum(counts, axis=0) if counts else None)
 
 
-def _train_epoch(model: torch.nn.Module, loader: BatchLoader, optimizer: torch.optim.Optimizer,
-                 device: torch.device, progress: Progress, epoch: int, epochs: int,
-                 state: dict[str, Any], context: distributed.Context = distributed.SINGLE
-                 ) -> tuple[float, float, float]:
+def _train_epoch(
+    model: torch.nn.Module,
+    loader: BatchLoader,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    progress: Progress,
+    epoch: int,
+    epochs: int,
+    state: dict[str, Any],
+    context: distributed.Context = distributed.SINGLE,
+) -> tuple[float, float, float]:
     """One pass over the training split; returns mean loss, samples/s and seconds.
 
     ``model`` is the DDP wrapper under torchrun: its backward all-reduces (averages) the gradients.
@@ -553,7 +724,7 @@ def _train_epoch(model: torch.nn.Module, loader: BatchLoader, optimizer: torch.o
     for batch, n, n_global in loader.steps():
         batch = batch.to(device)
         logits = model(**batch.model_inputs())
-        loss = F.binary_cross_entropy_with_logits(logits, batch.label)        # eq. 2
+        loss = F.binary_cross_entropy_with_logits(logits, batch.label)  # eq. 2
         auxiliary = getattr(module, "auxiliary_loss", None)
         objective = loss + auxiliary() if auxiliary is not None else loss
         if context.active:

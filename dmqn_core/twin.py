@@ -35,6 +35,7 @@ from dmqn_core.mlp import MLPHead
 from dmqn_core.sequence import TIME_BUCKETS, gather_rows, time_gaps
 from dmqn_core.target_attention import MultiHeadTargetAttention
 
+
 class TimeGapBias(nn.Module):
     """TWIN's compressed cross feature: one learned logit bias per log2 time-gap bucket."""
 
@@ -49,8 +50,14 @@ class TimeGapBias(nn.Module):
         return self.table(bucket).squeeze(-1)
 
 
-def general_search_scores(esu: MultiHeadTargetAttention, candidate: Tensor, keys: Tensor, mask: Tensor,
-                          hist_index: Tensor, bias: Tensor | None = None) -> Tensor:
+def general_search_scores(
+    esu: MultiHeadTargetAttention,
+    candidate: Tensor,
+    keys: Tensor,
+    mask: Tensor,
+    hist_index: Tensor,
+    bias: Tensor | None = None,
+) -> Tensor:
     """CP-GSU relevance of every behavior to every candidate, with the ESU's own attention.
 
     candidate (B, D); keys (H, L, heads, d) = esu.project_keys(behaviors); mask (H, L);
@@ -72,8 +79,15 @@ def top_k_search(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return index, torch.isfinite(top)
 
 
-def general_search(esu: MultiHeadTargetAttention, candidate: Tensor, behaviors: Tensor, mask: Tensor,
-                   hist_index: Tensor, k: int, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def general_search(
+    esu: MultiHeadTargetAttention,
+    candidate: Tensor,
+    behaviors: Tensor,
+    mask: Tensor,
+    hist_index: Tensor,
+    k: int,
+    bias: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
     """TWIN's GSU: the k behaviors (H, L, D) of each candidate's history the ESU attention rates highest.
 
     Returns positions (B, k') and their validity (B, k'). Retrieval is a hard selection that no
@@ -105,4 +119,3 @@ class TWIN(InterestModel):
         long, _ = self.esu(c, picked, valid, picked_bias)  # (B, D)
         short = self.short(c, h.embedded, h.mask, hist_index)  # (B, D)
         return torch.stack([long, short], dim=1)
-

@@ -65,7 +65,8 @@ def _argmax_per_cluster(values: Tensor, ids: Tensor, n: int) -> Tensor:
     pos = torch.arange(L, device=ids.device).expand(H, L)
     hit = (values == best.gather(1, ids)) & torch.isfinite(values)
     first = torch.full((H, n), L, dtype=torch.long, device=ids.device).scatter_reduce(
-        1, ids, torch.where(hit, pos, L), "amin")
+        1, ids, torch.where(hit, pos, L), "amin"
+    )
     return first.masked_fill(first == L, 0)
 
 
@@ -204,8 +205,9 @@ def hierarchical_clusters(x: Tensor, group: Tensor, mask: Tensor, max_size: int)
     return _renumber(own, child, mask, -(-int(size.max()) // max_size))
 
 
-def cluster_summary(e: Tensor, ids: Tensor, mask: Tensor, gap: Tensor | None = None
-                    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+def cluster_summary(
+    e: Tensor, ids: Tensor, mask: Tensor, gap: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Cluster tokens as in TWIN V2: e (H, L, D), ids (H, L) from hierarchical_clusters, gap (H, L) or None.
 
     Returns tokens (H, C, D) = the embedding of the member nearest to the (detached) centroid,
@@ -227,8 +229,14 @@ def cluster_summary(e: Tensor, ids: Tensor, mask: Tensor, gap: Tensor | None = N
     return tokens, size, exists, mean_gap
 
 
-def cluster_aware_attention(esu: MultiHeadTargetAttention, candidate: Tensor, clusters: Tensor, size: Tensor,
-                            mask: Tensor, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def cluster_aware_attention(
+    esu: MultiHeadTargetAttention,
+    candidate: Tensor,
+    clusters: Tensor,
+    size: Tensor,
+    mask: Tensor,
+    bias: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
     """TWIN V2's cluster-aware target attention: weights n_k exp(alpha_k) / sum_j n_j exp(alpha_j).
 
     candidate (B, D); clusters (B, K, D); size (B, K); mask (B, K); bias (B, K) or None, part of
@@ -255,8 +263,8 @@ class TWINV2(TWIN):
             index, valid = top_k_search(scores, cfg.top_k)  # (B, k)
         picked = gather_rows(tokens, hist_index, index)  # (B, k, D)
         picked_bias = None if time_bias is None else gather_rows(time_bias, hist_index, index)  # (B, k)
-        long, _ = cluster_aware_attention(self.esu, c, picked, gather_rows(size, hist_index, index), valid,
-                                          picked_bias)  # (B, D)
+        long, _ = cluster_aware_attention(
+            self.esu, c, picked, gather_rows(size, hist_index, index), valid, picked_bias
+        )  # (B, D)
         short = self.short(c, h.embedded, h.mask, hist_index)  # (B, D)
         return torch.stack([long, short], dim=1)
-

@@ -104,8 +104,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def publish_directory(tmp_dir: Path, final_dir: Path, overwrite: bool, *,
-                      replaceable: Callable[[Path], bool], what: str) -> None:
+def publish_directory(
+    tmp_dir: Path, final_dir: Path, overwrite: bool, *, replaceable: Callable[[Path], bool], what: str
+) -> None:
     """Move a fully written directory into place with renames only.
 
     A reader sees either the previous directory or the new one. When overwriting, the old
@@ -155,7 +156,7 @@ def remove_stale_temporaries(parent: Path, name: str, owned: Callable[[Path], bo
         for marker in (f".{name}.tmp-", f".{name}.old-"):
             if not entry.name.startswith(marker):
                 continue
-            pid = entry.name[len(marker):]
+            pid = entry.name[len(marker) :]
             if not pid.isdigit() or _pid_alive(int(pid)) or not owned(entry):
                 continue
             if marker.endswith(".old-") and not final.exists():
@@ -214,8 +215,14 @@ def check_plain_name(name: str, what: str) -> str:
     Letters, digits, '-', '_' and '.', not starting with '.' (no '..', no hidden or temporary
     entries), at most 100 characters: a user-given name never reaches outside its parent folder.
     """
-    if (not isinstance(name, str) or not 1 <= len(name) <= 100 or name.startswith(".")
-            or not set(name) <= _NAME_CHARACTERS):
-        raise DmqnError(f"{what} {name!r} is not a plain name: use letters, digits, '-', '_' and '.', "
-                        "not starting with '.', at most 100 characters")
+    if (
+        not isinstance(name, str)
+        or not 1 <= len(name) <= 100
+        or name.startswith(".")
+        or not set(name) <= _NAME_CHARACTERS
+    ):
+        raise DmqnError(
+            f"{what} {name!r} is not a plain name: use letters, digits, '-', '_' and '.', "
+            "not starting with '.', at most 100 characters"
+        )
     return name

@@ -49,8 +49,7 @@ class RunData:
 class Loaded(Message):
     """A worker's result: the run (when one was opened) and the user, or why the user could not be read."""
 
-    def __init__(self, user_id: int, run: RunData | None, inspection: UserInspection | None,
-                 error: str | None) -> None:
+    def __init__(self, user_id: int, run: RunData | None, inspection: UserInspection | None, error: str | None) -> None:
         super().__init__()
         self.user_id = user_id
         self.run = run
@@ -79,15 +78,16 @@ class InspectApp(App[None]):
     ENABLE_COMMAND_PALETTE = False
 
     BINDINGS = [
-        Binding("left_square_bracket", "codebook(-1)", "codebook", group=_CODEBOOK,
-                tooltip="previous codebook"),
+        Binding("left_square_bracket", "codebook(-1)", "codebook", group=_CODEBOOK, tooltip="previous codebook"),
         Binding("right_square_bracket", "codebook(1)", "codebook", group=_CODEBOOK, tooltip="next codebook"),
         Binding("p", "candidate(-1)", "candidate", group=_CANDIDATE, tooltip="previous candidate"),
         Binding("n", "candidate(1)", "candidate", group=_CANDIDATE, tooltip="next candidate"),
         Binding("slash", "search_user", "user", tooltip="search a user by id"),
         Binding("r", "pick_run", "run", tooltip="open another DMQN run of this workspace"),
-        *(Binding(str(number), f"view('{view}')", "view", group=_VIEW, tooltip=f"show the {view} view")
-          for number, view in enumerate(VIEWS, 1)),
+        *(
+            Binding(str(number), f"view('{view}')", "view", group=_VIEW, tooltip=f"show the {view} view")
+            for number, view in enumerate(VIEWS, 1)
+        ),
         Binding("question_mark", "help", "help", tooltip="this help"),
         Binding("q", "quit", "quit", tooltip="quit"),
     ]
@@ -243,8 +243,16 @@ class InspectApp(App[None]):
         if self.run_data is None:
             return
         inspector = self.run_data.inspector
-        self.query_one(InfoBar).show(inspector.run_id, inspector.model, inspector.dataset, self.user_id,
-                                     self.inspection, inspector.n_codebooks, self.codebook, self.candidate)
+        self.query_one(InfoBar).show(
+            inspector.run_id,
+            inspector.model,
+            inspector.dataset,
+            self.user_id,
+            self.inspection,
+            inspector.n_codebooks,
+            self.codebook,
+            self.candidate,
+        )
         self.query_one(TimelineTable).show(self.inspection, self.codebook)
         self.query_one(ClustersTable).show(self.inspection, self.codebook, self.candidate)
         self.query_one(AttentionChart).show(self.inspection, self.codebook, self.candidate)

@@ -77,9 +77,13 @@ def default_report_path(workspace: Workspace, run_id: str) -> Path:
     return workspace.root / "reports" / f"{run_id}.html"
 
 
-def build_report(workspace: Workspace, run_id: str | None = None, out: Path | None = None,
-                 users: int | Sequence[int] = DEFAULT_ATTENTION_USERS,
-                 progress: Progress | None = None) -> ReportResult:
+def build_report(
+    workspace: Workspace,
+    run_id: str | None = None,
+    out: Path | None = None,
+    users: int | Sequence[int] = DEFAULT_ATTENTION_USERS,
+    progress: Progress | None = None,
+) -> ReportResult:
     """Write the HTML report of a dmqn/dmqn-simple run (None: the latest) to ``out`` (None: the default path).
 
     ``users``: how many of the recorded sample users get an attention heatmap, or the raw ids of
@@ -98,14 +102,20 @@ def build_report(workspace: Workspace, run_id: str | None = None, out: Path | No
     history = inspector.metric_history()
     best_epoch = _best_epoch(history)
 
-    page.add_figure("utilisation", utilisation_figure(inspector.utilisation(), best_epoch),
-                    "Validation behaviors assigned to each codeword at the best epoch. Perplexity is exp(entropy) of "
-                    "the usage distribution: W when every codeword is used equally, 1 when all behaviors collapse "
-                    "into one codeword. A dead codeword gets no behavior at all.")
+    page.add_figure(
+        "utilisation",
+        utilisation_figure(inspector.utilisation(), best_epoch),
+        "Validation behaviors assigned to each codeword at the best epoch. Perplexity is exp(entropy) of "
+        "the usage distribution: W when every codeword is used equally, 1 when all behaviors collapse "
+        "into one codeword. A dead codeword gets no behavior at all.",
+    )
     usage = inspector.usage_history()
     if usage:
-        page.add_figure("usage-history", usage_history_figure(usage, inspector.codebook_size),
-                        "How the codebooks' use evolved while training.")
+        page.add_figure(
+            "usage-history",
+            usage_history_figure(usage, inspector.codebook_size),
+            "How the codebooks' use evolved while training.",
+        )
     else:
         page.add_note("usage-history", "this run recorded no per-epoch codebook utilisation.")
 
@@ -129,21 +139,27 @@ def build_report(workspace: Workspace, run_id: str | None = None, out: Path | No
 
     category_rows = inspector.codeword_categories()
     if category_rows:
-        page.add_figure("cluster-categories",
-                        cluster_categories_figure(ClusterCategories.from_rows(
-                            category_rows, len(sampled), inspector.n_codebooks, inspector.codebook_size)),
-                        "For every codeword that holds behaviors of the sampled users, the shares of its three most "
-                        "frequent categories (labels: raw category ids) and of all other categories. A cluster "
-                        "dominated by one category is an interpretable interest; an even mix is not.")
+        page.add_figure(
+            "cluster-categories",
+            cluster_categories_figure(
+                ClusterCategories.from_rows(category_rows, len(sampled), inspector.n_codebooks, inspector.codebook_size)
+            ),
+            "For every codeword that holds behaviors of the sampled users, the shares of its three most "
+            "frequent categories (labels: raw category ids) and of all other categories. A cluster "
+            "dominated by one category is an interpretable interest; an even mix is not.",
+        )
     else:
         page.add_note("cluster-categories", _NO_SAMPLE)
 
     shown = _attention_users(inspector, sample, users)
     if shown:
-        page.add_figure("attention", attention_figure(shown),
-                        "Each row is one of the user's test candidates (its click label and the predicted click "
-                        "probability); each column one of the user's non-empty clusters, labelled codebook:codeword. "
-                        "Within a codebook the weights of a candidate sum to 1.")
+        page.add_figure(
+            "attention",
+            attention_figure(shown),
+            "Each row is one of the user's test candidates (its click label and the predicted click "
+            "probability); each column one of the user's non-empty clusters, labelled codebook:codeword. "
+            "Within a codebook the weights of a candidate sum to 1.",
+        )
     elif not users:
         page.add_note("attention", "no user was asked for.")
     elif isinstance(users, int) and not sample:
@@ -152,17 +168,27 @@ def build_report(workspace: Workspace, run_id: str | None = None, out: Path | No
         page.add_note("attention", "none of the chosen users has a test candidate.")
 
     if history:
-        page.add_figure("training", training_figure(history, best_epoch), "Mean training log loss and validation "
-                        "AUC after every epoch; the test metrics come from the best epoch's weights.")
+        page.add_figure(
+            "training",
+            training_figure(history, best_epoch),
+            "Mean training log loss and validation "
+            "AUC after every epoch; the test metrics come from the best epoch's weights.",
+        )
     else:
         page.add_note("training", "this run recorded no metrics yet.")
 
     if any(run.run_id != inspector.run_id and run.test_auc is not None for run in runs):
-        page.add_figure("comparison", comparison_figure(runs, inspector.run_id),
-                        "Test AUC and GAUC (user-weighted AUC) of every run on the same data set.")
+        page.add_figure(
+            "comparison",
+            comparison_figure(runs, inspector.run_id),
+            "Test AUC and GAUC (user-weighted AUC) of every run on the same data set.",
+        )
     else:
-        page.add_note("comparison", f"no other run on {inspector.dataset} has test metrics yet "
-                      f"(try `dmqn train {inspector.dataset} --model din-short`).")
+        page.add_note(
+            "comparison",
+            f"no other run on {inspector.dataset} has test metrics yet "
+            f"(try `dmqn train {inspector.dataset} --model din-short`).",
+        )
     page.add_html("comparison", _runs_table(runs, inspector.run_id))
 
     progress.start("writing the report", None)
@@ -170,12 +196,19 @@ def build_report(workspace: Workspace, run_id: str | None = None, out: Path | No
     remove_stale_temporaries(out.parent, out.name)  # left by a report killed while writing
     atomic_write_bytes(out, document)
     progress.stop()
-    return ReportResult(path=out, size_bytes=len(document), run_id=inspector.run_id,
-                        seconds=time.perf_counter() - started, notes=page.notes)
+    return ReportResult(
+        path=out,
+        size_bytes=len(document),
+        run_id=inspector.run_id,
+        seconds=time.perf_counter() - started,
+        notes=page.notes,
+    )
 
 
-_NO_SAMPLE = ("this run recorded no sample of users (it was trained before `--inspect-users` existed, or with "
-              "`--inspect-users 0`); retrain it to see what its clusters hold and how its candidates attend to them.")
+_NO_SAMPLE = (
+    "this run recorded no sample of users (it was trained before `--inspect-users` existed, or with "
+    "`--inspect-users 0`); retrain it to see what its clusters hold and how its candidates attend to them."
+)
 
 
 def _best_epoch(history: Sequence[tuple[int | None, str, str, float]]) -> int | None:
@@ -193,19 +226,30 @@ def _add_projection(page: "_Page", inspector: RunInspector, progress: Progress) 
     item_ids, item_categories, vectors = inspector.item_embeddings()
     n_codewords = codebooks.shape[0] * codebooks.shape[1]
     if n_codewords + len(item_ids) < UMAP_MIN_POINTS:
-        page.add_note("projection", f"too few points for a projection ({n_codewords} codewords, {len(item_ids)} items).")
+        page.add_note(
+            "projection", f"too few points for a projection ({n_codewords} codewords, {len(item_ids)} items)."
+        )
         return
     points = np.concatenate([codebooks.reshape(n_codewords, -1), vectors]).astype(np.float32)
     progress.start(f"UMAP of {n_codewords:,} codewords and {len(item_ids):,} items", None)
     coordinates = _umap(points)
     progress.stop()
     projection = Projection(codewords=coordinates[:n_codewords], items=coordinates[n_codewords:])
-    page.add_figure("projection", projection_figure(projection, inspector.n_codebooks, inspector.codebook_size,
-                                                    inspector.utilisation(), item_ids, item_categories),
-                    f"UMAP ({UMAP_METRIC} distance, n_neighbors={min(UMAP_NEIGHBORS, len(points) - 1)}, "
-                    f"random_state={UMAP_SEED}) of the codewords, folded into the behavior-embedding space through "
-                    "their codebook's projection, together with the recorded sample of item embeddings. Items of "
-                    "the most frequent categories are coloured, all others grey. Hover for ids.")
+    page.add_figure(
+        "projection",
+        projection_figure(
+            projection,
+            inspector.n_codebooks,
+            inspector.codebook_size,
+            inspector.utilisation(),
+            item_ids,
+            item_categories,
+        ),
+        f"UMAP ({UMAP_METRIC} distance, n_neighbors={min(UMAP_NEIGHBORS, len(points) - 1)}, "
+        f"random_state={UMAP_SEED}) of the codewords, folded into the behavior-embedding space through "
+        "their codebook's projection, together with the recorded sample of item embeddings. Items of "
+        "the most frequent categories are coloured, all others grey. Hover for ids.",
+    )
 
 
 def _umap(points: np.ndarray) -> np.ndarray:
@@ -217,8 +261,14 @@ def _umap(points: np.ndarray) -> np.ndarray:
     with warnings.catch_warnings():
         # "n_jobs value 1 overridden to 1 by setting random_state", "no search index": expected here.
         warnings.simplefilter("ignore")
-        reducer = umap.UMAP(n_neighbors=n_neighbors, min_dist=UMAP_MIN_DIST, n_epochs=UMAP_EPOCHS,
-                            metric=UMAP_METRIC, random_state=UMAP_SEED, precomputed_knn=(indices, distances))
+        reducer = umap.UMAP(
+            n_neighbors=n_neighbors,
+            min_dist=UMAP_MIN_DIST,
+            n_epochs=UMAP_EPOCHS,
+            metric=UMAP_METRIC,
+            random_state=UMAP_SEED,
+            precomputed_knn=(indices, distances),
+        )
         return reducer.fit_transform(unit)
 
 
@@ -244,8 +294,9 @@ def _cosine_neighbors(unit: np.ndarray, k: int, block: int = 1024) -> tuple[np.n
     return indices, distances
 
 
-def _attention_users(inspector: RunInspector, sample: list[UserInspection],
-                     users: int | Sequence[int]) -> list[UserInspection]:
+def _attention_users(
+    inspector: RunInspector, sample: list[UserInspection], users: int | Sequence[int]
+) -> list[UserInspection]:
     if isinstance(users, int):
         return [user for user in sample if len(user.label)][:users]
     known = {user.user_id: user for user in sample}
@@ -269,11 +320,19 @@ def _runs_table(runs: Sequence[RunSummary], run_id: str) -> str:
     rows = []
     for run in runs:
         mark = ' class="this-run"' if run.run_id == run_id else ""
-        cells = (run.run_id, run.model, run.status, _minutes(run.created_at), _fmt(run.test_auc), _fmt(run.test_gauc),
-                 _fmt(run.test_logloss))
+        cells = (
+            run.run_id,
+            run.model,
+            run.status,
+            _minutes(run.created_at),
+            _fmt(run.test_auc),
+            _fmt(run.test_gauc),
+            _fmt(run.test_logloss),
+        )
         rows.append(f"<tr{mark}>" + "".join(f"<td>{html.escape(str(cell))}</td>" for cell in cells) + "</tr>")
-    header = "".join(f"<th>{name}</th>" for name in ("run", "model", "status", "created", "test AUC", "test GAUC",
-                                                      "test logloss"))
+    header = "".join(
+        f"<th>{name}</th>" for name in ("run", "model", "status", "created", "test AUC", "test GAUC", "test logloss")
+    )
     return f'<table class="runs"><thead><tr>{header}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
 
 
@@ -286,8 +345,13 @@ class _Page:
         self.notes: list[str] = []
 
     def add_figure(self, section: str, figure: go.Figure, explanation: str) -> None:
-        div = figure.to_html(full_html=False, include_plotlyjs=False, div_id=f"figure-{section}",
-                             config=PLOT_CONFIG, default_height=f"{figure.layout.height}px")
+        div = figure.to_html(
+            full_html=False,
+            include_plotlyjs=False,
+            div_id=f"figure-{section}",
+            config=PLOT_CONFIG,
+            default_height=f"{figure.layout.height}px",
+        )
         self.parts[section].append(f'<p class="explain">{html.escape(explanation)}</p>{div}')
 
     def add_note(self, section: str, text: str) -> None:
@@ -300,26 +364,34 @@ class _Page:
     def render(self, run: RunSummary | None, best_epoch: int | None, n_sampled: int) -> str:
         inspector = self.inspector
         title = f"DMQN report · {inspector.run_id}"
-        facts = [("run", inspector.run_id), ("model", inspector.model), ("data set", inspector.dataset),
-                 ("codebooks", f"{inspector.n_codebooks} × {inspector.codebook_size} codewords, "
-                               f"D = {inspector.embed_dim}"),
-                 ("best epoch", "–" if best_epoch is None else str(best_epoch)),
-                 ("sampled users", f"{n_sampled:,}")]
+        facts = [
+            ("run", inspector.run_id),
+            ("model", inspector.model),
+            ("data set", inspector.dataset),
+            ("codebooks", f"{inspector.n_codebooks} × {inspector.codebook_size} codewords, D = {inspector.embed_dim}"),
+            ("best epoch", "–" if best_epoch is None else str(best_epoch)),
+            ("sampled users", f"{n_sampled:,}"),
+        ]
         if run is not None:
             facts[3:3] = [("status", run.status), ("created", _minutes(run.created_at))]
-            facts.append(("test", f"AUC {_fmt(run.test_auc)} · GAUC {_fmt(run.test_gauc)} · "
-                                  f"logloss {_fmt(run.test_logloss)}"))
+            facts.append(
+                ("test", f"AUC {_fmt(run.test_auc)} · GAUC {_fmt(run.test_gauc)} · logloss {_fmt(run.test_logloss)}")
+            )
         facts.append(("generated", datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")))
         fact_rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in facts)
         nav = " · ".join(f'<a href="#{key}">{html.escape(name)}</a>' for key, name in SECTIONS)
-        sections = "".join(f'<section id="{key}"><h2>{html.escape(name)}</h2>{"".join(self.parts[key])}</section>'
-                           for key, name in SECTIONS)
-        return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-                f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-                f"<title>{html.escape(title)}</title><style>{_CSS}</style>"
-                f'<script type="text/javascript">{get_plotlyjs()}</script></head>'
-                f"<body><header><h1>{html.escape(title)}</h1><table class=\"facts\">{fact_rows}</table>"
-                f"<nav>{nav}</nav></header><main>{sections}</main></body></html>\n")
+        sections = "".join(
+            f'<section id="{key}"><h2>{html.escape(name)}</h2>{"".join(self.parts[key])}</section>'
+            for key, name in SECTIONS
+        )
+        return (
+            f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>{html.escape(title)}</title><style>{_CSS}</style>"
+            f'<script type="text/javascript">{get_plotlyjs()}</script></head>'
+            f'<body><header><h1>{html.escape(title)}</h1><table class="facts">{fact_rows}</table>'
+            f"<nav>{nav}</nav></header><main>{sections}</main></body></html>\n"
+        )
 
 
 _CSS = """

@@ -12,8 +12,15 @@ from dmqn_core.config import ModelConfig
 BASE_TIME = 1_700_000_000  # unix seconds of every history's first behavior, before its first gap
 
 
-def random_batch(config: ModelConfig, seed: int = 0, lengths: Sequence[int] | Tensor | None = None, H: int = 6,
-                 L: int | None = None, B: int = 12, distinct_items: bool = False) -> dict[str, Tensor]:
+def random_batch(
+    config: ModelConfig,
+    seed: int = 0,
+    lengths: Sequence[int] | Tensor | None = None,
+    H: int = 6,
+    L: int | None = None,
+    B: int = 12,
+    distinct_items: bool = False,
+) -> dict[str, Tensor]:
     """H left-aligned histories (H, L) and B candidates over them, as a model's forward takes them.
 
     lengths: behaviors per history; by default random in [1, L] with history 0 full, history 1
@@ -40,8 +47,11 @@ def random_batch(config: ModelConfig, seed: int = 0, lengths: Sequence[int] | Te
     else:
         items = torch.randint(1, config.n_items, (H, L), generator=g)
     gap = config.session_gap
-    gaps = torch.where(torch.rand(H, L, generator=g) < 0.2, torch.randint(gap + 1, 20 * gap, (H, L), generator=g),
-                       torch.randint(0, gap + 1, (H, L), generator=g))
+    gaps = torch.where(
+        torch.rand(H, L, generator=g) < 0.2,
+        torch.randint(gap + 1, 20 * gap, (H, L), generator=g),
+        torch.randint(0, gap + 1, (H, L), generator=g),
+    )
     gaps[:, 0] = 0
     hist_index = torch.randint(0, H, (B,), generator=g)
     hist_index[: min(B, H)] = torch.arange(min(B, H))

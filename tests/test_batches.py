@@ -16,7 +16,7 @@ def test_batches_hold_each_samples_history_left_aligned(tiny_workspace):
             h = hist_index[b]
             mask = batch.hist_mask[h].numpy()
             length = int(mask.sum())
-            assert mask[:length].all() and not mask[length:].any()      # left-aligned
+            assert mask[:length].all() and not mask[length:].any()  # left-aligned
             items = batch.hist_item[h].numpy()
             assert (items[length:] == 0).all()
             # The same history as the reference slice of that user's behaviors.
@@ -60,16 +60,16 @@ def test_shards_partition_the_samples(tiny_workspace):
 def test_shard_cuts_follow_history_groups_and_leave_no_rank_empty():
     from dmqn_core.batches import shard_cuts
 
-    pairs = np.repeat(np.arange(100), 2)                       # a positive and a negative per history
+    pairs = np.repeat(np.arange(100), 2)  # a positive and a negative per history
     assert shard_cuts(pairs, 2) == [100]
-    assert shard_cuts(pairs[1:], 2) == [99]                     # 199 samples: 99 + 100, no history split
+    assert shard_cuts(pairs[1:], 2) == [99]  # 199 samples: 99 + 100, no history split
     assert shard_cuts(pairs, 3) == [66, 134]
-    for n in range(3, 20):                                      # parts are non-empty whenever n >= world
+    for n in range(3, 20):  # parts are non-empty whenever n >= world
         for world in range(2, n + 1):
             bounds = [0, *shard_cuts(pairs[:n], world), n]
             assert all(a < b for a, b in zip(bounds, bounds[1:])), (n, world, bounds)
     one_group = np.full(6, 7)
-    assert shard_cuts(one_group, 2) == [3]                      # a group larger than a share is cut
+    assert shard_cuts(one_group, 2) == [3]  # a group larger than a share is cut
 
 
 def test_ranks_split_the_one_process_batches(tiny_workspace):
@@ -79,7 +79,7 @@ def test_ranks_split_the_one_process_batches(tiny_workspace):
     for loader in (one, *ranks):
         loader.set_epoch(2)
     steps = [list(loader.steps()) for loader in ranks]
-    assert len(steps[0]) == len(steps[1]) == len(one)           # every rank takes every step
+    assert len(steps[0]) == len(steps[1]) == len(one)  # every rank takes every step
     ends = data.split("train").hist_end
     for batch, (first, n0, total0), (second, n1, total1) in zip(one.batch_indices(), *steps):
         assert total0 == total1 == len(batch) == n0 + n1 and n0 > 0 and n1 > 0

@@ -55,18 +55,24 @@ def test_interrupted_bench_resumes_without_redoing_finished_runs(tiny_workspace,
     with pytest.raises(KeyboardInterrupt):
         run_bench(tiny_workspace, "tiny", models, [0, 1], MODEL, TRAIN, name="resume-test", on_step=steps.append)
     assert [(s.model, s.seed, s.action) for s in steps] == [
-        ("pop", 0, "train"), ("din-short", 0, "train"), ("dmqn-simple", 0, "train")]
+        ("pop", 0, "train"),
+        ("din-short", 0, "train"),
+        ("dmqn-simple", 0, "train"),
+    ]
     interrupted_run = steps[-1].run_id
     store = RunStore(tiny_workspace.store_path)
     assert store.get_run(interrupted_run).status == "interrupted"
 
     monkeypatch.setattr(train_module, "_train_epoch", real_epoch)
     steps.clear()
-    report = run_bench(tiny_workspace, "tiny", models, [0, 1], MODEL, TRAIN, name="resume-test",
-                       on_step=steps.append)
+    report = run_bench(tiny_workspace, "tiny", models, [0, 1], MODEL, TRAIN, name="resume-test", on_step=steps.append)
     actions = [(s.model, s.seed, s.action) for s in steps]
-    assert actions[:4] == [("pop", 0, "done"), ("din-short", 0, "done"), ("dmqn-simple", 0, "resume"),
-                           ("dmqn", 0, "train")]
+    assert actions[:4] == [
+        ("pop", 0, "done"),
+        ("din-short", 0, "done"),
+        ("dmqn-simple", 0, "resume"),
+        ("dmqn", 0, "train"),
+    ]
     assert [a[2] for a in actions[4:]] == ["train"] * 4
     assert steps[2].run_id == interrupted_run  # the same run continued, not a new one
     assert report.trained == 6 and report.reused == 2 and not report.failures
@@ -77,7 +83,11 @@ def test_interrupted_bench_resumes_without_redoing_finished_runs(tiny_workspace,
         aucs = [store.get_run(r).test_auc for r in row.run_ids]
         assert row.auc == aucs
     assert {r.model: r.train_samples_per_s is None for r in report.rows} == {
-        "pop": True, "din-short": False, "dmqn-simple": False, "dmqn": False}
+        "pop": True,
+        "din-short": False,
+        "dmqn-simple": False,
+        "dmqn": False,
+    }
     assert all(r.infer_samples_per_s > 0 for r in report.rows)
     assert [r.model for r in report.table3()] == ["dmqn-simple", "dmqn"]
 
@@ -107,14 +117,52 @@ def test_a_bench_name_keeps_its_budget(tiny_workspace):
 
 
 def test_bench_command_prints_both_tables(tiny_workspace):
-    result = CliRunner().invoke(app, [
-        "bench", "tiny", "--models", "pop,dmqn-simple,dmqn", "--seeds", "1", "--epochs", "1", "--max-len", "50",
-        "--embed-dim", "8", "--batch-size", "256", "-w", str(tiny_workspace.root)], terminal_width=200)
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "tiny",
+            "--models",
+            "pop,dmqn-simple,dmqn",
+            "--seeds",
+            "1",
+            "--epochs",
+            "1",
+            "--max-len",
+            "50",
+            "--embed-dim",
+            "8",
+            "--batch-size",
+            "256",
+            "-w",
+            str(tiny_workspace.root),
+        ],
+        terminal_width=200,
+    )
     assert result.exit_code == 0, result.output
     assert "Table 2" in result.output and "Table 3" in result.output and "table2.md" in result.output
-    second = CliRunner().invoke(app, [
-        "bench", "tiny", "--models", "pop,dmqn-simple,dmqn", "--seeds", "1", "--epochs", "1", "--max-len", "50",
-        "--embed-dim", "8", "--batch-size", "256", "-w", str(tiny_workspace.root)], terminal_width=200)
+    second = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "tiny",
+            "--models",
+            "pop,dmqn-simple,dmqn",
+            "--seeds",
+            "1",
+            "--epochs",
+            "1",
+            "--max-len",
+            "50",
+            "--embed-dim",
+            "8",
+            "--batch-size",
+            "256",
+            "-w",
+            str(tiny_workspace.root),
+        ],
+        terminal_width=200,
+    )
     assert second.exit_code == 0 and "0 run(s) trained now, 3 reused" in second.output
 
 

@@ -21,8 +21,13 @@ from conftest import free_port
 
 @pytest.fixture(scope="module")
 def dmqn_run(tiny_workspace):
-    result = train(tiny_workspace, "tiny", "dmqn", {"embed_dim": 8, "n_codebooks": 2, "codebook_size": 8},
-                   {"epochs": 1, "max_len": 60, "batch_size": 256, "seed": 4})
+    result = train(
+        tiny_workspace,
+        "tiny",
+        "dmqn",
+        {"embed_dim": 8, "n_codebooks": 2, "codebook_size": 8},
+        {"epochs": 1, "max_len": 60, "batch_size": 256, "seed": 4},
+    )
     return result.run_id
 
 
@@ -37,12 +42,20 @@ def test_cached_scores_equal_the_full_forward_pass(tiny_workspace, dmqn_run):
     raw_items = data.raw_item(items)
     for user in users:
         item, category, behavior, _, mask = gather_histories(
-            data, np.array([user]), np.asarray(data.user_offsets[[user]]), int(record.params["train"]["max_len"]))
+            data, np.array([user]), np.asarray(data.user_offsets[[user]]), int(record.params["train"]["max_len"])
+        )
         with torch.no_grad():
-            full = torch.sigmoid(model(
-                torch.from_numpy(item), torch.from_numpy(category), torch.from_numpy(behavior),
-                torch.from_numpy(mask), torch.zeros(len(items), dtype=torch.long), torch.from_numpy(items),
-                torch.from_numpy(np.asarray(data.item_category[items], dtype=np.int64)))).numpy()
+            full = torch.sigmoid(
+                model(
+                    torch.from_numpy(item),
+                    torch.from_numpy(category),
+                    torch.from_numpy(behavior),
+                    torch.from_numpy(mask),
+                    torch.zeros(len(items), dtype=torch.long),
+                    torch.from_numpy(items),
+                    torch.from_numpy(np.asarray(data.item_category[items], dtype=np.int64)),
+                )
+            ).numpy()
         cached = scorer.score(int(data.raw_user(user)), raw_items.tolist())
         assert np.abs(cached - full).max() <= 1e-5
     scorer.close()
@@ -173,14 +186,23 @@ def test_float16_states_keep_the_test_auc_within_0_001(tiny_workspace, dmqn_run)
 
 # ---- Redis (a real server, see conftest.redis_url) ----
 
+
 def _full_forward_scores(model, data, max_len: int, user: int, items: np.ndarray) -> np.ndarray:
-    item, category, behavior, _, mask = gather_histories(data, np.array([user]), np.asarray(data.user_offsets[[user]]),
-                                                         max_len)
+    item, category, behavior, _, mask = gather_histories(
+        data, np.array([user]), np.asarray(data.user_offsets[[user]]), max_len
+    )
     with torch.no_grad():
-        return torch.sigmoid(model(
-            torch.from_numpy(item), torch.from_numpy(category), torch.from_numpy(behavior), torch.from_numpy(mask),
-            torch.zeros(len(items), dtype=torch.long), torch.from_numpy(items),
-            torch.from_numpy(np.asarray(data.item_category[items], dtype=np.int64)))).numpy()
+        return torch.sigmoid(
+            model(
+                torch.from_numpy(item),
+                torch.from_numpy(category),
+                torch.from_numpy(behavior),
+                torch.from_numpy(mask),
+                torch.zeros(len(items), dtype=torch.long),
+                torch.from_numpy(items),
+                torch.from_numpy(np.asarray(data.item_category[items], dtype=np.int64)),
+            )
+        ).numpy()
 
 
 def test_redis_keys_manifest_and_exact_scores(tiny_workspace, dmqn_run, redis_url):
@@ -224,8 +246,7 @@ def test_redis_ttl_and_resume_after_an_interrupted_export(tiny_workspace, dmqn_r
     version = model_version(dmqn_run, tiny_workspace.run_dir(dmqn_run) / "best.pt")
     store.clear(version)
     with pytest.raises(KeyboardInterrupt):
-        export_states(tiny_workspace, dmqn_run, batch_size=20, progress=StopAfterThreeBatches(), to=redis_url,
-                      ttl=3600)
+        export_states(tiny_workspace, dmqn_run, batch_size=20, progress=StopAfterThreeBatches(), to=redis_url, ttl=3600)
     assert len(store.users(version)) == 60
     resumed = export_states(tiny_workspace, dmqn_run, batch_size=20, resume=True, to=redis_url, ttl=3600)
     assert resumed.users == data.n_users - 60 and resumed.total_users == data.n_users
@@ -244,8 +265,10 @@ def test_an_unreachable_redis_is_a_one_line_error(tiny_workspace, dmqn_run):
         RedisStateStore(dead, timeout=1.0)
     ws = ["-w", str(tiny_workspace.root)]
     runner = CliRunner()
-    for args in (["export-cache", dmqn_run, "--to", dead], ["score", dmqn_run, "--user", "1", "--items", "1",
-                                                           "--from", dead]):
+    for args in (
+        ["export-cache", dmqn_run, "--to", dead],
+        ["score", dmqn_run, "--user", "1", "--items", "1", "--from", dead],
+    ):
         result = runner.invoke(app, [*args, *ws])
         assert result.exit_code == 1, result.output
         assert "cannot reach Redis" in result.output and len(result.output.strip().splitlines()) == 1

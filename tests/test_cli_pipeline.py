@@ -9,8 +9,7 @@ from typer.testing import CliRunner
 from dmqn_cli.main import app
 from dmqn_core.runstore import RunStore
 
-SMALL_MODEL = ["--embed-dim", "8", "--codebooks", "2", "--codebook-size", "8", "--max-len", "60",
-               "--batch-size", "128"]
+SMALL_MODEL = ["--embed-dim", "8", "--codebooks", "2", "--codebook-size", "8", "--max-len", "60", "--batch-size", "128"]
 
 
 def invoke(*args: str):
@@ -40,16 +39,20 @@ def test_train_eval_runs_end_to_end(workspace):
     assert run.params["train"]["epochs"] == 1 and run.params["data"]["protocol"]["train_targets"] == 4
     assert (workspace / "runs" / run.run_id / "checkpoint.pt").exists()
 
-    result = invoke("eval", "--split", "valid", "-w", ws)        # latest run by default
+    result = invoke("eval", "--split", "valid", "-w", ws)  # latest run by default
     assert result.exit_code == 0, result.output
     assert "valid" in result.output and "samples/s" in result.output
     con = duckdb.connect(str(workspace / "runs.duckdb"), read_only=True)
-    names = {r[0] for r in con.execute(
-        "SELECT name FROM metrics WHERE run_id = ? AND split = 'valid' AND epoch IS NULL", [run.run_id]).fetchall()}
+    names = {
+        r[0]
+        for r in con.execute(
+            "SELECT name FROM metrics WHERE run_id = ? AND split = 'valid' AND epoch IS NULL", [run.run_id]
+        ).fetchall()
+    }
     usage_rows = con.execute("SELECT count(*) FROM codebook_usage WHERE run_id = ?", [run.run_id]).fetchone()[0]
     con.close()
     assert {"auc", "gauc", "logloss", "samples_per_s"} <= names
-    assert usage_rows == 2                                         # one row per codebook and epoch
+    assert usage_rows == 2  # one row per codebook and epoch
 
     listing = invoke("runs", "-w", ws)
     assert listing.exit_code == 0 and run.run_id in listing.output
@@ -61,7 +64,9 @@ def test_same_seed_same_metrics(workspace):
     ws = str(workspace)
     aucs = []
     for _ in range(2):
-        result = invoke("train", "tiny", "--model", "dmqn-simple", "--epochs", "1", "--seed", "7", *SMALL_MODEL, "-w", ws)
+        result = invoke(
+            "train", "tiny", "--model", "dmqn-simple", "--epochs", "1", "--seed", "7", *SMALL_MODEL, "-w", ws
+        )
         assert result.exit_code == 0, result.output
         aucs.append(RunStore(workspace / "runs.duckdb").list_runs()[-1])
     assert aucs[0].run_id != aucs[1].run_id
@@ -72,7 +77,9 @@ def test_same_seed_same_metrics(workspace):
 def test_config_file_and_flag_precedence(workspace, tmp_path):
     config = tmp_path / "c.toml"
     config.write_text("[model]\nembed_dim = 12\ncodebook_size = 4\n[train]\nepochs = 1\nlr = 0.01\n")
-    result = invoke("train", "tiny", "--config", str(config), "--embed-dim", "8", "--max-len", "40", "-w", str(workspace))
+    result = invoke(
+        "train", "tiny", "--config", str(config), "--embed-dim", "8", "--max-len", "40", "-w", str(workspace)
+    )
     assert result.exit_code == 0, result.output
     run = RunStore(workspace / "runs.duckdb").list_runs()[-1]
     assert run.params["model"]["embed_dim"] == 8 and run.params["model"]["codebook_size"] == 4
@@ -86,14 +93,17 @@ def test_popularity_baseline_trains_without_epochs(workspace):
     assert run.model == "pop" and run.status == "finished" and run.n_parameters == 0
 
 
-@pytest.mark.parametrize("args, message", [
-    (["train", "missing-set"], "no prepared set"),
-    (["train", "tiny", "--model", "nope"], "unknown model"),
-    (["train", "tiny", "--epochs", "0"], "epochs must be at least 1"),
-    (["eval", "no-such-run"], "unknown run"),
-    (["runs", "show", "no-such-run"], "unknown run"),
-    (["train", "--resume", "no-such-run"], "unknown run"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "missing-set"], "no prepared set"),
+        (["train", "tiny", "--model", "nope"], "unknown model"),
+        (["train", "tiny", "--epochs", "0"], "epochs must be at least 1"),
+        (["eval", "no-such-run"], "unknown run"),
+        (["runs", "show", "no-such-run"], "unknown run"),
+        (["train", "--resume", "no-such-run"], "unknown run"),
+    ],
+)
 def test_bad_input_is_one_line_and_non_zero(workspace, args, message):
     result = invoke(*args, "-w", str(workspace))
     assert result.exit_code == 1
@@ -116,10 +126,29 @@ def test_sigterm_marks_the_run_interrupted_and_it_resumes(workspace):
     import sys
     import time
 
-    command = [sys.executable, "-m", "dmqn_cli", "train", "tiny", "--model", "dmqn", "--epochs", "50",
-               "--patience", "50", *SMALL_MODEL, "-w", str(workspace)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = [
+        sys.executable,
+        "-m",
+        "dmqn_cli",
+        "train",
+        "tiny",
+        "--model",
+        "dmqn",
+        "--epochs",
+        "50",
+        "--patience",
+        "50",
+        *SMALL_MODEL,
+        "-w",
+        str(workspace),
+    ]
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     store = RunStore(workspace / "runs.duckdb")
     before = {r.run_id for r in store.list_runs()}
     deadline = time.monotonic() + 120

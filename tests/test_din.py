@@ -12,13 +12,13 @@ from dmqn_core.sequence import last_positions, recent_mean, take_last
 from dmqn_core.target_attention import ActivationUnit, MultiHeadTargetAttention
 from model_batches import random_batch
 
-CONFIG = ModelConfig(n_items=40, n_categories=6, n_behavior_types=3, embed_dim=8, short_len=3, middle_len=5,
-                     mlp_hidden=(16,))
+CONFIG = ModelConfig(
+    n_items=40, n_categories=6, n_behavior_types=3, embed_dim=8, short_len=3, middle_len=5, mlp_hidden=(16,)
+)
 
 
 def test_last_positions_and_take_last():
-    mask = torch.tensor([[True, True, True, True, False], [True, False, False, False, False],
-                         [False] * 5])
+    mask = torch.tensor([[True, True, True, True, False], [True, False, False, False, False], [False] * 5])
     index, valid = last_positions(mask, 3)
     assert index.tolist() == [[1, 2, 3], [0, 0, 0], [0, 0, 0]]
     assert valid.tolist() == [[True, True, True], [True, False, False], [False, False, False]]
@@ -44,7 +44,9 @@ def test_activation_unit_equals_the_mlp_over_the_concatenation():
     for b in range(B):
         h = hist_index[b]
         for l in range(L):
-            x = torch.cat([behaviors[h, l], candidate[b], behaviors[h, l] - candidate[b], behaviors[h, l] * candidate[b]])
+            x = torch.cat(
+                [behaviors[h, l], candidate[b], behaviors[h, l] - candidate[b], behaviors[h, l] * candidate[b]]
+            )
             hidden = unit.rest[0](unit.first(x).unsqueeze(0))
             expected = unit.rest[1:](hidden).squeeze() if bool(mask[h, l]) else torch.tensor(0.0)
             torch.testing.assert_close(weights[b, l], expected, atol=1e-5, rtol=1e-5)

@@ -48,7 +48,11 @@ def quality(metrics: dict[str, float]) -> dict[str, float]:
 
 def environment(**extra: str) -> dict[str, str]:
     """This process's environment without any torchrun variables it may have, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     env.update(OMP_NUM_THREADS="1", **extra)
     return env
 
@@ -58,7 +62,13 @@ def test_the_torchrun_environment_decides_the_context():
     assert distributed.context_from_env({"WORLD_SIZE": "1", "RANK": "0"}) == distributed.SINGLE
     torchrun = {"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}
     context = distributed.context_from_env(torchrun)
-    assert (context.rank, context.world_size, context.local_rank, context.active, context.is_main) == (3, 4, 1, True, False)
+    assert (context.rank, context.world_size, context.local_rank, context.active, context.is_main) == (
+        3,
+        4,
+        1,
+        True,
+        False,
+    )
     with pytest.raises(DmqnError, match="MASTER_ADDR is not set; start multi-process training with torchrun"):
         distributed.context_from_env({**torchrun, "MASTER_ADDR": ""})
     with pytest.raises(DmqnError, match="bad torchrun environment"):
@@ -72,27 +82,49 @@ def test_the_torchrun_environment_decides_the_context():
 def test_torchrun_trains_din_full_as_one_process_does(tiny_workspace, tmp_path):
     ws = fresh_workspace(tiny_workspace, tmp_path / "two")
     config = tmp_path / "small.toml"
-    config.write_text("[model]\nembed_dim = 8\nmlp_hidden = [16]\n[train]\n"
-                      + "".join(f"{k} = {v}\n" for k, v in TRAIN.items()))
+    config.write_text(
+        "[model]\nembed_dim = 8\nmlp_hidden = [16]\n[train]\n" + "".join(f"{k} = {v}\n" for k, v in TRAIN.items())
+    )
     launch = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "dmqn_cli", "train", "tiny", "--model", "din-full", "--config", str(config), "--workspace", str(ws.root)],
-        env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "dmqn_cli",
+            "train",
+            "tiny",
+            "--model",
+            "din-full",
+            "--config",
+            str(config),
+            "--workspace",
+            str(ws.root),
+        ],
+        env=environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         reference_ws = fresh_workspace(tiny_workspace, tmp_path / "one")
-        reference = train(reference_ws, "tiny", "din-full", MODEL, TRAIN)      # while torchrun starts
+        reference = train(reference_ws, "tiny", "din-full", MODEL, TRAIN)  # while torchrun starts
         stdout, stderr = launch.communicate(timeout=300)
     finally:
-        if launch.poll() is None:        # torchrun and its workers, which share its new session
+        if launch.poll() is None:  # torchrun and its workers, which share its new session
             os.killpg(launch.pid, signal.SIGKILL)
             launch.wait()
     assert launch.returncode == 0, stdout + stderr
 
     store = RunStore(ws.store_path)
-    (record,) = store.list_runs()                      # one run row, written by rank 0 alone
+    (record,) = store.list_runs()  # one run row, written by rank 0 alone
     assert record.status == "finished"
     assert record.params["distributed"] == {"world_size": 2, "backend": "gloo"}
-    assert stdout.count(f"run {record.run_id}") == 1                  # rank 0 alone reports
+    assert stdout.count(f"run {record.run_id}") == 1  # rank 0 alone reports
     assert sorted(p.name for p in ws.runs_dir.iterdir()) == [record.run_id]
     assert {"checkpoint.pt", "best.pt"} <= {p.name for p in ws.run_dir(record.run_id).iterdir()}
 
@@ -130,9 +162,12 @@ def test_torchrun_trains_din_full_as_one_process_does(tiny_workspace, tmp_path):
     assert abs(record.test_logloss - reference.test["logloss"]) <= 1e-5
     one = torch.load(reference_ws.run_dir(reference.run_id) / "best.pt", weights_only=True)["model_state"]
     two = torch.load(ws.run_dir(record.run_id) / "best.pt", weights_only=True)["model_state"]
-    torch.manual_seed(TRAIN["seed"])          # the initial weights, as dmqn_core.train draws them
-    start = build_model("din-full", ModelConfig.from_dict(record.params["model"]),
-                        item_popularity=PreparedSet.open(record.dataset_path).item_popularity).state_dict()
+    torch.manual_seed(TRAIN["seed"])  # the initial weights, as dmqn_core.train draws them
+    start = build_model(
+        "din-full",
+        ModelConfig.from_dict(record.params["model"]),
+        item_popularity=PreparedSet.open(record.dataset_path).item_popularity,
+    ).state_dict()
 
     def flat(state: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.cat([state[name].double().flatten() for name in sorted(one)])
@@ -192,10 +227,18 @@ def test_two_processes_train_dmqn_like_one_resume_exactly_and_fail_together(tiny
     settings = {**TRAIN, "epochs": 2, "patience": 5}
     ws = fresh_workspace(tiny_workspace, tmp_path / "two")
     port = str(free_port())
-    workers = [subprocess.Popen(
-        [sys.executable, "-c", WORKER, str(ws.root), json.dumps(MODEL), json.dumps(settings)],
-        env=environment(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(2)]
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, str(ws.root), json.dumps(MODEL), json.dumps(settings)],
+            env=environment(
+                RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
     try:
         reference = train(fresh_workspace(tiny_workspace, tmp_path / "one"), "tiny", "dmqn", MODEL, settings)
         outputs = [w.communicate(timeout=240) for w in workers]
@@ -217,7 +260,7 @@ def test_two_processes_train_dmqn_like_one_resume_exactly_and_fail_together(tiny
     runs = {r.run_id: r for r in store.list_runs()}
     assert runs[whole["run_id"]].status == runs["interrupted"].status == "finished"
     assert runs[whole["run_id"]].params["distributed"] == {"world_size": 2, "backend": "gloo"}
-    assert len(store.inspected_users(whole["run_id"])) == TRAIN["inspect_users"]   # rank 0 recorded the sample
+    assert len(store.inspected_users(whole["run_id"])) == TRAIN["inspect_users"]  # rank 0 recorded the sample
 
     # DMQN draws Gumbel noise in training: the two processes' draws are not the one process's,
     # so the runs differ as two noise draws do. Measured on this set and budget: six one-process

@@ -15,8 +15,16 @@ from dmqn_core.popularity import PopularityModel
 from model_batches import random_batch
 
 CONFIG = ModelConfig(
-    n_items=60, n_categories=8, n_behavior_types=4, embed_dim=8, n_codebooks=3, codebook_size=6,
-    icim_layers=2, icim_heads=2, short_len=5, mlp_hidden=(16, 8),
+    n_items=60,
+    n_categories=8,
+    n_behavior_types=4,
+    embed_dim=8,
+    n_codebooks=3,
+    codebook_size=6,
+    icim_layers=2,
+    icim_heads=2,
+    short_len=5,
+    mlp_hidden=(16, 8),
 )
 
 
@@ -53,7 +61,9 @@ def test_a_compacted_reordered_state_scores_like_forward():
             own = state.index_select(torch.tensor([u])).compact()
             assert own.clusters.shape[2] == max(int(state.cluster_mask[u].sum(-1).max()), 1)
             flipped = replace(
-                own, clusters=own.clusters.flip(2), cluster_mask=own.cluster_mask.flip(2),
+                own,
+                clusters=own.clusters.flip(2),
+                cluster_mask=own.cluster_mask.flip(2),
                 cluster_size=own.cluster_size.flip(2),
             )
             one = m.score(flipped, b["cand_item"][i : i + 1], b["cand_category"][i : i + 1])

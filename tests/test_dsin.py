@@ -8,8 +8,17 @@ from dmqn_core.config import ModelConfig
 from dmqn_core.dsin import DSIN, split_sessions
 from model_batches import random_batch
 
-CONFIG = ModelConfig(n_items=60, n_categories=8, n_behavior_types=4, embed_dim=8, short_len=5, mlp_hidden=(16, 8),
-                     session_gap=100, max_sessions=3, session_len=4)
+CONFIG = ModelConfig(
+    n_items=60,
+    n_categories=8,
+    n_behavior_types=4,
+    embed_dim=8,
+    short_len=5,
+    mlp_hidden=(16, 8),
+    session_gap=100,
+    max_sessions=3,
+    session_len=4,
+)
 
 
 def model(seed: int = 0, config: ModelConfig = CONFIG) -> DSIN:
@@ -28,22 +37,27 @@ def reference_sessions(timestamps: list[int], gap: int, max_sessions: int, sessi
 
 
 def as_lists(positions, mask) -> list[list[list[int]]]:
-    return [[[p for p, v in zip(row_p, row_v) if v] for row_p, row_v in zip(hp, hv) if any(row_v)]
-            for hp, hv in zip(positions.tolist(), mask.tolist())]
+    return [
+        [[p for p, v in zip(row_p, row_v) if v] for row_p, row_v in zip(hp, hv) if any(row_v)]
+        for hp, hv in zip(positions.tolist(), mask.tolist())
+    ]
 
 
 def test_split_sessions_on_hand_built_timestamps():
     # gaps:   5   100(= gap: no split)   101(split)   0   2000(split)   1
-    ts = torch.tensor([[1000, 1005, 1105, 1206, 1206, 3206, 3207, 0, 0],
-                       [50, 0, 0, 0, 0, 0, 0, 0, 0],
-                       [0] * 9])
+    ts = torch.tensor([[1000, 1005, 1105, 1206, 1206, 3206, 3207, 0, 0], [50, 0, 0, 0, 0, 0, 0, 0, 0], [0] * 9])
     mask = ts > 0
     positions, kept = split_sessions(ts, mask, gap=100, max_sessions=5, session_len=5)
     assert positions.shape == kept.shape == (3, 5, 5)
     assert as_lists(positions, kept) == [[[0, 1, 2], [3, 4], [5, 6]], [[0]], []]
     # sessions fill the rows from the first, behaviors the columns from the first
-    assert kept[0].tolist() == [[True] * 3 + [False] * 2, [True] * 2 + [False] * 3, [True] * 2 + [False] * 3,
-                                [False] * 5, [False] * 5]
+    assert kept[0].tolist() == [
+        [True] * 3 + [False] * 2,
+        [True] * 2 + [False] * 3,
+        [True] * 2 + [False] * 3,
+        [False] * 5,
+        [False] * 5,
+    ]
     assert torch.all(positions[~kept] == 0)
 
 
@@ -93,8 +107,12 @@ def test_session_interest_is_the_mean_of_a_transformer_layer_over_the_session_al
         ext.session_bias.normal_()
         ext.position_bias.normal_()
         q = torch.randn(2, 3, 4, 8)
-        mask = torch.tensor([[[True, True, False, False], [True, True, True, True], [False] * 4],
-                             [[True, False, False, False], [False] * 4, [False] * 4]])
+        mask = torch.tensor(
+            [
+                [[True, True, False, False], [True, True, True, True], [False] * 4],
+                [[True, False, False, False], [False] * 4, [False] * 4],
+            ]
+        )
         interests = ext(q, mask)
         be = ext.bias_encoding(mask)
         for h in range(2):
@@ -148,10 +166,16 @@ def test_behaviors_outside_the_kept_sessions_and_the_short_window_do_not_matter(
     # the short_len window: it does not matter; one inside the latest session does.
     m = model(7).eval()
     ts = torch.tensor([[0, 500, 1000, 1500, 2000, 2500, 3000, 3001]]) + 1
-    one = dict(hist_item=torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]]), hist_category=torch.ones(1, 8, dtype=torch.long),
-               hist_behavior=torch.ones(1, 8, dtype=torch.long), hist_mask=torch.ones(1, 8, dtype=torch.bool),
-               hist_index=torch.tensor([0]), cand_item=torch.tensor([9]), cand_category=torch.tensor([2]),
-               hist_timestamp=ts)
+    one = dict(
+        hist_item=torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]]),
+        hist_category=torch.ones(1, 8, dtype=torch.long),
+        hist_behavior=torch.ones(1, 8, dtype=torch.long),
+        hist_mask=torch.ones(1, 8, dtype=torch.bool),
+        hist_index=torch.tensor([0]),
+        cand_item=torch.tensor([9]),
+        cand_category=torch.tensor([2]),
+        hist_timestamp=ts,
+    )
     with torch.no_grad():
         base = m(**one)
         one["hist_item"] = torch.tensor([[11, 2, 3, 4, 5, 6, 7, 8]])

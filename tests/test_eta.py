@@ -8,8 +8,17 @@ from dmqn_core.config import ModelConfig
 from dmqn_core.eta import ETA, hamming_top_k, simhash
 from model_batches import random_batch
 
-CONFIG = ModelConfig(n_items=400, n_categories=6, n_behavior_types=3, embed_dim=8, attention_heads=2,
-                     top_k=3, short_len=2, simhash_bits=6, mlp_hidden=(16, 8))
+CONFIG = ModelConfig(
+    n_items=400,
+    n_categories=6,
+    n_behavior_types=3,
+    embed_dim=8,
+    attention_heads=2,
+    top_k=3,
+    short_len=2,
+    simhash_bits=6,
+    mlp_hidden=(16, 8),
+)
 
 
 def model(seed: int = 0, config: ModelConfig = CONFIG) -> ETA:
@@ -60,7 +69,7 @@ def test_hamming_top_k_equals_brute_force(k: int, seed: int):
     assert positions.shape == valid.shape == (B, min(k, L))
     expected = brute_force_top_k(hist_sig, mask, hist_index, cand_sig, k)
     assert [p[v].tolist() for p, v in zip(positions, valid)] == expected
-    assert all(v[:len(e)].all() and not v[len(e):].any() for v, e in zip(valid, expected))  # left-aligned
+    assert all(v[: len(e)].all() and not v[len(e) :].any() for v, e in zip(valid, expected))  # left-aligned
     assert (positions[~valid] == 0).all()
 
 

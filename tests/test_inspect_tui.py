@@ -107,7 +107,7 @@ def test_codebook_keys_switch_the_codewords_shown(tiny_workspace, inspect_run):
         assert column(timeline, "codeword") == [str(w) for w in expected.codeword[1]]
         assert column(clusters, "codeword") == [str(c.codeword) for c in expected.clusters(1)]
         assert "codebook 2/2" in info(app)
-        await pilot.press("right_square_bracket")   # wraps around
+        await pilot.press("right_square_bracket")  # wraps around
         assert column(timeline, "codeword") == [str(w) for w in expected.codeword[0]]
         await pilot.press("left_square_bracket")
         assert "codebook 2/2" in info(app)
@@ -170,7 +170,7 @@ def test_an_unknown_user_is_a_message_not_a_crash(tiny_workspace, inspect_run):
         await search(pilot, 987654321)
         assert "unknown user 987654321" in message(app) and "Press / to search" in message(app)
         assert app.query_one("#message").has_class("-error")
-        assert app.inspection.user_id == known   # the user on screen stays
+        assert app.inspection.user_id == known  # the user on screen stays
         await search(pilot, known)
         assert message(app) == ""
 
@@ -213,9 +213,9 @@ def test_run_picker_opens_another_run(tiny_workspace, inspect_run, other_run):
         picker = app.screen
         assert isinstance(picker, RunPicker)
         ids = [run.run_id for run in picker.runs]
-        assert ids.index(other_run) < ids.index(inspect_run)   # newest first
+        assert ids.index(other_run) < ids.index(inspect_run)  # newest first
         options = picker.query_one("OptionList")
-        assert options.highlighted == ids.index(inspect_run)   # the run on screen
+        assert options.highlighted == ids.index(inspect_run)  # the run on screen
         options.highlighted = ids.index(other_run)
         await pilot.press("enter")
         await settle(pilot)
@@ -229,10 +229,10 @@ def test_run_picker_opens_another_run(tiny_workspace, inspect_run, other_run):
 def test_a_user_without_candidates_is_explained(tiny_workspace):
     async def scenario(pilot: Pilot) -> None:
         app = pilot.app
-        await pilot.press("3", "n", "p")   # nothing to step through: a bell, not an error
+        await pilot.press("3", "n", "p")  # nothing to step through: a bell, not an error
         assert app.candidate is None and "no test candidates" in info(app)
         assert "has no test candidates" in plain(app.query_one(AttentionChart).content)
-        await pilot.press("slash", "escape")   # a cancelled search changes nothing
+        await pilot.press("slash", "escape")  # a cancelled search changes nothing
         assert not app.query_one("#search").display and app.inspection.user_id == 9
 
     drive(seeded_app(tiny_workspace, 9), scenario)
@@ -241,13 +241,14 @@ def test_a_user_without_candidates_is_explained(tiny_workspace):
 # -- the command line ------------------------------------------------------------------------
 def test_an_unknown_run_or_a_missing_store_fails_before_the_tui(tiny_workspace, inspect_run, tmp_path):
     runner = CliRunner()
-    unknown = runner.invoke(cli, ["inspect", "--run", "no-such-run", "--user", "1",
-                                  "--workspace", str(tiny_workspace.root)])
+    unknown = runner.invoke(
+        cli, ["inspect", "--run", "no-such-run", "--user", "1", "--workspace", str(tiny_workspace.root)]
+    )
     assert unknown.exit_code == 1 and "unknown run 'no-such-run'" in unknown.output
     assert len(unknown.output.strip().splitlines()) == 1
     missing = runner.invoke(cli, ["inspect", "--user", "1", "--workspace", str(tmp_path / "nowhere")])
     assert missing.exit_code == 1 and "no run store" in missing.output
-    assert not (tmp_path / "nowhere").exists()   # a read-only command creates no workspace
+    assert not (tmp_path / "nowhere").exists()  # a read-only command creates no workspace
 
 
 # -- snapshots, on seeded data ------------------------------------------------------------------
@@ -266,7 +267,7 @@ class SeededInspector:
 
     def utilisation(self, epoch: int | None = None) -> np.ndarray:
         counts = np.random.default_rng(0).integers(20, 400, size=(self.n_codebooks, self.codebook_size))
-        counts[0, [3, 10]] = 0   # two dead codewords
+        counts[0, [3, 10]] = 0  # two dead codewords
         return counts
 
     def user(self, user_id: int) -> UserInspection:
@@ -277,8 +278,16 @@ class SeededInspector:
         categories = np.array([101, 202, 303, 404, 505])
         category = categories[rng.choice(5, size=L, p=[0.4, 0.25, 0.15, 0.1, 0.1])]
         # Codewords mostly follow the category, as a trained quantizer's would.
-        codeword = np.stack([np.where(rng.random(L) < 0.3, rng.integers(0, W, size=L),
-                                      (np.searchsorted(categories, category) * (n + 2)) % W) for n in range(N)])
+        codeword = np.stack(
+            [
+                np.where(
+                    rng.random(L) < 0.3,
+                    rng.integers(0, W, size=L),
+                    (np.searchsorted(categories, category) * (n + 2)) % W,
+                )
+                for n in range(N)
+            ]
+        )
         C = 0 if user_id == 9 else 3
         candidate_category = categories[[0, 2, 4]][:C]
         attention = np.zeros((C, N, W))
@@ -287,22 +296,33 @@ class SeededInspector:
                 words = np.unique(codeword[n])
                 # A cluster holding the candidate's category draws more attention.
                 logits = rng.normal(size=len(words)) + 2.0 * np.array(
-                    [np.any(category[codeword[n] == w] == candidate_category[c]) for w in words])
+                    [np.any(category[codeword[n] == w] == candidate_category[c]) for w in words]
+                )
                 attention[c, n, words] = np.exp(logits) / np.exp(logits).sum()
         return UserInspection(
-            run_id=self.run_id, user_id=user_id, recorded=True, n_codebooks=N, codebook_size=W,
+            run_id=self.run_id,
+            user_id=user_id,
+            recorded=True,
+            n_codebooks=N,
+            codebook_size=W,
             timestamp=1511740800 + np.sort(rng.integers(0, 9 * 86400, size=L)),
-            item=rng.integers(100000, 999999, size=L), category=category,
+            item=rng.integers(100000, 999999, size=L),
+            category=category,
             behavior=rng.choice(np.array(["pv", "cart", "fav", "buy"]), size=L, p=[0.85, 0.07, 0.05, 0.03]),
-            codeword=codeword, candidate_item=np.array([424242, 515151, 606060])[:C],
-            candidate_category=candidate_category, label=np.array([1, 0, 0])[:C],
-            score=np.array([0.734, 0.412, 0.087])[:C], attention=attention)
+            codeword=codeword,
+            candidate_item=np.array([424242, 515151, 606060])[:C],
+            candidate_category=candidate_category,
+            label=np.array([1, 0, 0])[:C],
+            score=np.array([0.734, 0.412, 0.087])[:C],
+            attention=attention,
+        )
 
 
 SNAPSHOT_RUNS = [
     RunSummary(SeededInspector.run_id, "dmqn", "snapshot", "finished", "2025-01-01T12:00:00", 0.7312, 0.7021, 0.5512),
-    RunSummary("20241231-090000-beef", "dmqn-simple", "snapshot", "finished", "2024-12-31T09:00:00", 0.7107, 0.6890,
-               0.5634),
+    RunSummary(
+        "20241231-090000-beef", "dmqn-simple", "snapshot", "finished", "2024-12-31T09:00:00", 0.7107, 0.6890, 0.5634
+    ),
     RunSummary("20241230-080000-cafe", "dmqn", "taobao-head", "interrupted", "2024-12-30T08:00:00", None, None, None),
 ]
 
@@ -311,8 +331,9 @@ def seeded_app(tiny_workspace, user_id: int = 7) -> InspectApp:
     return InspectApp(tiny_workspace, SeededInspector(), user_id)
 
 
-@pytest.mark.parametrize("keys", [(), ("2",), ("3", "n"), ("4",)],
-                         ids=["timeline", "clusters", "attention", "utilisation"])
+@pytest.mark.parametrize(
+    "keys", [(), ("2",), ("3", "n"), ("4",)], ids=["timeline", "clusters", "attention", "utilisation"]
+)
 def test_snapshot_views(snap_compare, tiny_workspace, keys):
     assert snap_compare(seeded_app(tiny_workspace), press=keys, terminal_size=SIZE, run_before=settle)
 

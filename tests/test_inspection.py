@@ -13,7 +13,12 @@ from dmqn_core.batches import BatchLoader, gather_histories
 from dmqn_core.errors import DmqnError
 from dmqn_core.evaluate import load_run_model
 from dmqn_core.inspection import (
-    MAX_ITEM_VECTORS, RunInspector, candidate_histories, compute_inspections, dmqn_runs, user_worth_inspecting,
+    MAX_ITEM_VECTORS,
+    RunInspector,
+    candidate_histories,
+    compute_inspections,
+    dmqn_runs,
+    user_worth_inspecting,
 )
 from dmqn_core.runstore import RunStore
 from dmqn_core.train import train
@@ -23,8 +28,14 @@ N, W = 2, 8
 MODEL = {"embed_dim": 8, "n_codebooks": N, "codebook_size": W, "mlp_hidden": [16]}
 TRAIN = {"epochs": 1, "max_len": 60, "batch_size": 256, "seed": 4}
 SAMPLE = 12
-TABLES = ("inspect_users", "inspect_behaviors", "inspect_candidates", "inspect_attention", "codebook_vectors",
-          "item_vectors")
+TABLES = (
+    "inspect_users",
+    "inspect_behaviors",
+    "inspect_candidates",
+    "inspect_attention",
+    "codebook_vectors",
+    "item_vectors",
+)
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +59,9 @@ def row_counts(ws: Workspace, run: str) -> dict[str, int]:
 def test_training_records_the_sample_with_the_predicted_row_counts(tiny_workspace, run_id):
     ws = tiny_workspace
     _, record, data = load_run_model(ws, run_id)
-    users = sql(ws, "SELECT user_id, history_length, candidates FROM inspect_users WHERE run_id = ? ORDER BY user_id",
-                [run_id])
+    users = sql(
+        ws, "SELECT user_id, history_length, candidates FROM inspect_users WHERE run_id = ? ORDER BY user_id", [run_id]
+    )
     assert len(users) == SAMPLE == len({u for u, _, _ in users})
     test = data.split("test")
     for user, length, candidates in users:
@@ -58,15 +70,24 @@ def test_training_records_the_sample_with_the_predicted_row_counts(tiny_workspac
         end = int(np.asarray(test.hist_end)[np.asarray(test.user) == index].max())
         assert length == min(TRAIN["max_len"], end - int(data.user_offsets[index - 1]))
         assert candidates == int((np.asarray(test.user) == index).sum())
-        assert sql(ws, "SELECT count(*) FROM inspect_behaviors WHERE run_id = ? AND user_id = ?",
-                   [run_id, user])[0][0] == length * N
-        assert sql(ws, "SELECT count(*) FROM inspect_candidates WHERE run_id = ? AND user_id = ?",
-                   [run_id, user])[0][0] == candidates
+        assert (
+            sql(ws, "SELECT count(*) FROM inspect_behaviors WHERE run_id = ? AND user_id = ?", [run_id, user])[0][0]
+            == length * N
+        )
+        assert (
+            sql(ws, "SELECT count(*) FROM inspect_candidates WHERE run_id = ? AND user_id = ?", [run_id, user])[0][0]
+            == candidates
+        )
         # One attention row per candidate and non-empty cluster.
-        clusters = sql(ws, "SELECT count(DISTINCT (codebook, codeword)) FROM inspect_behaviors "
-                           "WHERE run_id = ? AND user_id = ?", [run_id, user])[0][0]
-        assert sql(ws, "SELECT count(*) FROM inspect_attention WHERE run_id = ? AND user_id = ?",
-                   [run_id, user])[0][0] == candidates * clusters
+        clusters = sql(
+            ws,
+            "SELECT count(DISTINCT (codebook, codeword)) FROM inspect_behaviors WHERE run_id = ? AND user_id = ?",
+            [run_id, user],
+        )[0][0]
+        assert (
+            sql(ws, "SELECT count(*) FROM inspect_attention WHERE run_id = ? AND user_id = ?", [run_id, user])[0][0]
+            == candidates * clusters
+        )
     counts = row_counts(ws, run_id)
     assert counts["codebook_vectors"] == N * W
     assert counts["item_vectors"] == min(MAX_ITEM_VECTORS, data.n_items)
@@ -94,8 +115,16 @@ def test_recorded_users_equal_the_on_demand_computation(tiny_workspace, run_id):
     for user, computed in zip(sampled, fresh):
         stored = inspector.user(user)
         assert stored.recorded and not computed.recorded and computed.user_id == user
-        for name in ("timestamp", "item", "category", "behavior", "codeword", "candidate_item", "candidate_category",
-                     "label"):
+        for name in (
+            "timestamp",
+            "item",
+            "category",
+            "behavior",
+            "codeword",
+            "candidate_item",
+            "candidate_category",
+            "label",
+        ):
             assert np.array_equal(getattr(stored, name), getattr(computed, name)), name
         np.testing.assert_allclose(stored.score, computed.score, rtol=1e-6)
         np.testing.assert_allclose(stored.attention, computed.attention, rtol=1e-6, atol=1e-7)
@@ -156,7 +185,9 @@ def test_codebooks_are_folded_into_the_behavior_space(tiny_workspace, run_id):
     user = inspector.sampled_users()[0]
     index = data.user_index([user])
     end, _ = candidate_histories(data, index)[int(index[0])]
-    item, category, behavior, _, mask = gather_histories(data, index, np.array([end]), int(record.params["train"]["max_len"]))
+    item, category, behavior, _, mask = gather_histories(
+        data, index, np.array([end]), int(record.params["train"]["max_len"])
+    )
     with torch.no_grad():
         e = model.embedding.behaviors(*(torch.from_numpy(a) for a in (item, category, behavior, mask)))[0].numpy()
     assigned = np.einsum("ld,nwd->nlw", e[mask[0]], codebooks).argmax(axis=-1)
@@ -169,11 +200,14 @@ def test_codebooks_are_folded_into_the_behavior_space(tiny_workspace, run_id):
 def test_utilisation_answers_the_documented_sql(tiny_workspace, run_id):
     """docs/run-store.md: how many validation behaviors went to codeword w of codebook n at epoch e."""
     inspector = RunInspector(tiny_workspace, run_id)
-    counts = inspector.utilisation()                       # the best epoch, 1
+    counts = inspector.utilisation()  # the best epoch, 1
     assert counts.shape == (N, W) and (counts.sum(axis=1) == counts.sum(axis=1)[0]).all() and counts.sum() > 0
     n, w = np.unravel_index(counts.argmax(), counts.shape)
-    answer = sql(tiny_workspace, "SELECT count FROM codeword_counts WHERE run_id = ? AND epoch = ? AND codebook = ? "
-                                 "AND codeword = ?", [run_id, 1, int(n), int(w)])
+    answer = sql(
+        tiny_workspace,
+        "SELECT count FROM codeword_counts WHERE run_id = ? AND epoch = ? AND codebook = ? AND codeword = ?",
+        [run_id, 1, int(n), int(w)],
+    )
     assert answer == [(counts[n, w],)]
     assert np.array_equal(inspector.utilisation(1), counts)
     with pytest.raises(DmqnError, match="no codeword counts"):
@@ -181,15 +215,19 @@ def test_utilisation_answers_the_documented_sql(tiny_workspace, run_id):
     assert [row[:2] for row in inspector.usage_history()] == [(1, 0), (1, 1)]
     # Cluster sizes of a sampled user, by plain SQL.
     user = inspector.sampled_users()[0]
-    sizes = sql(tiny_workspace, "SELECT codeword, count(*) FROM inspect_behaviors WHERE run_id = ? AND user_id = ? "
-                                "AND codebook = 0 GROUP BY codeword ORDER BY count(*) DESC, codeword", [run_id, user])
+    sizes = sql(
+        tiny_workspace,
+        "SELECT codeword, count(*) FROM inspect_behaviors WHERE run_id = ? AND user_id = ? "
+        "AND codebook = 0 GROUP BY codeword ORDER BY count(*) DESC, codeword",
+        [run_id, user],
+    )
     assert sizes == [(c.codeword, c.size) for c in inspector.user(user).clusters(0)]
 
 
 def test_resumed_run_records_its_sample_again_without_duplicates(tiny_workspace, run_id):
     before = row_counts(tiny_workspace, run_id)
     store = RunStore(tiny_workspace.store_path)
-    store.update_run(run_id, status="interrupted")         # as if killed while recording
+    store.update_run(run_id, status="interrupted")  # as if killed while recording
     train(tiny_workspace, resume=run_id)
     assert store.get_run(run_id).status == "finished"
     assert row_counts(tiny_workspace, run_id) == before

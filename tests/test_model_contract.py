@@ -19,10 +19,27 @@ from model_batches import random_batch
 # Small enough for < 2 s a case, and at L = 36 every window and retrieval cuts: short_len, middle_len,
 # top_k behaviors (TWIN V2: clusters of <= cluster_max_size), max_sessions x session_len.
 CONFIG = ModelConfig(
-    n_items=120, n_categories=8, n_behavior_types=4, embed_dim=8, n_codebooks=3, codebook_size=6,
-    icim_layers=2, icim_heads=2, attention_heads=2, short_len=4, middle_len=12, top_k=5, simhash_bits=6,
-    sdim_rounds=6, sdim_bits=2, cluster_max_size=4, session_gap=1800, max_sessions=3, session_len=4,
-    mlp_hidden=(16,), usage_loss_weight=0.1,  # > 0: DMQN's auxiliary loss is not trivially zero
+    n_items=120,
+    n_categories=8,
+    n_behavior_types=4,
+    embed_dim=8,
+    n_codebooks=3,
+    codebook_size=6,
+    icim_layers=2,
+    icim_heads=2,
+    attention_heads=2,
+    short_len=4,
+    middle_len=12,
+    top_k=5,
+    simhash_bits=6,
+    sdim_rounds=6,
+    sdim_bits=2,
+    cluster_max_size=4,
+    session_gap=1800,
+    max_sessions=3,
+    session_len=4,
+    mlp_hidden=(16,),
+    usage_loss_weight=0.1,  # > 0: DMQN's auxiliary loss is not trivially zero
 )
 MODELS = [name for name in model_names() if name != "pop"]
 NEEDS_TIMESTAMPS = {"dsin"}  # sessions are cut by time
@@ -87,13 +104,20 @@ def test_padding_ids_timestamps_and_width_do_not_matter(name):
     pad = ~b["hist_mask"]
     assert pad.any()
     g = torch.Generator().manual_seed(3)
-    highs = dict(hist_item=CONFIG.n_items, hist_category=CONFIG.n_categories, hist_behavior=CONFIG.n_behavior_types,
-                 hist_timestamp=2_000_000_000)
+    highs = dict(
+        hist_item=CONFIG.n_items,
+        hist_category=CONFIG.n_categories,
+        hist_behavior=CONFIG.n_behavior_types,
+        hist_timestamp=2_000_000_000,
+    )
     # Junk that a careless model would read: valid ids (not the padding id 0) and late timestamps.
     junk = {k: torch.randint(1, high, b[k].shape, generator=g) for k, high in highs.items()}
     noisy = dict(b, **{k: torch.where(pad, junk[k], b[k]) for k in highs})
-    wide = dict(noisy, hist_mask=torch.cat([b["hist_mask"], torch.zeros(6, 9, dtype=torch.bool)], 1),
-                **{k: torch.cat([noisy[k], torch.randint(1, high, (6, 9), generator=g)], 1) for k, high in highs.items()})
+    wide = dict(
+        noisy,
+        hist_mask=torch.cat([b["hist_mask"], torch.zeros(6, 9, dtype=torch.bool)], 1),
+        **{k: torch.cat([noisy[k], torch.randint(1, high, (6, 9), generator=g)], 1) for k, high in highs.items()},
+    )
     with torch.no_grad():
         logits = m(**b)
         assert_same(m(**noisy), logits)
@@ -108,8 +132,11 @@ def test_logits_do_not_depend_on_the_other_histories_of_the_batch(name):
         logits = m(**b)
         for i, u in enumerate(b["hist_index"].tolist()):
             alone = {k: b[k][u : u + 1] for k in HISTORY_KEYS}
-            alone.update(hist_index=torch.tensor([0]), cand_item=b["cand_item"][i : i + 1],
-                         cand_category=b["cand_category"][i : i + 1])
+            alone.update(
+                hist_index=torch.tensor([0]),
+                cand_item=b["cand_item"][i : i + 1],
+                cand_category=b["cand_category"][i : i + 1],
+            )
             assert_same(m(**alone), logits[i : i + 1])
 
 

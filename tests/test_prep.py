@@ -21,8 +21,10 @@ from dmqn_core.workspace import Workspace
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 TAOBAO_HEAD = SHARED / "taobao_userbehavior_head.csv"
 ML_100K = SHARED / "ml-100k"
-needs_shared = pytest.mark.skipif(not TAOBAO_HEAD.is_file() or not (ML_100K / "u.data").is_file(),
-                                  reason="../shared/data (real Taobao head and MovieLens 100K) is not present")
+needs_shared = pytest.mark.skipif(
+    not TAOBAO_HEAD.is_file() or not (ML_100K / "u.data").is_file(),
+    reason="../shared/data (real Taobao head and MovieLens 100K) is not present",
+)
 
 
 @pytest.fixture
@@ -51,7 +53,7 @@ def check_invariants(ps: PreparedSet, click_names: list[str]) -> None:
     assert offsets[0] == 0 and np.all(np.diff(offsets) > 0)
     ts = np.asarray(ps.beh_timestamp)
     for u in range(1, ps.n_users + 1):  # sorted by time within each user
-        assert np.all(np.diff(ts[offsets[u - 1]:offsets[u]]) >= 0)
+        assert np.all(np.diff(ts[offsets[u - 1] : offsets[u]]) >= 0)
     click_ids = [ps.behavior_names.index(n) + 1 for n in click_names if n in ps.behavior_names]
     beh_user = np.repeat(np.arange(1, ps.n_users + 1), np.diff(offsets))
     is_click = np.isin(ps.beh_behavior, click_ids)
@@ -99,7 +101,9 @@ def test_taobao_head_counts_and_invariants(ws: Workspace) -> None:
         distinct_users = len({row[0] for row in csv.reader(fh)})
     assert counts["rows_read"] == 4321
     assert counts["rows_bad"]["out_of_time_range"] == 1 and sum(counts["rows_bad"].values()) == 1
-    assert counts["users"] + counts["users_dropped_min_behaviors"] + counts["users_dropped_few_clicks"] == distinct_users
+    assert (
+        counts["users"] + counts["users_dropped_min_behaviors"] + counts["users_dropped_few_clicks"] == distinct_users
+    )
     ps = PreparedSet.open(result.path)
     check_invariants(ps, ["pv"])
     assert ps.behavior_names == ["buy", "cart", "fav", "pv"]
@@ -150,8 +154,9 @@ def test_history_is_strictly_earlier_with_equal_timestamps(ws: Workspace, tmp_pa
 
 
 def test_max_len_cuts_history_at_read_time(ws: Workspace, tmp_path: Path) -> None:
-    ps = PreparedSet.open(prepare(synthetic_log(tmp_path / "l.csv"), "taobao", "s", workspace=ws,
-                                  min_behaviors=5, max_len=4).path)
+    ps = PreparedSet.open(
+        prepare(synthetic_log(tmp_path / "l.csv"), "taobao", "s", workspace=ws, min_behaviors=5, max_len=4).path
+    )
     s = ps.split("test")
     window = ps.history(int(s.user[0]), int(s.hist_end[0]))
     assert window.stop - window.start == 4
@@ -164,8 +169,15 @@ def test_skipped_rows_are_counted_and_strict_fails(ws: Workspace, tmp_path: Path
     with open(log, "ab") as fh:
         fh.write(b"1,\xff\xfe,3,pv,1511539300\n")
     counts = prepare(log, "taobao", "ok", workspace=ws, min_behaviors=5).meta["counts"]
-    assert counts["rows_bad"] == {"bad_encoding": 1, "bad_columns": 1, "bad_id": 1, "bad_behavior": 1,
-                                  "bad_timestamp": 1, "out_of_time_range": 1, "duplicate": 0}
+    assert counts["rows_bad"] == {
+        "bad_encoding": 1,
+        "bad_columns": 1,
+        "bad_id": 1,
+        "bad_behavior": 1,
+        "bad_timestamp": 1,
+        "out_of_time_range": 1,
+        "duplicate": 0,
+    }
     assert counts["rows_read"] == 6 * 30 + 6
     with pytest.raises(DmqnError, match=r"--strict: line 181 of log.csv is bad_columns: '1,2,3'"):
         prepare(log, "taobao", "strict", workspace=ws, min_behaviors=5, strict=True)
@@ -231,28 +243,45 @@ def test_stale_temporary_of_dead_writer_is_removed(ws: Workspace, tmp_path: Path
 def _movielens_folder(root: Path, variant: str) -> Path:
     root.mkdir()
     t0 = 978300000
-    ratings = [(u, m, 5 if (u + m + k) % 3 else 2, t0 + 100 * k + u)
-               for u in (1, 2, 3) for k, m in enumerate([1, 2, 3, 4, 5, 6, 1, 2, 3, 4])]
+    ratings = [
+        (u, m, 5 if (u + m + k) % 3 else 2, t0 + 100 * k + u)
+        for u in (1, 2, 3)
+        for k, m in enumerate([1, 2, 3, 4, 5, 6, 1, 2, 3, 4])
+    ]
     if variant == "1m":
         (root / "ratings.dat").write_text("".join(f"{u}::{m}::{r}::{t}\n" for u, m, r, t in ratings))
-        movies = ["1::Toy Story (1995)::Animation|Children's|Comedy", "2::Amélie (2001)::Comedy|Romance",
-                  "3::Heat (1995)::Action|Crime|Thriller", "4::Stalker (1979)::Sci-Fi",
-                  "5::Foo (2000)::Children|Drama", "6::Bar (2001)::Zeitgeist"]
+        movies = [
+            "1::Toy Story (1995)::Animation|Children's|Comedy",
+            "2::Amélie (2001)::Comedy|Romance",
+            "3::Heat (1995)::Action|Crime|Thriller",
+            "4::Stalker (1979)::Sci-Fi",
+            "5::Foo (2000)::Children|Drama",
+            "6::Bar (2001)::Zeitgeist",
+        ]
         (root / "movies.dat").write_bytes(("\n".join(movies) + "\n").encode("latin-1"))
     else:
-        (root / "ratings.csv").write_text("userId,movieId,rating,timestamp\n" +
-                                          "".join(f"{u},{m},{r - 0.5},{t}\n" for u, m, r, t in ratings))
-        movies = ['1,"Toy Story, the (1995)",Animation|Children|Comedy', "2,Amélie (2001),Comedy|Romance",
-                  "3,Heat (1995),Action|Crime|Thriller", "4,Stalker (1979),(no genres listed)",
-                  "5,Foo (2000),IMAX", "6,Bar (2001),Drama"]
+        (root / "ratings.csv").write_text(
+            "userId,movieId,rating,timestamp\n" + "".join(f"{u},{m},{r - 0.5},{t}\n" for u, m, r, t in ratings)
+        )
+        movies = [
+            '1,"Toy Story, the (1995)",Animation|Children|Comedy',
+            "2,Amélie (2001),Comedy|Romance",
+            "3,Heat (1995),Action|Crime|Thriller",
+            "4,Stalker (1979),(no genres listed)",
+            "5,Foo (2000),IMAX",
+            "6,Bar (2001),Drama",
+        ]
         (root / "movies.csv").write_text("movieId,title,genres\n" + "\n".join(movies))
     return root
 
 
-@pytest.mark.parametrize("variant, categories", [
-    ("1m", {1: 3, 2: 5, 3: 1, 4: 15, 5: 4, 6: 21}),
-    ("latest", {1: 3, 2: 5, 3: 1, 4: 20, 5: 19, 6: 8}),
-])
+@pytest.mark.parametrize(
+    "variant, categories",
+    [
+        ("1m", {1: 3, 2: 5, 3: 1, 4: 15, 5: 4, 6: 21}),
+        ("latest", {1: 3, 2: 5, 3: 1, 4: 20, 5: 19, 6: 8}),
+    ],
+)
 def test_movielens_1m_and_latest(ws: Workspace, tmp_path: Path, variant: str, categories: dict) -> None:
     folder = _movielens_folder(tmp_path / f"ml-{variant}", variant)
     result = prepare(folder, "movielens", variant, workspace=ws, min_behaviors=3, neg_ratio=0)
@@ -271,8 +300,17 @@ def test_csv_format_with_column_mapping(ws: Workspace, tmp_path: Path) -> None:
     log = tmp_path / "log.txt"
     log.write_text("\n".join(lines) + "\n")
     cols = {"user": "who", "item": "what", "timestamp": "when", "behavior": "kind"}
-    result = prepare(log, "csv", "c", workspace=ws, columns=cols, delimiter=";", min_behaviors=3,
-                     click_behaviors=["view"], neg_ratio=0)
+    result = prepare(
+        log,
+        "csv",
+        "c",
+        workspace=ws,
+        columns=cols,
+        delimiter=";",
+        min_behaviors=3,
+        click_behaviors=["view"],
+        neg_ratio=0,
+    )
     ps = PreparedSet.open(result.path)
     assert ps.n_users == 2 and ps.behavior_names == ["like", "view"]
     assert ps.beh_timestamp[0] == 1577872800  # 2020-01-01T10:00:00Z
@@ -309,8 +347,9 @@ def test_cli_success_and_errors(tmp_path: Path) -> None:
     runner = CliRunner()
     log = synthetic_log(tmp_path / "log.csv")
     ws = str(tmp_path / "ws")
-    ok = runner.invoke(_cli(), ["prep", str(log), "--format", "taobao", "--out", "s", "--workspace", ws,
-                                "--min-behaviors", "5"])
+    ok = runner.invoke(
+        _cli(), ["prep", str(log), "--format", "taobao", "--out", "s", "--workspace", ws, "--min-behaviors", "5"]
+    )
     assert ok.exit_code == 0, ok.output
     assert "rows read" in ok.output and "samples train" in ok.output
     again = runner.invoke(_cli(), ["prep", str(log), "--format", "taobao", "--out", "s", "--workspace", ws])
@@ -321,8 +360,9 @@ def test_cli_success_and_errors(tmp_path: Path) -> None:
     assert empty.exit_code == 1 and "is empty" in empty.output
     unknown = runner.invoke(_cli(), ["prep", str(log), "--format", "parquet", "--out", "u", "-w", ws])
     assert unknown.exit_code == 2
-    bad_range = runner.invoke(_cli(), ["prep", str(log), "-f", "taobao", "-o", "r", "-w", ws,
-                                       "--time-range", "tomorrow,later"])
+    bad_range = runner.invoke(
+        _cli(), ["prep", str(log), "-f", "taobao", "-o", "r", "-w", ws, "--time-range", "tomorrow,later"]
+    )
     assert bad_range.exit_code == 1 and "--time-range" in bad_range.output
     assert sorted(p.name for p in (tmp_path / "ws" / "data").iterdir()) == ["s"]
 
@@ -330,9 +370,15 @@ def test_cli_success_and_errors(tmp_path: Path) -> None:
 def test_line_numbers_in_messages_skip_undecodable_lines(ws: Workspace, tmp_path: Path) -> None:
     # Rejected (undecodable) lines are not rows of DuckDB's table; messages still give file lines.
     t_out = 1400000000
-    lines = [b"1,\xff,3,pv,1511539300", b"1,2,3,pv,1511539300", b"2,\xfe,3,pv,1511539300",
-             f"1,2,3,pv,{t_out}".encode(), f"1,2,3,pv,{t_out}".encode(), f"1,2,3,pv,{t_out}".encode(),
-             f"1,2,3,pv,{t_out}".encode()]
+    lines = [
+        b"1,\xff,3,pv,1511539300",
+        b"1,2,3,pv,1511539300",
+        b"2,\xfe,3,pv,1511539300",
+        f"1,2,3,pv,{t_out}".encode(),
+        f"1,2,3,pv,{t_out}".encode(),
+        f"1,2,3,pv,{t_out}".encode(),
+        f"1,2,3,pv,{t_out}".encode(),
+    ]
     log = tmp_path / "log.csv"
     log.write_bytes(b"\n".join(lines) + b"\n")
     with pytest.raises(DmqnError, match=r"mostly out_of_time_range \(4\), e\.g\. line 4 of log\.csv has timestamp"):
@@ -362,8 +408,17 @@ def test_temp_dir_holds_the_work_and_is_emptied(ws: Workspace, tmp_path: Path) -
     stale.mkdir()
     log = synthetic_log(tmp_path / "log.csv")
     reports: list[float] = []
-    a = prepare(log, "taobao", "t", workspace=ws, min_behaviors=5, temp_dir=scratch, memory_limit="25%",
-                threads=1, on_progress=reports.append)
+    a = prepare(
+        log,
+        "taobao",
+        "t",
+        workspace=ws,
+        min_behaviors=5,
+        temp_dir=scratch,
+        memory_limit="25%",
+        threads=1,
+        on_progress=reports.append,
+    )
     assert list(scratch.iterdir()) == []
     b = prepare(log, "taobao", "u", workspace=ws, min_behaviors=5)
     for name in SPLITS:
@@ -380,11 +435,30 @@ def test_cli_resource_flags(tmp_path: Path) -> None:
     log = synthetic_log(tmp_path / "log.csv")
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    ok = CliRunner().invoke(_cli(), ["prep", str(log), "-f", "taobao", "-o", "s", "-w", str(tmp_path / "ws"),
-                                     "--min-behaviors", "5", "--memory-limit", "30%", "--threads", "1",
-                                     "--temp-dir", str(scratch)])
+    ok = CliRunner().invoke(
+        _cli(),
+        [
+            "prep",
+            str(log),
+            "-f",
+            "taobao",
+            "-o",
+            "s",
+            "-w",
+            str(tmp_path / "ws"),
+            "--min-behaviors",
+            "5",
+            "--memory-limit",
+            "30%",
+            "--threads",
+            "1",
+            "--temp-dir",
+            str(scratch),
+        ],
+    )
     assert ok.exit_code == 0, ok.output
     assert list(scratch.iterdir()) == []
-    bad = CliRunner().invoke(_cli(), ["prep", str(log), "-f", "taobao", "-o", "t", "-w", str(tmp_path / "ws"),
-                                      "--memory-limit", "x%"])
+    bad = CliRunner().invoke(
+        _cli(), ["prep", str(log), "-f", "taobao", "-o", "t", "-w", str(tmp_path / "ws"), "--memory-limit", "x%"]
+    )
     assert bad.exit_code == 1 and "--memory-limit" in bad.output

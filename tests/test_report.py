@@ -36,7 +36,9 @@ TRAIN = {"epochs": 2, "max_len": 60, "batch_size": 256, "seed": 4, "inspect_user
 FIGURES = [key for key, _ in SECTIONS]  # every section has a figure for a run with a recorded sample
 
 CHROMIUM = shutil.which("chromium")
-needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium)")
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +81,7 @@ def test_report_is_one_self_contained_file(report):
 
 def test_report_shows_this_run_beside_the_others(report, dmqn_run, baseline_run):
     text = report.read_text(encoding="utf-8")
-    table = text[text.index('<table class="runs">'):]
+    table = text[text.index('<table class="runs">') :]
     assert f'<tr class="this-run"><td>{dmqn_run}</td>' in table and f"<td>{baseline_run}</td>" in table
 
 
@@ -120,8 +122,9 @@ def test_only_dmqn_runs_have_a_report(tiny_workspace, baseline_run, tmp_path):
 
 def test_command_line(tiny_workspace, dmqn_run, tmp_path):
     out = tmp_path / "cli.html"
-    result = CliRunner().invoke(app, ["report", dmqn_run, "--out", str(out), "--users", "2",
-                                      "--workspace", str(tiny_workspace.root)])
+    result = CliRunner().invoke(
+        app, ["report", dmqn_run, "--out", str(out), "--users", "2", "--workspace", str(tiny_workspace.root)]
+    )
     assert result.exit_code == 0, result.output
     assert str(out) in result.output.replace("\n", "") and " MB" in result.output
     assert figure_ids(out.read_text(encoding="utf-8")) == FIGURES
@@ -154,10 +157,26 @@ ERROR_PROBE = """<script>(function () {
 def chromium(workdir: Path, *args: str) -> subprocess.CompletedProcess:
     profile = workdir / f"profile-{len(list(workdir.glob('profile-*')))}"
     return subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars",
-         f"--user-data-dir={profile}", "--virtual-time-budget=20000", *args],
-        capture_output=True, text=True, timeout=300, check=True)
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--hide-scrollbars",
+            f"--user-data-dir={profile}",
+            "--virtual-time-budget=20000",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
 
 
 def browser_check(report: Path, workdir: Path) -> tuple[list[str], int, float]:
@@ -169,11 +188,13 @@ def browser_check(report: Path, workdir: Path) -> tuple[list[str], int, float]:
     errors = json.loads(html.unescape(m.group(1))) if (m := re.search(r'data-js-errors="([^"]*)"', root)) else []
     if 'data-loaded="yes"' not in root:
         errors.append("the page never finished loading")
-    body = dom[dom.index("</head>"):]  # plotly.js' own source mentions the class below
+    body = dom[dom.index("</head>") :]  # plotly.js' own source mentions the class below
     rendered = body.count("js-plotly-plot")
     # 1280×2400 CSS pixels drawn at half scale: the header and the first plots, decoded quickly.
     png = workdir / "screenshot.png"
-    chromium(workdir, "--window-size=1280,2400", "--force-device-scale-factor=0.5", f"--screenshot={png}", report.as_uri())
+    chromium(
+        workdir, "--window-size=1280,2400", "--force-device-scale-factor=0.5", f"--screenshot={png}", report.as_uri()
+    )
     rgb = read_png(png)[..., :3].astype(np.int16)
     colourful = float(((rgb.max(axis=-1) - rgb.min(axis=-1)) >= 64).mean())  # text is grey, plots are coloured
     return errors, rendered, colourful
@@ -190,8 +211,9 @@ def test_chromium_renders_every_plot_without_errors(report, tmp_path):
 @needs_chromium
 def test_chromium_check_fails_on_a_broken_report(report, tmp_path):
     broken = tmp_path / "broken.html"
-    broken.write_text(report.read_text(encoding="utf-8").replace(get_plotlyjs(), "this is not javascript"),
-                      encoding="utf-8")
+    broken.write_text(
+        report.read_text(encoding="utf-8").replace(get_plotlyjs(), "this is not javascript"), encoding="utf-8"
+    )
     errors, rendered, colourful = browser_check(broken, tmp_path)
     assert any("SyntaxError" in e for e in errors) and any("Plotly is not defined" in e for e in errors)
     assert rendered == 0
@@ -204,8 +226,8 @@ def read_png(path: Path) -> np.ndarray:
     assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
     pos, idat = 8, []
     while pos < len(data):
-        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
-        body = data[pos + 8:pos + 8 + length]
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        body = data[pos + 8 : pos + 8 + length]
         pos += 12 + length
         if kind == b"IHDR":
             width, height, depth, color, _, _, interlace = struct.unpack(">IIBBBBB", body)

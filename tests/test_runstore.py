@@ -8,8 +8,14 @@ from dmqn_core.workspace import exclusive_lock
 
 
 def make_run(store: RunStore, model: str = "dmqn", dataset: str = "d") -> str:
-    return store.create_run(model=model, dataset=dataset, dataset_path="/x/" + dataset,
-                            params={"model": {"embed_dim": 8}, "train": {"seed": 1}}, seed=1, n_parameters=10)
+    return store.create_run(
+        model=model,
+        dataset=dataset,
+        dataset_path="/x/" + dataset,
+        params={"model": {"embed_dim": 8}, "train": {"seed": 1}},
+        seed=1,
+        n_parameters=10,
+    )
 
 
 def test_create_update_finish_and_read_back(tmp_path):
@@ -25,7 +31,10 @@ def test_create_update_finish_and_read_back(tmp_path):
     assert store.codebook_usage(run) == [(1, 0, 2, 1, 1.8), (1, 1, 2, 1, 2.0)]
     # Plain SQL on the file answers questions about codewords.
     con = duckdb.connect(str(store.path), read_only=True)
-    assert con.execute("SELECT sum(count) FROM codeword_counts WHERE run_id = ? AND codebook = 1", [run]).fetchone()[0] == 4
+    assert (
+        con.execute("SELECT sum(count) FROM codeword_counts WHERE run_id = ? AND codebook = 1", [run]).fetchone()[0]
+        == 4
+    )
     con.close()
 
 
@@ -37,10 +46,10 @@ def test_latest_run_and_unknown_run(tmp_path):
     with pytest.raises(DmqnError, match="no finished run .* yet; name a run"):
         store.resolve_run_id(None)
     store.finish_run(first, "finished")
-    second = make_run(store, model="pop")           # newer, but not finished
+    second = make_run(store, model="pop")  # newer, but not finished
     assert store.resolve_run_id(None) == first
     assert store.resolve_run_id(None, finished_only=False) == second
-    assert store.resolve_run_id(second) == second    # a named run of any status
+    assert store.resolve_run_id(second) == second  # a named run of any status
     with pytest.raises(DmqnError, match="unknown run"):
         store.get_run("nope")
     assert [r.run_id for r in store.list_runs(model="pop")] == [second]
@@ -49,12 +58,12 @@ def test_latest_run_and_unknown_run(tmp_path):
 def test_a_running_run_reads_dead_while_no_process_holds_its_lock(tmp_path):
     store = RunStore(tmp_path / "runs.duckdb")
     run = make_run(store)
-    assert store.get_run(run).status == "dead"                 # no process ever took its lock
-    with exclusive_lock(store.lock_path(run), f"run {run}"):   # as the training process does
+    assert store.get_run(run).status == "dead"  # no process ever took its lock
+    with exclusive_lock(store.lock_path(run), f"run {run}"):  # as the training process does
         assert store.get_run(run).status == "running"
         assert [r.status for r in store.list_runs()] == ["running"]
     assert [r.status for r in store.list_runs()] == ["dead"]
-    store.finish_run(run, "interrupted")                       # only "running" is ever read otherwise
+    store.finish_run(run, "interrupted")  # only "running" is ever read otherwise
     assert store.get_run(run).status == "interrupted"
 
 
@@ -105,23 +114,43 @@ def test_inspection_rows_round_trip_and_replace(tmp_path):
     vectors = np.arange(6, dtype=np.float32).reshape(2, 3) / 4
     rows = {
         "inspect_users": {"user_id": [7], "history_length": [2], "candidates": [1]},
-        "inspect_behaviors": {"user_id": [7] * 2, "position": [0, 1], "codebook": [0, 0], "codeword": [3, 1],
-                              "timestamp": [100, 200], "item": [11, 12], "category": [5, 5],
-                              "behavior": np.array(["pv", "buy"])},
-        "inspect_candidates": {"user_id": [7], "candidate": [0], "item": [13], "category": [5], "label": [1],
-                               "score": [0.25]},
-        "inspect_attention": {"user_id": [7, 7], "candidate": [0, 0], "codebook": [0, 0], "codeword": [1, 3],
-                              "weight": [0.5, 0.5]},
+        "inspect_behaviors": {
+            "user_id": [7] * 2,
+            "position": [0, 1],
+            "codebook": [0, 0],
+            "codeword": [3, 1],
+            "timestamp": [100, 200],
+            "item": [11, 12],
+            "category": [5, 5],
+            "behavior": np.array(["pv", "buy"]),
+        },
+        "inspect_candidates": {
+            "user_id": [7],
+            "candidate": [0],
+            "item": [13],
+            "category": [5],
+            "label": [1],
+            "score": [0.25],
+        },
+        "inspect_attention": {
+            "user_id": [7, 7],
+            "candidate": [0, 0],
+            "codebook": [0, 0],
+            "codeword": [1, 3],
+            "weight": [0.5, 0.5],
+        },
         "codebook_vectors": {"codebook": [0, 0], "codeword": [0, 1], "vector": vectors},
     }
     store.log_inspection(run, rows)
-    store.log_inspection(run, rows, replace=True)          # a resumed run writes its sample again
+    store.log_inspection(run, rows, replace=True)  # a resumed run writes its sample again
     assert store.inspected_users(run) == [(7, 2, 1)]
     behaviors, candidates, attention = store.inspected_user(run, 7)
     assert behaviors == [(0, 0, 3, 100, 11, 5, "pv"), (1, 0, 1, 200, 12, 5, "buy")]
     assert candidates == [(0, 13, 5, 1, 0.25)] and attention == [(0, 0, 1, 0.5), (0, 0, 3, 0.5)]
-    assert [(b, w, list(v)) for b, w, v in store.codebook_vectors(run)] == [(0, 0, [0.0, 0.25, 0.5]),
-                                                                            (0, 1, [0.75, 1.0, 1.25])]
+    assert [(b, w, list(v)) for b, w, v in store.codebook_vectors(run)] == [
+        (0, 0, [0.0, 0.25, 0.5]),
+        (0, 1, [0.75, 1.0, 1.25]),
+    ]
     assert store.inspected_user(run, 8) is None
     with pytest.raises(ValueError):
         store.log_inspection(run, {"runs": {}})

@@ -8,8 +8,16 @@ from dmqn_core.config import ModelConfig
 from dmqn_core.sdim import SDIM, bucket_sums, hash_buckets, sampled_interest
 from model_batches import random_batch
 
-CONFIG = ModelConfig(n_items=400, n_categories=6, n_behavior_types=3, embed_dim=8, short_len=2,
-                     sdim_rounds=5, sdim_bits=2, mlp_hidden=(16, 8))
+CONFIG = ModelConfig(
+    n_items=400,
+    n_categories=6,
+    n_behavior_types=3,
+    embed_dim=8,
+    short_len=2,
+    sdim_rounds=5,
+    sdim_bits=2,
+    mlp_hidden=(16, 8),
+)
 
 
 def model(seed: int = 0, config: ModelConfig = CONFIG) -> SDIM:
@@ -74,8 +82,9 @@ def test_sampled_interest_equals_a_loop_and_other_buckets_do_not_contribute():
     cand_buckets[1] = n - 1
     hist_buckets[0] = torch.where(hist_buckets[0] == n - 1, 0, hist_buckets[0])
     interest = sampled_interest(bucket_sums(e, hist_buckets, n), hist_index, cand_buckets)
-    torch.testing.assert_close(interest, manual_interest(e, hist_buckets, mask, hist_index, cand_buckets),
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        interest, manual_interest(e, hist_buckets, mask, hist_index, cand_buckets), rtol=1e-5, atol=1e-6
+    )
     assert torch.equal(interest[1], torch.zeros(D))
     assert torch.equal(interest[3], torch.zeros(D)) and torch.equal(interest[6], torch.zeros(D))  # empty history
     # Moving behavior 4 of history 0 changes the interest of exactly the candidates it collides with.

@@ -13,8 +13,18 @@ from dmqn_core.dmqn import DMQN
 from dmqn_core.state_codec import decode_state, encode_states, stack_states
 from model_batches import random_batch
 
-CONFIG = ModelConfig(n_items=60, n_categories=8, n_behavior_types=4, embed_dim=8, n_codebooks=3, codebook_size=6,
-                     icim_layers=2, icim_heads=2, short_len=5, mlp_hidden=(16, 8))
+CONFIG = ModelConfig(
+    n_items=60,
+    n_categories=8,
+    n_behavior_types=4,
+    embed_dim=8,
+    n_codebooks=3,
+    codebook_size=6,
+    icim_layers=2,
+    icim_heads=2,
+    short_len=5,
+    mlp_hidden=(16, 8),
+)
 HISTORY = ("hist_item", "hist_category", "hist_behavior", "hist_mask")
 
 

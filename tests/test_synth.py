@@ -10,8 +10,17 @@ from dmqn_cli.synth import synth
 from dmqn_core import synth as synth_module
 from dmqn_core.errors import DmqnError
 from dmqn_core.prep import prepare
-from dmqn_core.synth import (BEHAVIORS, MALFORMED_KINDS, SCALES, WINDOW_END, WINDOW_START, BlockedLog, SynthScale,
-                             generate_log, write_log)
+from dmqn_core.synth import (
+    BEHAVIORS,
+    MALFORMED_KINDS,
+    SCALES,
+    WINDOW_END,
+    WINDOW_START,
+    BlockedLog,
+    SynthScale,
+    generate_log,
+    write_log,
+)
 from dmqn_core.workspace import Workspace
 
 
@@ -149,9 +158,18 @@ def test_cli_bad_output_path_is_a_one_line_error(tmp_path):
 # -- the blocked generator (taobao scale) ----------------------------------------------------
 
 # A few hundred users in blocks of 64, with quirks frequent enough to appear in ~18k rows.
-SMALL_BLOCKED = SynthScale(n_users=300, n_items=4_000, n_categories=150, n_topics=20, mean_length=60,
-                           max_length=300, min_length=10, block_users=64, out_of_range_rate=0.01,
-                           malformed_rate=0.002)
+SMALL_BLOCKED = SynthScale(
+    n_users=300,
+    n_items=4_000,
+    n_categories=150,
+    n_topics=20,
+    mean_length=60,
+    max_length=300,
+    min_length=10,
+    block_users=64,
+    out_of_range_rate=0.01,
+    malformed_rate=0.002,
+)
 
 
 def test_blocked_log_is_deterministic_and_each_block_depends_only_on_seed_and_index(tmp_path):
@@ -177,8 +195,15 @@ def test_blocked_log_is_deterministic_and_each_block_depends_only_on_seed_and_in
     first = blocks[0].columns
     assert lines[0].split(",")[0] == str(first["user_id"][0])
     last = blocks[-1].columns
-    assert lines[-1] == ",".join([str(last["user_id"][-1]), str(last["item_id"][-1]), str(last["category_id"][-1]),
-                                  BEHAVIORS[last["behavior_type"][-1]], str(last["timestamp"][-1])])
+    assert lines[-1] == ",".join(
+        [
+            str(last["user_id"][-1]),
+            str(last["item_id"][-1]),
+            str(last["category_id"][-1]),
+            BEHAVIORS[last["behavior_type"][-1]],
+            str(last["timestamp"][-1]),
+        ]
+    )
 
 
 def test_blocked_log_has_the_real_files_order_and_quirks(tmp_path):
@@ -216,15 +241,23 @@ def test_prep_skips_exactly_the_blocked_logs_quirks(tmp_path):
     expected = {kind: int(np.sum(kinds == k)) for k, kind in enumerate(MALFORMED_KINDS)}
     # Rows repeated exactly (same second, item and behavior) are dropped as duplicates, once each.
     valid = [line for line in out.read_text().splitlines() if _is_valid_row(line)]
-    assert counts["rows_bad"] == {"bad_encoding": 0, **expected, "out_of_time_range": summary.out_of_range,
-                                  "duplicate": len(valid) - len(set(valid))}
+    assert counts["rows_bad"] == {
+        "bad_encoding": 0,
+        **expected,
+        "out_of_time_range": summary.out_of_range,
+        "duplicate": len(valid) - len(set(valid)),
+    }
     assert counts["users"] > 0.9 * SMALL_BLOCKED.n_users
 
 
 def _is_valid_row(line: str) -> bool:
     fields = line.split(",")
-    return (len(fields) == 5 and all(f.isdigit() for f in fields[:3] + fields[4:]) and fields[3] in BEHAVIORS
-            and WINDOW_START <= int(fields[4]) < WINDOW_END)
+    return (
+        len(fields) == 5
+        and all(f.isdigit() for f in fields[:3] + fields[4:])
+        and fields[3] in BEHAVIORS
+        and WINDOW_START <= int(fields[4]) < WINDOW_END
+    )
 
 
 def test_taobao_scale_has_the_release_shape_per_user():

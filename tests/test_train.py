@@ -39,6 +39,7 @@ def test_interrupted_run_resumes_to_the_same_result(tiny_workspace, monkeypatch)
     resumed = train(tiny_workspace, resume=interrupted.run_id)
     record = store.get_run(interrupted.run_id)
     assert record.status == "finished" and record.epochs_done == 2
+
     # Same seed, same data: the resumed run ends exactly where the uninterrupted one did.
     def quality(metrics):
         return {k: v for k, v in metrics.items() if k != "samples_per_s"}
@@ -46,7 +47,7 @@ def test_interrupted_run_resumes_to_the_same_result(tiny_workspace, monkeypatch)
     assert quality(resumed.test) == quality(reference.test)
     assert resumed.best_valid_auc == reference.best_valid_auc
     epochs = [e for e, split, name, _ in store.metric_history(record.run_id) if split == "valid" and name == "auc"]
-    assert epochs == [1, 2]                                   # nothing logged twice
+    assert epochs == [1, 2]  # nothing logged twice
 
     with pytest.raises(DmqnError, match="already finished"):
         train(tiny_workspace, resume=interrupted.run_id)
@@ -54,14 +55,13 @@ def test_interrupted_run_resumes_to_the_same_result(tiny_workspace, monkeypatch)
 
 def test_early_stopping_and_best_epoch(tiny_workspace):
     # A learning rate this high makes validation AUC stop improving quickly.
-    result = train(tiny_workspace, "tiny", "dmqn-simple", MODEL,
-                   {**TRAIN, "epochs": 6, "patience": 1, "lr": 0.05})
+    result = train(tiny_workspace, "tiny", "dmqn-simple", MODEL, {**TRAIN, "epochs": 6, "patience": 1, "lr": 0.05})
     record = RunStore(tiny_workspace.store_path).get_run(result.run_id)
     aucs = [h["valid_auc"] for h in result.history]
     assert record.best_epoch == 1 + aucs.index(max(aucs))
     assert record.best_valid_auc == max(aucs)
     if record.epochs_done < 6:
-        assert record.epochs_done == record.best_epoch + 1     # stopped after one stale epoch
+        assert record.epochs_done == record.best_epoch + 1  # stopped after one stale epoch
 
 
 def test_unknown_settings_are_refused(tiny_workspace):
@@ -92,8 +92,13 @@ def test_example_config_documents_every_setting_with_its_default():
 
 @pytest.mark.parametrize("model_name", model_names())
 def test_every_registered_model_trains_through_the_one_code_path(tiny_workspace, model_name):
-    result = train(tiny_workspace, "tiny", model_name, {"embed_dim": 8, "mlp_hidden": [16]},
-                   {"epochs": 1, "max_len": 60, "batch_size": 256, "seed": 2})
+    result = train(
+        tiny_workspace,
+        "tiny",
+        model_name,
+        {"embed_dim": 8, "mlp_hidden": [16]},
+        {"epochs": 1, "max_len": 60, "batch_size": 256, "seed": 2},
+    )
     record = RunStore(tiny_workspace.store_path).get_run(result.run_id)
     assert record.status == "finished" and record.model == model_name
     assert 0.0 <= result.test["auc"] <= 1.0 and math.isfinite(result.test["logloss"])
@@ -106,17 +111,31 @@ def test_a_run_in_training_cannot_be_trained_by_a_second_process(tiny_workspace,
     from dmqn_core.workspace import exclusive_lock
 
     store = RunStore(tiny_workspace.store_path)
-    run_id = store.create_run(model="dmqn", dataset="tiny", dataset_path=str(tiny_workspace.dataset_path("tiny")),
-                              params={}, seed=0, n_parameters=0)
+    run_id = store.create_run(
+        model="dmqn",
+        dataset="tiny",
+        dataset_path=str(tiny_workspace.dataset_path("tiny")),
+        params={},
+        seed=0,
+        n_parameters=0,
+    )
     lock = tiny_workspace.run_dir(run_id) / ".lock"
     with exclusive_lock(lock, "test"):  # as if another process were training the run
         with pytest.raises(DmqnError, match=f"run {run_id} is in use by another process"):
             train(tiny_workspace, resume=run_id)
     # A holder killed with SIGKILL leaves no stale lock behind.
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pathlib import Path; from dmqn_core.workspace import exclusive_lock\n"
-        f"with exclusive_lock(Path({str(lock)!r}), 'x'):\n    print('held', flush=True); time.sleep(60)")],
-        stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, time; from pathlib import Path; from dmqn_core.workspace import exclusive_lock\n"
+                f"with exclusive_lock(Path({str(lock)!r}), 'x'):\n    print('held', flush=True); time.sleep(60)"
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "held"
     with pytest.raises(DmqnError, match=r"\(pid \d+\)"):
         with exclusive_lock(lock, "test"):

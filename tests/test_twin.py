@@ -11,13 +11,25 @@ from dmqn_core.twin import TWIN, TimeGapBias, general_search
 from model_batches import random_batch
 
 CONFIG = ModelConfig(
-    n_items=60, n_categories=8, n_behavior_types=4, embed_dim=8, attention_heads=2, short_len=4,
-    top_k=5, mlp_hidden=(16, 8),
+    n_items=60,
+    n_categories=8,
+    n_behavior_types=4,
+    embed_dim=8,
+    attention_heads=2,
+    short_len=4,
+    top_k=5,
+    mlp_hidden=(16, 8),
 )
 
 
-def brute_force_scores(esu: MultiHeadTargetAttention, c: torch.Tensor, e: torch.Tensor, bias: torch.Tensor,
-                       mask: torch.Tensor, hist_index: torch.Tensor) -> torch.Tensor:
+def brute_force_scores(
+    esu: MultiHeadTargetAttention,
+    c: torch.Tensor,
+    e: torch.Tensor,
+    bias: torch.Tensor,
+    mask: torch.Tensor,
+    hist_index: torch.Tensor,
+) -> torch.Tensor:
     """Per candidate and behavior, loop by loop: mean over heads of q_h.k_h/sqrt(d) + bias; None at padding."""
     heads, D = esu.heads, c.shape[1]
     d = D // heads
@@ -30,7 +42,7 @@ def brute_force_scores(esu: MultiHeadTargetAttention, c: torch.Tensor, e: torch.
             if not mask[u, l]:
                 continue
             q, k = Wq @ c[b], Wk @ e[u, l]
-            per_head = [float(q[h * d:(h + 1) * d] @ k[h * d:(h + 1) * d]) / math.sqrt(d) for h in range(heads)]
+            per_head = [float(q[h * d : (h + 1) * d] @ k[h * d : (h + 1) * d]) / math.sqrt(d) for h in range(heads)]
             out[b, l] = sum(per_head) / heads + float(bias[u, l])
     return out
 

@@ -10,8 +10,15 @@ from dmqn_core.twin_v2 import TWINV2, cluster_aware_attention, cluster_summary, 
 from model_batches import random_batch
 
 CONFIG = ModelConfig(
-    n_items=60, n_categories=8, n_behavior_types=4, embed_dim=8, attention_heads=2, short_len=4,
-    top_k=4, cluster_max_size=3, mlp_hidden=(16, 8),
+    n_items=60,
+    n_categories=8,
+    n_behavior_types=4,
+    embed_dim=8,
+    attention_heads=2,
+    short_len=4,
+    top_k=4,
+    cluster_max_size=3,
+    mlp_hidden=(16, 8),
 )
 
 
@@ -94,8 +101,12 @@ def test_padding_never_forms_a_cluster_and_does_not_change_the_clustering():
     # other padding embeddings / ids and extra padding width: same clusters
     noisy = hierarchical_clusters(torch.where(mask[..., None], x, 100.0), group, mask, 3)
     wide_mask = torch.cat([mask, torch.zeros(H, 9, dtype=torch.bool)], 1)
-    wide = hierarchical_clusters(torch.cat([x, torch.randn(H, 9, 6, generator=g)], 1),
-                                 torch.cat([group, torch.ones(H, 9, dtype=torch.long)], 1), wide_mask, 3)
+    wide = hierarchical_clusters(
+        torch.cat([x, torch.randn(H, 9, 6, generator=g)], 1),
+        torch.cat([group, torch.ones(H, 9, dtype=torch.long)], 1),
+        wide_mask,
+        3,
+    )
     assert torch.equal(noisy, ids) and torch.equal(wide[:, :L], ids) and (wide[:, L:] == -1).all()
     tokens, size, exists, _ = cluster_summary(x * mask[..., None], ids, mask)
     assert torch.equal(exists.sum(1), ids.max(1).values + 1)
@@ -153,14 +164,19 @@ def test_gsu_keeps_the_top_k_clusters_by_cluster_aware_score():
         for i in range(len(idx)):
             u = int(idx[i])
             real = exists[u].nonzero().flatten()
-            s = m.esu.logits(c[i:i + 1], m.esu.project_keys(tokens[u, real]).unsqueeze(0)).mean(1)[0]
+            s = m.esu.logits(c[i : i + 1], m.esu.project_keys(tokens[u, real]).unsqueeze(0)).mean(1)[0]
             keep = real[(s + size[u, real].log() + tb[u, real]).topk(min(CONFIG.top_k, len(real))).indices]
-            long, _ = m.esu(c[i:i + 1], tokens[u, keep][None], torch.ones(1, len(keep), dtype=torch.bool),
-                            (size[u, keep].log() + tb[u, keep])[None])
+            long, _ = m.esu(
+                c[i : i + 1],
+                tokens[u, keep][None],
+                torch.ones(1, len(keep), dtype=torch.bool),
+                (size[u, keep].log() + tb[u, keep])[None],
+            )
             longs.append(long[0])
         short = m.short(c, e, mask, idx)
-        expected = m.head(c, torch.stack([torch.stack(longs), short], 1),
-                          recent_mean(e, mask, CONFIG.short_len).index_select(0, idx))
+        expected = m.head(
+            c, torch.stack([torch.stack(longs), short], 1), recent_mean(e, mask, CONFIG.short_len).index_select(0, idx)
+        )
         assert int(exists[0].sum()) > CONFIG.top_k  # the retrieval really drops clusters
         torch.testing.assert_close(m(**b), expected, rtol=0, atol=1e-5)
         # and uses the ESU's parameters: other keys, other clusters, other logits

@@ -22,17 +22,22 @@ class AttentionChart(Static):
             self.update("")
             return
         if candidate is None:
-            self.update(f"User {inspection.user_id} has no test candidates, so no candidate attends to the "
-                        "clusters. Press / to search another user.")
+            self.update(
+                f"User {inspection.user_id} has no test candidates, so no candidate attends to the "
+                "clusters. Press / to search another user."
+            )
             return
         clusters = inspection.clusters(codebook)
         category = int(inspection.candidate_category[candidate])
         heading = Text.assemble(
             (f"candidate {candidate + 1}/{len(inspection.candidate_item)}", "bold"),
             f": item {int(inspection.candidate_item[candidate])}, ",
-            ("category ", _MATCH_COLOUR), (str(category), f"bold {_MATCH_COLOUR}"), ", ",
+            ("category ", _MATCH_COLOUR),
+            (str(category), f"bold {_MATCH_COLOUR}"),
+            ", ",
             ("clicked", "bold") if inspection.label[candidate] else "not clicked",
-            f", predicted {float(inspection.score[candidate]):.3f}")
+            f", predicted {float(inspection.score[candidate]):.3f}",
+        )
         if not clusters:
             self.update(Group(heading, Text("The user has no history: no cluster to attend to.")))
             return
@@ -48,8 +53,11 @@ class AttentionChart(Static):
             weight = float(weights[cluster.codeword])
             top, count = cluster.top_categories[0]
             matches = top == category
-            table.add_row(codeword_text(cluster.codeword), number_text(weight, 3),
-                          HorizontalBar(weight, peak, _MATCH_COLOUR if matches else _BAR_COLOUR),
-                          number_text(cluster.size),
-                          Text(f"{top}×{count}", style=f"bold {_MATCH_COLOUR}" if matches else ""))
+            table.add_row(
+                codeword_text(cluster.codeword),
+                number_text(weight, 3),
+                HorizontalBar(weight, peak, _MATCH_COLOUR if matches else _BAR_COLOUR),
+                number_text(cluster.size),
+                Text(f"{top}×{count}", style=f"bold {_MATCH_COLOUR}" if matches else ""),
+            )
         self.update(Group(heading, table))

@@ -33,10 +33,18 @@ class ClustersTable(DataTable):
         if inspection is None:
             return
         for cluster in inspection.clusters(codebook):
-            weight = (number_text(float(inspection.attention[candidate, codebook, cluster.codeword]), 3)
-                      if candidate is not None else Text(""))
-            self.add_row(codeword_text(cluster.codeword), number_text(cluster.size), weight,
-                         utc_day(cluster.first_timestamp), utc_day(cluster.last_timestamp),
-                         categories_text(cluster.top_categories))
+            weight = (
+                number_text(float(inspection.attention[candidate, codebook, cluster.codeword]), 3)
+                if candidate is not None
+                else Text("")
+            )
+            self.add_row(
+                codeword_text(cluster.codeword),
+                number_text(cluster.size),
+                weight,
+                utc_day(cluster.first_timestamp),
+                utc_day(cluster.last_timestamp),
+                categories_text(cluster.top_categories),
+            )
         if self.row_count:
             self.move_cursor(row=min(row, self.row_count - 1), animate=False)

@@ -13,17 +13,30 @@ from textual.widgets import Static
 INTRODUCTION = (
     "[b]dmqn inspect[/b] shows how a DMQN run compresses one user's history: each of the N codebooks assigns "
     "every behavior to one of W codewords, and the behaviors of a codeword form an interest cluster. "
-    "A user outside the sample recorded at the end of training is computed from the checkpoint.")
+    "A user outside the sample recorded at the end of training is computed from the checkpoint."
+)
 
 VIEWS = (
-    ("1 Timeline", "the behaviors the model encodes (the last max_len), oldest first, with each one's codeword "
-                   "in the selected codebook"),
-    ("2 Clusters", "the user's non-empty clusters in that codebook: size, the chosen candidate's attention, "
-                   "first and last behavior, dominant categories (id×count)"),
-    ("3 Attention", "the candidate's target attention (CTAM) over the clusters, heaviest first; green: the "
-                    "cluster's top category is the candidate's"),
-    ("4 Utilisation", "validation behaviors per codeword at the best epoch (a dead codeword has no bar); the "
-                      "user's clusters in orange"),
+    (
+        "1 Timeline",
+        "the behaviors the model encodes (the last max_len), oldest first, with each one's codeword "
+        "in the selected codebook",
+    ),
+    (
+        "2 Clusters",
+        "the user's non-empty clusters in that codebook: size, the chosen candidate's attention, "
+        "first and last behavior, dominant categories (id×count)",
+    ),
+    (
+        "3 Attention",
+        "the candidate's target attention (CTAM) over the clusters, heaviest first; green: the "
+        "cluster's top category is the candidate's",
+    ),
+    (
+        "4 Utilisation",
+        "validation behaviors per codeword at the best epoch (a dead codeword has no bar); the "
+        "user's clusters in orange",
+    ),
 )
 
 
@@ -49,5 +62,4 @@ class HelpScreen(ModalScreen[None]):
             yield Static(INTRODUCTION)
             yield Static(views, classes="help-section")
             yield Static(keys, classes="help-section")
-            yield Static(Text("Esc, ? or q closes this screen; arrows scroll it.", style="dim"),
-                         classes="help-section")
+            yield Static(Text("Esc, ? or q closes this screen; arrows scroll it.", style="dim"), classes="help-section")

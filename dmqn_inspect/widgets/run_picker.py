@@ -38,8 +38,10 @@ class RunPicker(ModalScreen[str | None]):
     def _option(self, run: RunSummary) -> Option:
         mark = "*" if run.run_id == self.current_run_id else " "
         # Content, not a str: a data set may be called "[red]x", which is a name, not markup.
-        line = (f"{mark} {run.run_id:<20} {run.model:<11} {run.dataset[:14]:<14} {run.status[:11]:<11} "
-                f"{_metric(run.test_auc)}")
+        line = (
+            f"{mark} {run.run_id:<20} {run.model:<11} {run.dataset[:14]:<14} {run.status[:11]:<11} "
+            f"{_metric(run.test_auc)}"
+        )
         return Option(Content(line), id=run.run_id)
 
     def on_mount(self) -> None:

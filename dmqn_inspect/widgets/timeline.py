@@ -32,11 +32,23 @@ class TimelineTable(DataTable):
         if inspection is None:
             return
         self.add_rows(
-            (number_text(position + 1), utc_minute(timestamp), id_text(item), id_text(category),
-             Text(str(behavior)), codeword_text(int(codeword)))
-            for position, (timestamp, item, category, behavior, codeword) in enumerate(zip(
-                inspection.timestamp, inspection.item, inspection.category, inspection.behavior,
-                inspection.codeword[codebook]))
+            (
+                number_text(position + 1),
+                utc_minute(timestamp),
+                id_text(item),
+                id_text(category),
+                Text(str(behavior)),
+                codeword_text(int(codeword)),
+            )
+            for position, (timestamp, item, category, behavior, codeword) in enumerate(
+                zip(
+                    inspection.timestamp,
+                    inspection.item,
+                    inspection.category,
+                    inspection.behavior,
+                    inspection.codeword[codebook],
+                )
+            )
         )
         if self.row_count:
             self.move_cursor(row=min(row, self.row_count - 1), animate=False)

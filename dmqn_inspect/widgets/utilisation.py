@@ -38,7 +38,8 @@ class UtilisationChart(Static):
         heading = Text.assemble(
             (f"codebook {codebook + 1}/{len(utilisation)}", "bold"),
             f": {used}/{len(counts)} codewords used, {len(counts) - used} dead, perplexity {perplexity(counts):.1f}",
-            f"\n{int(counts.sum()):,} validation behaviors at the best epoch")
+            f"\n{int(counts.sum()):,} validation behaviors at the best epoch",
+        )
         if inspection is not None:
             heading.append("; user's clusters: ")
             heading.append(f"{len(user_sizes)}", style=f"bold {_USER_COLOUR}")
@@ -52,7 +53,11 @@ class UtilisationChart(Static):
         table.add_column("user", justify="right", no_wrap=True)
         for codeword, count in enumerate(counts.tolist()):
             mine = codeword in user_sizes
-            table.add_row(codeword_text(codeword), number_text(int(count)), number_text(100 * count / total, 1),
-                          HorizontalBar(float(count), peak, _USER_COLOUR if mine else _BAR_COLOUR),
-                          Text(f"{user_sizes[codeword]:,}", style=f"bold {_USER_COLOUR}") if mine else Text(""))
+            table.add_row(
+                codeword_text(codeword),
+                number_text(int(count)),
+                number_text(100 * count / total, 1),
+                HorizontalBar(float(count), peak, _USER_COLOUR if mine else _BAR_COLOUR),
+                Text(f"{user_sizes[codeword]:,}", style=f"bold {_USER_COLOUR}") if mine else Text(""),
+            )
         self.update(Group(heading, table))

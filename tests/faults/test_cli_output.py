@@ -29,8 +29,22 @@ from dmqn_core.workspace import Workspace
 
 EVIL = "[red]evil"
 # The bench's budget, as flags and as settings: the same budget is the same bench, so the commands reuse its runs.
-BENCH_FLAGS = ["--models", "din-short,dmqn-simple", "--seeds", "2", "--epochs", "1", "--embed-dim", "8",
-               "--max-len", "60", "--batch-size", "256", "--inspect-users", "0"]
+BENCH_FLAGS = [
+    "--models",
+    "din-short,dmqn-simple",
+    "--seeds",
+    "2",
+    "--epochs",
+    "1",
+    "--embed-dim",
+    "8",
+    "--max-len",
+    "60",
+    "--batch-size",
+    "256",
+    "--inspect-users",
+    "0",
+]
 MEAN_STD = re.compile(r"\d\.\d{4} ± \d\.\d{4}")
 
 
@@ -43,14 +57,31 @@ def ws(tmp_path_factory) -> Workspace:
     write_log(log, "tiny", seed=3)
     for name in ("tiny", EVIL):
         prepare(log, "taobao", name, workspace=ws, max_len=200, train_targets=5, seed=3)
-    run_bench(ws, "tiny", ["din-short", "dmqn-simple"], [0, 1], {"embed_dim": 8},
-              {"epochs": 1, "max_len": 60, "batch_size": 256, "inspect_users": 0})
-    train(ws, EVIL, "dmqn-simple", {"embed_dim": 8, "n_codebooks": 2, "codebook_size": 8},
-          {"epochs": 1, "max_len": 60, "batch_size": 256, "inspect_users": 0})
+    run_bench(
+        ws,
+        "tiny",
+        ["din-short", "dmqn-simple"],
+        [0, 1],
+        {"embed_dim": 8},
+        {"epochs": 1, "max_len": 60, "batch_size": 256, "inspect_users": 0},
+    )
+    train(
+        ws,
+        EVIL,
+        "dmqn-simple",
+        {"embed_dim": 8, "n_codebooks": 2, "codebook_size": 8},
+        {"epochs": 1, "max_len": 60, "batch_size": 256, "inspect_users": 0},
+    )
     train(ws, EVIL, "pop")
     store = RunStore(ws.store_path)
-    stopped = store.create_run(model="dmqn-simple", dataset="tiny", dataset_path=str(ws.dataset_path("tiny")),
-                               params={}, seed=0, n_parameters=None)
+    stopped = store.create_run(
+        model="dmqn-simple",
+        dataset="tiny",
+        dataset_path=str(ws.dataset_path("tiny")),
+        params={},
+        seed=0,
+        n_parameters=None,
+    )
     store.finish_run(stopped, "interrupted")
     return ws
 
@@ -71,6 +102,7 @@ def rows_by_run(text: str, store: RunStore) -> dict[str, str]:
 
 
 # ---- 13: tables for terminals ----
+
 
 def test_runs_fit_80_columns_with_model_status_and_test_auc_whole(ws):
     store = RunStore(ws.store_path)
@@ -123,6 +155,7 @@ def test_bench_tables_fit_80_columns_with_models_and_mean_std_on_one_line(ws):
 
 # ---- 13: --json and --csv for scripts ----
 
+
 def test_runs_json_and_csv(ws):
     records = RunStore(ws.store_path).list_runs()
     listed = json.loads(ok(invoke("runs", "--json", "-w", str(ws.root))))
@@ -130,7 +163,11 @@ def test_runs_json_and_csv(ws):
     for run, record in zip(listed, records):
         assert tuple(run) == RUN_FIELDS
         assert (run["model"], run["dataset"], run["status"], run["epochs"]) == (
-            record.model, record.dataset, record.status, record.epochs_done)
+            record.model,
+            record.dataset,
+            record.status,
+            record.epochs_done,
+        )
         assert run["test_auc"] == record.test_auc and isinstance(run["train_seconds"], (int, float))
         assert datetime.fromisoformat(run["created_at"]) == record.created_at
     interrupted = next(run for run in listed if run["status"] == "interrupted")
@@ -146,11 +183,16 @@ def test_runs_json_and_csv(ws):
 def test_runs_show_json(ws):
     record = next(r for r in RunStore(ws.store_path).list_runs() if r.model == "dmqn-simple" and r.status == "finished")
     shown = json.loads(ok(invoke("runs", "show", record.run_id, "--json", "-w", str(ws.root))))
-    assert tuple(shown)[:len(RUN_FIELDS)] == RUN_FIELDS and shown["run_id"] == record.run_id
+    assert tuple(shown)[: len(RUN_FIELDS)] == RUN_FIELDS and shown["run_id"] == record.run_id
     assert shown["params"]["model"]["embed_dim"] == 8 and shown["dataset_path"] == record.dataset_path
     assert {(m["epoch"], m["split"], m["name"]) for m in shown["metrics"]} >= {(1, "valid", "auc"), (1, "test", "auc")}
-    assert shown["codebook_usage"] and set(shown["codebook_usage"][0]) == {"epoch", "codebook", "used", "dead",
-                                                                          "perplexity"}
+    assert shown["codebook_usage"] and set(shown["codebook_usage"][0]) == {
+        "epoch",
+        "codebook",
+        "used",
+        "dead",
+        "perplexity",
+    }
 
 
 def test_eval_json(ws):
@@ -168,9 +210,22 @@ def test_bench_json(ws):
     assert report["failures"] == [] and report["budget"]["model"]["embed_dim"] == 8
     assert [row["model"] for row in report["rows"]] == ["din-short", "dmqn-simple"]
     for row in report["rows"]:
-        assert list(row) == ["model", "runs", "run_ids", "auc_mean", "auc_std", "gauc_mean", "gauc_std",
-                             "logloss_mean", "logloss_std", "train_samples_per_s", "infer_samples_per_s",
-                             "n_parameters", "best_epochs", "failed"]
+        assert list(row) == [
+            "model",
+            "runs",
+            "run_ids",
+            "auc_mean",
+            "auc_std",
+            "gauc_mean",
+            "gauc_std",
+            "logloss_mean",
+            "logloss_std",
+            "train_samples_per_s",
+            "infer_samples_per_s",
+            "n_parameters",
+            "best_epochs",
+            "failed",
+        ]
         assert row["runs"] == 2 and len(row["run_ids"]) == 2
         assert isinstance(row["auc_mean"], float) and isinstance(row["auc_std"], float)
 
@@ -181,8 +236,9 @@ def test_score_json(ws):
     user = int(data.raw_user(1))
     items = data.raw_item(np.arange(1, 4)).tolist()
     export_states(ws, record.run_id, users=[user])
-    result = invoke("score", record.run_id, "--user", str(user), "--items", ",".join(map(str, items)), "--json",
-                    "-w", str(ws.root))
+    result = invoke(
+        "score", record.run_id, "--user", str(user), "--items", ",".join(map(str, items)), "--json", "-w", str(ws.root)
+    )
     scored = json.loads(ok(result))
     assert list(scored) == ["run_id", "version", "user_id", "scores"] and scored["user_id"] == user
     assert scored["run_id"] == record.run_id and scored["version"].startswith(record.run_id)
@@ -196,6 +252,7 @@ def test_json_is_documented_in_help(args):
 
 
 # ---- 4: names are not markup ----
+
 
 def test_a_set_named_like_markup_shows_as_it_is(ws):
     assert EVIL in ok(invoke("runs", "-w", str(ws.root)))
@@ -245,7 +302,8 @@ def test_prep_and_synth_print_markup_like_names_as_they_are(tmp_path):
     synth = invoke("synth", str(log), "--scale", "tiny", "--seed", "3", columns=400)
     assert synth.exit_code == 0 and f"{EVIL}.csv" in synth.stdout, synth.output
     target = Workspace(tmp_path / "w").ensure()
-    result = invoke("prep", str(log), "--format", "taobao", "--out", EVIL, "--max-len", "200",
-                    "-w", str(target.root), columns=400)
+    result = invoke(
+        "prep", str(log), "--format", "taobao", "--out", EVIL, "--max-len", "200", "-w", str(target.root), columns=400
+    )
     assert result.exit_code == 0, result.output
     assert f"prepared {EVIL} " in result.stdout and str(target.dataset_path(EVIL)) in result.stdout

@@ -69,18 +69,21 @@ def one_line_error(result) -> str:
 # -- item 2: what --out and --overwrite may touch ---------------------------------------------
 
 
-def test_out_naming_the_workspace_its_data_or_a_folder_above_it_is_refused(ws: Workspace, tiny_log: Path,
-                                                                           tmp_path: Path, monkeypatch) -> None:
+def test_out_naming_the_workspace_its_data_or_a_folder_above_it_is_refused(
+    ws: Workspace, tiny_log: Path, tmp_path: Path, monkeypatch
+) -> None:
     prepare(tiny_log, "taobao", "keep", workspace=ws, **QUICK)
     (tmp_path / "mine.txt").write_text("a file next to the workspace")
     # '' named data/ itself: `--out "" --overwrite` replaced the whole data folder.
     for out in ("", "  "):
         with pytest.raises(DmqnError, match="must not be empty or blank"):
             prepare(tiny_log, "taobao", out, workspace=ws, overwrite=True, **QUICK)
-    for out, message in ((str(ws.root), "is the workspace .* itself"),
-                         (str(ws.data_dir), "is the workspace's data folder"),
-                         (str(tmp_path), "a folder holding the workspace"),
-                         ("/", "a folder holding the workspace")):
+    for out, message in (
+        (str(ws.root), "is the workspace .* itself"),
+        (str(ws.data_dir), "is the workspace's data folder"),
+        (str(tmp_path), "a folder holding the workspace"),
+        ("/", "a folder holding the workspace"),
+    ):
         with pytest.raises(DmqnError, match=message):
             prepare(tiny_log, "taobao", out, workspace=ws, overwrite=True, **QUICK)
     monkeypatch.chdir(ws.data_dir)
@@ -91,8 +94,9 @@ def test_out_naming_the_workspace_its_data_or_a_folder_above_it_is_refused(ws: W
     assert entries(ws) == ["keep"] and PreparedSet.open(ws.dataset_path("keep")).n_users > 0
     assert (tmp_path / "mine.txt").read_text() == "a file next to the workspace"
 
-    result = CliRunner().invoke(app, ["prep", str(tiny_log), "--format", "taobao", "--out", "", "--overwrite",
-                                      "--workspace", str(ws.root)])
+    result = CliRunner().invoke(
+        app, ["prep", str(tiny_log), "--format", "taobao", "--out", "", "--overwrite", "--workspace", str(ws.root)]
+    )
     assert "must not be empty or blank" in one_line_error(result)
     assert entries(ws) == ["keep"]
 
@@ -103,8 +107,9 @@ def test_overwrite_replaces_only_a_prepared_set(ws: Workspace, tiny_log: Path, t
     (folder / "notes.txt").write_text("mine")
     monkeypatch.chdir(folder)
     # `--out . --overwrite` inside a folder deleted that folder's files.
-    with pytest.raises(DmqnError, match=f"^{re.escape(str(folder))} exists and is not a prepared set; "
-                                        "refusing to replace it$"):
+    with pytest.raises(
+        DmqnError, match=f"^{re.escape(str(folder))} exists and is not a prepared set; refusing to replace it$"
+    ):
         prepare(tiny_log, "taobao", ".", workspace=ws, overwrite=True, **QUICK)
     assert [p.name for p in folder.iterdir()] == ["notes.txt"]
 
@@ -185,8 +190,18 @@ def test_non_integer_ids_are_bad_rows_not_rounded(ws: Workspace, tmp_path: Path)
                 kept[u] = kept.get(u, 0) + 1
             lines.append(f"{user},{item},{item % 5},{behavior},{t0 + 60 * k + u}")
     n_halves = sum("." in line.split(",")[0] for line in lines)
-    weird = ["1e3,101,1,pv", "0x10,101,1,pv", "bad_id,101,1,pv", "1_000,101,1,pv", "1,1e2,1,pv",
-             "1,3056199.7,1,pv", "1,0b11,1,pv", "1,101,0x1,pv", "1,101,1.0,pv", "99999999999999999999,101,1,pv"]
+    weird = [
+        "1e3,101,1,pv",
+        "0x10,101,1,pv",
+        "bad_id,101,1,pv",
+        "1_000,101,1,pv",
+        "1,1e2,1,pv",
+        "1,3056199.7,1,pv",
+        "1,0b11,1,pv",
+        "1,101,0x1,pv",
+        "1,101,1.0,pv",
+        "99999999999999999999,101,1,pv",
+    ]
     lines += [f"{row},{t0 + 30}" for row in weird]
     log = tmp_path / "ids.csv"
     log.write_text("\n".join(lines) + "\n")
@@ -212,8 +227,16 @@ def test_non_integer_ids_in_a_csv_log_are_bad_rows(ws: Workspace, tmp_path: Path
     lines += ["5.5;300;0;1577872900", "5;3e2;0;1577872900", "5;300;0x1;1577872900"]
     log = tmp_path / "log.txt"
     log.write_text("\n".join(lines) + "\n")
-    counts = prepare(log, "csv", "c", workspace=ws, delimiter=";", min_behaviors=3, neg_ratio=0,
-                     columns={"user": "user", "item": "item", "category": "cat", "timestamp": "when"}).meta["counts"]
+    counts = prepare(
+        log,
+        "csv",
+        "c",
+        workspace=ws,
+        delimiter=";",
+        min_behaviors=3,
+        neg_ratio=0,
+        columns={"user": "user", "item": "item", "category": "cat", "timestamp": "when"},
+    ).meta["counts"]
     assert counts["rows_bad"]["bad_id"] == 3 and counts["rows_used"] == 16
 
 
@@ -233,11 +256,17 @@ def _damage(data: bytes, how: str) -> bytes:
 
 
 @pytest.mark.parametrize("head_bytes", [None, 1 << 16], ids=["damage-in-head", "damage-after-head"])
-@pytest.mark.parametrize("how, reason", [("flipped", "CRC check failed|corrupt data"),
-                                         ("truncated", r"it ends early \(truncated\?\)"),
-                                         ("crc", "CRC check failed")])
-def test_damaged_gzip_fails_in_one_line(ws: Workspace, tiny_log: Path, tmp_path: Path, monkeypatch,
-                                        how: str, reason: str, head_bytes: int | None) -> None:
+@pytest.mark.parametrize(
+    "how, reason",
+    [
+        ("flipped", "CRC check failed|corrupt data"),
+        ("truncated", r"it ends early \(truncated\?\)"),
+        ("crc", "CRC check failed"),
+    ],
+)
+def test_damaged_gzip_fails_in_one_line(
+    ws: Workspace, tiny_log: Path, tmp_path: Path, monkeypatch, how: str, reason: str, head_bytes: int | None
+) -> None:
     if head_bytes:
         # The format check reads the first MiB, all of the tiny log: make the damage lie beyond it,
         # where only the full decompression beside DuckDB's work (or DuckDB's own error) finds it.
@@ -252,8 +281,11 @@ def test_damaged_gzip_fails_in_one_line(ws: Workspace, tiny_log: Path, tmp_path:
 def test_gzip_is_known_by_its_bytes_not_its_name(ws: Workspace, tiny_log: Path, tmp_path: Path) -> None:
     plain_named_gz = tmp_path / "plain.csv.gz"
     plain_named_gz.write_bytes(tiny_log.read_bytes())
-    with pytest.raises(DmqnError, match=f"^{re.escape(str(plain_named_gz))} is not gzip, although its name "
-                                        r"ends in \.gz$"):
+    with pytest.raises(
+        DmqnError,
+        match=f"^{re.escape(str(plain_named_gz))} is not gzip, although its name "
+        r"ends in \.gz$",
+    ):
         prepare(plain_named_gz, "taobao", "p", workspace=ws, **QUICK)
     result = CliRunner().invoke(app, ["prep", str(plain_named_gz), "-f", "taobao", "-o", "p", "-w", str(ws.root)])
     assert "is not gzip" in one_line_error(result)
@@ -296,8 +328,9 @@ def test_a_log_concatenated_to_itself_gives_the_same_set(ws: Workspace, tiny_log
     thrice = prepare(tripled, "taobao", "thrice", workspace=ws, strict=True, **QUICK)
     assert thrice.meta["counts"]["rows_used"] == once.meta["counts"]["rows_used"]
 
-    result = CliRunner().invoke(app, ["prep", str(doubled), "-f", "taobao", "-o", "cli", "-w", str(ws.root),
-                                      "--min-behaviors", "5"])
+    result = CliRunner().invoke(
+        app, ["prep", str(doubled), "-f", "taobao", "-o", "cli", "-w", str(ws.root), "--min-behaviors", "5"]
+    )
     assert result.exit_code == 0, result.output
     duplicates = twice.meta["counts"]["rows_bad"]["duplicate"]
     assert re.search(rf"skipped: duplicate\s+│\s+{duplicates:,}\s", result.output), result.output
@@ -352,11 +385,28 @@ def slow_log(tmp_path_factory) -> Path:
 def test_a_signal_during_prep_exits_130_in_one_line(slow_log: Path, tmp_path: Path, signum: int) -> None:
     ws = tmp_path / "ws"
     process = subprocess.Popen(
-        [sys.executable, "-m", "dmqn_cli", "prep", str(slow_log), "-f", "taobao", "-o", "slow", "-w", str(ws),
-         "--threads", "1"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "dmqn_cli",
+            "prep",
+            str(slow_log),
+            "-f",
+            "taobao",
+            "-o",
+            "slow",
+            "-w",
+            str(ws),
+            "--threads",
+            "1",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         # A shell's background job starts with SIGINT ignored, and Python then keeps it ignored.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         deadline = time.monotonic() + 120
         # DuckDB's database exists: the next thing prep does is run queries for seconds.
@@ -433,14 +483,16 @@ def test_a_damaged_meta_json_is_one_line(ws: Workspace, tiny_log: Path) -> None:
     meta = json.loads((path / "meta.json").read_text())
     for key in META_KEYS:
         (path / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != key}))
-        with pytest.raises(DmqnError, match=f"^{re.escape(str(path))} is not a complete prepared set: "
-                                            f"meta.json lacks {key}$"):
+        with pytest.raises(
+            DmqnError, match=f"^{re.escape(str(path))} is not a complete prepared set: meta.json lacks {key}$"
+        ):
             PreparedSet.open(path)
     (path / "meta.json").write_text(json.dumps({**meta, "protocol": {"seed": 1}}))
     with pytest.raises(DmqnError, match="meta.json lacks protocol.max_len$"):
         PreparedSet.open(path)
     for text, problem in (('{"format_version": 1,', "is not valid JSON"), ("[1, 2]", "is not a JSON object")):
         (path / "meta.json").write_text(text)
-        with pytest.raises(DmqnError, match=f"^{re.escape(str(path))} is not a complete prepared set: "
-                                            f"meta.json {problem}"):
+        with pytest.raises(
+            DmqnError, match=f"^{re.escape(str(path))} is not a complete prepared set: meta.json {problem}"
+        ):
             PreparedSet.open(path)

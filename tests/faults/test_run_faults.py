@@ -61,7 +61,7 @@ def trained(tmp_path_factory) -> tuple[Workspace, str, str]:
     ws = prepared_workspace(tmp_path_factory.mktemp("trained"))
     finished = train(ws, "tiny", "din-short", SMALL, QUICK).run_id
     interrupted = train(ws, "tiny", "din-short", SMALL, QUICK).run_id
-    RunStore(ws.store_path).update_run(interrupted, status="interrupted")   # resumable, checkpoint after epoch 1
+    RunStore(ws.store_path).update_run(interrupted, status="interrupted")  # resumable, checkpoint after epoch 1
     return ws, finished, interrupted
 
 
@@ -105,7 +105,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_by_eval_and_resume(trained,
     finally:
         for path, content in originals.items():
             path.write_bytes(content)
-    assert not marker.exists()                       # nothing of the file ran
+    assert not marker.exists()  # nothing of the file ran
     # A refused resume leaves the run as it was: resumable, nothing logged past its checkpoint.
     assert RunStore(ws.store_path).get_run(interrupted).status == "interrupted"
 
@@ -136,8 +136,14 @@ DAMAGED = {
     "truncated": _truncated_checkpoint(),
     "foreign zip": _foreign_zip(),
     "a list": _saved([1, 2, 3]),
-    "other weights": _saved({"model_state": {"w": torch.zeros(3)}, "optimizer_state": {}, "train_state": {},
-                             "torch_rng": torch.get_rng_state()}),
+    "other weights": _saved(
+        {
+            "model_state": {"w": torch.zeros(3)},
+            "optimizer_state": {},
+            "train_state": {},
+            "torch_rng": torch.get_rng_state(),
+        }
+    ),
 }
 
 
@@ -179,7 +185,7 @@ def test_a_run_refuses_a_data_set_prepared_again_under_its_name(tmp_path):
         train(ws, resume=interrupted)
     with pytest.raises(DmqnError, match=f"not the one run {finished} was trained on"):
         evaluate_run(ws, finished)
-    assert store.get_run(interrupted).params == recorded           # its protocol was not rewritten
+    assert store.get_run(interrupted).params == recorded  # its protocol was not rewritten
     assert store.get_run(interrupted).status == "interrupted"
 
 
@@ -188,9 +194,9 @@ def test_a_run_recorded_without_a_fingerprint_compares_protocol_and_vocabularies
     store = RunStore(ws.store_path)
     run = train(ws, "tiny", "din-short", SMALL, QUICK).run_id
     params = store.get_run(run).params
-    del params["data"]["fingerprint"]                   # as runs recorded before fingerprints
+    del params["data"]["fingerprint"]  # as runs recorded before fingerprints
     store.update_run(run, params=params)
-    evaluate_run(ws, run)                               # the same set: accepted
+    evaluate_run(ws, run)  # the same set: accepted
 
     # Another log prepared with the same settings: the same protocol, other vocabularies.
     other = ws.root / "other.csv"
@@ -201,8 +207,7 @@ def test_a_run_recorded_without_a_fingerprint_compares_protocol_and_vocabularies
     with pytest.raises(DmqnError, match="not the one run"):
         evaluate_run(ws, run)
     # The run's log with another sampling seed: the same vocabularies, another protocol.
-    prepare(ws.root / "tiny.csv", "taobao", "tiny", workspace=ws, max_len=200, train_targets=5, seed=9,
-            overwrite=True)
+    prepare(ws.root / "tiny.csv", "taobao", "tiny", workspace=ws, max_len=200, train_targets=5, seed=9, overwrite=True)
     with pytest.raises(DmqnError, match="not the one run"):
         evaluate_run(ws, run)
 
@@ -254,7 +259,7 @@ def test_a_refused_training_leaves_no_run_behind(refusing_workspace, case):
     with pytest.raises(DmqnError, match=message):
         train(ws, "tiny", model, {**SMALL, **model_settings}, {**QUICK, **train_settings}, run_id=run_id)
     assert RunStore(ws.store_path).list_runs() == [] and run_entries(ws) == []
-    assert not (ws.root / "escape").exists()                        # runs/../escape
+    assert not (ws.root / "escape").exists()  # runs/../escape
 
 
 def test_a_missing_data_set_leaves_no_run_behind(refusing_workspace):
@@ -267,8 +272,13 @@ def test_toml_values_of_the_wrong_type_are_one_line_from_the_command_line(refusi
     config = tmp_path / "wrong.toml"
     config.write_text("[model]\nembed_dim = 8\n[train]\nepochs = true\n")
     assert read_config_file(config)[1] == {"epochs": True}
-    for args in (["--config", str(config)], ["--lr", "nan"], ["--tau", "0"], ["--codebooks", "0"],
-                 ["--dropout", "1.5"]):
+    for args in (
+        ["--config", str(config)],
+        ["--lr", "nan"],
+        ["--tau", "0"],
+        ["--codebooks", "0"],
+        ["--dropout", "1.5"],
+    ):
         result = CliRunner().invoke(app, ["train", "tiny", *args, "-w", str(refusing_workspace.root)])
         assert result.exit_code == 1 and "error:" in result.output, (args, result.output)
         assert "Traceback" not in result.output and isinstance(result.exception, SystemExit), args
@@ -317,8 +327,8 @@ def test_a_workspace_that_turns_read_only_fails_the_run_with_its_own_error(tmp_p
     with pytest.raises(PermissionError):
         train(ws, "tiny", "din-short", SMALL, QUICK)
     (record,) = RunStore(ws.store_path).list_runs()
-    assert record.status == "dead"                     # unrecorded end, lock released: resumable
-    assert sorted(p.name for p in ws.run_dir(record.run_id).iterdir()) == [".lock"]   # no checkpoint
+    assert record.status == "dead"  # unrecorded end, lock released: resumable
+    assert sorted(p.name for p in ws.run_dir(record.run_id).iterdir()) == [".lock"]  # no checkpoint
 
     monkeypatch.undo()
     train(ws, resume=record.run_id)
@@ -329,11 +339,12 @@ def test_a_workspace_that_turns_read_only_fails_the_run_with_its_own_error(tmp_p
 def test_a_damaged_run_store_is_one_line_naming_the_file(tmp_path):
     ws = prepared_workspace(tmp_path / "ws")
     store = RunStore(ws.store_path)
-    run = store.create_run(model="pop", dataset="tiny", dataset_path=str(ws.dataset_path("tiny")),
-                           params={}, seed=0, n_parameters=0)
+    run = store.create_run(
+        model="pop", dataset="tiny", dataset_path=str(ws.dataset_path("tiny")), params={}, seed=0, n_parameters=0
+    )
     store.finish_run(run, "finished")
     content = bytearray(ws.store_path.read_bytes())
-    for i in range(12_388, 12_588):                    # inside the first data block, after the headers
+    for i in range(12_388, 12_588):  # inside the first data block, after the headers
         content[i] ^= 0x5A
     ws.store_path.write_bytes(bytes(content))
     message = f"run store {ws.store_path} is damaged"
@@ -353,10 +364,34 @@ def test_a_damaged_run_store_is_one_line_naming_the_file(tmp_path):
 # -- item 10: a run killed with SIGKILL reads dead, is not "the latest run", and resumes --------
 def test_a_run_killed_with_sigkill_reads_dead_and_resumes(tmp_path):
     ws = prepared_workspace(tmp_path / "ws")
-    command = [sys.executable, "-m", "dmqn_cli", "train", "tiny", "--model", "din-short", "--embed-dim", "8",
-               "--epochs", "50", "--patience", "50", "--max-len", "50", "--inspect-users", "0", "-w", str(ws.root)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = [
+        sys.executable,
+        "-m",
+        "dmqn_cli",
+        "train",
+        "tiny",
+        "--model",
+        "din-short",
+        "--embed-dim",
+        "8",
+        "--epochs",
+        "50",
+        "--patience",
+        "50",
+        "--max-len",
+        "50",
+        "--inspect-users",
+        "0",
+        "-w",
+        str(ws.root),
+    ]
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     store = RunStore(ws.store_path)
     try:
         deadline = time.monotonic() + 120
@@ -365,14 +400,14 @@ def test_a_run_killed_with_sigkill_reads_dead_and_resumes(tmp_path):
             time.sleep(0.3)
             run = next((r for r in store.list_runs() if r.epochs_done >= 1), None)
         assert run is not None, process.stderr.read() if process.poll() is not None else "no epoch in time"
-        assert run.status == "running"                 # its process holds the lock
+        assert run.status == "running"  # its process holds the lock
     finally:
         process.send_signal(signal.SIGKILL)
         process.communicate(timeout=60)
     record = store.get_run(run.run_id)
     assert record.status == "dead" and [r.status for r in store.list_runs()] == ["dead"]
     with pytest.raises(DmqnError, match="no finished run .* yet; name a run"):
-        evaluate_run(ws)                               # "the latest run" skips it
+        evaluate_run(ws)  # "the latest run" skips it
     assert store.resolve_run_id(None, finished_only=False) == run.run_id
 
     result = train(ws, resume=run.run_id, train_settings={"epochs": record.epochs_done + 1})
@@ -387,8 +422,9 @@ def test_commands_without_a_run_id_take_the_latest_finished_run(tmp_path):
     store = RunStore(ws.store_path)
     finished = train(ws, "tiny", "dmqn-simple", {**SMALL, "n_codebooks": 2, "codebook_size": 8}, QUICK).run_id
     record = store.get_run(finished)
-    newer = store.create_run(model="dmqn", dataset="tiny", dataset_path=record.dataset_path, params=record.params,
-                             seed=0, n_parameters=0)          # as a run whose process died before its first epoch
+    newer = store.create_run(
+        model="dmqn", dataset="tiny", dataset_path=record.dataset_path, params=record.params, seed=0, n_parameters=0
+    )  # as a run whose process died before its first epoch
     assert store.get_run(newer).status == "dead"
     assert load_run_model(ws)[1].run_id == finished
     assert RunInspector(ws).run_id == finished

@@ -30,7 +30,7 @@ from dmqn_core.train import train
 from dmqn_core.workspace import Workspace
 
 PASSWORD = "Pa55-w0rd-s3cret"
-BEYOND_INT64 = str(2**63)          # one more than the largest int64
+BEYOND_INT64 = str(2**63)  # one more than the largest int64
 BELOW_INT64 = str(-(2**63) - 1)
 
 
@@ -41,8 +41,13 @@ def served(tmp_path_factory) -> tuple[Workspace, str]:
     log = ws.root / "tiny.csv"
     write_log(log, "tiny", seed=3)
     prepare(log, "taobao", "tiny", workspace=ws, max_len=200, train_targets=5, seed=3)
-    run = train(ws, "tiny", "dmqn", {"embed_dim": 8, "n_codebooks": 2, "codebook_size": 8},
-                {"epochs": 1, "max_len": 60, "batch_size": 256, "seed": 4, "inspect_users": 5})
+    run = train(
+        ws,
+        "tiny",
+        "dmqn",
+        {"embed_dim": 8, "n_codebooks": 2, "codebook_size": 8},
+        {"epochs": 1, "max_len": 60, "batch_size": 256, "seed": 4, "inspect_users": 5},
+    )
     return ws, run.run_id
 
 
@@ -56,9 +61,24 @@ def password_redis(tmp_path_factory) -> Iterator[tuple[str, int]]:
         pytest.skip("redis-server is not installed (apt-get install redis-server)")
     port = free_port()
     process = subprocess.Popen(
-        [server, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path_factory.mktemp("redis-auth")),
-         "--save", "", "--appendonly", "no", "--requirepass", PASSWORD],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            server,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(tmp_path_factory.mktemp("redis-auth")),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--requirepass",
+            PASSWORD,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 10
     while True:
         try:
@@ -89,16 +109,20 @@ def one_line_error(result, code: int = 1) -> str:
 
 # ---- 3: a Redis password is never printed ----
 
-@pytest.mark.parametrize("uri, shown", [
-    ("redis://:s3cret@cache:6379/0", "redis://:***@cache:6379/0"),
-    ("redis://bob:s3cret@cache:6379/0", "redis://bob:***@cache:6379/0"),
-    ("rediss://s3cret@cache/1", "rediss://***@cache/1"),                 # the old PASSWORD@host form
-    ("redis://:se/cr@et@cache:6379/0", "redis://:***@cache:6379/0"),      # unescaped '/' and '@'
-    ("redis://cache:6379/0?password=s3cret&db=1", "redis://cache:6379/0?password=***&db=1"),
-    ("unix://:s3cret@/run/redis.sock?db=0", "unix://:***@/run/redis.sock?db=0"),
-    ("redis://cache:6379/0", "redis://cache:6379/0"),
-    ("/srv/cache/states.sqlite", "/srv/cache/states.sqlite"),
-])
+
+@pytest.mark.parametrize(
+    "uri, shown",
+    [
+        ("redis://:s3cret@cache:6379/0", "redis://:***@cache:6379/0"),
+        ("redis://bob:s3cret@cache:6379/0", "redis://bob:***@cache:6379/0"),
+        ("rediss://s3cret@cache/1", "rediss://***@cache/1"),  # the old PASSWORD@host form
+        ("redis://:se/cr@et@cache:6379/0", "redis://:***@cache:6379/0"),  # unescaped '/' and '@'
+        ("redis://cache:6379/0?password=s3cret&db=1", "redis://cache:6379/0?password=***&db=1"),
+        ("unix://:s3cret@/run/redis.sock?db=0", "unix://:***@/run/redis.sock?db=0"),
+        ("redis://cache:6379/0", "redis://cache:6379/0"),
+        ("/srv/cache/states.sqlite", "/srv/cache/states.sqlite"),
+    ],
+)
 def test_redact_uri_hides_every_form_of_password(uri, shown):
     assert redact_uri(uri) == shown
 
@@ -127,20 +151,25 @@ def test_a_redis_password_never_shows_in_the_export_summary_or_the_unknown_user_
     assert caught and all(PASSWORD not in str(w.message) for w in caught)
 
 
-@pytest.mark.parametrize("uri", [
-    f"redis://:{PASSWORD}@127.0.0.1:{{port}}/0",
-    f"redis://default:{PASSWORD}@127.0.0.1:{{port}}/0",
-    f"redis://:{PASSWORD[:4]}/{PASSWORD[5:]}@127.0.0.1:{{port}}/0",   # urllib quotes the piece before '/' as a port
-    f"redis://127.0.0.1:{{port}}/0?password={PASSWORD}",
-])
+@pytest.mark.parametrize(
+    "uri",
+    [
+        f"redis://:{PASSWORD}@127.0.0.1:{{port}}/0",
+        f"redis://default:{PASSWORD}@127.0.0.1:{{port}}/0",
+        f"redis://:{PASSWORD[:4]}/{PASSWORD[5:]}@127.0.0.1:{{port}}/0",  # urllib quotes the piece before '/' as a port
+        f"redis://127.0.0.1:{{port}}/0?password={PASSWORD}",
+    ],
+)
 def test_a_redis_password_never_shows_in_connection_errors(served, uri):
     ws, run_id = served
     dead = uri.format(port=free_port())
     with pytest.raises(DmqnError) as raised:
         RedisStateStore(dead, timeout=1.0)
     assert PASSWORD[:4] not in str(raised.value) and PASSWORD[5:] not in str(raised.value)
-    for args in (["export-cache", run_id, "--to", dead],
-                 ["score", run_id, "--user", "1", "--items", "1", "--from", dead]):
+    for args in (
+        ["export-cache", run_id, "--to", dead],
+        ["score", run_id, "--user", "1", "--items", "1", "--from", dead],
+    ):
         line = one_line_error(invoke(*args, "-w", str(ws.root)))
         assert "Redis" in line and PASSWORD[:4] not in line and PASSWORD[5:] not in line
 
@@ -155,13 +184,17 @@ def test_a_wrong_redis_password_is_refused_without_showing_it(served, password_r
 
 # ---- 11: ids beyond int64, a corrupt cache, paths the system refuses ----
 
-@pytest.mark.parametrize("args", [
-    ["score", "--user", BEYOND_INT64, "--items", "1"],
-    ["score", "--user", BELOW_INT64, "--items", "1"],
-    ["score", "--user", "1", "--items", f"1,{BEYOND_INT64}"],
-    ["inspect", "--user", BEYOND_INT64],
-    ["report", "--user", "1", "--user", BEYOND_INT64],
-])
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["score", "--user", BEYOND_INT64, "--items", "1"],
+        ["score", "--user", BELOW_INT64, "--items", "1"],
+        ["score", "--user", "1", "--items", f"1,{BEYOND_INT64}"],
+        ["inspect", "--user", BEYOND_INT64],
+        ["report", "--user", "1", "--user", BEYOND_INT64],
+    ],
+)
 def test_ids_beyond_int64_are_refused_before_anything_starts(tmp_path, args):
     # An empty workspace: had the command started, it would stop at the missing run store instead.
     result = invoke(*args, "-w", str(tmp_path))
@@ -174,8 +207,9 @@ def test_a_users_file_with_an_id_beyond_int64_is_refused(served, tmp_path):
     ws, run_id = served
     users_file = tmp_path / "users.txt"
     users_file.write_text(f"1\n{BEYOND_INT64}\n")
-    result = invoke("export-cache", run_id, "--users", str(users_file), "--to", str(tmp_path / "s.sqlite"),
-                    "-w", str(ws.root))
+    result = invoke(
+        "export-cache", run_id, "--users", str(users_file), "--to", str(tmp_path / "s.sqlite"), "-w", str(ws.root)
+    )
     assert result.exit_code == 2 and f"{users_file}:2: {BEYOND_INT64} is outside the 64-bit range" in result.output
     assert not (tmp_path / "s.sqlite").exists()
 
@@ -207,8 +241,10 @@ def test_a_corrupt_state_cache_is_a_one_line_error_naming_the_file(served, tmp_p
     cache.write_bytes(b"this is no SQLite database\n" * 200)
     with pytest.raises(DmqnError, match="file is not a database"):
         EmbeddedStateStore(cache).manifest("any-version")
-    for args in (["export-cache", run_id, "--to", str(cache)],
-                 ["score", run_id, "--user", "1", "--items", "1", "--from", str(cache)]):
+    for args in (
+        ["export-cache", run_id, "--to", str(cache)],
+        ["score", run_id, "--user", "1", "--items", "1", "--from", str(cache)],
+    ):
         line = one_line_error(invoke(*args, "-w", str(ws.root)))
         assert str(cache) in line and "file is not a database" in line
 
@@ -216,13 +252,16 @@ def test_a_corrupt_state_cache_is_a_one_line_error_naming_the_file(served, tmp_p
 LONG_NAME = "w" * 300  # beyond NAME_MAX (255) of every common file system: ENAMETOOLONG, even for root
 
 
-@pytest.mark.parametrize("args", [
-    ["prep", "LOG", "--format", "taobao", "--out", "tiny"],
-    ["train", "tiny", "--model", "pop"],
-    ["export-cache"],
-    ["report"],
-    ["bench", "tiny", "--models", "pop", "--seeds", "1"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["prep", "LOG", "--format", "taobao", "--out", "tiny"],
+        ["train", "tiny", "--model", "pop"],
+        ["export-cache"],
+        ["report"],
+        ["bench", "tiny", "--models", "pop", "--seeds", "1"],
+    ],
+)
 def test_a_workspace_the_system_refuses_is_one_line(served, tmp_path, args):
     ws, _ = served
     args = [str(ws.root / "tiny.csv") if a == "LOG" else a for a in args]
