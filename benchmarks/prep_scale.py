@@ -31,7 +31,7 @@ import threading
 import time
 from pathlib import Path
 
-from dmqn_core.synth import SCALES
+from dmqn_core.data.synth import SCALES
 
 SET_NAME = "taobao-synth"
 BYTES_PER_ROW = 37  # of the synthetic Taobao CSV, measured
@@ -42,7 +42,7 @@ DISK_FACTOR = 3.0
 def synth_worker(out: str, users: int | None, seed: int) -> None:
     """The synth phase, inside its child process."""
     from dmqn_cli.progress import RichProgress
-    from dmqn_core.synth import write_log
+    from dmqn_core.data.synth import write_log
 
     scale = SCALES["taobao"] if users is None else dataclasses.replace(SCALES["taobao"], n_users=users)
     with RichProgress() as progress:

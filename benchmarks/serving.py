@@ -30,19 +30,20 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
-from dmqn_core.batches import gather_histories
-from dmqn_core.cache import CachedScorer, export_states
-from dmqn_core.evaluate import load_run_model
-from dmqn_core.prep import prepare
-from dmqn_core.synth import SynthScale, write_log
-from dmqn_core.train import train
+from dmqn_core.data.batches import gather_histories
+from dmqn_core.data.prep import prepare
+from dmqn_core.data.prepared import PreparedSet
+from dmqn_core.data.synth import SynthScale, write_log
+from dmqn_core.runs.run import load_run_model
+from dmqn_core.serving.cache import CachedScorer, export_states
+from dmqn_core.training.train import train
 from dmqn_core.workspace import Workspace
 
 LENGTHS = (100, 1000, 5000)
@@ -175,13 +176,17 @@ def main() -> None:
                 scorers["cache/redis"] = CachedScorer(ws, run, source=redis_url)
             full = full_model_scorer(ws, run, L)
             paths: dict[str, Callable[[int, np.ndarray], object]] = {
-                name: (lambda user, items, scorer=scorer: scorer.score(int(data.raw_user(user)), data.raw_item(items)))
+                name: (
+                    lambda user, items, scorer=scorer, data=data: scorer.score(
+                        int(data.raw_user(user)), data.raw_item(items)
+                    )
+                )
                 for name, scorer in scorers.items()
             }
             paths["full"] = full
             for C in CANDIDATES:
 
-                def pick(C: int = C) -> tuple[int, np.ndarray]:
+                def pick(C: int = C, data: PreparedSet = data) -> tuple[int, np.ndarray]:
                     return int(rng.integers(1, data.n_users + 1)), rng.choice(
                         np.arange(1, data.n_items + 1), C, replace=False
                     )

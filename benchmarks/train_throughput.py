@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from dmqn_core.config import ModelConfig
-from dmqn_core.models import build_model
+from dmqn_core.models.registry import build_model
 
 MODELS = ("din-short", "din-full", "sim", "eta", "twin", "dmqn-simple", "dmqn")
 LENGTHS = (200, 1000, 5000)
@@ -95,7 +95,7 @@ def measure(
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
 
     def step(batch: dict[str, torch.Tensor]) -> None:
-        # What dmqn_core.train._train_epoch does per batch (eq. 2 + the model's auxiliary loss).
+        # What dmqn_core.training.train._train_epoch does per batch (eq. 2 + the model's auxiliary loss).
         loss = F.binary_cross_entropy_with_logits(model(**batch), labels) + model.auxiliary_loss()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

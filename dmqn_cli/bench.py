@@ -39,7 +39,7 @@ from dmqn_cli.options import (
 )
 from dmqn_cli.progress import RichProgress
 from dmqn_cli.results import fitted_table, number
-from dmqn_core.bench import (
+from dmqn_core.training.bench import (
     ALL_MODELS,
     TABLE2_COLUMNS,
     TABLE3_COLUMNS,

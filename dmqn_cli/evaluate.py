@@ -11,7 +11,7 @@ import typer
 from dmqn_cli.common import JsonOption, WorkspaceOption, console, handle_errors, open_workspace, print_json
 from dmqn_cli.progress import RichProgress
 from dmqn_cli.results import metrics_table, number
-from dmqn_core.evaluate import evaluate_run
+from dmqn_core.training.evaluate import evaluate_run
 
 
 class Split(str, Enum):

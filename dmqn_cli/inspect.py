@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from dmqn_cli.common import WorkspaceOption, handle_errors, int64_ids
-from dmqn_core.inspection import RunInspector
+from dmqn_core.runs.inspection import RunInspector
 from dmqn_core.workspace import Workspace
 
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from dmqn_cli import bench, evaluate, inspect, prep, quickstart, runs, serving, synth, train
-from dmqn_cli import report
+from dmqn_cli import bench, evaluate, inspect, prep, quickstart, report, runs, serving, synth, train
 
 app = typer.Typer(
     name="dmqn",

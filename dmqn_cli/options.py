@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import typer
 
-from dmqn_core.train import read_config_file
+from dmqn_core.training.train import read_config_file
 
 MODEL_PANEL = "Model"
 TRAIN_PANEL = "Training"
@@ -45,7 +45,8 @@ InspectUsersOption = typer.Option(
     None,
     "--inspect-users",
     min=0,
-    help="dmqn/dmqn-simple: users whose codeword assignments and attention are recorded at the end for `dmqn inspect` and `dmqn report`; 0 records nothing \\[default: 300].",
+    help="dmqn/dmqn-simple: users whose codeword assignments and attention are recorded at the end for "
+    "`dmqn inspect` and `dmqn report`; 0 records nothing \\[default: 300].",
     rich_help_panel=TRAIN_PANEL,
 )
 EmbedDimOption = typer.Option(

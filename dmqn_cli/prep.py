@@ -1,4 +1,4 @@
-"""``dmqn prep``: behavior log -> prepared long-sequence CTR set (protocol: dmqn_core.prep)."""
+"""``dmqn prep``: behavior log -> prepared long-sequence CTR set (protocol: dmqn_core.data.prep)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from rich.table import Table
 from rich.text import Text
 
 from dmqn_cli.common import WorkspaceOption, console, handle_errors, open_workspace
-from dmqn_core.formats import Format, parse_columns
-from dmqn_core.prep import MEMORY_FRACTION, parse_time_range, prepare
+from dmqn_core.data.formats import Format, parse_columns
+from dmqn_core.data.prep import MEMORY_FRACTION, parse_time_range, prepare
 
 _STAGE_TEXT = {
     "reading": "reading and classifying rows",

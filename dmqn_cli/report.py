@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import typer
 from rich.text import Text
@@ -23,7 +23,7 @@ def report(
     users: int = typer.Option(
         DEFAULT_USERS, "--users", min=0, help="How many recorded sample users get an attention heatmap."
     ),
-    user: Optional[List[int]] = typer.Option(
+    user: Optional[list[int]] = typer.Option(
         None,
         "--user",
         metavar="USER_ID",

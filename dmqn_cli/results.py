@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Sequence
+from collections.abc import Sequence
 
 from rich import box
 from rich.console import RenderableType
@@ -12,7 +12,7 @@ from rich.table import Column, Table
 from rich.text import Text
 
 from dmqn_cli.common import console
-from dmqn_core.train import TrainResult
+from dmqn_core.training.train import TrainResult
 
 
 def fmt(value: float | int | None, digits: int = 4) -> str:

@@ -13,7 +13,7 @@ from rich.text import Text
 
 from dmqn_cli.common import JsonOption, WideOption, WorkspaceOption, console, handle_errors, open_workspace, print_json
 from dmqn_cli.results import fitted_table, fmt, number
-from dmqn_core.runstore import RunRecord, RunStore, iter_param_rows
+from dmqn_core.runs.store import RunRecord, RunStore, iter_param_rows
 
 runs_app = typer.Typer(help="List runs, or show one run's parameters and metric history.", no_args_is_help=False)
 

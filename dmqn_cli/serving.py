@@ -21,7 +21,7 @@ from dmqn_cli.common import (
     print_json,
 )
 from dmqn_cli.progress import RichProgress
-from dmqn_core.cache import CachedScorer, export_states
+from dmqn_core.serving.cache import CachedScorer, export_states
 
 
 def _read_users(text: str) -> list[int] | None:

@@ -10,7 +10,7 @@ import typer
 
 from dmqn_cli.common import console, handle_errors
 from dmqn_cli.progress import RichProgress
-from dmqn_core.synth import write_log
+from dmqn_core.data.synth import write_log
 
 
 class Scale(str, Enum):

@@ -29,9 +29,9 @@ from dmqn_cli.options import (
 )
 from dmqn_cli.progress import RichProgress
 from dmqn_cli.results import print_train_result
-from dmqn_core import distributed
-from dmqn_core.models import model_names
-from dmqn_core.train import train as train_model
+from dmqn_core.models.registry import model_names
+from dmqn_core.training import distributed
+from dmqn_core.training.train import train as train_model
 
 
 @handle_errors
@@ -91,7 +91,8 @@ def train(
     """Train a model on a prepared data set; checkpoints and metrics go to the workspace.
 
     Every value used (defaults, --config file, flags) is stored with the run; `dmqn runs show RUN_ID` lists them.
-    Settings of the baselines not offered as flags (e.g. simhash_bits, session_gap) go in the \\[model] table of --config.
+    Settings of the baselines not offered as flags (e.g. simhash_bits, session_gap) go in the \\[model] table of
+    --config.
 
     Several processes: `torchrun --nproc-per-node N -m dmqn_cli train ...` trains with DistributedDataParallel
     (gloo on the CPU, NCCL with --device cuda), each process on its part of every batch of --batch-size; rank 0

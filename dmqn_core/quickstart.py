@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
-from dmqn_core.evaluate import evaluate_run
-from dmqn_core.inspection import RunInspector, user_worth_inspecting
-from dmqn_core.prep import PrepResult, prepare
+from dmqn_core.data.prep import PrepResult, prepare
+from dmqn_core.data.synth import SynthSummary, write_log
 from dmqn_core.progress import NullProgress, Progress
-from dmqn_core.synth import SynthSummary, write_log
-from dmqn_core.train import TrainResult, train
+from dmqn_core.runs.inspection import RunInspector, user_worth_inspecting
+from dmqn_core.training.evaluate import evaluate_run
+from dmqn_core.training.train import TrainResult, train
 from dmqn_core.workspace import Workspace
 
 DATASET = "quickstart"

@@ -2,8 +2,8 @@
 
 Layout::
 
-    <workspace>/runs.duckdb          the run store (see dmqn_core.runstore)
-    <workspace>/data/<NAME>/         prepared data sets (see dmqn_core.prepared)
+    <workspace>/runs.duckdb          the run store (see dmqn_core.runs.store)
+    <workspace>/data/<NAME>/         prepared data sets (see dmqn_core.data.prepared)
     <workspace>/runs/<RUN_ID>/       checkpoints of one run
     <workspace>/benches/<NAME>/      Tables 2 and 3 of one `dmqn bench` (Markdown, CSV, JSON)
 """
@@ -13,9 +13,9 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 from dmqn_core.errors import DmqnError
 
@@ -43,7 +43,7 @@ class Workspace:
     def runs_dir(self) -> Path:
         return self.root / "runs"
 
-    def ensure(self) -> "Workspace":
+    def ensure(self) -> Workspace:
         if self.root.exists() and not self.root.is_dir():
             raise DmqnError(f"workspace {self.root} exists and is not a directory")
         self.data_dir.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ from textual.widgets import Footer, Static, TabbedContent, TabPane
 from textual.worker import get_current_worker
 
 from dmqn_core.errors import DmqnError
-from dmqn_core.inspection import RunInspector, RunSummary, UserInspection, dmqn_runs
+from dmqn_core.runs.inspection import RunInspector, RunSummary, UserInspection, dmqn_runs
 from dmqn_core.workspace import Workspace
 from dmqn_inspect.widgets.attention import AttentionChart
 from dmqn_inspect.widgets.clusters import ClustersTable

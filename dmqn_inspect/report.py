@@ -10,17 +10,17 @@ from __future__ import annotations
 import html
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
-from dmqn_core.inspection import RunInspector, RunSummary, UserInspection
 from dmqn_core.progress import NullProgress, Progress
+from dmqn_core.runs.inspection import RunInspector, RunSummary, UserInspection
 from dmqn_core.workspace import Workspace, atomic_write_bytes, remove_stale_temporaries
 from dmqn_inspect.report_figures import (
     ClusterCategories,
@@ -221,7 +221,7 @@ def _best_epoch(history: Sequence[tuple[int | None, str, str, float]]) -> int | 
     return min(valid)[1] if valid else None
 
 
-def _add_projection(page: "_Page", inspector: RunInspector, progress: Progress) -> None:
+def _add_projection(page: _Page, inspector: RunInspector, progress: Progress) -> None:
     codebooks = inspector.codebooks()  # (N, W, D)
     item_ids, item_categories, vectors = inspector.item_embeddings()
     n_codewords = codebooks.shape[0] * codebooks.shape[1]

@@ -7,16 +7,16 @@ and none reaches outside the page, so the report renders offline.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-from dmqn_core.inspection import RunSummary, UserInspection
-from dmqn_core.quantizer import CodebookUsage
+from dmqn_core.models.dmqn.mcqm import CodebookUsage
+from dmqn_core.runs.inspection import RunSummary, UserInspection
 
 TEMPLATE = "plotly_white"
 # Categories beyond the most frequent ones share one grey, so the legend stays readable.
@@ -221,7 +221,7 @@ class ClusterCategories:
     @classmethod
     def from_rows(
         cls, rows: Sequence[tuple[int, int, int, int]], n_users: int, n_codebooks: int, codebook_size: int
-    ) -> "ClusterCategories":
+    ) -> ClusterCategories:
         """rows: (codebook, codeword, category, behaviors), as RunInspector.codeword_categories gives them."""
         counts = [[Counter() for _ in range(codebook_size)] for _ in range(n_codebooks)]
         for codebook, codeword, category, behaviors in rows:
@@ -230,7 +230,8 @@ class ClusterCategories:
 
 
 def cluster_categories_figure(clusters: ClusterCategories) -> go.Figure:
-    """Per codebook, one stacked bar per used codeword: the shares of its three most frequent categories and the rest."""
+    """Per codebook, one stacked bar per used codeword: the shares of its three most frequent categories and the
+    rest."""
     n_codebooks = len(clusters.counts)
     width = len(clusters.counts[0])
     fig = make_subplots(

@@ -7,13 +7,13 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
-from dmqn_core.prep import prepare
-from dmqn_core.synth import write_log
+from dmqn_core.data.prep import prepare
+from dmqn_core.data.synth import write_log
 from dmqn_core.workspace import Workspace
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

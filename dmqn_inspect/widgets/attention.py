@@ -7,7 +7,7 @@ from rich.table import Table
 from rich.text import Text
 from textual.widgets import Static
 
-from dmqn_core.inspection import UserInspection
+from dmqn_core.runs.inspection import UserInspection
 from dmqn_inspect.widgets.formatting import HorizontalBar, codeword_text, number_text
 
 _BAR_COLOUR = "#5fafff"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.text import Text
 from textual.widgets import Static
 
-from dmqn_core.inspection import UserInspection
+from dmqn_core.runs.inspection import UserInspection
 
 
 class InfoBar(Static):

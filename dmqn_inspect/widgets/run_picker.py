@@ -12,7 +12,7 @@ from textual.screen import ModalScreen
 from textual.widgets import OptionList, Static
 from textual.widgets.option_list import Option
 
-from dmqn_core.inspection import RunSummary
+from dmqn_core.runs.inspection import RunSummary
 
 
 def _metric(value: float | None) -> str:

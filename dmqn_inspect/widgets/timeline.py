@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.text import Text
 from textual.widgets import DataTable
 
-from dmqn_core.inspection import UserInspection
+from dmqn_core.runs.inspection import UserInspection
 from dmqn_inspect.widgets.formatting import codeword_text, id_text, number_text, utc_minute
 
 

@@ -8,7 +8,6 @@ from textual.message import Message
 from textual.suggester import SuggestFromList
 from textual.widgets import Input
 
-
 # Raw ids are int64 in the run store and the prepared arrays; a larger one names no user.
 _ID_RANGE = range(-(2**63), 2**63)
 

@@ -17,14 +17,14 @@ from typer.testing import CliRunner
 from dmqn_cli.main import app
 from dmqn_cli.results import fmt
 from dmqn_cli.runs import RUN_FIELDS
-from dmqn_core.bench import run_bench
-from dmqn_core.cache import export_states
-from dmqn_core.evaluate import load_run_model
-from dmqn_core.inspection import RunInspector
-from dmqn_core.prep import prepare
-from dmqn_core.runstore import RunStore
-from dmqn_core.synth import write_log
-from dmqn_core.train import train
+from dmqn_core.data.prep import prepare
+from dmqn_core.data.synth import write_log
+from dmqn_core.runs.inspection import RunInspector
+from dmqn_core.runs.run import load_run_model
+from dmqn_core.runs.store import RunStore
+from dmqn_core.serving.cache import export_states
+from dmqn_core.training.bench import run_bench
+from dmqn_core.training.train import train
 from dmqn_core.workspace import Workspace
 
 EVIL = "[red]evil"

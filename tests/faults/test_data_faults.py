@@ -26,12 +26,12 @@ import pytest
 from typer.testing import CliRunner
 
 from dmqn_cli.main import app
-from dmqn_core import formats
-from dmqn_core import prepared as prepared_module
+from dmqn_core.data import formats
+from dmqn_core.data import prepared as prepared_module
+from dmqn_core.data.prep import TAOBAO_TIME_RANGE, prepare
+from dmqn_core.data.prepared import FORMAT_MARKER, META_KEYS, PreparedSet, fingerprint_of
+from dmqn_core.data.synth import write_log
 from dmqn_core.errors import DmqnError
-from dmqn_core.prep import TAOBAO_TIME_RANGE, prepare
-from dmqn_core.prepared import FORMAT_MARKER, META_KEYS, PreparedSet, fingerprint_of
-from dmqn_core.synth import write_log
 from dmqn_core.workspace import Workspace, publish_directory, remove_stale_temporaries
 
 REPO = Path(__file__).resolve().parents[2]

@@ -22,17 +22,19 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import dmqn_core.train as train_module
+import dmqn_core.training.train as train_module
 from dmqn_cli.main import app
-from dmqn_core.bench import run_bench
+from dmqn_core.data.prep import prepare
+from dmqn_core.data.prepared import PreparedSet
+from dmqn_core.data.synth import write_log
 from dmqn_core.errors import DmqnError
-from dmqn_core.evaluate import BEST, CHECKPOINT, evaluate_run, load_run_model
-from dmqn_core.inspection import RunInspector
-from dmqn_core.prep import prepare
-from dmqn_core.prepared import PreparedSet
-from dmqn_core.runstore import RunStore
-from dmqn_core.synth import write_log
-from dmqn_core.train import read_config_file, train
+from dmqn_core.runs.checkpoint import BEST, CHECKPOINT
+from dmqn_core.runs.inspection import RunInspector
+from dmqn_core.runs.run import load_run_model
+from dmqn_core.runs.store import RunStore
+from dmqn_core.training.bench import run_bench
+from dmqn_core.training.evaluate import evaluate_run
+from dmqn_core.training.train import read_config_file, train
 from dmqn_core.workspace import Workspace
 
 SMALL = {"embed_dim": 8, "mlp_hidden": [16]}

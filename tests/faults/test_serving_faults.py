@@ -10,23 +10,23 @@ import socket
 import subprocess
 import time
 import warnings
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
+from conftest import free_port
 from typer.testing import CliRunner
 
-from conftest import free_port
 from dmqn_cli.common import handle_errors
 from dmqn_cli.main import app
-from dmqn_core.cache import CachedScorer, export_states
+from dmqn_core.data.prep import prepare
+from dmqn_core.data.synth import write_log
 from dmqn_core.errors import DmqnError
-from dmqn_core.evaluate import load_run_model
-from dmqn_core.inspection import RunInspector
-from dmqn_core.prep import prepare
-from dmqn_core.state_store import EmbeddedStateStore, RedisStateStore, redact_uri
-from dmqn_core.synth import write_log
-from dmqn_core.train import train
+from dmqn_core.runs.inspection import RunInspector
+from dmqn_core.runs.run import load_run_model
+from dmqn_core.serving.cache import CachedScorer, export_states
+from dmqn_core.serving.state_store import EmbeddedStateStore, RedisStateStore, redact_uri
+from dmqn_core.training.train import train
 from dmqn_core.workspace import Workspace
 
 PASSWORD = "Pa55-w0rd-s3cret"

@@ -1,0 +1,45 @@
+"""DIN (Zhou et al., KDD 2018) over the last `window` behaviors: din-short, din-middle, din-full."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+from torch import Tensor
+
+from dmqn_core.config import ModelConfig
+from dmqn_core.nn.embedding import BehaviorEmbedding
+from dmqn_core.nn.interest_model import Candidates, Histories, InterestModel
+from dmqn_core.nn.mlp import MLPHead
+from dmqn_core.nn.sequence import take_last
+from dmqn_core.nn.target_attention import ActivationUnit
+
+
+class ShortTermDIN(nn.Module):
+    """DIN's local activation unit over the `window` most recent behaviors (None = all): DIN itself, and
+    the short-term interest that SIM, ETA, SDIM, TWIN and TWIN V2 pair with their long-term module."""
+
+    def __init__(self, dim: int, window: int | None) -> None:
+        super().__init__()
+        self.window = window
+        self.attention = ActivationUnit(dim)
+
+    def forward(self, candidate: Tensor, behaviors: Tensor, mask: Tensor, hist_index: Tensor) -> Tensor:
+        """candidate (B, D); behaviors (H, L, D); mask (H, L); hist_index (B,) -> interest (B, D)."""
+        if self.window is not None:
+            behaviors, mask = take_last(behaviors, mask, self.window)  # (H, window, D)
+        interest, _ = self.attention(candidate, behaviors, mask, hist_index)
+        return interest
+
+
+class DIN(InterestModel):
+    """Local activation unit over the `window` most recent behaviors (None = the whole history)."""
+
+    def __init__(self, config: ModelConfig, window: int | None) -> None:
+        super().__init__()
+        self.config = config
+        self.embedding = BehaviorEmbedding(config)
+        self.interest = ShortTermDIN(config.embed_dim, window)
+        self.head = MLPHead(config.embed_dim, 1, config.mlp_hidden, config.dropout)
+
+    def interests(self, histories: Histories, candidates: Candidates, hist_index: Tensor) -> Tensor:
+        h, c = histories, candidates.embedded
+        return self.interest(c, h.embedded, h.mask, hist_index).unsqueeze(1)  # (B, 1, D)

@@ -1,0 +1,2 @@
+"""DMQN (SIGIR '25) as the paper names its parts: MCQM (mcqm.py, eq. 3-10), ICIM (icim.py,
+eq. 11-13), CTAM (ctam.py) and the model (model.py)."""

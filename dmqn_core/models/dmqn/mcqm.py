@@ -1,0 +1,154 @@
+"""MCQM, the Multi-Cluster Quantization Module (section 2.2, eq. 3-10).
+
+Every behavior embedding is assigned, once per codebook, to one of W codewords; the behaviors
+sharing a codeword are mean-pooled into one cluster token. N codebooks turn a history of L
+behaviors into N sequences of W cluster tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+
+@dataclass
+class QuantizerOutput:
+    clusters: Tensor  # (H, N, W, D) r_k of eq. 9-10, zero at empty codewords
+    cluster_mask: Tensor  # (H, N, W) bool, True = at least one behavior assigned
+    cluster_size: Tensor  # (H, N, W) float, number of behaviors assigned (no gradient)
+    # (N, W) soft assignment probability averaged over the real behaviors of the batch;
+    # only computed in training mode when asked for (it feeds usage_loss).
+    mean_prob: Tensor | None
+
+
+class MultiCodebookQuantizer(nn.Module):
+    def __init__(self, n_codebooks: int, codebook_size: int, dim: int, tau: float = 1.0) -> None:
+        super().__init__()
+        N, W, D = n_codebooks, codebook_size, dim
+        self.tau = tau
+        # eq. 3: C = [c_1, ..., c_N], c_j in R^{W x D}
+        self.codebooks = nn.Parameter(torch.empty(N, W, D))
+        # eq. 4: one projection W_2^{c_j} in R^{D x D} per codebook, batched; no bias, as in eq. 4.
+        self.proj = nn.Parameter(torch.empty(N, D, D))
+        # Orthogonal projections keep |h| = |e|; unit-variance codewords then give initial scores
+        # with standard deviation |e| (about 0.5 with the default embedding init), below the
+        # Gumbel noise (std 1.28 at tau=1): training starts with the exploratory, near-uniform
+        # assignment that eq. 6 is there for, and the scores sharpen as e and c grow.
+        for j in range(N):
+            nn.init.orthogonal_(self.proj.data[j])
+        nn.init.normal_(self.codebooks, std=1.0)
+
+    def scores(self, e: Tensor) -> Tensor:
+        """eq. 4-5: (H, L, D) embeddings -> (H, L, N, W) dot-product scores.
+
+        Behavior-major layout (H, L, N, W): the scores come out of one (H L, D) x (D, N W) matmul
+        without a permuting copy, and the pooling below is a batched matmul over H with no copy either.
+        """
+        N, W, D = self.codebooks.shape
+        folded = self.folded_codebooks().reshape(N * W, D)  # (N W, D)
+        return (e @ folded.T).unflatten(-1, (N, W))  # (H, L, N, W)
+
+    def folded_codebooks(self) -> Tensor:
+        """(N, W, D) codewords moved into the behavior-embedding space: score(e, w) = e · folded[n, w].
+
+        (e W_2) c^T == e (c W_2^T)^T: folding the projection into the codebook costs O(N W D^2)
+        once instead of O(H L N D^2) and never materialises h (H, L, N, D); it is also what lets
+        codewords be plotted beside item embeddings (dmqn report).
+        """
+        return torch.einsum("nde,nwe->nwd", self.proj, self.codebooks)
+
+    def assign(self, e: Tensor, mask: Tensor) -> Tensor:
+        """Inference-path codeword of every behavior: (H, N, L) long, -1 at padding (eq. 7-8 without noise)."""
+        z = self.scores(e).argmax(dim=-1).transpose(1, 2)  # (H, N, L)
+        return z.masked_fill(~mask.unsqueeze(1), -1)
+
+    def forward(self, e: Tensor, mask: Tensor, with_usage: bool = False) -> QuantizerOutput:
+        """e (H, L, D), zero at padding; mask (H, L) bool, True = real behavior."""
+        scores = self.scores(e)  # (H, L, N, W)
+        valid = mask[:, :, None, None].to(scores.dtype)  # (H, L, 1, 1)
+
+        mean_prob = None
+        if self.training:
+            # eq. 6 writes log(score), but dot-product scores can be negative; we read the scores
+            # as logits, i.e. as the log of the softmax probabilities up to a per-behavior constant,
+            # which the softmax ignores. Gumbel(0, 1) noise g = -log(-log(u)), u ~ U(0, 1); drawn
+            # in place, as uniform_ is several times faster than exponential_ on CPU.
+            # (uniform_ can return exactly 0: -log(-log(0)) = -inf, a codeword that is not chosen.)
+            gumbel = torch.empty_like(scores).uniform_().log_().neg_().log_().neg_()
+            logits = gumbel.add_(scores).div_(self.tau)  # reuses the noise buffer
+            prob = logits.softmax(dim=-1)  # (H, L, N, W) eq. 6
+            # eq. 7: argmax of prob == argmax of the noisy logits.
+            z = logits.argmax(dim=-1, keepdim=True)  # (H, L, N, 1)
+            del gumbel, logits
+            # Scattering the mask value (1 or 0) gives padding an all-zero row: no assignment.
+            hard = torch.zeros_like(prob).scatter_(-1, z, valid.expand_as(z))  # (H, L, N, W)
+            # Straight-through: the forward value is exactly `hard` (prob - prob.detach() is exactly
+            # 0, unlike hard - prob.detach() + prob), the gradient is that of prob, so the codebooks
+            # and projections learn. At padding e = 0, so the soft term carries no gradient there.
+            y = hard + (prob - prob.detach())
+            if with_usage:
+                n_real = mask.sum().clamp(min=1).to(prob.dtype)
+                mean_prob = torch.einsum("hlnw,hl->nw", prob, mask.to(prob.dtype)) / n_real  # (N, W)
+        else:
+            z = scores.argmax(dim=-1, keepdim=True)  # (H, L, N, 1)
+            hard = torch.zeros_like(scores).scatter_(-1, z, valid.expand_as(z))
+            y = hard
+
+        # eq. 9-10: r_k = mean of the ORIGINAL embeddings e_i with z_i = k (not of the projected h:
+        # the projection only serves the assignment, e lives in the space the candidate lives in).
+        H, L, N, W = y.shape
+        size = hard.sum(dim=1)  # (H, N, W) hard counts, no gradient
+        summed = (y.reshape(H, L, N * W).transpose(1, 2) @ e).unflatten(1, (N, W))  # (H, N, W, D)
+        clusters = summed / size.clamp(min=1.0).unsqueeze(-1)  # empty codewords stay exactly 0
+        return QuantizerOutput(clusters=clusters, cluster_mask=size > 0, cluster_size=size, mean_prob=mean_prob)
+
+
+def usage_loss(mean_prob: Tensor) -> Tensor:
+    """log W - H(mean assignment probability), averaged over codebooks; 0 iff every codeword is used equally.
+
+    The optional anti-collapse regulariser (ModelConfig.usage_loss_weight): without it nothing stops
+    all behaviors from drifting to a few codewords, which would make the clusters uninformative.
+    mean_prob (N, W) -> scalar.
+    """
+    W = mean_prob.shape[-1]
+    entropy = -(mean_prob * mean_prob.clamp(min=1e-12).log()).sum(dim=-1)  # (N,)
+    return (math.log(W) - entropy).mean()
+
+
+@dataclass
+class CodebookUsage:
+    counts: np.ndarray  # (N, W) int64, behaviors assigned to each codeword
+    perplexity: np.ndarray  # (N,) float, exp(entropy of the usage distribution); W = uniform use
+    dead: np.ndarray  # (N,) int64, codewords with no behavior assigned
+
+    @classmethod
+    def from_counts(cls, counts: np.ndarray) -> CodebookUsage:
+        """Counts summed over any number of batches -> usage statistics."""
+        counts = np.asarray(counts, dtype=np.int64)
+        total = counts.sum(axis=-1, keepdims=True)
+        p = counts / np.maximum(total, 1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            entropy = -np.where(p > 0, p * np.log(p), 0.0).sum(axis=-1)
+        return cls(counts=counts, perplexity=np.exp(entropy), dead=(counts == 0).sum(axis=-1))
+
+
+def codebook_counts(assignments: Tensor | np.ndarray, codebook_size: int) -> np.ndarray:
+    """(..., N, L) codeword ids, -1 = padding (as DMQN.codeword_assignments returns) -> (N, W) counts."""
+    a = torch.as_tensor(assignments)
+    N = a.shape[-2]
+    a = a.transpose(-2, -1).reshape(-1, N)  # (everything else, N)
+    counts = torch.zeros(N, codebook_size, dtype=torch.int64)
+    for j in range(N):
+        ids = a[:, j]
+        counts[j] = torch.bincount(ids[ids >= 0], minlength=codebook_size)
+    return counts.numpy()
+
+
+def codebook_usage(assignments: Tensor | np.ndarray, codebook_size: int) -> CodebookUsage:
+    """Per-codebook counts, perplexity and dead codewords of (..., N, L) assignments (-1 = padding)."""
+    return CodebookUsage.from_counts(codebook_counts(assignments, codebook_size))

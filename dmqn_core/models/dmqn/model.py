@@ -1,0 +1,148 @@
+"""DMQN, the Deep Multiple Quantization Network (SIGIR '25), Figure 1: MCQM -> ICIM -> CTAM -> MLP.
+
+The model splits at the candidate: encode_user (MCQM + ICIM + the pooled recent history) depends
+on the history only and can be computed once per user and cached (section 2.5); score (CTAM +
+MLP) is the per-candidate part.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from dmqn_core.config import ModelConfig
+from dmqn_core.models.dmqn.ctam import ClusterTargetAttention
+from dmqn_core.models.dmqn.icim import ClusterInteraction
+from dmqn_core.models.dmqn.mcqm import MultiCodebookQuantizer, usage_loss
+from dmqn_core.nn.embedding import BehaviorEmbedding
+from dmqn_core.nn.mlp import MLPHead
+from dmqn_core.nn.sequence import recent_mean
+
+
+@dataclass
+class UserState:
+    """The candidate-independent representation of H histories (what section 2.5 caches)."""
+
+    clusters: Tensor  # (H, N, W, D) ICIM output per cluster token, zero at empty clusters
+    cluster_mask: Tensor  # (H, N, W) bool, True = non-empty cluster
+    cluster_size: Tensor  # (H, N, W) float, number of behaviors assigned
+    recent: Tensor  # (H, D) mean embedding of the last short_len behaviors
+
+    def index_select(self, idx: Tensor) -> UserState:
+        """Rows idx (B,) of every field."""
+        return UserState(
+            clusters=self.clusters.index_select(0, idx),
+            cluster_mask=self.cluster_mask.index_select(0, idx),
+            cluster_size=self.cluster_size.index_select(0, idx),
+            recent=self.recent.index_select(0, idx),
+        )
+
+    def compact(self) -> UserState:
+        """Drop empty clusters: per user and codebook the non-empty ones first, W cut to the largest count.
+
+        score() gives the same logits for the compact state (CTAM has no per-codeword parameter),
+        which is what lets a cache store only the non-empty clusters.
+        """
+        order = torch.argsort(self.cluster_mask.to(torch.int8), dim=-1, descending=True, stable=True)  # (H, N, W)
+        keep = max(int(self.cluster_mask.sum(dim=-1).max()), 1) if self.cluster_mask.numel() else 1
+        order = order[..., :keep]  # (H, N, W')
+        D = self.clusters.shape[-1]
+        return UserState(
+            clusters=self.clusters.gather(2, order.unsqueeze(-1).expand(*order.shape, D)),
+            cluster_mask=self.cluster_mask.gather(2, order),
+            cluster_size=self.cluster_size.gather(2, order),
+            recent=self.recent,
+        )
+
+
+class DMQN(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        c = config
+        self.config = config
+        self.embedding = BehaviorEmbedding(c)
+        self.quantizer = MultiCodebookQuantizer(c.n_codebooks, c.codebook_size, c.embed_dim, c.tau)
+        self.icim = ClusterInteraction(
+            c.icim_layers, c.n_codebooks, c.codebook_size, c.embed_dim, c.icim_heads, c.dropout
+        )
+        self.ctam = ClusterTargetAttention(c.n_codebooks, c.embed_dim, c.ctam_size_bias)
+        self.head = MLPHead(c.embed_dim, c.n_codebooks, c.mlp_hidden, c.dropout, n_scalars=c.n_codebooks)
+        self._usage: Tensor | None = None
+
+    def encode_user(
+        self, hist_item: Tensor, hist_category: Tensor, hist_behavior: Tensor, hist_mask: Tensor
+    ) -> UserState:
+        """(H, L) ids and mask (True = real, left-aligned) -> UserState of H users."""
+        e = self.embedding.behaviors(hist_item, hist_category, hist_behavior, hist_mask)  # (H, L, D)
+        with_usage = self.training and self.config.usage_loss_weight > 0
+        q = self.quantizer(e, hist_mask, with_usage=with_usage)  # MCQM, eq. 3-10
+        self._usage = usage_loss(q.mean_prob) if with_usage else None  # None after an eval forward
+        clusters = self.icim(q.clusters, q.cluster_mask)  # ICIM, eq. 11-13
+        return UserState(clusters, q.cluster_mask, q.cluster_size, self._recent(e, hist_mask))
+
+    def _recent(self, e: Tensor, mask: Tensor) -> Tensor:
+        """Mean of the last short_len real behaviors: (H, L, D), (H, L) -> (H, D).
+
+        The paper's MLP input is not specified beyond "user, behavior sequence, candidate, context"
+        features (section 2.1); a short-term mean is the usual companion of a long-sequence module,
+        and every baseline gives its MLP the same one (sequence.recent_mean).
+        """
+        return recent_mean(e, mask, self.config.short_len)
+
+    def score(
+        self,
+        state: UserState,
+        cand_item: Tensor,
+        cand_category: Tensor,
+        state_index: Tensor | None = None,
+        return_weights: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """CTAM + MLP: (B,) candidates against state rows state_index (B,) (None = row b) -> (B,) logits.
+
+        With return_weights also the CTAM attention weights (B, N, W).
+        """
+        if state_index is not None:
+            state = state.index_select(state_index)
+        c = self.embedding.candidate(cand_item, cand_category)  # (B, D)
+        interest, match, weights = self.ctam(
+            c, state.clusters, state.cluster_mask, state.cluster_size
+        )  # (B, N, D), (B, N), (B, N, W)
+        logits = self.head(c, interest, state.recent, match)  # (B,)
+        if return_weights:
+            return logits, weights
+        return logits
+
+    def forward(
+        self,
+        hist_item: Tensor,
+        hist_category: Tensor,
+        hist_behavior: Tensor,
+        hist_mask: Tensor,
+        hist_index: Tensor,
+        cand_item: Tensor,
+        cand_category: Tensor,
+        hist_timestamp: Tensor | None = None,
+    ) -> Tensor:
+        """H de-duplicated histories (H, L), B candidates pointing at them via hist_index (B,) -> (B,) logits."""
+        state = self.encode_user(hist_item, hist_category, hist_behavior, hist_mask)
+        return self.score(state, cand_item, cand_category, hist_index)
+
+    def auxiliary_loss(self) -> Tensor:
+        """usage_loss_weight * the codebook-usage regulariser of the last forward if it ran in training mode, else 0.
+
+        Add it to the CTR loss before backward.
+        """
+        if self._usage is None:
+            return torch.zeros((), device=self.embedding.item.weight.device)
+        return self.config.usage_loss_weight * self._usage
+
+    @torch.no_grad()
+    def codeword_assignments(
+        self, hist_item: Tensor, hist_category: Tensor, hist_behavior: Tensor, hist_mask: Tensor
+    ) -> Tensor:
+        """(H, N, L) long: the inference-path (noise-free argmax) codeword of every behavior, -1 at padding."""
+        e = self.embedding.behaviors(hist_item, hist_category, hist_behavior, hist_mask)
+        return self.quantizer.assign(e, hist_mask)

@@ -1,0 +1,673 @@
+"""The run store: every run's parameters, metrics, codebook statistics and inspection sample in one DuckDB file.
+
+The schema lives in this module only. Writers open the file, write one batch in a
+transaction and close it again, so that a reader (``dmqn runs``, ``dmqn inspect``) can open
+it read-only between writes of a training process; all SQL takes parameters.
+
+Tables
+------
+``runs``            one row per run: model, data set, status, parameters (JSON), summary metrics.
+``metrics``         (run_id, epoch, split, name, value): the history of every metric, per epoch;
+                    epoch is NULL for evaluations made after training (``dmqn eval``).
+``codebook_usage``  (run_id, epoch, codebook, used, dead, perplexity): utilisation of each
+                    DMQN codebook on the validation histories after each epoch.
+``codeword_counts`` (run_id, epoch, codebook, codeword, count): how many validation behaviors
+                    each codeword received after each epoch (N·W rows per epoch).
+``benches``         one row per ``dmqn bench``: its name, data set and settings (JSON).
+``bench_runs``      (bench, model, seed, run_id): the run that trains each model and seed of a bench;
+                    written before the run starts, so an interrupted bench finds it again.
+
+Recorded at the end of a dmqn / dmqn-simple training, with the best checkpoint, for ``dmqn inspect``
+and ``dmqn report`` (see dmqn_core.runs.inspection and docs/run-store.md). A sample of at most
+``--inspect-users`` users with test samples (default 300) is recorded; every id is a raw id of the log.
+
+``inspect_users``      (run_id, user_id, history_length, candidates): one row per sampled user; L behaviors
+                       in the history the model encoded for the user's test samples, C test samples.
+``inspect_behaviors``  (run_id, user_id, position, codebook, codeword, timestamp, item, category, behavior):
+                       one row per behavior of that history and codebook (L·N rows per user), position 0
+                       = oldest; codeword is the inference-path (argmax) assignment. Cluster sizes are
+                       ``count(*) GROUP BY codebook, codeword``.
+``inspect_candidates`` (run_id, user_id, candidate, item, category, label, score): the user's test samples
+                       (C rows), score = predicted click probability.
+``inspect_attention``  (run_id, user_id, candidate, codebook, codeword, weight): CTAM attention of each
+                       candidate on each NON-EMPTY cluster (absent rows are empty clusters, weight 0);
+                       the weights of a (candidate, codebook) sum to 1.
+``codebook_vectors``   (run_id, codebook, codeword, vector FLOAT[D]): the codewords folded into the
+                       behavior-embedding space (c W_2^T: a behavior e goes to argmax_w e · vector).
+``item_vectors``       (run_id, item, category, popularity, vector FLOAT[D]): candidate embeddings (item +
+                       category) of the most frequent items, at most 5,000 rows
+                       (dmqn_core.runs.inspection.MAX_ITEM_VECTORS).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from dmqn_core.errors import DmqnError
+from dmqn_core.workspace import lock_is_held
+
+SCHEMA_VERSION = 3  # 2: benches, bench_runs; 3: inspect_*, codebook_vectors, item_vectors
+
+SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS schema_info (version INTEGER NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS runs (
+        run_id          VARCHAR PRIMARY KEY,
+        model           VARCHAR NOT NULL,
+        dataset         VARCHAR NOT NULL,
+        dataset_path    VARCHAR NOT NULL,
+        status          VARCHAR NOT NULL,      -- running | finished | failed | interrupted (see RunRecord)
+        created_at      TIMESTAMPTZ NOT NULL,
+        finished_at     TIMESTAMPTZ,
+        seed            BIGINT,
+        params          JSON NOT NULL,         -- every value the run actually used
+        n_parameters    BIGINT,
+        epochs_done     INTEGER DEFAULT 0,
+        best_epoch      INTEGER,
+        best_valid_auc  DOUBLE,
+        test_auc        DOUBLE,
+        test_gauc       DOUBLE,
+        test_logloss    DOUBLE,
+        train_seconds   DOUBLE DEFAULT 0,
+        checkpoint      VARCHAR,
+        error           VARCHAR
+    )""",
+    """CREATE TABLE IF NOT EXISTS metrics (
+        run_id       VARCHAR NOT NULL,
+        epoch        INTEGER,
+        split        VARCHAR NOT NULL,         -- train | valid | test
+        name         VARCHAR NOT NULL,
+        value        DOUBLE,
+        recorded_at  TIMESTAMPTZ NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS codebook_usage (
+        run_id      VARCHAR NOT NULL,
+        epoch       INTEGER NOT NULL,
+        codebook    INTEGER NOT NULL,
+        used        INTEGER NOT NULL,
+        dead        INTEGER NOT NULL,
+        perplexity  DOUBLE NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS benches (
+        bench       VARCHAR PRIMARY KEY,
+        dataset     VARCHAR NOT NULL,
+        created_at  TIMESTAMPTZ NOT NULL,
+        settings    JSON NOT NULL          -- models, seeds and the shared budget
+    )""",
+    """CREATE TABLE IF NOT EXISTS bench_runs (
+        bench    VARCHAR NOT NULL,
+        model    VARCHAR NOT NULL,
+        seed     BIGINT NOT NULL,
+        run_id   VARCHAR NOT NULL,
+        PRIMARY KEY (bench, model, seed)
+    )""",
+    """CREATE TABLE IF NOT EXISTS codeword_counts (
+        run_id    VARCHAR NOT NULL,
+        epoch     INTEGER NOT NULL,
+        codebook  INTEGER NOT NULL,
+        codeword  INTEGER NOT NULL,
+        count     BIGINT NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS inspect_users (
+        run_id          VARCHAR NOT NULL,
+        user_id         BIGINT NOT NULL,       -- raw user id of the log
+        history_length  INTEGER NOT NULL,      -- L: behaviors in the encoded history
+        candidates      INTEGER NOT NULL       -- C: test samples
+    )""",
+    """CREATE TABLE IF NOT EXISTS inspect_behaviors (
+        run_id     VARCHAR NOT NULL,
+        user_id    BIGINT NOT NULL,
+        position   INTEGER NOT NULL,           -- 0 = oldest behavior of the history
+        codebook   INTEGER NOT NULL,
+        codeword   INTEGER NOT NULL,
+        timestamp  BIGINT NOT NULL,            -- unix seconds
+        item       BIGINT NOT NULL,            -- raw ids
+        category   BIGINT NOT NULL,
+        behavior   VARCHAR NOT NULL            -- behavior type name (pv, buy, ...)
+    )""",
+    """CREATE TABLE IF NOT EXISTS inspect_candidates (
+        run_id     VARCHAR NOT NULL,
+        user_id    BIGINT NOT NULL,
+        candidate  INTEGER NOT NULL,           -- 0..C-1
+        item       BIGINT NOT NULL,
+        category   BIGINT NOT NULL,
+        label      TINYINT NOT NULL,
+        score      FLOAT NOT NULL              -- predicted click probability
+    )""",
+    """CREATE TABLE IF NOT EXISTS inspect_attention (
+        run_id     VARCHAR NOT NULL,
+        user_id    BIGINT NOT NULL,
+        candidate  INTEGER NOT NULL,
+        codebook   INTEGER NOT NULL,
+        codeword   INTEGER NOT NULL,           -- non-empty clusters only
+        weight     FLOAT NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS codebook_vectors (
+        run_id    VARCHAR NOT NULL,
+        codebook  INTEGER NOT NULL,
+        codeword  INTEGER NOT NULL,
+        vector    FLOAT[] NOT NULL             -- D values, folded into the behavior-embedding space
+    )""",
+    """CREATE TABLE IF NOT EXISTS item_vectors (
+        run_id      VARCHAR NOT NULL,
+        item        BIGINT NOT NULL,           -- raw ids
+        category    BIGINT NOT NULL,
+        popularity  BIGINT NOT NULL,           -- behaviors on the item in the prepared set
+        vector      FLOAT[] NOT NULL           -- D values: the candidate embedding item + category
+    )""",
+]
+
+# The inspection tables a run writes at the end of training, with their column order.
+INSPECTION_COLUMNS: dict[str, tuple[str, ...]] = {
+    "inspect_users": ("user_id", "history_length", "candidates"),
+    "inspect_behaviors": ("user_id", "position", "codebook", "codeword", "timestamp", "item", "category", "behavior"),
+    "inspect_candidates": ("user_id", "candidate", "item", "category", "label", "score"),
+    "inspect_attention": ("user_id", "candidate", "codebook", "codeword", "weight"),
+    "codebook_vectors": ("codebook", "codeword", "vector"),
+    "item_vectors": ("item", "category", "popularity", "vector"),
+}
+_INSPECTION_TYPES: dict[str, pa.DataType] = {
+    "user_id": pa.int64(),
+    "history_length": pa.int32(),
+    "candidates": pa.int32(),
+    "position": pa.int32(),
+    "codebook": pa.int32(),
+    "codeword": pa.int32(),
+    "timestamp": pa.int64(),
+    "item": pa.int64(),
+    "category": pa.int64(),
+    "behavior": pa.string(),
+    "candidate": pa.int32(),
+    "label": pa.int8(),
+    "score": pa.float32(),
+    "weight": pa.float32(),
+    "popularity": pa.int64(),
+    "vector": pa.list_(pa.float32()),
+}
+
+RUN_COLUMNS = (
+    "run_id",
+    "model",
+    "dataset",
+    "dataset_path",
+    "status",
+    "created_at",
+    "finished_at",
+    "seed",
+    "params",
+    "n_parameters",
+    "epochs_done",
+    "best_epoch",
+    "best_valid_auc",
+    "test_auc",
+    "test_gauc",
+    "test_logloss",
+    "train_seconds",
+    "checkpoint",
+    "error",
+)
+_UPDATABLE = set(RUN_COLUMNS) - {"run_id", "created_at"}
+
+# A writer holds DuckDB's file lock only for one short transaction; retry for this long.
+_LOCK_WAIT_SECONDS = 30.0
+
+# The file in each run's directory that its training process holds locked (workspace.exclusive_lock).
+RUN_LOCK = ".lock"
+
+
+@dataclass
+class RunRecord:
+    """One row of ``runs``. ``status`` is as recorded, except that a run recorded as running whose
+    lock no process holds (its process was killed with SIGKILL, or the machine went down) reads
+    ``dead``: it can be resumed like an interrupted one."""
+
+    run_id: str
+    model: str
+    dataset: str
+    dataset_path: str
+    status: str
+    created_at: datetime
+    finished_at: datetime | None
+    seed: int | None
+    params: dict[str, Any]
+    n_parameters: int | None
+    epochs_done: int
+    best_epoch: int | None
+    best_valid_auc: float | None
+    test_auc: float | None
+    test_gauc: float | None
+    test_logloss: float | None
+    train_seconds: float
+    checkpoint: str | None
+    error: str | None
+
+
+def new_run_id() -> str:
+    """A sortable, human-typable id: UTC time plus four random hex digits."""
+    return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class RunStore:
+    """Read and write ``runs.duckdb``. Cheap to construct; connections are opened per call.
+
+    ``runs_dir`` holds a directory per run with its lock (RUN_LOCK); by default the workspace's
+    ``runs/`` beside the store.
+    """
+
+    def __init__(self, path: str | os.PathLike, runs_dir: str | os.PathLike | None = None) -> None:
+        self.path = Path(path)
+        self.runs_dir = Path(runs_dir) if runs_dir is not None else self.path.parent / "runs"
+
+    def lock_path(self, run_id: str) -> Path:
+        """The file a process training ``run_id`` holds locked."""
+        return self.runs_dir / run_id / RUN_LOCK
+
+    # -- connections -------------------------------------------------------------------
+    def _connect(self, read_only: bool) -> duckdb.DuckDBPyConnection:
+        deadline = time.monotonic() + _LOCK_WAIT_SECONDS
+        while True:
+            try:
+                return duckdb.connect(str(self.path), read_only=read_only)
+            except duckdb.IOException as exc:
+                if "lock" not in str(exc).lower() or time.monotonic() > deadline:
+                    raise DmqnError(f"cannot open run store {self.path}: {_first_line(exc)}") from None
+                time.sleep(0.2)
+            except duckdb.Error as exc:
+                raise self._unusable(exc) from None
+
+    @contextmanager
+    def _connection(self, read_only: bool) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A connection for one batch of statements, closed afterwards.
+
+        DuckDB reads most blocks of the file only when a statement needs them, so damage can
+        surface in any statement, not only when connecting: such errors become one DmqnError
+        naming the file. Errors of the statements themselves (this module's bugs) stay as they are.
+        """
+        con = self._connect(read_only)
+        try:
+            yield con
+        except (duckdb.IOException, duckdb.SerializationException, duckdb.InternalException) as exc:
+            raise self._unusable(exc) from None
+        except duckdb.Error as exc:
+            if not str(exc).startswith("Corrupt"):
+                raise
+            raise self._unusable(exc) from None
+        finally:
+            con.close()
+
+    def _unusable(self, exc: duckdb.Error) -> DmqnError:
+        if isinstance(exc, duckdb.IOException):
+            return DmqnError(f"cannot use run store {self.path}: {_first_line(exc)}")
+        return DmqnError(
+            f"run store {self.path} is damaged ({_first_line(exc)}); move it aside to start "
+            "a new one, or put back a copy"
+        )
+
+    def _write(
+        self, statements: Iterable[tuple[str, Sequence | None]], frames: Mapping[str, pa.Table] | None = None
+    ) -> None:
+        """Run the statements in one transaction; ``frames`` are Arrow tables the statements can
+        select from by name (bulk inserts: DuckDB's executemany costs milliseconds per row)."""
+        with self._connection(read_only=False) as con:
+            con.execute("BEGIN TRANSACTION")
+            for sql in SCHEMA:
+                con.execute(sql)
+            if con.execute("SELECT count(*) FROM schema_info").fetchone()[0] == 0:
+                con.execute("INSERT INTO schema_info VALUES (?)", [SCHEMA_VERSION])
+            else:  # every version so far only added tables, which the statements above create
+                con.execute("UPDATE schema_info SET version = ? WHERE version < ?", [SCHEMA_VERSION, SCHEMA_VERSION])
+            for name, frame in (frames or {}).items():
+                con.register(name, frame)
+            for sql, params in statements:
+                if params is not None and params and isinstance(params[0], (list, tuple)):
+                    con.executemany(sql, params)
+                else:
+                    con.execute(sql, params or [])
+            con.execute("COMMIT")
+
+    def _read(self, sql: str, params: Sequence | None = None, table: str = "runs") -> list[tuple]:
+        """Rows of a read-only query; none while ``table`` does not exist yet (a store written before
+        it was added to the schema gets it with its next write)."""
+        return self._read_all([(sql, params, table)])[0]
+
+    def _read_all(self, queries: Sequence[tuple[str, Sequence | None, str]]) -> list[list[tuple]]:
+        """The rows of several (sql, params, table) queries, read through one read-only connection."""
+        if not self.path.exists():
+            return [[] for _ in queries]
+        with self._connection(read_only=True) as con:
+            tables = {row[0] for row in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+            return [
+                con.execute(sql, params or []).fetchall() if table in tables else [] for sql, params, table in queries
+            ]
+
+    # -- runs --------------------------------------------------------------------------
+    def create_run(
+        self,
+        *,
+        model: str,
+        dataset: str,
+        dataset_path: str,
+        params: dict[str, Any],
+        seed: int | None,
+        n_parameters: int | None,
+        run_id: str | None = None,
+    ) -> str:
+        run_id = run_id or new_run_id()
+        self._write(
+            [
+                (
+                    "INSERT INTO runs (run_id, model, dataset, dataset_path, status, created_at, seed, params, "
+                    "n_parameters) "
+                    "VALUES (?, ?, ?, ?, 'running', ?, ?, ?, ?)",
+                    [
+                        run_id,
+                        model,
+                        dataset,
+                        dataset_path,
+                        _now(),
+                        seed,
+                        json.dumps(params, sort_keys=True),
+                        n_parameters,
+                    ],
+                )
+            ]
+        )
+        return run_id
+
+    def update_run(self, run_id: str, **fields: Any) -> None:
+        unknown = set(fields) - _UPDATABLE
+        if unknown:
+            raise ValueError(f"not run columns: {sorted(unknown)}")
+        if "params" in fields:
+            fields["params"] = json.dumps(fields["params"], sort_keys=True)
+        # Column names come from the fixed set above, never from user input.
+        assignments = ", ".join(f"{name} = ?" for name in fields)
+        self._write([(f"UPDATE runs SET {assignments} WHERE run_id = ?", [*fields.values(), run_id])])
+
+    def finish_run(self, run_id: str, status: str, **fields: Any) -> None:
+        self.update_run(run_id, status=status, finished_at=_now(), **fields)
+
+    def get_run(self, run_id: str) -> RunRecord:
+        rows = self._read(f"SELECT {', '.join(RUN_COLUMNS)} FROM runs WHERE run_id = ?", [run_id])
+        if not rows:
+            raise DmqnError(f"unknown run {run_id!r} in {self.path} (see `dmqn runs`)")
+        return self._record(rows[0])
+
+    def list_runs(self, dataset: str | None = None, model: str | None = None) -> list[RunRecord]:
+        rows = self._read(
+            f"SELECT {', '.join(RUN_COLUMNS)} FROM runs "
+            "WHERE (? IS NULL OR dataset = ?) AND (? IS NULL OR model = ?) ORDER BY created_at, run_id",
+            [dataset, dataset, model, model],
+        )
+        return [self._record(row) for row in rows]
+
+    def resolve_run_id(self, run_id: str | None, finished_only: bool = True) -> str:
+        """The given run id, checked; or, when none is given, the latest finished run (the latest
+        run of any status with ``finished_only=False``).
+
+        A run still training, or one that failed or died, has no test metrics and maybe no weights:
+        commands that default to "the latest run" want the latest one they can use.
+        """
+        if run_id:
+            return self.get_run(run_id).run_id
+        rows = self._read(
+            "SELECT run_id FROM runs WHERE (NOT ? OR status = 'finished') "
+            "ORDER BY created_at DESC, run_id DESC LIMIT 1",
+            [finished_only],
+        )
+        if rows:
+            return rows[0][0]
+        if finished_only and self._read("SELECT 1 FROM runs LIMIT 1"):
+            raise DmqnError(f"no finished run in {self.path} yet; name a run (see `dmqn runs`)")
+        raise DmqnError(f"no runs in {self.path} yet (train one with `dmqn train`)")
+
+    def _record(self, row: tuple) -> RunRecord:
+        values = dict(zip(RUN_COLUMNS, row))
+        values["params"] = json.loads(values["params"]) if values["params"] else {}
+        if values["status"] == "running" and not lock_is_held(self.lock_path(values["run_id"])):
+            values["status"] = "dead"
+        return RunRecord(**values)
+
+    # -- metrics -----------------------------------------------------------------------
+    def log_metrics(self, run_id: str, split: str, metrics: dict[str, float], epoch: int | None = None) -> None:
+        now = _now()
+        rows = [[run_id, epoch, split, name, float(value), now] for name, value in metrics.items()]
+        if rows:
+            self._write([("INSERT INTO metrics VALUES (?, ?, ?, ?, ?, ?)", rows)])
+
+    def metric_history(self, run_id: str) -> list[tuple[int | None, str, str, float]]:
+        """(epoch, split, name, value) in the order they were recorded."""
+        return [
+            tuple(r)
+            for r in self._read(
+                "SELECT epoch, split, name, value FROM metrics WHERE run_id = ? "
+                "ORDER BY recorded_at, epoch NULLS LAST, split, name",
+                [run_id],
+            )
+        ]
+
+    def log_codebook_usage(
+        self, run_id: str, epoch: int, counts: Sequence[Sequence[int]], usage: Sequence[tuple[int, int, float]]
+    ) -> None:
+        """counts[codebook][codeword]; usage[codebook] = (used, dead, perplexity)."""
+        count_rows = [[run_id, epoch, j, k, int(c)] for j, row in enumerate(counts) for k, c in enumerate(row)]
+        usage_rows = [[run_id, epoch, j, int(u), int(d), float(p)] for j, (u, d, p) in enumerate(usage)]
+        self._write(
+            [
+                ("INSERT INTO codeword_counts VALUES (?, ?, ?, ?, ?)", count_rows),
+                ("INSERT INTO codebook_usage VALUES (?, ?, ?, ?, ?, ?)", usage_rows),
+            ]
+        )
+
+    def codebook_usage(self, run_id: str) -> list[tuple[int, int, int, int, float]]:
+        """(epoch, codebook, used, dead, perplexity) rows of a run."""
+        return [
+            tuple(r)
+            for r in self._read(
+                "SELECT epoch, codebook, used, dead, perplexity FROM codebook_usage WHERE run_id = ? "
+                "ORDER BY epoch, codebook",
+                [run_id],
+            )
+        ]
+
+    def delete_epochs_after(self, run_id: str, epoch: int) -> None:
+        """Forget what a crashed run logged past its last checkpoint, before resuming it."""
+        self._write(
+            [
+                ("DELETE FROM metrics WHERE run_id = ? AND (epoch > ? OR epoch IS NULL)", [run_id, epoch]),
+                ("DELETE FROM codebook_usage WHERE run_id = ? AND epoch > ?", [run_id, epoch]),
+                ("DELETE FROM codeword_counts WHERE run_id = ? AND epoch > ?", [run_id, epoch]),
+            ]
+        )
+
+    # -- benches -----------------------------------------------------------------------
+    def register_bench(self, bench: str, dataset: str, settings: dict[str, Any]) -> None:
+        """Record a bench; an existing one must have been started with the same settings."""
+        text = json.dumps(settings, sort_keys=True)
+        rows = self._read("SELECT settings FROM benches WHERE bench = ?", [bench], table="benches")
+        if rows:
+            if json.loads(rows[0][0]) != json.loads(text):
+                raise DmqnError(f"bench {bench!r} already exists with other settings; choose another --name")
+            return
+        self._write([("INSERT INTO benches VALUES (?, ?, ?, ?)", [bench, dataset, _now(), text])])
+
+    def bench_run(self, bench: str, model: str, seed: int) -> str | None:
+        """The run id recorded for (bench, model, seed), if any."""
+        rows = self._read(
+            "SELECT run_id FROM bench_runs WHERE bench = ? AND model = ? AND seed = ?",
+            [bench, model, seed],
+            table="bench_runs",
+        )
+        return rows[0][0] if rows else None
+
+    def set_bench_run(self, bench: str, model: str, seed: int, run_id: str) -> None:
+        self._write(
+            [
+                ("DELETE FROM bench_runs WHERE bench = ? AND model = ? AND seed = ?", [bench, model, seed]),
+                ("INSERT INTO bench_runs VALUES (?, ?, ?, ?)", [bench, model, seed, run_id]),
+            ]
+        )
+
+    def has_run(self, run_id: str) -> bool:
+        return bool(self._read("SELECT 1 FROM runs WHERE run_id = ?", [run_id]))
+
+    # -- inspection sample -------------------------------------------------------------
+    def log_inspection(self, run_id: str, rows: Mapping[str, Mapping[str, Any]], replace: bool = False) -> None:
+        """Insert rows into the inspection tables in one transaction.
+
+        ``rows[table][column]`` holds the values of one column (the columns of INSPECTION_COLUMNS,
+        run_id excluded; ``vector`` as an (M, D) array). With ``replace`` every inspection row of
+        the run is deleted first, in the same transaction: a resumed run records its sample again.
+        """
+        unknown = set(rows) - set(INSPECTION_COLUMNS)
+        if unknown:
+            raise ValueError(f"not inspection tables: {sorted(unknown)}")
+        statements: list[tuple[str, Sequence | None]] = []
+        if replace:
+            statements += [(f"DELETE FROM {table} WHERE run_id = ?", [run_id]) for table in INSPECTION_COLUMNS]
+        frames = {}
+        for table, columns in rows.items():
+            frame = _arrow_frame(INSPECTION_COLUMNS[table], columns)
+            if frame.num_rows == 0:
+                continue
+            frames[f"new_{table}"] = frame
+            names = ", ".join(INSPECTION_COLUMNS[table])
+            # Table and column names come from INSPECTION_COLUMNS, never from input; the run id is a parameter.
+            statements.append((f"INSERT INTO {table} (run_id, {names}) SELECT ?, {names} FROM new_{table}", [run_id]))
+        self._write(statements, frames)
+
+    def inspected_users(self, run_id: str) -> list[tuple[int, int, int]]:
+        """(user_id, history_length, candidates) of the run's recorded sample, by user id."""
+        return [
+            tuple(r)
+            for r in self._read(
+                "SELECT user_id, history_length, candidates FROM inspect_users WHERE run_id = ? ORDER BY user_id",
+                [run_id],
+                table="inspect_users",
+            )
+        ]
+
+    def inspected_user(self, run_id: str, user_id: int) -> tuple[list[tuple], list[tuple], list[tuple]] | None:
+        """A recorded user's behavior rows (position, codebook, codeword, timestamp, item, category, behavior),
+        candidate rows (candidate, item, category, label, score) and attention rows (candidate, codebook,
+        codeword, weight); None when the user is not in the run's sample."""
+        key = [run_id, int(user_id)]
+        found, behaviors, candidates, attention = self._read_all(
+            [
+                ("SELECT 1 FROM inspect_users WHERE run_id = ? AND user_id = ?", key, "inspect_users"),
+                (
+                    "SELECT position, codebook, codeword, timestamp, item, category, behavior FROM inspect_behaviors "
+                    "WHERE run_id = ? AND user_id = ? ORDER BY position, codebook",
+                    key,
+                    "inspect_behaviors",
+                ),
+                (
+                    "SELECT candidate, item, category, label, score FROM inspect_candidates "
+                    "WHERE run_id = ? AND user_id = ? ORDER BY candidate",
+                    key,
+                    "inspect_candidates",
+                ),
+                (
+                    "SELECT candidate, codebook, codeword, weight FROM inspect_attention "
+                    "WHERE run_id = ? AND user_id = ? ORDER BY candidate, codebook, codeword",
+                    key,
+                    "inspect_attention",
+                ),
+            ]
+        )
+        return (behaviors, candidates, attention) if found else None
+
+    def codeword_counts(self, run_id: str, epoch: int) -> list[tuple[int, int, int]]:
+        """(codebook, codeword, count) of one epoch's validation assignments."""
+        return [
+            tuple(r)
+            for r in self._read(
+                "SELECT codebook, codeword, count FROM codeword_counts WHERE run_id = ? AND epoch = ? "
+                "ORDER BY codebook, codeword",
+                [run_id, epoch],
+                table="codeword_counts",
+            )
+        ]
+
+    def codeword_categories(self, run_id: str) -> list[tuple[int, int, int, int]]:
+        """(codebook, codeword, category, behaviors) over every recorded user of the run, one GROUP BY."""
+        return [
+            tuple(r)
+            for r in self._read(
+                "SELECT codebook, codeword, category, count(*) FROM inspect_behaviors WHERE run_id = ? "
+                "GROUP BY codebook, codeword, category ORDER BY codebook, codeword, category",
+                [run_id],
+                table="inspect_behaviors",
+            )
+        ]
+
+    def codebook_vectors(self, run_id: str) -> list[tuple[int, int, list[float]]]:
+        """(codebook, codeword, vector) recorded at the end of training."""
+        return [
+            tuple(r)
+            for r in self._read(
+                "SELECT codebook, codeword, vector FROM codebook_vectors WHERE run_id = ? ORDER BY codebook, codeword",
+                [run_id],
+                table="codebook_vectors",
+            )
+        ]
+
+    def item_vectors(self, run_id: str) -> list[tuple[int, int, int, list[float]]]:
+        """(item, category, popularity, vector) recorded at the end of training, most frequent first."""
+        return [
+            tuple(r)
+            for r in self._read(
+                "SELECT item, category, popularity, vector FROM item_vectors WHERE run_id = ? "
+                "ORDER BY popularity DESC, item",
+                [run_id],
+                table="item_vectors",
+            )
+        ]
+
+
+def _arrow_frame(names: Sequence[str], columns: Mapping[str, Any]) -> pa.Table:
+    """An Arrow table of the named columns, typed as the inspection tables store them."""
+    if set(columns) != set(names):
+        raise ValueError(f"expected columns {list(names)}, got {sorted(columns)}")
+    arrays = []
+    for name in names:
+        kind = _INSPECTION_TYPES[name]
+        if name == "vector":
+            vectors = np.ascontiguousarray(columns[name], dtype=np.float32)
+            flat = pa.array(vectors.reshape(-1))
+            arrays.append(pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1]).cast(kind))
+        elif kind == pa.string():
+            arrays.append(pa.array(np.asarray(columns[name], dtype=str), type=kind))
+        else:
+            arrays.append(pa.array(np.asarray(columns[name]).astype(kind.to_pandas_dtype(), copy=False), type=kind))
+    return pa.table(arrays, names=list(names))
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
+
+
+def iter_param_rows(params: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """Flatten nested parameters into ("a.b", value) rows for display."""
+    for key in sorted(params):
+        value = params[key]
+        if isinstance(value, dict):
+            yield from iter_param_rows(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value

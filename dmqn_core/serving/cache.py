@@ -1,0 +1,204 @@
+"""Exporting DMQN's candidate-independent user states and scoring candidates from them (section 2.5).
+
+A state is stored per (model version, user): the version is the run id plus a hash of the
+checkpoint's bytes, so a retrained or re-exported model never reads another model's states.
+Each user's state is the encoding of their whole history up to their latest behavior (the most
+recent max_len behaviors), in the layout of ``state_codec``, in one of the stores of
+``state_store`` (an embedded SQLite file by default, or Redis).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dmqn_core.data.batches import gather_histories
+from dmqn_core.errors import DmqnError
+from dmqn_core.models.dmqn.model import DMQN
+from dmqn_core.progress import NullProgress, Progress
+from dmqn_core.runs.checkpoint import BEST
+from dmqn_core.runs.run import load_run_model
+from dmqn_core.serving.state_codec import DTYPES, DecodedState, decode_state, encode_states, stack_states
+from dmqn_core.serving.state_store import StateStore, open_state_store
+from dmqn_core.workspace import Workspace
+
+
+def model_version(run_id: str, checkpoint: Path) -> str:
+    """run id + the first 12 hex digits of the checkpoint's sha256."""
+    digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()[:12]
+    return f"{run_id}-{digest}"
+
+
+@dataclass
+class ExportResult:
+    version: str
+    store: str  # where the states went (a file path, or a Redis URL with its password hidden)
+    users: int  # users written by this call
+    total_users: int  # users stored for this version
+    bytes: int  # bytes stored for this version
+    seconds: float
+
+    @property
+    def users_per_s(self) -> float:
+        return self.users / max(self.seconds, 1e-9)
+
+
+def _dmqn_run(workspace: Workspace, run_id: str | None, device: str = "cpu"):
+    model, record, data = load_run_model(workspace, run_id, device)
+    if not isinstance(model, DMQN):
+        raise DmqnError(
+            f"run {record.run_id} trains {record.model!r}; only dmqn and dmqn-simple have a cacheable user state"
+        )
+    version = model_version(record.run_id, workspace.run_dir(record.run_id) / BEST)
+    return model, record, data, version
+
+
+def cache_path(workspace: Workspace) -> Path:
+    return workspace.root / "cache" / "states.sqlite"
+
+
+def state_store(workspace: Workspace, uri: str | None = None, ttl: int | None = None) -> StateStore:
+    """The store named by uri (redis://host:port/db or a SQLite file), else the workspace's embedded store."""
+    return open_state_store(cache_path(workspace), uri, ttl=ttl)
+
+
+def export_states(
+    workspace: Workspace,
+    run_id: str | None = None,
+    users: Iterable[int] | None = None,
+    dtype: str = "float32",
+    batch_size: int = 256,
+    resume: bool = False,
+    progress: Progress | None = None,
+    to: str | None = None,
+    ttl: int | None = None,
+) -> ExportResult:
+    """Encode every user (or the given raw user ids) of a DMQN run and store the states.
+
+    to: None (the workspace's embedded store), a SQLite file path or redis://host:port/db;
+    ttl: seconds before Redis forgets the states (Redis only).
+    """
+    if dtype not in DTYPES:
+        raise DmqnError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if batch_size < 1:
+        raise DmqnError(f"batch size must be at least 1, got {batch_size}")
+    progress = progress or NullProgress()
+    store = state_store(workspace, to, ttl)
+    model, record, data, version = _dmqn_run(workspace, run_id)
+    index = (
+        np.arange(1, data.n_users + 1, dtype=np.int64)
+        if users is None
+        else data.user_index(np.asarray(list(users), dtype=np.int64), strict=True)
+    )
+    raw = np.asarray(data.raw_user(index), dtype=np.int64)
+    c = model.config
+    shape = (c.n_codebooks, c.codebook_size, c.embed_dim)
+    existing = store.manifest(version)
+    if existing is not None and existing["dtype"] != dtype:
+        # One version holds one dtype, so that its manifest describes every value.
+        if resume:
+            raise DmqnError(
+                f"the states of {version} are {existing['dtype']}; export again without --resume "
+                f"to replace them with {dtype}"
+            )
+        store.clear(version)
+    store.write_manifest(version, record.run_id, dtype, shape)
+    if resume:
+        done = store.users(version)
+        keep = np.array([u not in done for u in raw.tolist()], dtype=bool)
+        index, raw = index[keep], raw[keep]
+    max_len = int(record.params["train"]["max_len"])
+    ends = np.asarray(data.user_offsets[index], dtype=np.int64)  # each user's whole history
+    started = time.perf_counter()
+    progress.start("export", (len(index) + batch_size - 1) // batch_size)
+    with torch.no_grad():
+        for begin in range(0, len(index), batch_size):
+            chunk = slice(begin, begin + batch_size)
+            item, category, behavior, _, mask = gather_histories(data, index[chunk], ends[chunk], max_len)
+            state = model.encode_user(
+                torch.from_numpy(item), torch.from_numpy(category), torch.from_numpy(behavior), torch.from_numpy(mask)
+            )
+            store.put(version, list(zip(raw[chunk].tolist(), encode_states(state, dtype))))
+            progress.advance(1, users_per_s=(begin + len(raw[chunk])) / max(time.perf_counter() - started, 1e-9))
+    progress.stop()
+    total, size = store.write_manifest(version, record.run_id, dtype, shape)
+    return ExportResult(version, store.describe(), len(index), total, size, time.perf_counter() - started)
+
+
+class CachedScorer:
+    """Scores candidates for a user from the stored state: CTAM + MLP only, no history needed.
+
+    >>> scorer = CachedScorer(Workspace("dmqn-workspace"))          # the latest run
+    >>> scorer.score(user_id=123, item_ids=[5, 17, 42])             # numpy array of probabilities
+    >>> CachedScorer(Workspace("dmqn-workspace"), source="redis://localhost:6379/0")
+
+    source: None (the workspace's embedded store), a SQLite file path or redis://host:port/db.
+    The scorer holds its store open (one read-only SQLite connection or one Redis client).
+    """
+
+    def __init__(self, workspace: Workspace, run_id: str | None = None, source: str | None = None) -> None:
+        self.store = state_store(workspace, source)
+        self.model, self.record, self.data, self.version = _dmqn_run(workspace, run_id)
+        manifest = self.store.manifest(self.version)
+        if manifest is None:
+            raise DmqnError(
+                f"no exported states for run {self.record.run_id} at this checkpoint in "
+                f"{self.store.describe()} (version {self.version}); run "
+                f"`dmqn export-cache {self.record.run_id}`"
+            )
+        self.manifest = manifest
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> CachedScorer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def score(self, user_id: int, item_ids: Iterable[int]) -> np.ndarray:
+        """Click probabilities of the items (raw ids) for the user (raw id).
+
+        An unknown item is an error. A user without a stored state is scored with an empty
+        long-term state (no clusters, zero recent mean), with a warning.
+        """
+        items = np.asarray(list(item_ids), dtype=np.int64)
+        index = self.data.item_index(items, strict=True)
+        value = self.store.get(self.version, [user_id]).get(int(user_id))
+        if value is None:
+            warnings.warn(
+                f"user {user_id} has no cached state for {self.version} in {self.store.describe()}; "
+                "scoring with an empty history",
+                stacklevel=2,
+            )
+            c = self.model.config
+            state = stack_states([_empty_state(c.n_codebooks, c.embed_dim)])
+        else:
+            state = stack_states([decode_state(value)])
+        with torch.no_grad():
+            idx = torch.from_numpy(index)
+            logits = self.model.score(
+                state,
+                idx,
+                torch.from_numpy(np.asarray(self.data.item_category[index], dtype=np.int64)),
+                torch.zeros(len(index), dtype=torch.long),
+            )
+        return torch.sigmoid(logits).numpy()
+
+
+def _empty_state(n_codebooks: int, dim: int) -> DecodedState:
+    empty = np.zeros(0, dtype=np.int64)
+    return DecodedState(
+        np.zeros(dim, np.float32),
+        [empty] * n_codebooks,
+        [empty] * n_codebooks,
+        [np.zeros((0, dim), np.float32)] * n_codebooks,
+    )

@@ -1,0 +1,126 @@
+"""The byte layout of one user's cached DMQN state (section 2.5), simple enough to read in any language.
+
+DMQN's MCQM + ICIM output depends on the user only; a cache keeps it per user and serving runs
+only CTAM + MLP per candidate. Only the non-empty clusters are stored, with their codeword ids:
+CTAM has no per-codeword parameter, so scoring needs the tokens, their sizes and the recent
+mean only (UserState.compact), and the ids let inspection tools name the clusters.
+
+Layout, little-endian, no alignment padding::
+
+    magic     4 bytes   b"DMQS"
+    version   uint8     1
+    dtype     uint8     0 = float32, 1 = float16 (every float below)
+    N         uint16    codebooks
+    D         uint16    dimension
+    recent    D floats  mean embedding of the most recent behaviors
+    then for each codebook n = 0 .. N-1:
+      K         uint16       number of non-empty clusters
+      codeword  K x uint16   their codeword ids, ascending
+      size      K x uint32   behaviors assigned to each
+      tokens    K x D floats ICIM output of each cluster, row by row
+
+A user with C non-empty clusters in all takes 10 + (D + C D) f + 2 N + 6 C bytes, f = 4 or 2.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from dmqn_core.models.dmqn.model import UserState
+
+MAGIC = b"DMQS"
+VERSION = 1
+DTYPES = {"float32": (0, np.dtype("<f4")), "float16": (1, np.dtype("<f2"))}
+_HEADER = struct.Struct("<4sBBHH")
+
+
+@dataclass
+class DecodedState:
+    """One user's state as stored: per codebook the non-empty clusters only."""
+
+    recent: np.ndarray  # (D,) float32
+    codewords: list[np.ndarray]  # N arrays (K_n,) int
+    sizes: list[np.ndarray]  # N arrays (K_n,) int
+    tokens: list[np.ndarray]  # N arrays (K_n, D) float32
+
+
+def encode_states(state: UserState, dtype: str = "float32") -> list[bytes]:
+    """The value of each of the H users of ``state`` (uncompacted, codeword-indexed), in order."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    code, np_dtype = DTYPES[dtype]
+    clusters = state.clusters.detach().float().cpu().numpy()  # (H, N, W, D)
+    mask = state.cluster_mask.cpu().numpy()  # (H, N, W)
+    size = np.rint(state.cluster_size.detach().float().cpu().numpy()).astype("<u4")  # (H, N, W)
+    recent = state.recent.detach().float().cpu().numpy()  # (H, D)
+    H, N, W, D = clusters.shape
+    values = []
+    for h in range(H):
+        parts = [_HEADER.pack(MAGIC, VERSION, code, N, D), recent[h].astype(np_dtype).tobytes()]
+        for n in range(N):
+            ids = np.flatnonzero(mask[h, n])  # ascending codeword ids
+            parts += [
+                struct.pack("<H", len(ids)),
+                ids.astype("<u2").tobytes(),
+                size[h, n, ids].tobytes(),
+                clusters[h, n, ids].astype(np_dtype).tobytes(),
+            ]
+        values.append(b"".join(parts))
+    return values
+
+
+def decode_state(value: bytes) -> DecodedState:
+    """Parse one value; ValueError if it is not a complete version-1 state."""
+    if len(value) < _HEADER.size:
+        raise ValueError("not a DMQN state: shorter than its header")
+    magic, version, code, N, D = _HEADER.unpack_from(value, 0)
+    if magic != MAGIC or version != VERSION:
+        raise ValueError(f"not a version-{VERSION} DMQN state (magic {magic!r}, version {version})")
+    np_dtype = next((t for c, t in DTYPES.values() if c == code), None)
+    if np_dtype is None:
+        raise ValueError(f"unknown float type code {code} in a DMQN state")
+    f = np_dtype.itemsize
+    try:
+        offset = _HEADER.size
+        recent = np.frombuffer(value, np_dtype, D, offset).astype(np.float32)
+        offset += D * f
+        codewords, sizes, tokens = [], [], []
+        for _ in range(N):
+            (K,) = struct.unpack_from("<H", value, offset)
+            offset += 2
+            codewords.append(np.frombuffer(value, "<u2", K, offset).astype(np.int64))
+            offset += 2 * K
+            sizes.append(np.frombuffer(value, "<u4", K, offset).astype(np.int64))
+            offset += 4 * K
+            tokens.append(np.frombuffer(value, np_dtype, K * D, offset).astype(np.float32).reshape(K, D))
+            offset += K * D * f
+    except (ValueError, struct.error):
+        raise ValueError("truncated DMQN state") from None
+    if offset != len(value):
+        raise ValueError(f"DMQN state has {len(value) - offset} trailing bytes")
+    return DecodedState(recent, codewords, sizes, tokens)
+
+
+def stack_states(states: Sequence[DecodedState], device: torch.device | str = "cpu") -> UserState:
+    """Decoded states of H users -> one compact UserState (H, N, K_max, D) that DMQN.score accepts."""
+    H, N, D = len(states), len(states[0].codewords), states[0].recent.shape[0]
+    K = max([1] + [len(c) for s in states for c in s.codewords])
+    clusters = np.zeros((H, N, K, D), np.float32)
+    mask = np.zeros((H, N, K), bool)
+    size = np.zeros((H, N, K), np.float32)
+    for h, s in enumerate(states):
+        for n in range(N):
+            k = len(s.codewords[n])
+            clusters[h, n, :k], mask[h, n, :k], size[h, n, :k] = s.tokens[n], True, s.sizes[n]
+    recent = np.stack([s.recent for s in states])
+    return UserState(
+        torch.from_numpy(clusters).to(device),
+        torch.from_numpy(mask).to(device),
+        torch.from_numpy(size).to(device),
+        torch.from_numpy(recent).to(device),
+    )

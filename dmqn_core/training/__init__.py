@@ -1,0 +1,1 @@
+"""Training, evaluation, metrics, multi-process training and `dmqn bench`."""

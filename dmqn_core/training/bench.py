@@ -1,0 +1,390 @@
+"""``dmqn bench``: every model under one budget, the paper's Tables 2 and 3 on any prepared set.
+
+A bench is a name plus a budget (the resolved model and training settings, seed excluded).
+Each (model, seed) pair of a bench is one ordinary run of the run store; the pair is recorded
+in ``bench_runs`` before the run starts, so re-running the same command skips finished runs,
+resumes interrupted ones from their last checkpoint and only trains what is missing. The
+default name is derived from the data set and the budget, which is what makes "run the same
+command again" resume.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import platform
+import statistics
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dmqn_core.data.prepared import PreparedSet
+from dmqn_core.errors import DmqnError
+from dmqn_core.models.registry import model_names
+from dmqn_core.progress import NullProgress, Progress
+from dmqn_core.runs.store import RunRecord, RunStore, new_run_id
+from dmqn_core.training.train import resolve_configs, train
+from dmqn_core.workspace import Workspace, atomic_write_bytes, check_plain_name
+
+# `--models all`, in the order of the paper's Table 2 (short sequences, retrieval, full sequence),
+# with the history-free floor first and ETA (not in the paper's table) beside the other retrieval models.
+ALL_MODELS = (
+    "pop",
+    "din-short",
+    "dsin",
+    "dien",
+    "sim",
+    "eta",
+    "twin",
+    "sdim",
+    "din-middle",
+    "twin-v2",
+    "din-full",
+    "dmqn-simple",
+    "dmqn",
+)
+# Table 3: the ablation beside the two strongest baselines of the paper.
+TABLE3_MODELS = ("twin-v2", "din-full", "dmqn-simple", "dmqn")
+
+
+def resolve_models(text: str) -> list[str]:
+    """'all' or a comma-separated list of registered models -> the list, duplicates removed."""
+    known = model_names()
+    if text.strip() == "all":
+        return [m for m in ALL_MODELS if m in known] + [m for m in known if m not in ALL_MODELS]
+    models = list(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
+    unknown = [m for m in models if m not in known]
+    if unknown:
+        raise DmqnError(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(known)} or 'all'")
+    if not models:
+        raise DmqnError("--models names no model")
+    return models
+
+
+@dataclass
+class BenchRow:
+    """One model of a bench: its metrics over the seeds."""
+
+    model: str
+    run_ids: list[str]
+    auc: list[float]
+    gauc: list[float]
+    logloss: list[float]
+    train_samples_per_s: float | None
+    infer_samples_per_s: float | None
+    n_parameters: int | None
+    best_epochs: list[int]
+    failed: list[str] = field(default_factory=list)  # run ids that did not finish
+
+
+@dataclass
+class BenchReport:
+    name: str
+    dataset: str
+    directory: Path
+    budget: dict[str, Any]
+    machine: str
+    rows: list[BenchRow]
+    trained: int
+    reused: int
+    failures: list[str]
+
+    def table2(self) -> list[BenchRow]:
+        return self.rows
+
+    def table3(self) -> list[BenchRow]:
+        by_model = {row.model: row for row in self.rows}
+        return [by_model[m] for m in TABLE3_MODELS if m in by_model]
+
+
+@dataclass
+class BenchStep:
+    """What happens to one (model, seed) of a bench; passed to the on_step callback."""
+
+    index: int
+    total: int
+    model: str
+    seed: int
+    action: str  # "train" | "resume" | "done" (finished earlier) | "failed"
+    run_id: str
+    message: str = ""
+
+
+def budget_of(data: PreparedSet, model_settings: dict[str, Any], train_settings: dict[str, Any]) -> dict[str, Any]:
+    """The resolved settings every model of the bench shares.
+
+    The seed varies per run and inspect_users only sets what is recorded for the inspector, not
+    what is trained, so both are left out (and a bench named before inspect_users existed resumes).
+    """
+    if "seed" in train_settings:
+        raise DmqnError("a bench sets the seed of each run itself; use --seeds")
+    model_config, train_config = resolve_configs(data, model_settings, train_settings)
+    model = model_config.to_dict()
+    train_values = asdict(train_config)
+    train_values.pop("seed")
+    train_values.pop("inspect_users")
+    return {"model": model, "train": train_values}
+
+
+def default_bench_name(dataset: str, data: PreparedSet, budget: dict[str, Any]) -> str:
+    source = data.meta.get("source", {})
+    fingerprint = json.dumps(
+        {"budget": budget, "source": source.get("sha256"), "protocol": data.meta.get("protocol")}, sort_keys=True
+    )
+    return f"{dataset}-{hashlib.sha256(fingerprint.encode()).hexdigest()[:8]}"
+
+
+def machine_description(device: str) -> str:
+    cpu = platform.processor() or platform.machine()
+    text = f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, {platform.system()}"
+    if device.startswith("cuda") and torch.cuda.is_available():
+        text += f", {torch.cuda.get_device_name(torch.device(device))}"
+    return text
+
+
+def run_bench(
+    workspace: Workspace,
+    dataset: str,
+    models: list[str],
+    seeds: list[int],
+    model_settings: dict[str, Any] | None = None,
+    train_settings: dict[str, Any] | None = None,
+    name: str | None = None,
+    progress: Progress | None = None,
+    on_step: Callable[[BenchStep], None] | None = None,
+) -> BenchReport:
+    """Train and evaluate every (model, seed) not finished yet, then write Tables 2 and 3."""
+    progress = progress or NullProgress()
+    notify = on_step or (lambda step: None)
+    if not seeds:
+        raise DmqnError("a bench needs at least one seed")
+    model_settings, train_settings = dict(model_settings or {}), dict(train_settings or {})
+    data = PreparedSet.open(workspace.dataset_path(dataset))
+    dataset_name = data.meta.get("name") or Path(data.path).name
+    budget = budget_of(data, model_settings, train_settings)
+    # The name becomes the directory benches/NAME: a given one must not reach outside benches/.
+    name = check_plain_name(default_bench_name(dataset_name, data, budget) if name is None else name, "bench name")
+    store = RunStore(workspace.store_path)
+    store.register_bench(name, dataset_name, budget)
+
+    total = len(models) * len(seeds)
+    trained = reused = 0
+    failures: list[str] = []
+    index = 0
+    for seed in seeds:  # seed-major: an interrupted bench already has every model once
+        for model in models:
+            index += 1
+            run_id = store.bench_run(name, model, seed)
+            record = store.get_run(run_id) if run_id and store.has_run(run_id) else None
+            if record is not None and record.status == "finished":
+                reused += 1
+                notify(BenchStep(index, total, model, seed, "done", record.run_id))
+                continue
+            try:
+                if record is not None:
+                    notify(BenchStep(index, total, model, seed, "resume", record.run_id))
+                    train(workspace, resume=record.run_id, progress=progress)
+                else:
+                    run_id = new_run_id()
+                    store.set_bench_run(name, model, seed, run_id)
+                    notify(BenchStep(index, total, model, seed, "train", run_id))
+                    train(
+                        workspace,
+                        dataset,
+                        model,
+                        model_settings,
+                        {**train_settings, "seed": seed},
+                        progress=progress,
+                        run_id=run_id,
+                    )
+                trained += 1
+            except KeyboardInterrupt:
+                raise
+            except Exception as exc:  # one broken model must not cost the rest of the bench
+                message = f"{type(exc).__name__}: {exc}"
+                failures.append(f"{model} seed {seed}: {message}")
+                notify(BenchStep(index, total, model, seed, "failed", run_id or "", message))
+
+    rows = [_row(store, model, [store.bench_run(name, model, seed) for seed in seeds]) for model in models]
+    report = BenchReport(
+        name=name,
+        dataset=dataset_name,
+        directory=workspace.root / "benches" / name,
+        budget=budget,
+        machine=machine_description(budget["train"]["device"]),
+        rows=rows,
+        trained=trained,
+        reused=reused,
+        failures=failures,
+    )
+    write_tables(report, seeds)
+    return report
+
+
+def _row(store: RunStore, model: str, run_ids: list[str | None]) -> BenchRow:
+    records: list[RunRecord] = [store.get_run(r) for r in run_ids if r and store.has_run(r)]
+    done = [r for r in records if r.status == "finished"]
+    train_rates, infer_rates = [], []
+    for record in done:
+        history = store.metric_history(record.run_id)
+        rates = [v for epoch, split, metric, v in history if split == "train" and metric == "samples_per_s"]
+        if rates:
+            train_rates.append(statistics.fmean(rates))
+        tests = [
+            v
+            for epoch, split, metric, v in history
+            if split == "test" and metric == "samples_per_s" and epoch is not None
+        ]
+        if tests:
+            infer_rates.append(tests[-1])
+    return BenchRow(
+        model=model,
+        run_ids=[r.run_id for r in done],
+        auc=[r.test_auc for r in done],
+        gauc=[r.test_gauc for r in done],
+        logloss=[r.test_logloss for r in done],
+        train_samples_per_s=statistics.fmean(train_rates) if train_rates else None,
+        infer_samples_per_s=statistics.fmean(infer_rates) if infer_rates else None,
+        n_parameters=done[0].n_parameters if done else None,
+        best_epochs=[r.best_epoch for r in done if r.best_epoch is not None],
+        failed=[r.run_id for r in records if r.status != "finished"]
+        + ["(not started)"] * (len(run_ids) - len(records)),
+    )
+
+
+def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (None when fewer than 2 values)."""
+    if not values:
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def format_mean_std(values: list[float], digits: int = 4) -> str:
+    mean, std = mean_std(values)
+    if mean is None:
+        return "-"
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}"
+
+
+TABLE2_COLUMNS = ("model", "runs", "test AUC", "GAUC", "logloss", "train/s", "infer/s", "params")
+TABLE3_COLUMNS = ("model", "runs", "test AUC", "GAUC", "Δ AUC vs dmqn-simple")
+
+
+def table2_cells(rows: list[BenchRow]) -> list[list[str]]:
+    return [
+        [
+            r.model,
+            str(len(r.auc)),
+            format_mean_std(r.auc),
+            format_mean_std(r.gauc),
+            format_mean_std(r.logloss),
+            _rate(r.train_samples_per_s),
+            _rate(r.infer_samples_per_s),
+            "-" if r.n_parameters is None else f"{r.n_parameters:,}",
+        ]
+        for r in rows
+    ]
+
+
+def table3_cells(rows: list[BenchRow]) -> list[list[str]]:
+    reference = next((mean_std(r.auc)[0] for r in rows if r.model == "dmqn-simple"), None)
+    cells = []
+    for r in rows:
+        mean = mean_std(r.auc)[0]
+        delta = "-" if mean is None or reference is None else f"{mean - reference:+.4f}"
+        cells.append([r.model, str(len(r.auc)), format_mean_std(r.auc), format_mean_std(r.gauc), delta])
+    return cells
+
+
+def markdown_table(columns: tuple[str, ...], cells: list[list[str]]) -> str:
+    align = ["---"] + ["---:"] * (len(columns) - 1)
+    lines = ["| " + " | ".join(columns) + " |", "| " + " | ".join(align) + " |"]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
+    return "\n".join(lines) + "\n"
+
+
+def _csv_rows(rows: list[BenchRow]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(
+        [
+            "model",
+            "runs",
+            "auc_mean",
+            "auc_std",
+            "gauc_mean",
+            "gauc_std",
+            "logloss_mean",
+            "logloss_std",
+            "train_samples_per_s",
+            "infer_samples_per_s",
+            "parameters",
+            "best_epochs",
+            "run_ids",
+        ]
+    )
+    for r in rows:
+        writer.writerow(
+            [
+                r.model,
+                len(r.auc),
+                *mean_std(r.auc),
+                *mean_std(r.gauc),
+                *mean_std(r.logloss),
+                r.train_samples_per_s,
+                r.infer_samples_per_s,
+                r.n_parameters,
+                " ".join(map(str, r.best_epochs)),
+                " ".join(r.run_ids),
+            ]
+        )
+    return out.getvalue()
+
+
+def describe_budget(budget: dict[str, Any], seeds: list[int]) -> str:
+    t, m = budget["train"], budget["model"]
+    return (
+        f"seeds {', '.join(map(str, seeds))}; at most {t['epochs']} epochs, early stopping after {t['patience']} "
+        f"without a better validation AUC; batch {t['batch_size']}; Adam lr {t['lr']} (constant), weight decay "
+        f"{t['weight_decay']}; max_len {t['max_len']}; embedding dim {m['embed_dim']}; MLP {list(m['mlp_hidden'])}"
+    )
+
+
+def write_tables(report: BenchReport, seeds: list[int]) -> None:
+    """table2.md/.csv, table3.md/.csv and bench.json in the bench's directory, each written atomically."""
+    report.directory.mkdir(parents=True, exist_ok=True)
+    header = (
+        f"Data set `{report.dataset}`, bench `{report.name}`. Budget: {describe_budget(report.budget, seeds)}. "
+        f"Machine: {report.machine}. Mean ± sample std over seeds; train/s and infer/s are samples per second, "
+        f"averaged over the epochs (training) and measured on the test pass (inference).\n\n"
+    )
+    files = {
+        "table2.md": header + markdown_table(TABLE2_COLUMNS, table2_cells(report.table2())),
+        "table2.csv": _csv_rows(report.table2()),
+        "table3.md": header + markdown_table(TABLE3_COLUMNS, table3_cells(report.table3())),
+        "table3.csv": _csv_rows(report.table3()),
+        "bench.json": json.dumps(
+            {
+                "name": report.name,
+                "dataset": report.dataset,
+                "seeds": seeds,
+                "budget": report.budget,
+                "machine": report.machine,
+                "rows": [asdict(r) for r in report.rows],
+            },
+            indent=2,
+        )
+        + "\n",
+    }
+    for filename, text in files.items():
+        atomic_write_bytes(report.directory / filename, text.encode())

@@ -1,0 +1,108 @@
+"""Evaluation of trained runs: AUC, GAUC (user-weighted AUC) and logloss of a split."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from dmqn_core.data.batches import BatchLoader
+from dmqn_core.data.prepared import PreparedSet
+from dmqn_core.errors import DmqnError
+from dmqn_core.progress import NullProgress, Progress
+from dmqn_core.runs.run import load_run_model
+from dmqn_core.runs.store import RunStore
+from dmqn_core.training.metrics import ctr_metrics
+from dmqn_core.workspace import Workspace
+
+SPLITS = ("train", "valid", "test")
+
+
+@torch.no_grad()
+def predict(
+    model: torch.nn.Module,
+    loader: BatchLoader,
+    device: torch.device,
+    progress: Progress | None = None,
+    description: str = "predict",
+) -> dict[str, Any]:
+    """Logits of every sample of the loader, with the codeword counts of DMQN-like models.
+
+    Returns users, labels, logits, seconds and ``codeword_counts`` (N, W) summed over the
+    distinct histories (None for models without codebooks).
+    """
+    progress = progress or NullProgress()
+    model.eval()
+    users, labels, logits = [], [], []
+    counts = None
+    encode = getattr(model, "encode_user", None)
+    progress.start(description, len(loader))
+    started = time.perf_counter()
+    for batch in loader:
+        batch = batch.to(device)
+        if encode is not None:
+            state = encode(batch.hist_item, batch.hist_category, batch.hist_behavior, batch.hist_mask)
+            out = model.score(state, batch.cand_item, batch.cand_category, batch.hist_index)
+            batch_counts = state.cluster_size.sum(dim=0).double().cpu()  # (N, W)
+            counts = batch_counts if counts is None else counts + batch_counts
+        else:
+            out = model(**batch.model_inputs())
+        users.append(batch.user)
+        labels.append(batch.label.cpu().numpy())
+        logits.append(out.float().cpu().numpy())
+        progress.advance(1)
+    seconds = time.perf_counter() - started
+    progress.stop()
+    empty = np.zeros(0)
+    return {
+        "users": np.concatenate(users) if users else empty,
+        "labels": np.concatenate(labels) if labels else empty,
+        "logits": np.concatenate(logits) if logits else empty,
+        "seconds": seconds,
+        "codeword_counts": None if counts is None else counts.numpy(),
+    }
+
+
+def evaluate_split(
+    model: torch.nn.Module,
+    data: PreparedSet,
+    split: str,
+    batch_size: int,
+    max_len: int,
+    device: torch.device,
+    progress: Progress | None = None,
+) -> tuple[dict[str, float], np.ndarray | None]:
+    """AUC, GAUC, logloss and samples/s of one split; plus codeword counts when the model has codebooks."""
+    loader = BatchLoader(data, split, batch_size, max_len)
+    out = predict(model, loader, device, progress, description=f"{split} ")
+    metrics = ctr_metrics(out["users"], out["labels"], out["logits"])
+    metrics["samples_per_s"] = len(out["labels"]) / max(out["seconds"], 1e-9)
+    return metrics, out["codeword_counts"]
+
+
+def evaluate_run(
+    workspace: Workspace,
+    run_id: str | None = None,
+    split: str = "test",
+    batch_size: int | None = None,
+    device: str = "cpu",
+    progress: Progress | None = None,
+) -> tuple[str, dict[str, float]]:
+    """Evaluate a run's best weights on a split, store the metrics (epoch NULL) and return them."""
+    if split not in SPLITS:
+        raise DmqnError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    model, record, data = load_run_model(workspace, run_id, device)
+    train_params = record.params["train"]
+    metrics, _ = evaluate_split(
+        model,
+        data,
+        split,
+        batch_size or int(train_params["eval_batch_size"]),
+        int(train_params["max_len"]),
+        torch.device(device),
+        progress,
+    )
+    RunStore(workspace.store_path).log_metrics(record.run_id, split, metrics, epoch=None)
+    return record.run_id, metrics

@@ -1,0 +1,742 @@
+"""Training: Adam on binary cross-entropy (eq. 2), validation AUC each epoch, early stopping,
+atomic checkpoints, resumable runs, everything recorded in the run store.
+
+One code path trains every model of the registry (``dmqn_core.models.registry``): the same batches,
+embeddings, MLP head, optimiser and budget, so that differences between runs come from the
+sequence modules.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+import typing
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+import dmqn_core
+from dmqn_core.config import ModelConfig
+from dmqn_core.data.batches import BatchLoader
+from dmqn_core.data.prepared import PreparedSet
+from dmqn_core.errors import DmqnError, exception_summary
+from dmqn_core.models.dmqn.mcqm import CodebookUsage
+from dmqn_core.models.dmqn.model import DMQN
+from dmqn_core.models.registry import build_model, model_names
+from dmqn_core.progress import NullProgress, Progress
+from dmqn_core.runs.checkpoint import BEST, CHECKPOINT, load_checkpoint, restore_weights, save_checkpoint
+from dmqn_core.runs.inspection import record_inspection
+from dmqn_core.runs.run import check_run_data
+from dmqn_core.runs.store import RUN_LOCK, RunStore, new_run_id
+from dmqn_core.training import distributed
+from dmqn_core.training.evaluate import evaluate_split, predict
+from dmqn_core.training.metrics import ctr_metrics
+from dmqn_core.workspace import Workspace, check_plain_name, exclusive_lock
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+# What a checkpoint needs to resume a run (load_checkpoint checks that they are there).
+RESUME_KEYS = ("model_state", "optimizer_state", "train_state", "torch_rng")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 8
+    batch_size: int = 256
+    eval_batch_size: int = 1024
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    max_len: int | None = None  # None: the prepared set's --max-len
+    patience: int = 2  # epochs without a better validation AUC before stopping
+    seed: int = 0
+    device: str = "cpu"
+    # dmqn / dmqn-simple: users whose codeword assignments and attention are recorded at the end
+    # of training for `dmqn inspect` and `dmqn report` (dmqn_core.runs.inspection); 0 records nothing.
+    inspect_users: int = 300
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        return cls(**_checked(cls, values, "train"))
+
+
+def _checked(cls: type, values: dict[str, Any], section: str) -> dict[str, Any]:
+    """``values`` with each one checked against the type of ``cls``'s field of that name.
+
+    TOML and Python callers hand over any type; a wrong one must fail here, with the setting's
+    name, not as a TypeError inside a model (or pass: True is an int to Python, 1 to range()).
+    """
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise DmqnError(f"unknown [{section}] setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    hints = typing.get_type_hints(cls)
+    return {name: _typed(value, hints[name], f"[{section}] setting {name}") for name, value in values.items()}
+
+
+def _typed(value: Any, hint: Any, what: str) -> Any:
+    """``value`` as a field of type ``hint`` holds it (an int given for a float becomes a float)."""
+    options = typing.get_args(hint)
+    if type(None) in options:  # X | None
+        if value is None:
+            return None
+        (hint,) = [option for option in options if option is not type(None)]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        expected = "true or false"
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        expected = "an integer"
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        expected = "a number"
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+        expected = "a string"
+    elif typing.get_origin(hint) is tuple:  # mlp_hidden: tuple[int, ...]
+        if isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return tuple(value)
+        expected = "a list of integers"
+    else:
+        raise TypeError(f"{what}: no type check for {hint!r}; add one to _typed")
+    try:
+        shown = json.dumps(value)  # as TOML spells most values: true, "text", [1, 2]
+    except (TypeError, ValueError):
+        shown = repr(value)
+    raise DmqnError(f"{what} must be {expected}, got {shown}")
+
+
+def read_config_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The [model] and [train] tables of a TOML file (see examples/dmqn.toml)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            document = tomllib.load(fh)
+    except FileNotFoundError:
+        raise DmqnError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise DmqnError(f"config file {path} is not valid TOML: {exc}") from None
+    unknown = sorted(set(document) - {"model", "train"})
+    if unknown:
+        raise DmqnError(f"config file {path}: unknown table(s) {', '.join(unknown)}; use [model] and [train]")
+    return dict(document.get("model", {})), dict(document.get("train", {}))
+
+
+def resolve_configs(
+    data: PreparedSet, model_settings: dict[str, Any], train_settings: dict[str, Any]
+) -> tuple[ModelConfig, TrainConfig]:
+    """Defaults, overridden by the given settings; vocabulary sizes come from the data."""
+    vocab_fields = {"n_items", "n_categories", "n_behavior_types"}
+    given = _checked(ModelConfig, model_settings, "model")
+    if vocab_fields & set(given):
+        raise DmqnError(f"{', '.join(sorted(vocab_fields & set(given)))} come(s) from the data set and cannot be set")
+    try:
+        model_config = ModelConfig(
+            n_items=data.n_items + 1,
+            n_categories=data.n_categories + 1,
+            n_behavior_types=data.n_behavior_types + 1,
+            **given,
+        )
+    except ValueError as exc:  # ModelConfig's own range checks, for library callers a ValueError
+        raise DmqnError(f"invalid model setting: {exc}") from None
+    train_config = TrainConfig.from_dict(train_settings)
+    if train_config.max_len is None:
+        train_config = dataclasses.replace(train_config, max_len=int(data.meta["protocol"]["max_len"]))
+    _validate(train_config)
+    return model_config, train_config
+
+
+def _validate(cfg: TrainConfig) -> None:
+    # patience 0 would stop every run after its first epoch, whatever its validation AUC.
+    for name in ("epochs", "batch_size", "eval_batch_size", "max_len", "patience"):
+        if getattr(cfg, name) < 1:
+            raise DmqnError(f"{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.inspect_users < 0:
+        raise DmqnError(f"inspect-users must be 0 or more, got {cfg.inspect_users}")
+    # NumPy's generators take seeds >= 0, the run store keeps them as BIGINT.
+    if not 0 <= cfg.seed < 2**63:
+        raise DmqnError(f"seed must be in 0 .. 2^63-1, got {cfg.seed}")
+    # Written as `not (... and ...)`: NaN fails every comparison, so `lr <= 0` would let it through.
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise DmqnError(f"lr must be a positive number, got {cfg.lr}")
+    if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
+        raise DmqnError(f"weight-decay must be 0 or a positive number, got {cfg.weight_decay}")
+    if cfg.device not in ("cpu", "cuda") and not cfg.device.startswith("cuda:"):
+        raise DmqnError(f"device must be cpu or cuda, got {cfg.device!r}")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise DmqnError("--device cuda was asked for but this torch build sees no CUDA device")
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    model: str
+    dataset: str
+    best_epoch: int | None
+    best_valid_auc: float | None
+    test: dict[str, float]
+    train_seconds: float
+    n_parameters: int
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def train(
+    workspace: Workspace,
+    dataset: str | None = None,
+    model_name: str = "dmqn",
+    model_settings: dict[str, Any] | None = None,
+    train_settings: dict[str, Any] | None = None,
+    resume: str | None = None,
+    progress: Progress | None = None,
+    run_id: str | None = None,
+) -> TrainResult:
+    """Train ``model_name`` on a prepared set, or resume the run ``resume``; returns the summary.
+
+    ``run_id`` names a new run in advance (a bench records it before training starts, so that
+    it can find the run again after a kill). While a process trains a run it holds the run's
+    lock: a second process resuming the same run fails at once instead of training it twice,
+    and a run recorded as running whose lock nobody holds reads as dead (dmqn_core.runs.store).
+
+    Every setting, the model and the data set are checked before a new run gets its directory,
+    lock and run-store row, so a refused training leaves nothing behind; a run that fails after
+    that is recorded as failed (interrupted after Ctrl-C or SIGTERM).
+
+    Started by torchrun with more than one process (``dmqn_core.training.distributed``), every process
+    calls this: they train one model with DistributedDataParallel, each on its part of every
+    batch, and rank 0 alone holds the lock, writes the run store and checkpoints and reports
+    progress. Every rank returns rank 0's result.
+    """
+    with distributed.process_group() as context, contextlib.ExitStack() as held:
+        store = RunStore(workspace.store_path)  # used by rank 0 only: the other ranks never touch the store
+
+        def claim_run() -> _Plan:  # on rank 0, which holds the lock until training ends
+            if resume is not None:
+                claimed = store.get_run(check_plain_name(resume, "run id")).run_id
+                held.enter_context(exclusive_lock(workspace.run_dir(claimed) / RUN_LOCK, f"run {claimed}"))
+                # Checked under the lock: no other process can be resuming the run meanwhile.
+                return _plan_resume(workspace, store, claimed, train_settings, context)
+            plan = _plan_new(workspace, store, dataset, model_name, model_settings, train_settings, run_id, context)
+            held.enter_context(exclusive_lock(workspace.run_dir(plan.run_id) / RUN_LOCK, f"run {plan.run_id}"))
+            return plan
+
+        plan = distributed.from_main(context, claim_run)
+        return _train(workspace, store, plan, progress if context.is_main else None, context)
+
+
+@dataclass
+class _Plan:
+    """What rank 0 settles before training, from the arguments or the resumed run, for every rank."""
+
+    run_id: str
+    new_run: bool  # False: an existing run is resumed
+    model_name: str
+    dataset_name: str
+    data_path: str
+    model_config: ModelConfig
+    train_config: TrainConfig
+    resumed: bool  # a checkpoint exists to continue from
+
+
+def _plan_new(
+    workspace: Workspace,
+    store: RunStore,
+    dataset: str | None,
+    model_name: str,
+    model_settings: dict[str, Any] | None,
+    train_settings: dict[str, Any] | None,
+    run_id: str | None,
+    context: distributed.Context,
+) -> _Plan:
+    if dataset is None:
+        raise DmqnError("name a prepared data set to train on (see `dmqn prep`)")
+    if model_name not in model_names():
+        raise DmqnError(f"unknown model {model_name!r}; known: {', '.join(model_names())}")
+    if run_id is not None:
+        check_plain_name(run_id, "run id")
+    data = PreparedSet.open(workspace.dataset_path(dataset))
+    model_config, train_config = resolve_configs(data, model_settings or {}, train_settings or {})
+    _check_world_size(train_config, context)
+    run_id = run_id or new_run_id()
+    if store.has_run(run_id):  # also opens the store: a damaged one fails before the run exists
+        raise DmqnError(f"run {run_id} already exists; resume it with --resume {run_id}")
+    return _Plan(
+        run_id,
+        True,
+        model_name,
+        data.meta.get("name") or Path(data.path).name,
+        str(data.path),
+        model_config,
+        train_config,
+        resumed=False,
+    )
+
+
+def _plan_resume(
+    workspace: Workspace,
+    store: RunStore,
+    run_id: str,
+    train_settings: dict[str, Any] | None,
+    context: distributed.Context,
+) -> _Plan:
+    record = store.get_run(run_id)
+    if record.status == "finished":
+        raise DmqnError(f"run {record.run_id} already finished; nothing to resume")
+    data = PreparedSet.open(record.dataset_path)
+    check_run_data(record, data)
+    model_config = ModelConfig.from_dict(record.params["model"])
+    extra = dict(train_settings or {})
+    if set(extra) - {"epochs", "device"}:
+        raise DmqnError("a resumed run keeps its settings; only --epochs and --device may change")
+    train_config = TrainConfig.from_dict({**record.params["train"], **extra})
+    _validate(train_config)
+    _check_world_size(train_config, context)
+    return _Plan(
+        record.run_id,
+        False,
+        record.model,
+        record.dataset,
+        str(data.path),
+        model_config,
+        train_config,
+        resumed=(workspace.run_dir(record.run_id) / CHECKPOINT).exists(),
+    )
+
+
+def _check_world_size(train_config: TrainConfig, context: distributed.Context) -> None:
+    if train_config.batch_size < context.world_size:
+        raise DmqnError(
+            f"batch-size {train_config.batch_size} is smaller than the {context.world_size} "
+            "training processes; every process needs a part of each batch"
+        )
+
+
+def _train(
+    workspace: Workspace, store: RunStore, plan: _Plan, progress: Progress | None, context: distributed.Context
+) -> TrainResult:
+    progress = progress or NullProgress()
+    main = context.is_main
+    run_id, model_name, dataset_name, model_config, train_config = (
+        plan.run_id,
+        plan.model_name,
+        plan.dataset_name,
+        plan.model_config,
+        plan.train_config,
+    )
+    run_dir = workspace.run_dir(run_id)
+    started = False  # rank 0 has recorded this (re)start of the run as running
+    try:
+        # Rank 0 checked that the checkpoint exists; under torchrun the run directory must be on a
+        # file system every rank sees (as the prepared set must).
+        checkpoint = load_checkpoint(run_dir / CHECKPOINT, RESUME_KEYS) if plan.resumed else None
+        data = PreparedSet.open(plan.data_path)
+
+        device = distributed.rank_device(context, train_config.device)
+        torch.manual_seed(train_config.seed)  # the same initial weights on every rank
+        model = build_model(model_name, model_config, item_popularity=data.item_popularity).to(device)
+        # A registry entry may fix settings (dmqn-simple has no ICIM): store what the model really uses.
+        model_config = getattr(model, "config", model_config)
+        n_parameters = count_parameters(model)
+        params = {
+            "model": model_config.to_dict(),
+            "train": asdict(train_config),
+            "data": {
+                "name": dataset_name,
+                "path": str(data.path),
+                "protocol": data.meta.get("protocol", {}),
+                "fingerprint": data.fingerprint,
+            },
+            "versions": {"dmqn": dmqn_core.__version__, "torch": torch.__version__, "numpy": np.__version__},
+            # How the latest (re)start trained: processes, and what carried their gradients.
+            "distributed": {"world_size": context.world_size, "backend": distributed.gradient_backend(context, device)},
+        }
+
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = (
+            torch.optim.Adam(trainable, lr=train_config.lr, weight_decay=train_config.weight_decay)
+            if trainable
+            else None
+        )
+        state = {
+            "epoch": 0,
+            "step": 0,
+            "best_epoch": None,
+            "best_valid_auc": None,
+            "stale_epochs": 0,
+            "train_seconds": 0.0,
+            "history": [],
+        }
+        if checkpoint is not None:
+            _restore(checkpoint, run_dir / CHECKPOINT, model, optimizer, state)
+            progress.log(f"resuming run {run_id} after epoch {state['epoch']}")
+        if main:
+            if plan.new_run:
+                store.create_run(
+                    model=model_name,
+                    dataset=dataset_name,
+                    dataset_path=str(data.path),
+                    params=params,
+                    seed=train_config.seed,
+                    n_parameters=n_parameters,
+                    run_id=run_id,
+                )
+            else:
+                store.delete_epochs_after(run_id, state["epoch"])
+                store.update_run(run_id, status="running", error=None, params=params)
+        started = True
+
+        forward = model
+        if context.active and optimizer is not None:
+            # Every parameter of every registered model gets a gradient at every step
+            # (tests/test_model_contract.py: test_gradients_reach_every_parameter), so DDP need not
+            # search the graph for unused ones. The only buffers (ETA's and SDIM's SimHash planes)
+            # are fixed; DDP's default broadcast of rank 0's buffers before each step is cheap and
+            # would keep running statistics in step if a model ever had some.
+            forward = DistributedDataParallel(
+                model,
+                device_ids=[device.index] if device.type == "cuda" else None,
+                process_group=distributed.gradient_group(context, device),
+                find_unused_parameters=False,
+            )
+            progress.log(
+                f"training with {context.world_size} processes "
+                f"({distributed.gradient_backend(context, device)}), "
+                f"each on its part of every batch of {train_config.batch_size}"
+            )
+
+        loader = BatchLoader(
+            data,
+            "train",
+            train_config.batch_size,
+            train_config.max_len,
+            shuffle=True,
+            seed=train_config.seed,
+            shard=(context.rank, context.world_size),
+        )
+        if optimizer is None:
+            # Nothing to learn (the popularity scorer): one validation pass picks the "best epoch".
+            metrics, _ = _evaluate(model, data, "valid", train_config, device, progress, context)
+            if main:
+                store.log_metrics(run_id, "valid", metrics, epoch=0)
+                state.update(best_epoch=0, best_valid_auc=metrics["auc"])
+                save_checkpoint({"model_state": model.state_dict(), "epoch": 0}, run_dir / BEST)
+            state = distributed.broadcast(context, state)
+        while optimizer is not None and state["epoch"] < train_config.epochs:
+            epoch = state["epoch"] + 1
+            loader.set_epoch(epoch)
+            if context.active:
+                # Different Gumbel noise and dropout on every rank, a function of (seed, rank, epoch)
+                # so that a resumed run continues exactly (one process restores its RNG state instead).
+                torch.manual_seed(_rank_seed(train_config.seed, context.rank, epoch))
+            train_loss, samples_per_s, seconds = _train_epoch(
+                forward, loader, optimizer, device, progress, epoch, train_config.epochs, state, context
+            )
+            valid, counts = _evaluate(model, data, "valid", train_config, device, progress, context)
+            if main:
+                improved = _record_epoch(
+                    store,
+                    run_id,
+                    run_dir,
+                    model,
+                    model_name,
+                    model_config,
+                    optimizer,
+                    train_config,
+                    state,
+                    epoch,
+                    train_loss,
+                    samples_per_s,
+                    seconds,
+                    valid,
+                    counts,
+                )
+                progress.log(
+                    f"epoch {epoch}: train loss {train_loss:.4f}, valid AUC {valid['auc']:.4f}"
+                    f"{' (best)' if improved else ''}, {samples_per_s:,.0f} samples/s"
+                )
+            # Rank 0's bookkeeping decides for everyone: all ranks stop after the same epoch.
+            state = distributed.broadcast(context, state)
+            if state["stale_epochs"] >= train_config.patience:
+                progress.log(f"early stop: no better validation AUC for {train_config.patience} epochs")
+                break
+
+        restore_weights(model, load_checkpoint(run_dir / BEST), run_dir / BEST)
+        test, _ = _evaluate(model, data, "test", train_config, device, progress, context)
+        if main:
+            store.log_metrics(run_id, "test", test, epoch=state["best_epoch"])
+            if isinstance(model, DMQN) and train_config.inspect_users > 0:
+                recorded = record_inspection(
+                    store, run_id, model, data, train_config.max_len, train_config.inspect_users, train_config.seed
+                )
+                progress.log(f"recorded {recorded} users for `dmqn inspect` and `dmqn report`")
+            store.finish_run(
+                run_id,
+                "finished",
+                test_auc=test["auc"],
+                test_gauc=test["gauc"],
+                test_logloss=test["logloss"],
+                best_epoch=state["best_epoch"],
+                best_valid_auc=state["best_valid_auc"],
+                train_seconds=state["train_seconds"],
+                checkpoint=str(run_dir / BEST),
+            )
+        # The other ranks wait here for rank 0's records, so that all processes end together.
+        test = distributed.broadcast(context, test)
+    except KeyboardInterrupt:
+        if main:
+            _record_end(store, plan, run_dir, started, "interrupted", "interrupted by the user")
+        raise
+    except Exception as exc:
+        if main:
+            _record_end(store, plan, run_dir, started, "failed", f"{type(exc).__name__}: {exc}")
+        raise
+    return TrainResult(
+        run_id=run_id,
+        model=model_name,
+        dataset=dataset_name,
+        best_epoch=state["best_epoch"],
+        best_valid_auc=state["best_valid_auc"],
+        test=test,
+        train_seconds=state["train_seconds"],
+        n_parameters=n_parameters,
+        history=state["history"],
+    )
+
+
+def _restore(
+    checkpoint: dict[str, Any],
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    state: dict[str, Any],
+) -> None:
+    """Continue from a checkpoint: weights, optimiser moments, counters and the RNG."""
+    restore_weights(model, checkpoint, path)
+    try:
+        if optimizer is not None and checkpoint["optimizer_state"]:
+            optimizer.load_state_dict(checkpoint["optimizer_state"])
+        state.update(checkpoint["train_state"])
+        torch.set_rng_state(checkpoint["torch_rng"])
+    except (ValueError, TypeError, RuntimeError, KeyError) as exc:
+        raise DmqnError(f"checkpoint {path} is damaged or not this run's ({exception_summary(exc)})") from None
+
+
+def _record_end(store: RunStore, plan: _Plan, run_dir: Path, started: bool, status: str, error: str) -> None:
+    """Rank 0, after training stopped with an error: record how the run ended.
+
+    Before this (re)start was recorded nothing is: a resumed run keeps its status, and the
+    directory of a new run, which holds nothing but its lock, is removed again.
+    """
+    with _signals_ignored():
+        if not started:
+            if plan.new_run:
+                (run_dir / RUN_LOCK).unlink(missing_ok=True)
+                with contextlib.suppress(OSError):  # something else was put there: leave it
+                    run_dir.rmdir()
+            return
+        try:
+            store.finish_run(plan.run_id, status, error=error)
+        except (DmqnError, OSError):
+            # A store that cannot be written now (read-only, disk full) must not hide the error that
+            # stopped the run. Left "running", the run reads dead once this process lets its lock go,
+            # and is resumable all the same.
+            pass
+
+
+@contextlib.contextmanager
+def _signals_ignored() -> Iterator[None]:
+    """Ignore Ctrl-C and SIGTERM while a failed or interrupted run's status is written.
+
+    When one training process fails, torchrun terminates the others at once, typically while
+    rank 0 is recording the failure: a KeyboardInterrupt inside that write would roll it back
+    and leave the run "running". The process is on its way out with its own error anyway.
+    """
+    if threading.current_thread() is not threading.main_thread():  # only the main thread has handlers
+        yield
+        return
+    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            if handler is not None:  # None: a handler installed outside Python, which stays replaced
+                signal.signal(signum, handler)
+
+
+def _record_epoch(
+    store: RunStore,
+    run_id: str,
+    run_dir: Path,
+    model: torch.nn.Module,
+    model_name: str,
+    model_config: ModelConfig,
+    optimizer: torch.optim.Optimizer,
+    train_config: TrainConfig,
+    state: dict[str, Any],
+    epoch: int,
+    train_loss: float,
+    samples_per_s: float,
+    seconds: float,
+    valid: dict[str, float],
+    counts: np.ndarray | None,
+) -> bool:
+    """Rank 0's end of an epoch: update ``state``, write best.pt, the checkpoint and the run store; True if improved."""
+    state["train_seconds"] += seconds
+    state["epoch"] = epoch
+    improved = state["best_valid_auc"] is None or valid["auc"] > state["best_valid_auc"]
+    if improved:
+        state.update(best_epoch=epoch, best_valid_auc=valid["auc"], stale_epochs=0)
+        save_checkpoint({"model_state": model.state_dict(), "epoch": epoch}, run_dir / BEST)
+    else:
+        state["stale_epochs"] += 1
+    state["history"].append({"epoch": epoch, "train_loss": train_loss, "valid_auc": valid["auc"]})
+    store.log_metrics(run_id, "train", {"loss": train_loss, "samples_per_s": samples_per_s}, epoch=epoch)
+    store.log_metrics(run_id, "valid", valid, epoch=epoch)
+    if counts is not None:
+        usage = CodebookUsage.from_counts(np.rint(counts))
+        store.log_codebook_usage(
+            run_id,
+            epoch,
+            usage.counts.tolist(),
+            list(zip(usage.counts.shape[1] - usage.dead, usage.dead, usage.perplexity)),
+        )
+    save_checkpoint(
+        {
+            "model_state": model.state_dict(),
+            "optimizer_state": optimizer.state_dict(),
+            "train_state": dict(state),
+            "torch_rng": torch.get_rng_state(),
+            "model_name": model_name,
+            "model_config": model_config.to_dict(),
+            "train_config": asdict(train_config),
+        },
+        run_dir / CHECKPOINT,
+    )
+    store.update_run(
+        run_id,
+        epochs_done=epoch,
+        best_epoch=state["best_epoch"],
+        best_valid_auc=state["best_valid_auc"],
+        train_seconds=state["train_seconds"],
+        checkpoint=str(run_dir / CHECKPOINT),
+    )
+    return improved
+
+
+def _rank_seed(seed: int, rank: int, epoch: int) -> int:
+    return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0])
+
+
+def _evaluate(
+    model: torch.nn.Module,
+    data: PreparedSet,
+    split: str,
+    train_config: TrainConfig,
+    device: torch.device,
+    progress: Progress,
+    context: distributed.Context,
+) -> tuple[dict[str, float], np.ndarray | None]:
+    """Metrics of a split (and codeword counts for models with codebooks), on rank 0.
+
+    Under torchrun every rank predicts its part of every evaluation batch; rank 0 gathers the
+    logits, puts them back in one process's order and computes the metrics. The other ranks
+    get an empty dict and None.
+    """
+    if not context.active:
+        return evaluate_split(model, data, split, train_config.eval_batch_size, train_config.max_len, device, progress)
+    loader = BatchLoader(
+        data, split, train_config.eval_batch_size, train_config.max_len, shard=(context.rank, context.world_size)
+    )
+    out = predict(model, loader, device, progress, description=f"{split} ")
+    parts = distributed.gather(
+        context,
+        (loader.sample_order(), out["users"], out["labels"], out["logits"], out["codeword_counts"], out["seconds"]),
+    )
+    if parts is None:
+        return {}, None
+    # Each sample's place in one process's order: the same metrics from the same logits.
+    position = np.empty(loader.n_samples, dtype=np.int64)
+    for begin, idx in zip(range(0, loader.n_samples, loader.batch_size), loader.batch_indices()):
+        position[idx] = np.arange(begin, begin + len(idx))
+    place = np.argsort(position[np.concatenate([p[0] for p in parts])], kind="stable")
+    users, labels, logits = (np.concatenate([p[i] for p in parts])[place] for i in (1, 2, 3))
+    metrics = ctr_metrics(users, labels, logits)
+    metrics["samples_per_s"] = len(labels) / max(max(p[5] for p in parts), 1e-9)
+    counts = [p[4] for p in parts if p[4] is not None]
+    return metrics, (np.sum(counts, axis=0) if counts else None)
+
+
+def _train_epoch(
+    model: torch.nn.Module,
+    loader: BatchLoader,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    progress: Progress,
+    epoch: int,
+    epochs: int,
+    state: dict[str, Any],
+    context: distributed.Context = distributed.SINGLE,
+) -> tuple[float, float, float]:
+    """One pass over the training split; returns mean loss, samples/s and seconds.
+
+    ``model`` is the DDP wrapper under torchrun: its backward all-reduces (averages) the gradients.
+    """
+    module = model.module if isinstance(model, DistributedDataParallel) else model
+    model.train()
+    progress.start(f"epoch {epoch}/{epochs}", len(loader))
+    total_loss, total_samples = 0.0, 0
+    started = time.perf_counter()
+    for batch, n, n_global in loader.steps():
+        batch = batch.to(device)
+        logits = model(**batch.model_inputs())
+        loss = F.binary_cross_entropy_with_logits(logits, batch.label)  # eq. 2
+        auxiliary = getattr(module, "auxiliary_loss", None)
+        objective = loss + auxiliary() if auxiliary is not None else loss
+        if context.active:
+            # DDP averages the ranks' gradients: (1/W) Σ_r ∇(w_r·mean_r) with w_r = n_r·W/n is
+            # Σ_r (n_r/n) ∇mean_r, the gradient of the mean over the whole batch of n samples, as
+            # one process computes it, however unevenly the batch was split (a stand-in has n_r = 0).
+            # The auxiliary losses (DIEN's L_aux, DMQN's usage regulariser) are means over a rank's
+            # part, so they get the same weights: their global value becomes the samples-weighted
+            # mean of the ranks' values, not the value over the whole batch.
+            objective = objective * (n * context.world_size / n_global)
+        optimizer.zero_grad(set_to_none=True)
+        objective.backward()
+        optimizer.step()
+        state["step"] += 1
+        batch_loss = float(loss.detach()) * n
+        if context.active:
+            # Every rank sees the whole batch's loss: the same progress and the same divergence check.
+            (batch_loss,) = distributed.all_reduce_sum(context, [batch_loss if n else 0.0])
+            n = n_global
+        total_loss += batch_loss
+        total_samples += n
+        elapsed = time.perf_counter() - started
+        progress.advance(1, loss=total_loss / total_samples, samples_per_s=total_samples / max(elapsed, 1e-9))
+        if not math.isfinite(batch_loss):
+            raise DmqnError(f"training diverged at step {state['step']} (loss {batch_loss / n:.4g}); try a lower --lr")
+    seconds = time.perf_counter() - started
+    progress.stop()
+    return total_loss / max(total_samples, 1), total_samples / max(seconds, 1e-9), seconds

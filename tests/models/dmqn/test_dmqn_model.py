@@ -1,0 +1,179 @@
+"""The assembled model (dmqn_core.models.dmqn.model), the popularity baseline, the registry and ModelConfig."""
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from model_batches import random_batch
+
+from dmqn_core.config import ModelConfig
+from dmqn_core.models.dmqn.model import DMQN
+from dmqn_core.models.popularity import PopularityModel
+from dmqn_core.models.registry import build_model, model_names
+from dmqn_core.nn.mlp import MLPHead
+
+CONFIG = ModelConfig(
+    n_items=60,
+    n_categories=8,
+    n_behavior_types=4,
+    embed_dim=8,
+    n_codebooks=3,
+    codebook_size=6,
+    icim_layers=2,
+    icim_heads=2,
+    short_len=5,
+    mlp_hidden=(16, 8),
+)
+
+
+def history(b: dict) -> tuple:
+    return b["hist_item"], b["hist_category"], b["hist_behavior"], b["hist_mask"]
+
+
+def model(seed: int = 0, config: ModelConfig = CONFIG) -> DMQN:
+    torch.manual_seed(seed)
+    return DMQN(config)
+
+
+def test_encode_user_then_score_equals_forward():
+    m = model().eval()
+    b = random_batch(CONFIG)
+    with torch.no_grad():
+        logits = m(**b)
+        state = m.encode_user(*history(b))
+        split = m.score(state, b["cand_item"], b["cand_category"], b["hist_index"])
+        # the same with the state's rows picked beforehand
+        picked = m.score(state.index_select(b["hist_index"]), b["cand_item"], b["cand_category"])
+    assert (logits - split).abs().max() <= 1e-5
+    assert (logits - picked).abs().max() <= 1e-5
+
+
+def test_a_compacted_reordered_state_scores_like_forward():
+    m = model(1).eval()
+    b = random_batch(CONFIG, seed=1, L=30)  # history 1 is empty: compacts to one empty token per codebook
+    with torch.no_grad():
+        logits = m(**b)
+        state = m.encode_user(*history(b))
+        # one user at a time, only its non-empty clusters, in reversed order: what a cache could hold
+        for i, u in enumerate(b["hist_index"].tolist()):
+            own = state.index_select(torch.tensor([u])).compact()
+            assert own.clusters.shape[2] == max(int(state.cluster_mask[u].sum(-1).max()), 1)
+            flipped = replace(
+                own,
+                clusters=own.clusters.flip(2),
+                cluster_mask=own.cluster_mask.flip(2),
+                cluster_size=own.cluster_size.flip(2),
+            )
+            one = m.score(flipped, b["cand_item"][i : i + 1], b["cand_category"][i : i + 1])
+            torch.testing.assert_close(one, logits[i : i + 1], rtol=0, atol=1e-5)
+
+
+def test_an_empty_history_has_no_cluster_and_a_zero_recent_mean():
+    m = model(2).eval()
+    b = random_batch(CONFIG, seed=2, lengths=[0, 0, 3, 0, 1])
+    with torch.no_grad():
+        state = m.encode_user(*history(b))
+    assert not state.cluster_mask[0].any()
+    assert torch.equal(state.recent[0], torch.zeros(CONFIG.embed_dim))
+
+
+def test_training_is_seeded():
+    m = model(4).train()
+    b = random_batch(CONFIG, seed=4)
+    torch.manual_seed(9)
+    first = m(**b)
+    torch.manual_seed(9)
+    assert torch.equal(m(**b), first)
+
+
+def test_recent_is_the_mean_of_the_last_short_len_behaviors():
+    m = model(5).eval()
+    b = random_batch(CONFIG, seed=5, lengths=[12, 0, 3, 40, 5])
+    with torch.no_grad():
+        state = m.encode_user(*history(b))
+        e = m.embedding.behaviors(*history(b))
+    for u, n in enumerate([12, 0, 3, 40, 5]):
+        expected = e[u, max(n - CONFIG.short_len, 0) : n].mean(0) if n else torch.zeros(CONFIG.embed_dim)
+        torch.testing.assert_close(state.recent[u], expected)
+
+
+def test_codeword_assignments_follow_the_clusters():
+    m = model(6).eval()
+    b = random_batch(CONFIG, seed=6)
+    z = m.codeword_assignments(*history(b))
+    assert z.shape == (6, CONFIG.n_codebooks, 36) and z.dtype == torch.long
+    assert bool(((z == -1) == ~b["hist_mask"][:, None, :]).all())
+    with torch.no_grad():
+        state = m.encode_user(*history(b))
+    counts = torch.stack([(z == k).sum(-1) for k in range(CONFIG.codebook_size)], -1).float()  # (H, N, W)
+    assert torch.equal(counts, state.cluster_size)
+
+
+def test_auxiliary_loss():
+    m = model(7).train()
+    b = random_batch(CONFIG, seed=7)
+    m(**b)
+    assert m.auxiliary_loss().item() == 0.0
+    m = model(7, replace(CONFIG, usage_loss_weight=0.5)).train()
+    m(**b)
+    aux = m.auxiliary_loss()
+    assert aux.item() > 0 and aux.requires_grad
+    aux.backward()
+    assert m.quantizer.codebooks.grad.abs().sum() > 0
+
+
+def test_dmqn_simple_has_no_icim_parameters():
+    simple = build_model("dmqn-simple", CONFIG)
+    full = build_model("dmqn", CONFIG)
+    assert not [n for n, _ in simple.named_parameters() if n.startswith("icim")]
+    assert [n for n, _ in full.named_parameters() if n.startswith("icim")]
+    assert simple.config.icim_layers == 0 and CONFIG.icim_layers == 2
+
+
+def test_popularity_model_orders_by_popularity():
+    pop = np.zeros(CONFIG.n_items)
+    pop[[3, 7, 11]] = [100, 5, 40]
+    m = build_model("pop", CONFIG, item_popularity=pop)
+    assert isinstance(m, PopularityModel) and not list(m.parameters()) and m.trainable is False
+    b = random_batch(CONFIG)
+    b["cand_item"] = torch.tensor([7, 3, 20, 11])
+    b["cand_category"] = torch.ones(4, dtype=torch.long)
+    b["hist_index"] = torch.zeros(4, dtype=torch.long)
+    logits = m(**b)
+    assert torch.argsort(logits, descending=True).tolist() == [1, 3, 0, 2]
+    torch.testing.assert_close(logits[2], torch.tensor(0.0))
+
+
+def test_build_model_rejects_unknown_names():
+    assert {"dmqn", "dmqn-simple", "pop", "din-short", "din-middle", "din-full"} <= set(model_names())
+    with pytest.raises(ValueError, match="dmqn-simple"):
+        build_model("no-such-model", CONFIG)
+    with pytest.raises(ValueError, match="item_popularity"):
+        build_model("pop", CONFIG)
+
+
+def test_config_round_trips_through_json():
+    d = json.loads(json.dumps(CONFIG.to_dict()))
+    assert d["mlp_hidden"] == [16, 8]
+    assert ModelConfig.from_dict(d) == CONFIG
+    with pytest.raises(ValueError, match="bogus"):
+        ModelConfig.from_dict({**d, "bogus": 1})
+    with pytest.raises(ValueError, match="icim_heads"):
+        replace(CONFIG, icim_heads=3)
+
+
+@pytest.mark.parametrize("n_scalars", [0, 3])
+def test_mlp_head_input_width(n_scalars: int):
+    """Input concat[c, interests, c*interests, recent, c*recent, scalars]: dim*(2K+3) + S."""
+    dim, K, B = 8, 3, 4
+    head = MLPHead(dim, K, (16, 8), n_scalars=n_scalars)
+    assert head.net[0].in_features == dim * (2 * K + 3) + n_scalars
+    c, interests, recent = torch.randn(B, dim), torch.randn(B, K, dim), torch.randn(B, dim)
+    scalars = torch.randn(B, n_scalars) if n_scalars else None
+    assert head(c, interests, recent, scalars).shape == (B,)
+    # the DMQN head takes one match scalar per codebook
+    m = model()
+    K, D = CONFIG.n_codebooks, CONFIG.embed_dim
+    assert m.head.net[0].in_features == D * (2 * K + 3) + K

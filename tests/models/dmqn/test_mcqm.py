@@ -1,0 +1,136 @@
+"""MCQM (dmqn_core.models.dmqn.mcqm): assignment, pooling (eq. 9-10), straight-through, usage statistics."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dmqn_core.models.dmqn.mcqm import (
+    CodebookUsage,
+    MultiCodebookQuantizer,
+    codebook_counts,
+    codebook_usage,
+    usage_loss,
+)
+
+
+def known_quantizer() -> MultiCodebookQuantizer:
+    """D=2, W=3, N=2 with identity projections; codebook 0 points along +x, +y, -(x+y), codebook 1 is scaled so
+    everything goes to codeword 0 or 1 by the sign of x - y."""
+    q = MultiCodebookQuantizer(n_codebooks=2, codebook_size=3, dim=2)
+    with torch.no_grad():
+        q.proj.copy_(torch.eye(2).expand(2, 2, 2))
+        q.codebooks[0] = torch.tensor([[10.0, 0.0], [0.0, 10.0], [-10.0, -10.0]])
+        q.codebooks[1] = torch.tensor([[10.0, -10.0], [-10.0, 10.0], [0.0, 0.0]])
+    return q.eval()
+
+
+def test_pooling_is_mean_of_assigned_embeddings():
+    q = known_quantizer()
+    e = torch.tensor([[[1.0, 0.1], [3.0, 0.2], [0.1, 2.0], [-1.0, -1.0], [0.0, 0.0]]])  # (1, 5, 2)
+    mask = torch.tensor([[True, True, True, True, False]])
+    out = q(e, mask)
+    # codebook 0: behaviors 0, 1 -> +x; 2 -> +y; 3 -> -(x+y); behavior 4 is padding.
+    torch.testing.assert_close(out.clusters[0, 0], torch.tensor([[2.0, 0.15], [0.1, 2.0], [-1.0, -1.0]]))
+    torch.testing.assert_close(out.cluster_size[0, 0], torch.tensor([2.0, 1.0, 1.0]))
+    # codebook 1: x > y for 0, 1 -> codeword 0; 2 -> codeword 1; 3 (x == y) ties at score 0 between all three
+    # codewords, argmax takes the first: codeword 0.
+    torch.testing.assert_close(out.clusters[0, 1, 0], (e[0, 0] + e[0, 1] + e[0, 3]) / 3)
+    torch.testing.assert_close(out.clusters[0, 1, 1], e[0, 2])
+    # empty codeword: masked, size 0, exactly zero
+    assert out.cluster_mask[0, 1].tolist() == [True, True, False]
+    assert out.cluster_size[0, 1, 2] == 0
+    assert torch.equal(out.clusters[0, 1, 2], torch.zeros(2))
+    assert q.assign(e, mask)[0].tolist() == [[0, 0, 1, 2, -1], [0, 0, 1, 0, -1]]
+
+
+def test_pooling_matches_loop_on_random_data():
+    torch.manual_seed(0)
+    H, L, D, N, W = 3, 20, 8, 3, 5
+    q = MultiCodebookQuantizer(N, W, D).eval()
+    mask = torch.arange(L)[None] < torch.tensor([[20], [7], [0]])
+    e = torch.randn(H, L, D) * mask[..., None]
+    out = q(e, mask)
+    h = torch.einsum("hld,nde->hnle", e, q.proj)  # eq. 4
+    z = torch.einsum("hnle,nwe->hnlw", h, q.codebooks).argmax(-1)  # eq. 5, 7
+    for u in range(H):
+        for j in range(N):
+            for k in range(W):
+                members = [e[u, i] for i in range(L) if mask[u, i] and z[u, j, i] == k]
+                assert out.cluster_size[u, j, k] == len(members)
+                assert bool(out.cluster_mask[u, j, k]) == bool(members)
+                expected = torch.stack(members).mean(0) if members else torch.zeros(D)
+                torch.testing.assert_close(out.clusters[u, j, k], expected)
+    assert not out.cluster_mask[2].any()  # empty history: no cluster at all
+
+
+def test_straight_through_forward_is_the_hard_gumbel_assignment():
+    torch.manual_seed(1)
+    H, L, D, N, W = 2, 12, 4, 2, 3
+    q = MultiCodebookQuantizer(N, W, D, tau=0.7).train()
+    mask = torch.arange(L)[None] < torch.tensor([[12], [5]])
+    e = torch.randn(H, L, D) * mask[..., None]
+    torch.manual_seed(123)
+    out = q(e, mask)
+    # Replay the same noise: argmax of softmax((s + g) / tau) is argmax(s + g) (eq. 6-7).
+    torch.manual_seed(123)
+    with torch.no_grad():
+        s = q.scores(e)  # (H, L, N, W)
+        gumbel = -torch.log(-torch.log(torch.empty_like(s).uniform_()))
+        z = (s + gumbel).argmax(-1).transpose(1, 2)  # (H, N, L)
+    for u in range(H):
+        for j in range(N):
+            for k in range(W):
+                sel = mask[u] & (z[u, j] == k)
+                assert out.cluster_size[u, j, k] == sel.sum()
+                expected = e[u][sel].mean(0) if sel.any() else torch.zeros(D)
+                torch.testing.assert_close(out.clusters[u, j, k], expected)
+
+
+def test_gradients_reach_codebooks_and_projections_in_training():
+    torch.manual_seed(2)
+    q = MultiCodebookQuantizer(2, 4, 6).train()
+    e = torch.randn(3, 10, 6, requires_grad=True)
+    mask = torch.ones(3, 10, dtype=torch.bool)
+    out = q(e, mask, with_usage=True)
+    (out.clusters * torch.randn_like(out.clusters)).sum().backward()
+    for name, p in [("codebooks", q.codebooks), ("proj", q.proj), ("e", e)]:
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert out.mean_prob.shape == (2, 4)
+    torch.testing.assert_close(out.mean_prob.sum(-1), torch.ones(2))
+
+
+def test_eval_is_deterministic_and_training_is_seeded():
+    q = MultiCodebookQuantizer(2, 8, 4)
+    e = torch.randn(4, 30, 4)
+    mask = torch.ones(4, 30, dtype=torch.bool)
+    q.eval()
+    assert torch.equal(q(e, mask).clusters, q(e, mask).clusters)
+    q.train()
+    torch.manual_seed(5)
+    a = q(e, mask).clusters
+    torch.manual_seed(5)
+    b = q(e, mask).clusters
+    assert torch.equal(a, b)
+
+
+def test_usage_loss_is_zero_when_uniform_and_log_w_when_collapsed():
+    assert usage_loss(torch.full((3, 4), 0.25)).item() == pytest.approx(0.0, abs=1e-6)
+    collapsed = torch.zeros(3, 4)
+    collapsed[:, 1] = 1.0
+    assert usage_loss(collapsed).item() == pytest.approx(math.log(4), rel=1e-6)
+
+
+def test_codebook_usage_against_hand_computation():
+    # codebook 0 uses codewords [0, 0, 1, 1] -> counts [2, 2, 0, 0]; codebook 1 uses [0, 0, 0, 3] -> [3, 0, 0, 1]
+    a = np.array([[[0, 0, 1, 1, -1], [0, 0, 0, 3, -1]]])  # (H=1, N=2, L=5), -1 = padding
+    usage = codebook_usage(a, 4)
+    assert usage.counts.tolist() == [[2, 2, 0, 0], [3, 0, 0, 1]]
+    assert usage.dead.tolist() == [2, 2]
+    h1 = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    np.testing.assert_allclose(usage.perplexity, [2.0, math.exp(h1)], rtol=1e-12)
+    # accumulated counts over batches give the same statistics
+    summed = CodebookUsage.from_counts(codebook_counts(a, 4) + codebook_counts(torch.as_tensor(a), 4))
+    np.testing.assert_allclose(summed.perplexity, usage.perplexity)
+    assert codebook_usage(np.array([[[0, 1, 2, 3]]]), 4).perplexity[0] == pytest.approx(4.0)

@@ -1,0 +1,171 @@
+"""dmqn bench: resumable runs, Tables 2 and 3 as Markdown and CSV, the CLI."""
+
+from __future__ import annotations
+
+import csv
+import statistics
+
+import pytest
+from typer.testing import CliRunner
+
+import dmqn_core.training.train as train_module
+from dmqn_cli.main import app
+from dmqn_core.errors import DmqnError
+from dmqn_core.models.registry import model_names
+from dmqn_core.runs.store import RunStore
+from dmqn_core.training.bench import format_mean_std, mean_std, resolve_models, run_bench
+
+MODEL = {"embed_dim": 8, "n_codebooks": 2, "codebook_size": 8, "mlp_hidden": (16,)}
+TRAIN = {"epochs": 1, "max_len": 50, "batch_size": 256, "eval_batch_size": 512}
+
+
+def test_resolve_models():
+    assert resolve_models("dmqn, pop,dmqn") == ["dmqn", "pop"]
+    everything = resolve_models("all")
+    assert sorted(everything) == sorted(model_names())
+    assert everything[0] == "pop" and everything[-1] == "dmqn"
+    with pytest.raises(DmqnError, match="nope"):
+        resolve_models("dmqn,nope")
+    with pytest.raises(DmqnError):
+        resolve_models(" , ")
+
+
+def test_mean_std_is_the_sample_statistic():
+    assert mean_std([]) == (None, None)
+    assert mean_std([0.5]) == (0.5, None)
+    mean, std = mean_std([0.6, 0.7, 0.8])
+    assert mean == pytest.approx(0.7) and std == pytest.approx(statistics.stdev([0.6, 0.7, 0.8]))
+    assert format_mean_std([0.6, 0.7, 0.8]) == "0.7000 ± 0.1000"
+    assert format_mean_std([]) == "-"
+
+
+def test_interrupted_bench_resumes_without_redoing_finished_runs(tiny_workspace, monkeypatch):
+    real_epoch = train_module._train_epoch
+    calls = {"n": 0}
+
+    def interrupt_the_second_trained_model(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # seed 0: din-short trains (call 1), then dmqn-simple is interrupted
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "_train_epoch", interrupt_the_second_trained_model)
+    steps = []
+    models = ["pop", "din-short", "dmqn-simple", "dmqn"]
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(tiny_workspace, "tiny", models, [0, 1], MODEL, TRAIN, name="resume-test", on_step=steps.append)
+    assert [(s.model, s.seed, s.action) for s in steps] == [
+        ("pop", 0, "train"),
+        ("din-short", 0, "train"),
+        ("dmqn-simple", 0, "train"),
+    ]
+    interrupted_run = steps[-1].run_id
+    store = RunStore(tiny_workspace.store_path)
+    assert store.get_run(interrupted_run).status == "interrupted"
+
+    monkeypatch.setattr(train_module, "_train_epoch", real_epoch)
+    steps.clear()
+    report = run_bench(tiny_workspace, "tiny", models, [0, 1], MODEL, TRAIN, name="resume-test", on_step=steps.append)
+    actions = [(s.model, s.seed, s.action) for s in steps]
+    assert actions[:4] == [
+        ("pop", 0, "done"),
+        ("din-short", 0, "done"),
+        ("dmqn-simple", 0, "resume"),
+        ("dmqn", 0, "train"),
+    ]
+    assert [a[2] for a in actions[4:]] == ["train"] * 4
+    assert steps[2].run_id == interrupted_run  # the same run continued, not a new one
+    assert report.trained == 6 and report.reused == 2 and not report.failures
+
+    # Every model has one finished run per seed, and the rows are the run store's numbers.
+    for row in report.rows:
+        assert len(row.run_ids) == 2 and not row.failed
+        aucs = [store.get_run(r).test_auc for r in row.run_ids]
+        assert row.auc == aucs
+    assert {r.model: r.train_samples_per_s is None for r in report.rows} == {
+        "pop": True,
+        "din-short": False,
+        "dmqn-simple": False,
+        "dmqn": False,
+    }
+    assert all(r.infer_samples_per_s > 0 for r in report.rows)
+    assert [r.model for r in report.table3()] == ["dmqn-simple", "dmqn"]
+
+    # A third call trains nothing.
+    again = run_bench(tiny_workspace, "tiny", models, [0, 1], MODEL, TRAIN, name="resume-test")
+    assert again.trained == 0 and again.reused == 8
+
+    # The tables on disk.
+    table2 = (report.directory / "table2.md").read_text()
+    assert "| model | runs | test AUC |" in table2 and "Budget: seeds 0, 1; at most 1 epochs" in table2
+    assert table2.count("\n| ") == 2 + len(models)
+    with open(report.directory / "table2.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["model"] for r in rows] == models
+    dmqn = next(r for r in report.rows if r.model == "dmqn")
+    assert float(rows[-1]["auc_mean"]) == pytest.approx(statistics.fmean(dmqn.auc))
+    table3 = (report.directory / "table3.md").read_text()
+    assert "| dmqn-simple | 2 |" in table3 and "+0.0000" in table3
+
+
+def test_a_bench_name_keeps_its_budget(tiny_workspace):
+    run_bench(tiny_workspace, "tiny", ["pop"], [0], MODEL, TRAIN, name="budget-test")
+    with pytest.raises(DmqnError, match="other settings"):
+        run_bench(tiny_workspace, "tiny", ["pop"], [0], MODEL, {**TRAIN, "epochs": 2}, name="budget-test")
+    with pytest.raises(DmqnError, match="--seeds"):
+        run_bench(tiny_workspace, "tiny", ["pop"], [0], MODEL, {**TRAIN, "seed": 4}, name="budget-test")
+
+
+def test_bench_command_prints_both_tables(tiny_workspace):
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "tiny",
+            "--models",
+            "pop,dmqn-simple,dmqn",
+            "--seeds",
+            "1",
+            "--epochs",
+            "1",
+            "--max-len",
+            "50",
+            "--embed-dim",
+            "8",
+            "--batch-size",
+            "256",
+            "-w",
+            str(tiny_workspace.root),
+        ],
+        terminal_width=200,
+    )
+    assert result.exit_code == 0, result.output
+    assert "Table 2" in result.output and "Table 3" in result.output and "table2.md" in result.output
+    second = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "tiny",
+            "--models",
+            "pop,dmqn-simple,dmqn",
+            "--seeds",
+            "1",
+            "--epochs",
+            "1",
+            "--max-len",
+            "50",
+            "--embed-dim",
+            "8",
+            "--batch-size",
+            "256",
+            "-w",
+            str(tiny_workspace.root),
+        ],
+        terminal_width=200,
+    )
+    assert second.exit_code == 0 and "0 run(s) trained now, 3 reused" in second.output
+
+
+def test_bench_command_rejects_unknown_models(tiny_workspace):
+    result = CliRunner().invoke(app, ["bench", "tiny", "--models", "dmqn,bogus", "-w", str(tiny_workspace.root)])
+    assert result.exit_code == 1 and "bogus" in result.output
