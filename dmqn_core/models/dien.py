@@ -103,7 +103,6 @@ class DIEN(InterestModel):
         self.attention = nn.Linear(D, D, bias=False)  # W of a_t = softmax(h_t W c)
         self.evolution = AUGRUCell(D, D)
         self.head = MLPHead(D, 1, config.mlp_hidden, config.dropout)
-        self._aux: Tensor | None = None
 
     def extract(self, e: Tensor, hist_mask: Tensor, hist_item: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Interest extractor over the last short_len behaviors.
@@ -133,17 +132,9 @@ class DIEN(InterestModel):
     def interests(self, histories: Histories, candidates: Candidates, hist_index: Tensor) -> Tensor:
         h, c = histories, candidates.embedded
         states, x, items, mask = self.extract(h.embedded, h.mask, h.item)  # (H, T, D), (H, T, D), (H, T), (H, T)
-        self._aux = None
+        self._auxiliary = None
         if self.training and self.config.dien_aux_weight > 0:
-            self._aux = auxiliary_next_behavior_loss(states, x, items, mask)
+            # alpha L_aux of L = L_target + alpha L_aux, read by auxiliary_loss()
+            self._auxiliary = self.config.dien_aux_weight * auxiliary_next_behavior_loss(states, x, items, mask)
         interest, _ = self.evolve(states, mask, c, hist_index)  # (B, D)
         return interest.unsqueeze(1)  # (B, 1, D)
-
-    def auxiliary_loss(self) -> Tensor:
-        """dien_aux_weight * L_aux of the last training-mode forward (alpha of L = L_target + alpha L_aux).
-
-        Zero after an eval-mode forward.
-        """
-        if self._aux is None:
-            return torch.zeros((), device=self.embedding.item.weight.device)
-        return self.config.dien_aux_weight * self._aux

@@ -2,9 +2,10 @@
 
 Every model takes ModelConfig and implements forward(hist_item, hist_category, hist_behavior,
 hist_mask, hist_index, cand_item, cand_category, hist_timestamp=None) -> (B,) logits and
-auxiliary_loss(). Sequence models share BehaviorEmbedding (embedding.py), the short-term mean
-(sequence.recent_mean) and MLPHead (mlp.py), so that they differ only in their sequence module;
-to add one, write its module and register a builder in MODEL_BUILDERS.
+auxiliary_loss(). Sequence models are InterestModels (nn/interest_model.py): they share
+BehaviorEmbedding, the short-term mean and MLPHead, split at the candidate into encode_user and
+score, and differ only in their sequence module; to add one, write its module and register a
+builder in MODEL_BUILDERS (and its name in CODEBOOK_MODELS if its class sets has_codebooks).
 """
 
 from __future__ import annotations
@@ -55,8 +56,19 @@ MODEL_BUILDERS: dict[str, Builder] = {
 }
 
 
+# Models whose user state is a set of codebook clusters (MCQM): the ones `dmqn export-cache`,
+# `dmqn inspect` and `dmqn report` work on, and whose codeword use training records. By name, so
+# that it is known without building the model; their classes say has_codebooks = True.
+CODEBOOK_MODELS = frozenset({"dmqn", "dmqn-simple"})
+
+
 def model_names() -> list[str]:
     return list(MODEL_BUILDERS)
+
+
+def has_codebooks(name: str) -> bool:
+    """Whether model NAME quantizes histories into codebook clusters (DMQN and its ablation)."""
+    return name in CODEBOOK_MODELS
 
 
 def build_model(name: str, config: ModelConfig, item_popularity: np.ndarray | Tensor | None = None) -> nn.Module:

@@ -1,14 +1,23 @@
-"""InterestModel: the skeleton every baseline of Table 2 shares, so that they differ only in their interests.
+"""InterestModel: the skeleton every sequence model of Table 2 shares, so that they differ only in their interests.
 
-forward embeds the histories and the candidates once, asks the model for its interest vectors and
-gives them, with the mean of the recent behaviors, to the MLP head. A baseline creates
-``self.config``, ``self.embedding`` (BehaviorEmbedding) and ``self.head`` (MLPHead) in its
-``__init__`` and implements ``interests``.
+A model splits at the candidate, as DMQN does for its cache (section 2.5):
+
+- encode_user: the histories alone -> a user state, here the embedded histories and the mean of
+  their recent behaviors (Histories);
+- score: a state and candidates -> logits, here the model's interest vectors and, with the recent
+  mean, the MLP head;
+- forward = score(encode_user(...)), what training and evaluation call.
+
+A baseline creates ``self.config``, ``self.embedding`` (BehaviorEmbedding) and ``self.head``
+(MLPHead) in its ``__init__`` and implements ``interests``; target attention makes its interests
+candidate-dependent, so its state is the embedded histories themselves. A model with another
+state (DMQN's UserState: codebook clusters) overrides encode_user and score together.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -22,7 +31,7 @@ from dmqn_core.nn.sequence import recent_mean
 
 @dataclass
 class Histories:
-    """A batch's de-duplicated histories (left-aligned, most recent last) and their embeddings."""
+    """A batch's de-duplicated histories (left-aligned, most recent last) and their embeddings: a baseline's state."""
 
     item: Tensor  # (H, L) long, 0 at padding
     category: Tensor  # (H, L) long
@@ -30,6 +39,7 @@ class Histories:
     mask: Tensor  # (H, L) bool
     timestamp: Tensor | None  # (H, L) long unix seconds, or None when the caller has none
     embedded: Tensor  # (H, L, D), zero at padding
+    recent: Tensor  # (H, D) mean embedding of the last short_len behaviors
 
 
 @dataclass
@@ -43,6 +53,47 @@ class InterestModel(nn.Module):
     config: ModelConfig
     embedding: BehaviorEmbedding
     head: MLPHead
+    # Whether the user state is a set of codebook clusters (MCQM), which evaluation counts per codeword;
+    # registry.CODEBOOK_MODELS names the same models.
+    has_codebooks: ClassVar[bool] = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        # The weighted auxiliary loss of the last training-mode forward; a model that has one sets it
+        # in every forward, None when it does not apply (eval mode, zero weight).
+        self._auxiliary: Tensor | None = None
+
+    def recent(self, e: Tensor, mask: Tensor) -> Tensor:
+        """Mean of the last short_len real behaviors: (H, L, D), (H, L) -> (H, D).
+
+        The paper's MLP input is not specified beyond "user, behavior sequence, candidate, context"
+        features (section 2.1); a short-term mean is the usual companion of a long-sequence module,
+        and every model gives its MLP the same one.
+        """
+        return recent_mean(e, mask, self.config.short_len)
+
+    def encode_user(
+        self,
+        hist_item: Tensor,
+        hist_category: Tensor,
+        hist_behavior: Tensor,
+        hist_mask: Tensor,
+        hist_timestamp: Tensor | None = None,
+    ) -> Histories:
+        """(H, L) ids, mask (True = real, left-aligned) and timestamps -> the state of H users."""
+        e = self.embedding.behaviors(hist_item, hist_category, hist_behavior, hist_mask)  # (H, L, D)
+        recent = self.recent(e, hist_mask)  # (H, D)
+        return Histories(hist_item, hist_category, hist_behavior, hist_mask, hist_timestamp, e, recent)
+
+    def score(
+        self, state: Histories, cand_item: Tensor, cand_category: Tensor, state_index: Tensor | None = None
+    ) -> Tensor:
+        """(B,) candidates against state rows state_index (B,) (None = row b) -> (B,) logits."""
+        if state_index is None:
+            state_index = torch.arange(cand_item.shape[0], device=cand_item.device)
+        c = self.embedding.candidate(cand_item, cand_category)  # (B, D)
+        interests = self.interests(state, Candidates(cand_item, cand_category, c), state_index)  # (B, K, D)
+        return self.head(c, interests, state.recent.index_select(0, state_index))
 
     def interests(self, histories: Histories, candidates: Candidates, hist_index: Tensor) -> Tensor:
         """B candidates, each against histories row hist_index (B,) -> interest vectors (B, K, D)."""
@@ -59,14 +110,15 @@ class InterestModel(nn.Module):
         cand_category: Tensor,
         hist_timestamp: Tensor | None = None,
     ) -> Tensor:
-        """H histories (H, L), B candidates pointing at them via hist_index (B,) -> (B,) logits."""
-        e = self.embedding.behaviors(hist_item, hist_category, hist_behavior, hist_mask)  # (H, L, D)
-        recent = recent_mean(e, hist_mask, self.config.short_len)  # (H, D)
-        histories = Histories(hist_item, hist_category, hist_behavior, hist_mask, hist_timestamp, e)
-        c = self.embedding.candidate(cand_item, cand_category)  # (B, D)
-        interests = self.interests(histories, Candidates(cand_item, cand_category, c), hist_index)  # (B, K, D)
-        return self.head(c, interests, recent.index_select(0, hist_index))
+        """H de-duplicated histories (H, L), B candidates pointing at them via hist_index (B,) -> (B,) logits."""
+        state = self.encode_user(hist_item, hist_category, hist_behavior, hist_mask, hist_timestamp)
+        return self.score(state, cand_item, cand_category, hist_index)
 
     def auxiliary_loss(self) -> Tensor:
-        """A loss the model adds to the CTR loss in training (DIEN's L_aux); zero by default."""
-        return torch.zeros((), device=self.embedding.item.weight.device)
+        """The loss the model adds to the CTR loss in training (DIEN's L_aux, DMQN's usage regulariser), weighted.
+
+        That of the last forward if it ran in training mode, else zero. Add it to the CTR loss before backward.
+        """
+        if self._auxiliary is None:
+            return torch.zeros((), device=self.embedding.item.weight.device)
+        return self._auxiliary

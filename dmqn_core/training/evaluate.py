@@ -37,13 +37,15 @@ def predict(
     model.eval()
     users, labels, logits = [], [], []
     counts = None
-    encode = getattr(model, "encode_user", None)
+    # Every sequence model has encode_user and score; only a codebook state has clusters to count.
+    # getattr: PopularityModel is no InterestModel.
+    codebooks = getattr(model, "has_codebooks", False)
     progress.start(description, len(loader))
     started = time.perf_counter()
     for batch in loader:
         batch = batch.to(device)
-        if encode is not None:
-            state = encode(batch.hist_item, batch.hist_category, batch.hist_behavior, batch.hist_mask)
+        if codebooks:
+            state = model.encode_user(batch.hist_item, batch.hist_category, batch.hist_behavior, batch.hist_mask)
             out = model.score(state, batch.cand_item, batch.cand_category, batch.hist_index)
             batch_counts = state.cluster_size.sum(dim=0).double().cpu()  # (N, W)
             counts = batch_counts if counts is None else counts + batch_counts

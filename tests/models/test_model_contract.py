@@ -1,12 +1,14 @@
 """The forward contract every sequence model of the registry keeps (dmqn_core.models.registry).
 
 forward(hist_item, hist_category, hist_behavior, hist_mask, hist_index, cand_item, cand_category,
-hist_timestamp=None) -> (B,) logits, and auxiliary_loss(). Each check runs on every model but
-'pop' (no sequence); what one model does with the sequence is tested in its own file.
+hist_timestamp=None) -> (B,) logits, the same as score(encode_user(...)), and auxiliary_loss().
+Each check runs on every model but 'pop' (no sequence); what one model does with the sequence is
+tested in its own file.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -14,7 +16,8 @@ import torch.nn.functional as F
 from model_batches import random_batch
 
 from dmqn_core.config import ModelConfig
-from dmqn_core.models.registry import build_model, model_names
+from dmqn_core.models.registry import build_model, has_codebooks, model_names
+from dmqn_core.nn.interest_model import InterestModel
 
 # Small enough for < 2 s a case, and at L = 36 every window and retrieval cuts: short_len, middle_len,
 # top_k behaviors (TWIN V2: clusters of <= cluster_max_size), max_sessions x session_len.
@@ -146,6 +149,33 @@ def test_eval_is_deterministic(name):
     b = random_batch(CONFIG, seed=5)
     with torch.no_grad():
         assert torch.equal(m(**b), m(**b))
+
+
+def test_every_sequence_model_is_an_interest_model_and_says_whether_it_has_codebooks():
+    for name in model_names():
+        m = build_model(name, CONFIG, item_popularity=np.ones(CONFIG.n_items))
+        assert isinstance(m, InterestModel) == (name != "pop"), name
+        assert getattr(m, "has_codebooks", False) == has_codebooks(name), name
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_forward_is_score_of_encode_user(name):
+    m = make(name, seed=9, perturb=True)
+    b = random_batch(CONFIG, seed=9)
+    history = [b[k] for k in HISTORY_KEYS]
+    for training in (True, False):  # training: the same random draws (Gumbel noise, DIEN negatives)
+        m.train(training)
+        torch.manual_seed(9)
+        logits = m(**b)
+        aux = m.auxiliary_loss()
+        torch.manual_seed(9)
+        state = m.encode_user(*history)
+        assert torch.equal(m.score(state, b["cand_item"], b["cand_category"], b["hist_index"]), logits)
+        assert torch.equal(m.auxiliary_loss(), aux)
+    with torch.no_grad():  # no state_index: candidate b against row b (random_batch's first H candidates)
+        first = slice(0, b["hist_mask"].shape[0])
+        rows = m.score(state, b["cand_item"][first], b["cand_category"][first])
+    assert_same(rows, logits[first])
 
 
 @pytest.mark.parametrize("name", MODELS)

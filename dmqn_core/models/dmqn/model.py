@@ -1,16 +1,17 @@
 """DMQN, the Deep Multiple Quantization Network (SIGIR '25), Figure 1: MCQM -> ICIM -> CTAM -> MLP.
 
-The model splits at the candidate: encode_user (MCQM + ICIM + the pooled recent history) depends
-on the history only and can be computed once per user and cached (section 2.5); score (CTAM +
-MLP) is the per-candidate part.
+An InterestModel whose user state is its codebook clusters (UserState) rather than the embedded
+histories: encode_user (MCQM + ICIM + the pooled recent history) depends on the history only and
+can be computed once per user and cached (section 2.5); score (CTAM + MLP) is the per-candidate
+part. forward, the recent-history mean and auxiliary_loss are InterestModel's.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
-import torch.nn as nn
 from torch import Tensor
 
 from dmqn_core.config import ModelConfig
@@ -18,8 +19,8 @@ from dmqn_core.models.dmqn.ctam import ClusterTargetAttention
 from dmqn_core.models.dmqn.icim import ClusterInteraction
 from dmqn_core.models.dmqn.mcqm import MultiCodebookQuantizer, usage_loss
 from dmqn_core.nn.embedding import BehaviorEmbedding
+from dmqn_core.nn.interest_model import InterestModel
 from dmqn_core.nn.mlp import MLPHead
-from dmqn_core.nn.sequence import recent_mean
 
 
 @dataclass
@@ -58,7 +59,9 @@ class UserState:
         )
 
 
-class DMQN(nn.Module):
+class DMQN(InterestModel):
+    has_codebooks: ClassVar[bool] = True
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         c = config
@@ -70,29 +73,25 @@ class DMQN(nn.Module):
         )
         self.ctam = ClusterTargetAttention(c.n_codebooks, c.embed_dim, c.ctam_size_bias)
         self.head = MLPHead(c.embed_dim, c.n_codebooks, c.mlp_hidden, c.dropout, n_scalars=c.n_codebooks)
-        self._usage: Tensor | None = None
 
-    def encode_user(
-        self, hist_item: Tensor, hist_category: Tensor, hist_behavior: Tensor, hist_mask: Tensor
+    def encode_user(  # type: ignore[override]  # DMQN's state is UserState, not the baselines' Histories
+        self,
+        hist_item: Tensor,
+        hist_category: Tensor,
+        hist_behavior: Tensor,
+        hist_mask: Tensor,
+        hist_timestamp: Tensor | None = None,
     ) -> UserState:
-        """(H, L) ids and mask (True = real, left-aligned) -> UserState of H users."""
+        """(H, L) ids and mask (True = real, left-aligned) -> UserState of H users; timestamps are not used."""
         e = self.embedding.behaviors(hist_item, hist_category, hist_behavior, hist_mask)  # (H, L, D)
         with_usage = self.training and self.config.usage_loss_weight > 0
         q = self.quantizer(e, hist_mask, with_usage=with_usage)  # MCQM, eq. 3-10
-        self._usage = usage_loss(q.mean_prob) if with_usage else None  # None after an eval forward
+        # The usage regulariser, read by auxiliary_loss(); None after an eval forward.
+        self._auxiliary = self.config.usage_loss_weight * usage_loss(q.mean_prob) if with_usage else None
         clusters = self.icim(q.clusters, q.cluster_mask)  # ICIM, eq. 11-13
-        return UserState(clusters, q.cluster_mask, q.cluster_size, self._recent(e, hist_mask))
+        return UserState(clusters, q.cluster_mask, q.cluster_size, self.recent(e, hist_mask))
 
-    def _recent(self, e: Tensor, mask: Tensor) -> Tensor:
-        """Mean of the last short_len real behaviors: (H, L, D), (H, L) -> (H, D).
-
-        The paper's MLP input is not specified beyond "user, behavior sequence, candidate, context"
-        features (section 2.1); a short-term mean is the usual companion of a long-sequence module,
-        and every baseline gives its MLP the same one (sequence.recent_mean).
-        """
-        return recent_mean(e, mask, self.config.short_len)
-
-    def score(
+    def score(  # type: ignore[override]  # a UserState, and optionally the CTAM weights
         self,
         state: UserState,
         cand_item: Tensor,
@@ -114,30 +113,6 @@ class DMQN(nn.Module):
         if return_weights:
             return logits, weights
         return logits
-
-    def forward(
-        self,
-        hist_item: Tensor,
-        hist_category: Tensor,
-        hist_behavior: Tensor,
-        hist_mask: Tensor,
-        hist_index: Tensor,
-        cand_item: Tensor,
-        cand_category: Tensor,
-        hist_timestamp: Tensor | None = None,
-    ) -> Tensor:
-        """H de-duplicated histories (H, L), B candidates pointing at them via hist_index (B,) -> (B,) logits."""
-        state = self.encode_user(hist_item, hist_category, hist_behavior, hist_mask)
-        return self.score(state, cand_item, cand_category, hist_index)
-
-    def auxiliary_loss(self) -> Tensor:
-        """usage_loss_weight * the codebook-usage regulariser of the last forward if it ran in training mode, else 0.
-
-        Add it to the CTR loss before backward.
-        """
-        if self._usage is None:
-            return torch.zeros((), device=self.embedding.item.weight.device)
-        return self.config.usage_loss_weight * self._usage
 
     @torch.no_grad()
     def codeword_assignments(
