@@ -41,7 +41,7 @@ from dmqn_core.data.batches import gather_histories
 from dmqn_core.data.prep import prepare
 from dmqn_core.data.prepared import PreparedSet
 from dmqn_core.data.synth import SynthScale, write_log
-from dmqn_core.runs.run import load_run_model
+from dmqn_core.runs.run import Run
 from dmqn_core.serving.cache import CachedScorer, export_states
 from dmqn_core.training.train import train
 from dmqn_core.workspace import Workspace
@@ -116,7 +116,8 @@ def interleaved_latencies(
 
 def full_model_scorer(workspace: Workspace, run_id: str, max_len: int) -> Callable[[int, np.ndarray], np.ndarray]:
     """Score like a service without the cache: the history -> encode_user -> score, every call."""
-    model, _, data = load_run_model(workspace, run_id)
+    run = Run.open(workspace, run_id)
+    model, data = run.model(), run.data
 
     def score(user_index: int, item_index: np.ndarray) -> np.ndarray:
         users = np.array([user_index])
@@ -170,7 +171,7 @@ def main() -> None:
             exports = {"embedded": export_states(ws, run)}
             if redis_url:
                 exports["redis"] = export_states(ws, run, to=redis_url)
-            _, _, data = load_run_model(ws, run)
+            data = Run.open(ws, run).data
             scorers = {"cache/embedded": CachedScorer(ws, run)}
             if redis_url:
                 scorers["cache/redis"] = CachedScorer(ws, run, source=redis_url)

@@ -13,6 +13,7 @@ from rich.text import Text
 
 from dmqn_cli.common import JsonOption, WideOption, WorkspaceOption, console, handle_errors, open_workspace, print_json
 from dmqn_cli.results import fitted_table, fmt, number
+from dmqn_core.runs.run import Run
 from dmqn_core.runs.store import RunRecord, RunStore, iter_param_rows
 
 runs_app = typer.Typer(help="List runs, or show one run's parameters and metric history.", no_args_is_help=False)
@@ -181,10 +182,10 @@ def show_run(
     nested), metrics (a list of {epoch, split, name, value}; epoch null for a later `dmqn eval`) and
     codebook_usage (a list of {epoch, codebook, used, dead, perplexity}).
     """
-    store = RunStore(open_workspace(workspace).store_path)
-    record = store.get_run(store.resolve_run_id(run_id, finished_only=False))
-    history = store.metric_history(record.run_id)
-    usage = store.codebook_usage(record.run_id)
+    run = Run.open(open_workspace(workspace), run_id, finished_only=False)
+    record = run.record
+    history = run.store.metric_history(record.run_id)
+    usage = run.store.codebook_usage(record.run_id)
     if as_json:
         print_json(
             {

@@ -117,7 +117,7 @@ def score(
     if as_json:
         print_json(
             {
-                "run_id": scorer.record.run_id,
+                "run_id": scorer.run.run_id,
                 "version": scorer.version,
                 "user_id": user,
                 "scores": [

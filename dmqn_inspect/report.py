@@ -97,9 +97,9 @@ def build_report(
     out.parent.mkdir(parents=True, exist_ok=True)
     page = _Page(inspector)
 
-    runs = inspector.comparable_runs()
+    runs = [RunSummary.of(record) for record in inspector.store.list_runs(dataset=inspector.dataset)]
     this_run = next((run for run in runs if run.run_id == inspector.run_id), None)
-    history = inspector.metric_history()
+    history = inspector.store.metric_history(inspector.run_id)
     best_epoch = _best_epoch(history)
 
     page.add_figure(
@@ -109,7 +109,7 @@ def build_report(
         "the usage distribution: W when every codeword is used equally, 1 when all behaviors collapse "
         "into one codeword. A dead codeword gets no behavior at all.",
     )
-    usage = inspector.usage_history()
+    usage = inspector.store.codebook_usage(inspector.run_id)
     if usage:
         page.add_figure(
             "usage-history",
@@ -137,7 +137,7 @@ def build_report(
 
     _add_projection(page, inspector, progress)
 
-    category_rows = inspector.codeword_categories()
+    category_rows = inspector.store.codeword_categories(inspector.run_id)
     if category_rows:
         page.add_figure(
             "cluster-categories",

@@ -161,7 +161,39 @@ class SampleSplit:
         return int(self.label.shape[0])
 
 
-class PreparedSet:
+class VocabularyLookups:
+    """Raw ids <-> vocabulary indices (1-based, 0 = padding or unknown), over three sorted raw-id arrays.
+
+    Shared by PreparedSet and a run folder's copy of the vocabularies (dmqn_core.runs.run.Vocabulary),
+    so that both answer a lookup the same way.
+    """
+
+    _user: np.ndarray
+    _item: np.ndarray
+    _category: np.ndarray
+
+    def user_index(self, raw_ids: Iterable[int] | np.ndarray, strict: bool = False) -> np.ndarray:
+        """Raw user ids -> indices (unknown ids -> 0, or a DmqnError when ``strict``)."""
+        return _vocab_index(self._user, raw_ids, "user", strict)
+
+    def item_index(self, raw_ids: Iterable[int] | np.ndarray, strict: bool = False) -> np.ndarray:
+        """Raw item ids -> indices (unknown ids -> 0, or a DmqnError when ``strict``)."""
+        return _vocab_index(self._item, raw_ids, "item", strict)
+
+    def raw_user(self, index: int | np.ndarray) -> np.ndarray:
+        """Indices (1..n_users) -> raw user ids."""
+        return _vocab_raw(self._user, index, "user")
+
+    def raw_item(self, index: int | np.ndarray) -> np.ndarray:
+        """Indices (1..n_items) -> raw item ids."""
+        return _vocab_raw(self._item, index, "item")
+
+    def raw_category(self, index: int | np.ndarray) -> np.ndarray:
+        """Indices (1..n_categories) -> raw category ids."""
+        return _vocab_raw(self._category, index, "category")
+
+
+class PreparedSet(VocabularyLookups):
     """Read access to a prepared set; every array is memory-mapped read-only."""
 
     def __init__(self, path: Path, meta: dict, arrays: dict[str, np.ndarray], behavior_names: list[str]):
@@ -176,12 +208,12 @@ class PreparedSet:
         self.beh_timestamp = arrays["behaviors/timestamp.npy"]
         self.item_category = arrays["vocab/item_category.npy"]
         self.item_popularity = arrays["vocab/item_popularity.npy"]
-        self._vocab_user = arrays["vocab/user.npy"]
-        self._vocab_item = arrays["vocab/item.npy"]
-        self._vocab_category = arrays["vocab/category.npy"]
-        self.n_users = int(self._vocab_user.shape[0])
-        self.n_items = int(self._vocab_item.shape[0])
-        self.n_categories = int(self._vocab_category.shape[0])
+        self._user = arrays["vocab/user.npy"]
+        self._item = arrays["vocab/item.npy"]
+        self._category = arrays["vocab/category.npy"]
+        self.n_users = int(self._user.shape[0])
+        self.n_items = int(self._item.shape[0])
+        self.n_categories = int(self._category.shape[0])
         self.n_behavior_types = len(behavior_names)
 
     @classmethod
@@ -254,26 +286,6 @@ class PreparedSet:
         start = int(self.user_offsets[user - 1])
         return slice(max(start, int(hist_end) - limit), int(hist_end))
 
-    def user_index(self, raw_ids: Iterable[int] | np.ndarray, strict: bool = False) -> np.ndarray:
-        """Raw user ids -> indices (unknown ids -> 0, or a DmqnError when ``strict``)."""
-        return _lookup(self._vocab_user, raw_ids, "user", strict)
-
-    def item_index(self, raw_ids: Iterable[int] | np.ndarray, strict: bool = False) -> np.ndarray:
-        """Raw item ids -> indices (unknown ids -> 0, or a DmqnError when ``strict``)."""
-        return _lookup(self._vocab_item, raw_ids, "item", strict)
-
-    def raw_user(self, index: int | np.ndarray) -> np.ndarray:
-        """Indices (1..n_users) -> raw user ids."""
-        return _raw(self._vocab_user, index, "user")
-
-    def raw_item(self, index: int | np.ndarray) -> np.ndarray:
-        """Indices (1..n_items) -> raw item ids."""
-        return _raw(self._vocab_item, index, "item")
-
-    def raw_category(self, index: int | np.ndarray) -> np.ndarray:
-        """Indices (1..n_categories) -> raw category ids."""
-        return _raw(self._vocab_category, index, "category")
-
 
 def _read_meta(path: Path) -> dict:
     """meta.json of the set at ``path``, checked to hold what readers of a set use."""
@@ -302,7 +314,8 @@ def _read_meta(path: Path) -> dict:
     return meta
 
 
-def _lookup(vocab: np.ndarray, raw_ids: Iterable[int] | np.ndarray, what: str, strict: bool) -> np.ndarray:
+def _vocab_index(vocab: np.ndarray, raw_ids: Iterable[int] | np.ndarray, what: str, strict: bool) -> np.ndarray:
+    """Indices (1-based, 0 = unknown) of raw ids in a sorted vocabulary; strict: an unknown id is an error."""
     # Vocabularies are ordered by raw id, so a binary search maps raw ids without a hash table.
     raw = np.asarray(raw_ids if isinstance(raw_ids, np.ndarray) else list(raw_ids), dtype=np.int64)
     pos = np.searchsorted(vocab, raw)
@@ -313,7 +326,8 @@ def _lookup(vocab: np.ndarray, raw_ids: Iterable[int] | np.ndarray, what: str, s
     return np.where(found, pos + 1, 0).astype(np.int64)
 
 
-def _raw(vocab: np.ndarray, index: int | np.ndarray, what: str) -> np.ndarray:
+def _vocab_raw(vocab: np.ndarray, index: int | np.ndarray, what: str) -> np.ndarray:
+    """Raw ids of 1-based vocabulary indices."""
     idx = np.asarray(index, dtype=np.int64)
     if idx.size and (idx.min() < 1 or idx.max() > vocab.shape[0]):
         raise DmqnError(f"{what} index out of range 1..{vocab.shape[0]}")

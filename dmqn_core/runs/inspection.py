@@ -36,11 +36,11 @@ from dmqn_core.data.batches import gather_histories
 from dmqn_core.data.prepared import PreparedSet
 from dmqn_core.errors import DmqnError
 from dmqn_core.models.dmqn.model import DMQN
-from dmqn_core.runs.run import check_run_data, load_run_model
+from dmqn_core.models.registry import has_codebooks
+from dmqn_core.runs.run import Run
 from dmqn_core.runs.store import RunRecord, RunStore
 from dmqn_core.workspace import Workspace
 
-DMQN_MODELS = ("dmqn", "dmqn-simple")
 # Item embeddings recorded for the projection plots: the most frequent items, at most this many.
 MAX_ITEM_VECTORS = 5000
 # Users per write transaction: about 200k behavior rows at L = 1000 and N = 4, written in well
@@ -336,66 +336,54 @@ def user_worth_inspecting(workspace: Workspace, run_id: str) -> int | None:
 def dmqn_runs(workspace: Workspace) -> list[RunSummary]:
     """The dmqn / dmqn-simple runs of the workspace, newest first."""
     records = RunStore(workspace.store_path).list_runs()
-    return [RunSummary.of(r) for r in reversed(records) if r.model in DMQN_MODELS]
+    return [RunSummary.of(r) for r in reversed(records) if has_codebooks(r.model)]
 
 
 class RunInspector:
     """One DMQN run's recorded inspection data, read from the run store opened read-only (so it never
-    blocks a running ``dmqn train``); the checkpoint is loaded lazily, only for what was not recorded."""
+    blocks a running ``dmqn train``); the checkpoint is loaded lazily, only for what was not recorded.
+
+    ``run`` is the run's handle and ``store`` its run store, for what the store answers as it is
+    (metric history, codebook usage, the clusters' categories, other runs on the set).
+    """
 
     def __init__(self, workspace: Workspace, run_id: str | None = None) -> None:
-        self.workspace = workspace
-        self.store = RunStore(workspace.store_path)
-        if not self.store.path.exists():
-            raise DmqnError(f"no run store at {self.store.path} (train a run with `dmqn train` or `dmqn quickstart`)")
+        store = RunStore(workspace.store_path)
+        if not store.path.exists():
+            raise DmqnError(f"no run store at {store.path} (train a run with `dmqn train` or `dmqn quickstart`)")
         if run_id is None:
             runs = dmqn_runs(workspace)
             if not runs:
-                raise DmqnError(f"no dmqn or dmqn-simple run in {self.store.path} (train one with `dmqn train`)")
+                raise DmqnError(f"no dmqn or dmqn-simple run in {store.path} (train one with `dmqn train`)")
             # As RunStore.resolve_run_id: a run still training, failed or dead has no recorded sample.
             finished = [run for run in runs if run.status == "finished"]
             if not finished:
                 raise DmqnError(
-                    f"no finished dmqn or dmqn-simple run in {self.store.path} yet; name a run (see `dmqn runs`)"
+                    f"no finished dmqn or dmqn-simple run in {store.path} yet; name a run (see `dmqn runs`)"
                 )
             run_id = finished[0].run_id
-        record = self.store.get_run(run_id)
-        if record.model not in DMQN_MODELS:
+        run = Run.open(workspace, run_id)
+        if not run.has_codebooks:
             raise DmqnError(
-                f"run {record.run_id} trains {record.model!r}; only dmqn and dmqn-simple runs have codebooks"
+                f"run {run.run_id} trains {run.model_name!r}; only dmqn and dmqn-simple runs have codebooks"
             )
-        self.run_id: str = record.run_id
-        self.model: str = record.model
-        self.dataset: str = record.dataset
-        config = record.params["model"]
-        self.n_codebooks: int = int(config["n_codebooks"])
-        self.codebook_size: int = int(config["codebook_size"])
-        self.embed_dim: int = int(config["embed_dim"])
-        self._max_len = int(record.params["train"]["max_len"])
-        self._record = record
-        self._data: PreparedSet | None = None
-        self._model: DMQN | None = None
-        self._lock = threading.Lock()  # the TUI reads from worker threads
+        self.run = run
+        self.store = run.store
+        self.run_id: str = run.run_id
+        self.model: str = run.model_name
+        self.dataset: str = run.record.dataset
+        self.n_codebooks: int = run.config.n_codebooks
+        self.codebook_size: int = run.config.codebook_size
+        self.embed_dim: int = run.config.embed_dim
+        self._lock = threading.Lock()  # the TUI reads from worker threads; Run opens its parts on first use
 
     def _prepared(self) -> PreparedSet:
         with self._lock:
-            if self._data is None:
-                data = PreparedSet.open(self._record.dataset_path)
-                check_run_data(self._record, data)
-                self._data = data
-            return self._data
+            return self.run.data
 
     def _checkpoint_model(self) -> DMQN:
         with self._lock:
-            if self._model is None:
-                model, _, data = load_run_model(self.workspace, self.run_id, "cpu")
-                self._model = model
-                self._data = self._data or data
-            return self._model
-
-    def codeword_categories(self) -> list[tuple[int, int, int, int]]:
-        """(codebook, codeword, raw category, behaviors) summed over the recorded sample; [] without one."""
-        return self.store.codeword_categories(self.run_id)
+            return self.run.model()
 
     def sampled_users(self) -> list[int]:
         return [row[0] for row in self.store.inspected_users(self.run_id)]
@@ -409,7 +397,7 @@ class RunInspector:
         if index[0] == 0:
             raise DmqnError(f"unknown user {user_id} in data set {self.dataset}")
         model = self._checkpoint_model()
-        return next(compute_inspections(model, data, self.run_id, index, self._max_len))
+        return next(compute_inspections(model, data, self.run_id, index, self.run.max_len))
 
     def _recorded(
         self, user_id: int, behaviors: list[tuple], candidates: list[tuple], attention_rows: list[tuple]
@@ -440,12 +428,12 @@ class RunInspector:
         )
 
     def utilisation(self, epoch: int | None = None) -> np.ndarray:
-        """(N, W) validation assignment counts after ``epoch``; None = the best epoch so far (the latest
-        recorded epoch while none is best yet; zeros before the first epoch ends)."""
+        """(N, W) validation assignment counts after ``epoch``; None = the best epoch when the run was
+        opened (the latest recorded epoch while none is best yet; zeros before the first epoch ends)."""
         if epoch is None:
-            epoch = self.store.get_run(self.run_id).best_epoch
+            epoch = self.run.record.best_epoch
             if epoch is None:
-                epochs = [row[0] for row in self.usage_history()]
+                epochs = [row[0] for row in self.store.codebook_usage(self.run_id)]
                 if not epochs:
                     return np.zeros((self.n_codebooks, self.codebook_size), dtype=np.int64)
                 epoch = max(epochs)
@@ -456,12 +444,6 @@ class RunInspector:
         for codebook, word, count in rows:
             counts[codebook, word] = count
         return counts
-
-    def usage_history(self) -> list[tuple[int, int, int, int, float]]:
-        return self.store.codebook_usage(self.run_id)
-
-    def metric_history(self) -> list[tuple[int | None, str, str, float]]:
-        return self.store.metric_history(self.run_id)
 
     def codebooks(self) -> np.ndarray:
         """(N, W, D) float32 folded codewords recorded at the end of training (from the checkpoint when
@@ -483,6 +465,3 @@ class RunInspector:
             np.array([r[1] for r in rows], dtype=np.int64),
             np.array([r[3] for r in rows], dtype=np.float32).reshape(len(rows), self.embed_dim),
         )
-
-    def comparable_runs(self) -> list[RunSummary]:
-        return [RunSummary.of(r) for r in self.store.list_runs(dataset=self.dataset)]

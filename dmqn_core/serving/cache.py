@@ -21,10 +21,8 @@ import torch
 
 from dmqn_core.data.batches import gather_histories
 from dmqn_core.errors import DmqnError
-from dmqn_core.models.dmqn.model import DMQN
 from dmqn_core.progress import NullProgress, Progress
-from dmqn_core.runs.checkpoint import BEST
-from dmqn_core.runs.run import load_run_model
+from dmqn_core.runs.run import Run
 from dmqn_core.serving.state_codec import DTYPES, DecodedState, decode_state, encode_states, stack_states
 from dmqn_core.serving.state_store import StateStore, open_state_store
 from dmqn_core.workspace import Workspace
@@ -50,14 +48,16 @@ class ExportResult:
         return self.users / max(self.seconds, 1e-9)
 
 
-def _dmqn_run(workspace: Workspace, run_id: str | None, device: str = "cpu"):
-    model, record, data = load_run_model(workspace, run_id, device)
-    if not isinstance(model, DMQN):
+def _servable_run(workspace: Workspace, run_id: str | None) -> tuple[Run, str]:
+    """The run (the latest finished one when ``run_id`` is None), checked to have a cacheable user
+    state and weights, with the model version its states are stored under."""
+    run = Run.open(workspace, run_id)
+    if not run.has_codebooks:
         raise DmqnError(
-            f"run {record.run_id} trains {record.model!r}; only dmqn and dmqn-simple have a cacheable user state"
+            f"run {run.run_id} trains {run.model_name!r}; only dmqn and dmqn-simple have a cacheable user state"
         )
-    version = model_version(record.run_id, workspace.run_dir(record.run_id) / BEST)
-    return model, record, data, version
+    run.model()  # loaded now: a run without weights, or with damaged ones, fails before any state is read
+    return run, model_version(run.run_id, run.best_path)
 
 
 def cache_path(workspace: Workspace) -> Path:
@@ -91,7 +91,8 @@ def export_states(
         raise DmqnError(f"batch size must be at least 1, got {batch_size}")
     progress = progress or NullProgress()
     store = state_store(workspace, to, ttl)
-    model, record, data, version = _dmqn_run(workspace, run_id)
+    run, version = _servable_run(workspace, run_id)
+    model, data = run.model(), run.data
     index = (
         np.arange(1, data.n_users + 1, dtype=np.int64)
         if users is None
@@ -109,31 +110,34 @@ def export_states(
                 f"to replace them with {dtype}"
             )
         store.clear(version)
-    store.write_manifest(version, record.run_id, dtype, shape)
+    store.write_manifest(version, run.run_id, dtype, shape)
     if resume:
         done = store.users(version)
         keep = np.array([u not in done for u in raw.tolist()], dtype=bool)
         index, raw = index[keep], raw[keep]
-    max_len = int(record.params["train"]["max_len"])
     ends = np.asarray(data.user_offsets[index], dtype=np.int64)  # each user's whole history
     started = time.perf_counter()
     progress.start("export", (len(index) + batch_size - 1) // batch_size)
     with torch.no_grad():
         for begin in range(0, len(index), batch_size):
             chunk = slice(begin, begin + batch_size)
-            item, category, behavior, _, mask = gather_histories(data, index[chunk], ends[chunk], max_len)
+            item, category, behavior, _, mask = gather_histories(data, index[chunk], ends[chunk], run.max_len)
             state = model.encode_user(
                 torch.from_numpy(item), torch.from_numpy(category), torch.from_numpy(behavior), torch.from_numpy(mask)
             )
             store.put(version, list(zip(raw[chunk].tolist(), encode_states(state, dtype))))
             progress.advance(1, users_per_s=(begin + len(raw[chunk])) / max(time.perf_counter() - started, 1e-9))
     progress.stop()
-    total, size = store.write_manifest(version, record.run_id, dtype, shape)
+    total, size = store.write_manifest(version, run.run_id, dtype, shape)
     return ExportResult(version, store.describe(), len(index), total, size, time.perf_counter() - started)
 
 
 class CachedScorer:
     """Scores candidates for a user from the stored state: CTAM + MLP only, no history needed.
+
+    It reads the run folder (weights and vocabularies) and the state store only, so it serves
+    where the prepared training set is not (a run trained before the run folder kept the
+    vocabularies reads them from the prepared set).
 
     >>> scorer = CachedScorer(Workspace("dmqn-workspace"))          # the latest run
     >>> scorer.score(user_id=123, item_ids=[5, 17, 42])             # numpy array of probabilities
@@ -144,14 +148,18 @@ class CachedScorer:
     """
 
     def __init__(self, workspace: Workspace, run_id: str | None = None, source: str | None = None) -> None:
+        # The run first: a run that cannot be served leaves no store connection open behind it.
+        self.run, self.version = _servable_run(workspace, run_id)
+        self.model = self.run.model()
+        self.vocabulary = self.run.vocabulary
         self.store = state_store(workspace, source)
-        self.model, self.record, self.data, self.version = _dmqn_run(workspace, run_id)
         manifest = self.store.manifest(self.version)
         if manifest is None:
+            self.store.close()
             raise DmqnError(
-                f"no exported states for run {self.record.run_id} at this checkpoint in "
+                f"no exported states for run {self.run.run_id} at this checkpoint in "
                 f"{self.store.describe()} (version {self.version}); run "
-                f"`dmqn export-cache {self.record.run_id}`"
+                f"`dmqn export-cache {self.run.run_id}`"
             )
         self.manifest = manifest
 
@@ -171,7 +179,7 @@ class CachedScorer:
         long-term state (no clusters, zero recent mean), with a warning.
         """
         items = np.asarray(list(item_ids), dtype=np.int64)
-        index = self.data.item_index(items, strict=True)
+        index = self.vocabulary.item_index(items, strict=True)
         value = self.store.get(self.version, [user_id]).get(int(user_id))
         if value is None:
             warnings.warn(
@@ -188,7 +196,7 @@ class CachedScorer:
             logits = self.model.score(
                 state,
                 idx,
-                torch.from_numpy(np.asarray(self.data.item_category[index], dtype=np.int64)),
+                torch.from_numpy(np.asarray(self.vocabulary.item_category[index], dtype=np.int64)),
                 torch.zeros(len(index), dtype=torch.long),
             )
         return torch.sigmoid(logits).numpy()

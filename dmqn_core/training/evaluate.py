@@ -12,8 +12,7 @@ from dmqn_core.data.batches import BatchLoader
 from dmqn_core.data.prepared import PreparedSet
 from dmqn_core.errors import DmqnError
 from dmqn_core.progress import NullProgress, Progress
-from dmqn_core.runs.run import load_run_model
-from dmqn_core.runs.store import RunStore
+from dmqn_core.runs.run import Run
 from dmqn_core.training.metrics import ctr_metrics
 from dmqn_core.workspace import Workspace
 
@@ -95,16 +94,15 @@ def evaluate_run(
     """Evaluate a run's best weights on a split, store the metrics (epoch NULL) and return them."""
     if split not in SPLITS:
         raise DmqnError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-    model, record, data = load_run_model(workspace, run_id, device)
-    train_params = record.params["train"]
+    run = Run.open(workspace, run_id)
     metrics, _ = evaluate_split(
-        model,
-        data,
+        run.model(device),
+        run.data,
         split,
-        batch_size or int(train_params["eval_batch_size"]),
-        int(train_params["max_len"]),
+        batch_size or int(run.train_settings["eval_batch_size"]),
+        run.max_len,
         torch.device(device),
         progress,
     )
-    RunStore(workspace.store_path).log_metrics(record.run_id, split, metrics, epoch=None)
-    return record.run_id, metrics
+    run.store.log_metrics(run.run_id, split, metrics, epoch=None)
+    return run.run_id, metrics

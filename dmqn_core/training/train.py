@@ -34,12 +34,11 @@ from dmqn_core.data.batches import BatchLoader
 from dmqn_core.data.prepared import PreparedSet
 from dmqn_core.errors import DmqnError, exception_summary
 from dmqn_core.models.dmqn.mcqm import CodebookUsage
-from dmqn_core.models.dmqn.model import DMQN
-from dmqn_core.models.registry import build_model, model_names
+from dmqn_core.models.registry import build_model, has_codebooks, model_names
 from dmqn_core.progress import NullProgress, Progress
 from dmqn_core.runs.checkpoint import BEST, CHECKPOINT, load_checkpoint, restore_weights, save_checkpoint
 from dmqn_core.runs.inspection import record_inspection
-from dmqn_core.runs.run import check_run_data
+from dmqn_core.runs.run import Run, write_vocabulary
 from dmqn_core.runs.store import RUN_LOCK, RunStore, new_run_id
 from dmqn_core.training import distributed
 from dmqn_core.training.evaluate import evaluate_split, predict
@@ -237,7 +236,7 @@ def train(
                 claimed = store.get_run(check_plain_name(resume, "run id")).run_id
                 held.enter_context(exclusive_lock(workspace.run_dir(claimed) / RUN_LOCK, f"run {claimed}"))
                 # Checked under the lock: no other process can be resuming the run meanwhile.
-                return _plan_resume(workspace, store, claimed, train_settings, context)
+                return _plan_resume(workspace, claimed, train_settings, context)
             plan = _plan_new(workspace, store, dataset, model_name, model_settings, train_settings, run_id, context)
             held.enter_context(exclusive_lock(workspace.run_dir(plan.run_id) / RUN_LOCK, f"run {plan.run_id}"))
             return plan
@@ -296,32 +295,28 @@ def _plan_new(
 
 def _plan_resume(
     workspace: Workspace,
-    store: RunStore,
     run_id: str,
     train_settings: dict[str, Any] | None,
     context: distributed.Context,
 ) -> _Plan:
-    record = store.get_run(run_id)
-    if record.status == "finished":
-        raise DmqnError(f"run {record.run_id} already finished; nothing to resume")
-    data = PreparedSet.open(record.dataset_path)
-    check_run_data(record, data)
-    model_config = ModelConfig.from_dict(record.params["model"])
+    run = Run.open(workspace, run_id)
+    if run.record.status == "finished":
+        raise DmqnError(f"run {run.run_id} already finished; nothing to resume")
     extra = dict(train_settings or {})
     if set(extra) - {"epochs", "device"}:
         raise DmqnError("a resumed run keeps its settings; only --epochs and --device may change")
-    train_config = TrainConfig.from_dict({**record.params["train"], **extra})
+    train_config = TrainConfig.from_dict({**run.train_settings, **extra})
     _validate(train_config)
     _check_world_size(train_config, context)
     return _Plan(
-        record.run_id,
+        run.run_id,
         False,
-        record.model,
-        record.dataset,
-        str(data.path),
-        model_config,
+        run.model_name,
+        run.record.dataset,
+        str(run.data.path),
+        run.config,
         train_config,
-        resumed=(workspace.run_dir(record.run_id) / CHECKPOINT).exists(),
+        resumed=run.checkpoint_path.exists(),
     )
 
 
@@ -406,6 +401,8 @@ def _train(
                 store.delete_epochs_after(run_id, state["epoch"])
                 store.update_run(run_id, status="running", error=None, params=params)
         started = True
+        if main:
+            write_vocabulary(run_dir, data)  # so that the run serves without its prepared set (dmqn_core.runs.run)
 
         forward = model
         if context.active and optimizer is not None:
@@ -486,7 +483,7 @@ def _train(
         test, _ = _evaluate(model, data, "test", train_config, device, progress, context)
         if main:
             store.log_metrics(run_id, "test", test, epoch=state["best_epoch"])
-            if isinstance(model, DMQN) and train_config.inspect_users > 0:
+            if has_codebooks(model_name) and train_config.inspect_users > 0:
                 recorded = record_inspection(
                     store, run_id, model, data, train_config.max_len, train_config.inspect_users, train_config.seed
                 )

@@ -20,7 +20,7 @@ from dmqn_cli.runs import RUN_FIELDS
 from dmqn_core.data.prep import prepare
 from dmqn_core.data.synth import write_log
 from dmqn_core.runs.inspection import RunInspector
-from dmqn_core.runs.run import load_run_model
+from dmqn_core.runs.run import Run
 from dmqn_core.runs.store import RunStore
 from dmqn_core.serving.cache import export_states
 from dmqn_core.training.bench import run_bench
@@ -232,7 +232,7 @@ def test_bench_json(ws):
 
 def test_score_json(ws):
     record = next(r for r in RunStore(ws.store_path).list_runs() if r.model == "dmqn-simple" and r.status == "finished")
-    _, _, data = load_run_model(ws, record.run_id)
+    data = Run.open(ws, record.run_id).data
     user = int(data.raw_user(1))
     items = data.raw_item(np.arange(1, 4)).tolist()
     export_states(ws, record.run_id, users=[user])

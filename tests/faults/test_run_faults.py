@@ -30,7 +30,7 @@ from dmqn_core.data.synth import write_log
 from dmqn_core.errors import DmqnError
 from dmqn_core.runs.checkpoint import BEST, CHECKPOINT
 from dmqn_core.runs.inspection import RunInspector
-from dmqn_core.runs.run import load_run_model
+from dmqn_core.runs.run import Run
 from dmqn_core.runs.store import RunStore
 from dmqn_core.training.bench import run_bench
 from dmqn_core.training.evaluate import evaluate_run
@@ -94,11 +94,11 @@ def test_a_checkpoint_that_would_run_code_is_refused_by_eval_and_resume(trained,
     checkpoint = ws.run_dir(interrupted) / CHECKPOINT
     originals = {best: _swap(best, evil), checkpoint: _swap(checkpoint, evil)}
     try:
-        # eval, and through load_run_model export-cache, score, report --user and inspect --user.
+        # eval, and through Run.model export-cache, score, report --user and inspect --user.
         with pytest.raises(DmqnError, match=r"is not a safe checkpoint: it would load the Python object \w+\.system"):
             evaluate_run(ws, finished)
         with pytest.raises(DmqnError, match="is not a safe checkpoint"):
-            load_run_model(ws, finished)
+            Run.open(ws, finished).model()
         with pytest.raises(DmqnError, match="is not a safe checkpoint"):
             train(ws, resume=interrupted)
         result = CliRunner().invoke(app, ["eval", finished, "-w", str(ws.root)])
@@ -323,14 +323,14 @@ def test_a_workspace_that_turns_read_only_fails_the_run_with_its_own_error(tmp_p
     def store_read_only(self, run_id, status, **fields):
         raise DmqnError(f"cannot use run store {self.path}: Permission denied")
 
-    monkeypatch.setattr(train_module, "atomic_write_bytes", read_only)
+    monkeypatch.setattr("dmqn_core.runs.checkpoint.atomic_write_bytes", read_only)  # what checkpoints are written with
     monkeypatch.setattr(RunStore, "finish_run", store_read_only)
     # The checkpoint's PermissionError, not the store's, reaches the command line (one line there).
     with pytest.raises(PermissionError):
         train(ws, "tiny", "din-short", SMALL, QUICK)
     (record,) = RunStore(ws.store_path).list_runs()
     assert record.status == "dead"  # unrecorded end, lock released: resumable
-    assert sorted(p.name for p in ws.run_dir(record.run_id).iterdir()) == [".lock"]  # no checkpoint
+    assert sorted(p.name for p in ws.run_dir(record.run_id).iterdir()) == [".lock", "vocab"]  # no checkpoint
 
     monkeypatch.undo()
     train(ws, resume=record.run_id)
@@ -419,7 +419,7 @@ def test_a_run_killed_with_sigkill_reads_dead_and_resumes(tmp_path):
 
 
 def test_commands_without_a_run_id_take_the_latest_finished_run(tmp_path):
-    """eval, export-cache, score (load_run_model) and report, inspect (RunInspector)."""
+    """eval, export-cache, score (Run.open) and report, inspect (RunInspector)."""
     ws = prepared_workspace(tmp_path / "ws")
     store = RunStore(ws.store_path)
     finished = train(ws, "tiny", "dmqn-simple", {**SMALL, "n_codebooks": 2, "codebook_size": 8}, QUICK).run_id
@@ -428,7 +428,7 @@ def test_commands_without_a_run_id_take_the_latest_finished_run(tmp_path):
         model="dmqn", dataset="tiny", dataset_path=record.dataset_path, params=record.params, seed=0, n_parameters=0
     )  # as a run whose process died before its first epoch
     assert store.get_run(newer).status == "dead"
-    assert load_run_model(ws)[1].run_id == finished
+    assert Run.open(ws).run_id == finished
     assert RunInspector(ws).run_id == finished
 
 

@@ -19,7 +19,7 @@ from dmqn_core.runs.inspection import (
     dmqn_runs,
     user_worth_inspecting,
 )
-from dmqn_core.runs.run import load_run_model
+from dmqn_core.runs.run import Run
 from dmqn_core.runs.store import RunStore
 from dmqn_core.training.train import train
 from dmqn_core.workspace import Workspace
@@ -58,7 +58,8 @@ def row_counts(ws: Workspace, run: str) -> dict[str, int]:
 
 def test_training_records_the_sample_with_the_predicted_row_counts(tiny_workspace, run_id):
     ws = tiny_workspace
-    _, record, data = load_run_model(ws, run_id)
+    run = Run.open(ws, run_id)
+    record, data = run.record, run.data
     users = sql(
         ws, "SELECT user_id, history_length, candidates FROM inspect_users WHERE run_id = ? ORDER BY user_id", [run_id]
     )
@@ -109,9 +110,10 @@ def test_attention_sums_to_one_over_the_clusters_and_is_zero_at_empty_ones(tiny_
 
 def test_recorded_users_equal_the_on_demand_computation(tiny_workspace, run_id):
     inspector = RunInspector(tiny_workspace, run_id)
-    model, record, data = load_run_model(tiny_workspace, run_id)
+    run = Run.open(tiny_workspace, run_id)
+    model, data = run.model(), run.data
     sampled = inspector.sampled_users()
-    fresh = compute_inspections(model, data, run_id, data.user_index(sampled), int(record.params["train"]["max_len"]))
+    fresh = compute_inspections(model, data, run_id, data.user_index(sampled), run.max_len)
     for user, computed in zip(sampled, fresh):
         stored = inspector.user(user)
         assert stored.recorded and not computed.recorded and computed.user_id == user
@@ -141,7 +143,7 @@ def test_codeword_categories_sum_the_sampled_users_clusters(tiny_workspace, run_
         user = inspector.user(user_id)
         for n in range(user.n_codebooks):
             expected.update(zip([n] * len(user.category), user.codeword[n].tolist(), user.category.tolist()))
-    rows = inspector.codeword_categories()
+    rows = inspector.store.codeword_categories(run_id)
     assert {(n, w, c): k for n, w, c, k in rows} == dict(expected)
     assert sum(k for *_, k in rows) == sum(len(inspector.user(u).category) for u in inspector.sampled_users()) * N
 
@@ -149,8 +151,9 @@ def test_codeword_categories_sum_the_sampled_users_clusters(tiny_workspace, run_
 def test_scores_are_the_test_predictions(tiny_workspace, run_id):
     """The inspected history is the one the test samples were scored with."""
     inspector = RunInspector(tiny_workspace, run_id)
-    model, record, data = load_run_model(tiny_workspace, run_id)
-    loader = BatchLoader(data, "test", 1024, int(record.params["train"]["max_len"]))
+    run = Run.open(tiny_workspace, run_id)
+    model, data = run.model(), run.data
+    loader = BatchLoader(data, "test", 1024, run.max_len)
     probability = np.zeros(len(data.split("test")))
     with torch.no_grad():
         for batch in loader:
@@ -164,7 +167,7 @@ def test_scores_are_the_test_predictions(tiny_workspace, run_id):
 
 def test_on_demand_user_outside_the_sample(tiny_workspace, run_id):
     inspector = RunInspector(tiny_workspace, run_id)
-    _, _, data = load_run_model(tiny_workspace, run_id)
+    data = Run.open(tiny_workspace, run_id).data
     outside = sorted(set(data.raw_user(np.arange(1, data.n_users + 1)).tolist()) - set(inspector.sampled_users()))[0]
     u = inspector.user(outside)
     assert not u.recorded and u.user_id == outside and u.codeword.shape[0] == N
@@ -181,13 +184,12 @@ def test_codebooks_are_folded_into_the_behavior_space(tiny_workspace, run_id):
     inspector = RunInspector(tiny_workspace, run_id)
     codebooks = inspector.codebooks()
     assert codebooks.shape == (N, W, inspector.embed_dim) and codebooks.dtype == np.float32
-    model, record, data = load_run_model(tiny_workspace, run_id)
+    run = Run.open(tiny_workspace, run_id)
+    model, data = run.model(), run.data
     user = inspector.sampled_users()[0]
     index = data.user_index([user])
     end, _ = candidate_histories(data, index)[int(index[0])]
-    item, category, behavior, _, mask = gather_histories(
-        data, index, np.array([end]), int(record.params["train"]["max_len"])
-    )
+    item, category, behavior, _, mask = gather_histories(data, index, np.array([end]), run.max_len)
     with torch.no_grad():
         e = model.embedding.behaviors(*(torch.from_numpy(a) for a in (item, category, behavior, mask)))[0].numpy()
     assigned = np.einsum("ld,nwd->nlw", e[mask[0]], codebooks).argmax(axis=-1)
@@ -212,7 +214,7 @@ def test_utilisation_answers_the_documented_sql(tiny_workspace, run_id):
     assert np.array_equal(inspector.utilisation(1), counts)
     with pytest.raises(DmqnError, match="no codeword counts"):
         inspector.utilisation(99)
-    assert [row[:2] for row in inspector.usage_history()] == [(1, 0), (1, 1)]
+    assert [row[:2] for row in inspector.store.codebook_usage(run_id)] == [(1, 0), (1, 1)]
     # Cluster sizes of a sampled user, by plain SQL.
     user = inspector.sampled_users()[0]
     sizes = sql(
@@ -243,7 +245,7 @@ def test_zero_inspect_users_records_nothing(tiny_workspace):
     items, _, vectors = inspector.item_embeddings()
     assert vectors.shape == (len(items), 8) and len(items) > 0
     assert user_worth_inspecting(tiny_workspace, run) is None
-    _, _, data = load_run_model(tiny_workspace, run)
+    data = Run.open(tiny_workspace, run).data
     assert not inspector.user(int(data.raw_user(1))).recorded
 
 
@@ -261,8 +263,6 @@ def test_runs_that_cannot_be_inspected(tiny_workspace, tmp_path, run_id):
     assert [r.created_at for r in runs] == sorted((r.created_at for r in runs), reverse=True)
     # The default is the latest finished one: a run still training or killed has no recorded sample.
     assert RunInspector(tiny_workspace).run_id == next(r.run_id for r in runs if r.status == "finished")
-    comparable = RunInspector(tiny_workspace, run_id).comparable_runs()
-    assert {run_id, pop} <= {r.run_id for r in comparable} and {r.dataset for r in comparable} == {"tiny"}
 
 
 def test_user_worth_inspecting_is_a_sampled_user_with_the_longest_history(tiny_workspace, run_id):

@@ -12,7 +12,7 @@ from conftest import free_port
 from dmqn_core.data.batches import gather_histories
 from dmqn_core.errors import DmqnError
 from dmqn_core.progress import NullProgress
-from dmqn_core.runs.run import load_run_model
+from dmqn_core.runs.run import Run
 from dmqn_core.serving.cache import CachedScorer, cache_path, export_states, model_version
 from dmqn_core.serving.state_store import EmbeddedStateStore, RedisStateStore
 from dmqn_core.training.train import train
@@ -32,7 +32,8 @@ def dmqn_run(tiny_workspace):
 
 def test_cached_scores_equal_the_full_forward_pass(tiny_workspace, dmqn_run):
     result = export_states(tiny_workspace, dmqn_run, batch_size=64)
-    model, record, data = load_run_model(tiny_workspace, dmqn_run)
+    run = Run.open(tiny_workspace, dmqn_run)
+    model, data = run.model(), run.data
     assert result.total_users == data.n_users and result.bytes > 0
     scorer = CachedScorer(tiny_workspace, dmqn_run)
     rng = np.random.default_rng(0)
@@ -41,7 +42,7 @@ def test_cached_scores_equal_the_full_forward_pass(tiny_workspace, dmqn_run):
     raw_items = data.raw_item(items)
     for user in users:
         item, category, behavior, _, mask = gather_histories(
-            data, np.array([user]), np.asarray(data.user_offsets[[user]]), int(record.params["train"]["max_len"])
+            data, np.array([user]), np.asarray(data.user_offsets[[user]]), run.max_len
         )
         with torch.no_grad():
             full = torch.sigmoid(
@@ -62,7 +63,7 @@ def test_cached_scores_equal_the_full_forward_pass(tiny_workspace, dmqn_run):
 
 def test_resume_writes_only_missing_users(tiny_workspace, dmqn_run):
     store = EmbeddedStateStore(cache_path(tiny_workspace))
-    _, _, data = load_run_model(tiny_workspace, dmqn_run)
+    data = Run.open(tiny_workspace, dmqn_run).data
     first = data.raw_user(np.arange(1, 11)).tolist()
     partial = export_states(tiny_workspace, dmqn_run, users=first, dtype="float16")
     assert partial.users == 10
@@ -78,7 +79,7 @@ def test_resume_writes_only_missing_users(tiny_workspace, dmqn_run):
 
 def test_unknown_user_falls_back_and_unknown_item_fails(tiny_workspace, dmqn_run):
     export_states(tiny_workspace, dmqn_run, users=[])
-    _, _, data = load_run_model(tiny_workspace, dmqn_run)
+    data = Run.open(tiny_workspace, dmqn_run).data
     item = int(data.raw_item(1))
     with CachedScorer(tiny_workspace, dmqn_run) as scorer:
         with pytest.warns(UserWarning, match="empty history"):
@@ -119,7 +120,7 @@ def test_an_interrupted_export_resumes_where_it_stopped(tiny_workspace, dmqn_run
             if StopAfterTwoBatches.calls == 2:  # the second batch is stored, the third never starts
                 raise KeyboardInterrupt
 
-    _, _, data = load_run_model(tiny_workspace, dmqn_run)
+    data = Run.open(tiny_workspace, dmqn_run).data
     store = EmbeddedStateStore(cache_path(tiny_workspace))
     version = model_version(dmqn_run, tiny_workspace.run_dir(dmqn_run) / "best.pt")
     store.clear(version)
@@ -135,7 +136,7 @@ def test_export_cache_and_score_commands(tiny_workspace, dmqn_run, tmp_path):
 
     from dmqn_cli.main import app
 
-    _, _, data = load_run_model(tiny_workspace, dmqn_run)
+    data = Run.open(tiny_workspace, dmqn_run).data
     users_file = tmp_path / "users.txt"
     users_file.write_text("\n".join(str(u) for u in data.raw_user(np.arange(1, 6)).tolist()) + "\n")
     ws = ["-w", str(tiny_workspace.root)]
@@ -164,8 +165,9 @@ def test_float16_states_keep_the_test_auc_within_0_001(tiny_workspace, dmqn_run)
     from dmqn_core.serving.state_codec import decode_state, encode_states, stack_states
     from dmqn_core.training.metrics import auc
 
-    model, record, data = load_run_model(tiny_workspace, dmqn_run)
-    loader = BatchLoader(data, "test", 512, int(record.params["train"]["max_len"]))
+    run = Run.open(tiny_workspace, dmqn_run)
+    model, data = run.model(), run.data
+    loader = BatchLoader(data, "test", 512, run.max_len)
     scores = {"float32": [], "float16": []}
     labels, forward = [], []
     with torch.no_grad():
@@ -206,7 +208,8 @@ def _full_forward_scores(model, data, max_len: int, user: int, items: np.ndarray
 
 def test_redis_keys_manifest_and_exact_scores(tiny_workspace, dmqn_run, redis_url):
     store = RedisStateStore(redis_url)
-    model, record, data = load_run_model(tiny_workspace, dmqn_run)
+    run = Run.open(tiny_workspace, dmqn_run)
+    model, data = run.model(), run.data
     result = export_states(tiny_workspace, dmqn_run, batch_size=50, to=redis_url)
     assert result.store == redis_url and result.total_users == result.users == data.n_users
     keys = {k.decode() for k in store.client.scan_iter(match=f"dmqn:{result.version}:*")}
@@ -225,7 +228,7 @@ def test_redis_keys_manifest_and_exact_scores(tiny_workspace, dmqn_run, redis_ur
     with CachedScorer(tiny_workspace, dmqn_run, source=redis_url) as scorer:
         for user in (1, 2, data.n_users):
             cached = scorer.score(int(data.raw_user(user)), data.raw_item(items).tolist())
-            full = _full_forward_scores(model, data, int(record.params["train"]["max_len"]), user, items)
+            full = _full_forward_scores(model, data, run.max_len, user, items)
             assert np.abs(cached - full).max() <= 1e-5
     store.clear(result.version)
     assert store.users(result.version) == set() and store.manifest(result.version) is None
@@ -240,7 +243,7 @@ def test_redis_ttl_and_resume_after_an_interrupted_export(tiny_workspace, dmqn_r
             if StopAfterThreeBatches.calls == 3:
                 raise KeyboardInterrupt
 
-    _, _, data = load_run_model(tiny_workspace, dmqn_run)
+    data = Run.open(tiny_workspace, dmqn_run).data
     store = RedisStateStore(redis_url)
     version = model_version(dmqn_run, tiny_workspace.run_dir(dmqn_run) / "best.pt")
     store.clear(version)
@@ -277,7 +280,7 @@ def test_an_unreachable_redis_is_a_one_line_error(tiny_workspace, dmqn_run):
 
 def test_a_scorer_keeps_serving_while_an_export_writes(tiny_workspace, dmqn_run):
     """WAL mode: the scorer's open read-only connection neither blocks the export nor misses its commits."""
-    _, _, data = load_run_model(tiny_workspace, dmqn_run)
+    data = Run.open(tiny_workspace, dmqn_run).data
     version = model_version(dmqn_run, tiny_workspace.run_dir(dmqn_run) / "best.pt")
     EmbeddedStateStore(cache_path(tiny_workspace)).clear(version)
     export_states(tiny_workspace, dmqn_run, users=data.raw_user(np.arange(1, 3)).tolist())
