@@ -8,6 +8,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -29,9 +30,10 @@ def tiny_workspace(tmp_path_factory) -> Workspace:
     return ws
 
 
-@pytest.fixture(scope="session")
-def redis_url(tmp_path_factory) -> Iterator[str]:
-    """A real redis-server on a free loopback port with its own directory, stopped after the session.
+@contextmanager
+def redis_server(directory: Path, *options: str) -> Iterator[int]:
+    """A real redis-server on a free loopback port with its own directory (and extra ``options``,
+    e.g. ``--requirepass``), stopped on exit; yields the port.
 
     Skipped where redis-server is not installed, except under CI (CI=true), where .ci/run installs it
     and a missing server must fail the run instead of hiding the Redis tests.
@@ -41,7 +43,6 @@ def redis_url(tmp_path_factory) -> Iterator[str]:
         if os.environ.get("CI"):
             pytest.fail("redis-server is not installed; .ci/run should have installed Debian's redis-server")
         pytest.skip("redis-server is not installed (apt-get install redis-server)")
-    directory = tmp_path_factory.mktemp("redis")
     port = free_port()
     process = subprocess.Popen(
         [
@@ -58,11 +59,11 @@ def redis_url(tmp_path_factory) -> Iterator[str]:
             "no",
             "--protected-mode",
             "yes",
+            *options,
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    url = f"redis://127.0.0.1:{port}/0"
     deadline = time.monotonic() + 10
     while True:
         try:
@@ -73,9 +74,18 @@ def redis_url(tmp_path_factory) -> Iterator[str]:
                 process.kill()
                 pytest.fail(f"redis-server did not start on port {port}")
             time.sleep(0.05)
-    yield url
-    process.terminate()
-    process.wait(timeout=10)
+    try:
+        yield port
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory) -> Iterator[str]:
+    """redis://127.0.0.1:PORT/0 of a redis-server of its own for the session (see redis_server)."""
+    with redis_server(tmp_path_factory.mktemp("redis")) as port:
+        yield f"redis://127.0.0.1:{port}/0"
 
 
 def free_port() -> int:

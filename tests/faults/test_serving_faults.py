@@ -4,17 +4,12 @@ int64, a corrupt state cache, paths the system refuses. Each is one line on stde
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import socket
-import subprocess
-import time
 import warnings
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from conftest import free_port
+from conftest import free_port, redis_server
 from typer.testing import CliRunner
 
 from dmqn_cli.common import handle_errors
@@ -23,7 +18,7 @@ from dmqn_core.data.prep import prepare
 from dmqn_core.data.synth import write_log
 from dmqn_core.errors import DmqnError
 from dmqn_core.runs.inspection import RunInspector
-from dmqn_core.runs.run import load_run_model
+from dmqn_core.runs.run import Run
 from dmqn_core.serving.cache import CachedScorer, export_states
 from dmqn_core.serving.state_store import EmbeddedStateStore, RedisStateStore, redact_uri
 from dmqn_core.training.train import train
@@ -54,44 +49,8 @@ def served(tmp_path_factory) -> tuple[Workspace, str]:
 @pytest.fixture(scope="module")
 def password_redis(tmp_path_factory) -> Iterator[tuple[str, int]]:
     """A real redis-server that asks for PASSWORD, as conftest.redis_url starts one without: (host, port)."""
-    server = shutil.which("redis-server")
-    if server is None:
-        if os.environ.get("CI"):
-            pytest.fail("redis-server is not installed; .ci/run should have installed Debian's redis-server")
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
-    port = free_port()
-    process = subprocess.Popen(
-        [
-            server,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            str(tmp_path_factory.mktemp("redis-auth")),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--requirepass",
-            PASSWORD,
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                pytest.fail(f"redis-server did not start on port {port}")
-            time.sleep(0.05)
-    yield "127.0.0.1", port
-    process.terminate()
-    process.wait(timeout=10)
+    with redis_server(tmp_path_factory.mktemp("redis-auth"), "--requirepass", PASSWORD) as port:
+        yield "127.0.0.1", port
 
 
 def invoke(*args: str):
@@ -130,7 +89,7 @@ def test_redact_uri_hides_every_form_of_password(uri, shown):
 def test_a_redis_password_never_shows_in_the_export_summary_or_the_unknown_user_warning(served, password_redis):
     ws, run_id = served
     host, port = password_redis
-    _, _, data = load_run_model(ws, run_id)
+    data = Run.open(ws, run_id).data
     users_file = ws.root / "two-users.txt"
     users_file.write_text("\n".join(map(str, data.raw_user(np.arange(1, 3)).tolist())) + "\n")
     item = str(int(data.raw_item(1)))
