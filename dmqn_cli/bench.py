@@ -124,6 +124,14 @@ def bench(
     middle_len: Optional[int] = MiddleLenOption,
     top_k: Optional[int] = TopKOption,
     dropout: Optional[float] = DropoutOption,
+    tuned: Optional[str] = typer.Option(
+        None,
+        "--tuned",
+        help="Comma-separated studies of `dmqn tune`: each one's model trains with its best trial's settings.",
+    ),
+    storage: Optional[str] = typer.Option(
+        None, "--storage", help="Optuna database of the --tuned studies \\[default: WORKSPACE/tune/studies.db]."
+    ),
     as_json: bool = JsonOption,
     wide: bool = WideOption,
     workspace: Optional[Path] = WorkspaceOption,
@@ -133,6 +141,8 @@ def bench(
     Every model gets the same epochs, batch size, learning rate, embedding size and MLP, with early stopping
     on validation AUC. Each run is stored in the run store. Re-running the same command skips finished runs
     and resumes interrupted ones. The tables are written as Markdown and CSV under WORKSPACE/benches/NAME/.
+
+    --tuned STUDY,...: each study's model trains with its best trial's searched settings; the rest is shared.
 
     --json prints {name, dataset, directory, seeds, budget, machine, trained, reused, rows, failures}, a row per
     model with model, runs, run_ids, auc_mean, auc_std, gauc_mean, gauc_std, logloss_mean, logloss_std,
@@ -182,6 +192,8 @@ def bench(
                 name=name,
                 progress=progress,
                 on_step=show,
+                tuned=[study.strip() for study in (tuned or "").split(",") if study.strip()],
+                storage=storage,
             )
         except KeyboardInterrupt:
             raise fail("interrupted; run the same command again to resume the bench", code=130) from None

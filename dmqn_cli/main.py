@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from dmqn_cli import bench, evaluate, inspect, prep, quickstart, report, runs, serving, synth, train
+from dmqn_cli import bench, evaluate, inspect, prep, quickstart, report, runs, serving, synth, train, tune
 
 app = typer.Typer(
     name="dmqn",
@@ -19,6 +19,7 @@ app.command("synth")(synth.synth)
 app.command("prep")(prep.prep)
 app.command("train")(train.train)
 app.command("eval")(evaluate.evaluate)
+app.command("tune")(tune.tune)
 app.command("bench")(bench.bench)
 app.command("export-cache")(serving.export_cache)
 app.command("score")(serving.score)

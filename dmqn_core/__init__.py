@@ -40,6 +40,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "train": ("dmqn_core.training.train", "train"),
     "evaluate": ("dmqn_core.training.evaluate", "evaluate_run"),
     "run_bench": ("dmqn_core.training.bench", "run_bench"),
+    "tune": ("dmqn_core.training.tune", "tune"),
     "export_states": ("dmqn_core.serving.cache", "export_states"),
     "CachedScorer": ("dmqn_core.serving.cache", "CachedScorer"),
 }
@@ -64,6 +65,7 @@ __all__ = [
     "train",
     "evaluate",
     "run_bench",
+    "tune",
     "export_states",
     "CachedScorer",
 ]
@@ -83,6 +85,7 @@ if TYPE_CHECKING:  # static checkers and IDEs see the real objects
     from dmqn_core.training.bench import run_bench
     from dmqn_core.training.evaluate import evaluate_run as evaluate
     from dmqn_core.training.train import TrainConfig, train
+    from dmqn_core.training.tune import tune
     from dmqn_core.workspace import Workspace
 
 

@@ -20,6 +20,7 @@ STAGES = {
     "config": 0,
     "workspace": 0,
     "progress": 0,
+    "uris": 0,
     "data": 1,
     "nn": 2,
     "models": 3,

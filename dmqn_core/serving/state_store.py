@@ -19,15 +19,14 @@ Redis (``--to redis://[:PASSWORD@]host:port/db``; shown everywhere through ``red
 from __future__ import annotations
 
 import functools
-import re
 import sqlite3
 from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Protocol, TypeVar
-from urllib.parse import unquote
 
 from dmqn_core.errors import DmqnError
+from dmqn_core.uris import redact_uri, uri_secrets
 
 MANIFEST_FIELDS = ("run_id", "dtype", "n_codebooks", "codebook_size", "dim", "users", "bytes", "created_at")
 
@@ -50,40 +49,6 @@ SCHEMA = [
         PRIMARY KEY (version, user_id)
     )""",
 ]
-
-
-# redis-py also reads a password from the query string (?password=...).
-_QUERY_PASSWORD = re.compile(r"([?&]password=)([^&#]*)", re.IGNORECASE)
-
-
-def redact_uri(uri: str) -> str:
-    """A store URI as it may be shown (messages, summaries, results): redis://:***@host:port/db.
-
-    Everything between :// and the last @ counts as user info, so that a password holding an
-    unescaped '/', '?', '#' or '@' is hidden as well; a user name before the first ':' is kept,
-    user info without a ':' is hidden whole (it may be a password in the old redis://PASSWORD@host form).
-    """
-    head, sep, rest = uri.partition("://")
-    if not sep:
-        return uri
-    userinfo, at, host = rest.rpartition("@")
-    if at:
-        user, colon, _ = userinfo.partition(":")
-        rest = f"{user}:***@{host}" if colon else f"***@{host}"
-    return head + sep + _QUERY_PASSWORD.sub(r"\1***", rest)
-
-
-def _uri_secrets(uri: str) -> list[str]:
-    """The texts of ``uri`` that redact_uri hides, raw, percent-decoded and cut where urllib ends the
-    host part ('/', '?', '#': it then reads the piece before as a port, and quotes it), longest first."""
-    _, sep, rest = uri.partition("://")
-    userinfo, at, _ = rest.rpartition("@")
-    found = [m.group(2) for m in _QUERY_PASSWORD.finditer(rest)]
-    if sep and at:
-        _, colon, password = userinfo.partition(":")
-        found.append(password if colon else userinfo)
-    texts = {text for secret in found for text in (secret, unquote(secret), *re.split(r"[/?#]", secret))}
-    return sorted(texts - {""}, key=len, reverse=True)
 
 
 class StateStore(Protocol):
@@ -277,7 +242,7 @@ class RedisStateStore:
         import redis  # redis-py; imported here so the embedded store works without touching it
 
         self.url = redact_uri(url)  # the only form of the URL kept: it is what messages show
-        self._secrets = _uri_secrets(url)
+        self._secrets = uri_secrets(url)
         self.ttl = ttl
         self._errors = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
         try:

@@ -5,7 +5,8 @@ Each (model, seed) pair of a bench is one ordinary run of the run store; the pai
 in ``bench_runs`` before the run starts, so re-running the same command skips finished runs,
 resumes interrupted ones from their last checkpoint and only trains what is missing. The
 default name is derived from the data set and the budget, which is what makes "run the same
-command again" resume.
+command again" resume. Models tuned by `dmqn tune` (``tuned``) bring their best settings into
+the budget.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import json
 import os
 import platform
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from dmqn_core.models.registry import model_names
 from dmqn_core.progress import NullProgress, Progress
 from dmqn_core.runs.store import RunRecord, RunStore, new_run_id
 from dmqn_core.training.train import resolve_configs, train
+from dmqn_core.training.tune import TunedSettings, tuned_settings
 from dmqn_core.workspace import Workspace, atomic_write_bytes, check_plain_name
 
 # `--models all`, in the order of the paper's Table 2 (short sequences, retrieval, full sequence),
@@ -158,8 +160,15 @@ def run_bench(
     name: str | None = None,
     progress: Progress | None = None,
     on_step: Callable[[BenchStep], None] | None = None,
+    tuned: Sequence[str] = (),
+    storage: str | None = None,
 ) -> BenchReport:
-    """Train and evaluate every (model, seed) not finished yet, then write Tables 2 and 3."""
+    """Train and evaluate every (model, seed) not finished yet, then write Tables 2 and 3.
+
+    ``tuned`` names studies of `dmqn tune` (in ``storage``, by default the workspace's): the model of
+    each trains with the settings its best trial searched, in place of the bench's own; everything
+    else of the budget (epochs, batch size, max_len, ...) stays the same for every model.
+    """
     progress = progress or NullProgress()
     notify = on_step or (lambda step: None)
     if not seeds:
@@ -168,6 +177,17 @@ def run_bench(
     data = PreparedSet.open(workspace.dataset_path(dataset))
     dataset_name = data.meta.get("name") or Path(data.path).name
     budget = budget_of(data, model_settings, train_settings)
+    by_model = _tuned_models(workspace, data, models, tuned, storage)
+    for settings in by_model.values():  # each tuned model's settings must make a valid run too
+        resolve_configs(
+            data, {**model_settings, **settings.model_settings}, {**train_settings, **settings.train_settings}
+        )
+    if by_model:
+        # Part of the budget: the bench's default name changes with them, a named bench refuses others.
+        budget["tuned"] = {
+            model: {"study": t.study, "trial": t.trial, "model": t.model_settings, "train": t.train_settings}
+            for model, t in by_model.items()
+        }
     # The name becomes the directory benches/NAME: a given one must not reach outside benches/.
     name = check_plain_name(default_bench_name(dataset_name, data, budget) if name is None else name, "bench name")
     store = RunStore(workspace.store_path)
@@ -194,12 +214,13 @@ def run_bench(
                     run_id = new_run_id()
                     store.set_bench_run(name, model, seed, run_id)
                     notify(BenchStep(index, total, model, seed, "train", run_id))
+                    own = by_model.get(model)
                     train(
                         workspace,
                         dataset,
                         model,
-                        model_settings,
-                        {**train_settings, "seed": seed},
+                        {**model_settings, **own.model_settings} if own else model_settings,
+                        {**train_settings, **(own.train_settings if own else {}), "seed": seed},
                         progress=progress,
                         run_id=run_id,
                     )
@@ -225,6 +246,23 @@ def run_bench(
     )
     write_tables(report, seeds)
     return report
+
+
+def _tuned_models(
+    workspace: Workspace, data: PreparedSet, models: list[str], studies: Sequence[str], storage: str | None
+) -> dict[str, TunedSettings]:
+    """The best settings of each study, by the model it tuned: one study per model, on this data set."""
+    by_model: dict[str, TunedSettings] = {}
+    for study in dict.fromkeys(studies):
+        settings = tuned_settings(workspace, study, storage)
+        if settings.model not in models:
+            raise DmqnError(f"study {study!r} tunes model {settings.model!r}, which the bench does not train")
+        if settings.model in by_model:
+            raise DmqnError(f"studies {by_model[settings.model].study!r} and {study!r} both tune {settings.model!r}")
+        if settings.fingerprint != data.fingerprint:
+            raise DmqnError(f"study {study!r} was tuned on another data set (fingerprint {settings.fingerprint})")
+        by_model[settings.model] = settings
+    return by_model
 
 
 def _row(store: RunStore, model: str, run_ids: list[str | None]) -> BenchRow:
@@ -353,11 +391,18 @@ def _csv_rows(rows: list[BenchRow]) -> str:
 
 def describe_budget(budget: dict[str, Any], seeds: list[int]) -> str:
     t, m = budget["train"], budget["model"]
-    return (
+    text = (
         f"seeds {', '.join(map(str, seeds))}; at most {t['epochs']} epochs, early stopping after {t['patience']} "
         f"without a better validation AUC; batch {t['batch_size']}; Adam lr {t['lr']} (constant), weight decay "
         f"{t['weight_decay']}; max_len {t['max_len']}; embedding dim {m['embed_dim']}; MLP {list(m['mlp_hidden'])}"
     )
+    for model, tuned in budget.get("tuned", {}).items():
+        settings = ", ".join(
+            f"{name} {value:.3g}" if isinstance(value, float) else f"{name} {value}"
+            for name, value in {**tuned["model"], **tuned["train"]}.items()
+        )
+        text += f"; {model} tuned (study {tuned['study']}, trial {tuned['trial']}): {settings}"
+    return text
 
 
 def write_tables(report: BenchReport, seeds: list[int]) -> None:

@@ -20,8 +20,9 @@ from dmqn_core.errors import DmqnError
 from dmqn_core.runs.inspection import RunInspector
 from dmqn_core.runs.run import Run
 from dmqn_core.serving.cache import CachedScorer, export_states
-from dmqn_core.serving.state_store import EmbeddedStateStore, RedisStateStore, redact_uri
+from dmqn_core.serving.state_store import EmbeddedStateStore, RedisStateStore
 from dmqn_core.training.train import train
+from dmqn_core.uris import redact_uri
 from dmqn_core.workspace import Workspace
 
 PASSWORD = "Pa55-w0rd-s3cret"

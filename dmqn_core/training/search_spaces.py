@@ -1,0 +1,117 @@
+"""The hyper-parameter search space of every registered model, as data, for `dmqn tune`.
+
+Each model searches the settings every trained model shares (learning rate, weight decay, dropout,
+embedding size) and its own knobs (DMQN's codebooks, the two-stage models' top-k, ...). The names
+are those of ``ModelConfig`` ([model]) and ``TrainConfig`` ([train]), so that a trial's settings
+go to ``train()`` as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+
+from dmqn_core.errors import DmqnError
+
+MODEL = "model"
+TRAIN = "train"
+
+
+@dataclass(frozen=True)
+class Float:
+    """A number in [low, high], searched on a log scale if ``log``; ``or_zero``: 0 is a choice too."""
+
+    section: str
+    name: str
+    low: float
+    high: float
+    log: bool = False
+    # A log scale cannot hold 0, and "no weight decay" is the baseline worth trying: a yes/no
+    # parameter (use_NAME) decides first, the log-scale value is searched only when it says yes.
+    or_zero: bool = False
+
+    def suggest(self, trial: optuna.Trial) -> float:
+        if self.or_zero and not trial.suggest_categorical(f"use_{self.name}", [False, True]):
+            return 0.0
+        return trial.suggest_float(self.name, self.low, self.high, log=self.log)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One of a few values (sizes that only make sense as powers of two, lengths, counts)."""
+
+    section: str
+    name: str
+    choices: tuple[int, ...]
+
+    def suggest(self, trial: optuna.Trial) -> int:
+        return trial.suggest_categorical(self.name, list(self.choices))
+
+
+Param = Float | Choice
+
+# What every model with weights searches.
+SHARED: tuple[Param, ...] = (
+    Float(TRAIN, "lr", 1e-4, 1e-2, log=True),
+    Float(TRAIN, "weight_decay", 1e-8, 1e-3, log=True, or_zero=True),
+    Float(MODEL, "dropout", 0.0, 0.5),
+    Choice(MODEL, "embed_dim", (16, 32, 64)),
+)
+
+_TOP_K = Choice(MODEL, "top_k", (20, 50, 100))
+_CODEBOOKS = (
+    Choice(MODEL, "codebook_size", (16, 32, 64)),  # W
+    Choice(MODEL, "n_codebooks", (2, 4, 8)),  # N
+    Float(MODEL, "tau", 0.1, 2.0, log=True),  # Gumbel-softmax temperature (eq. 6)
+)
+
+# Every model of dmqn_core.models.registry (tests/training/test_tune.py checks that none is missing).
+SPACES: dict[str, tuple[Param, ...]] = {
+    # Counts items in the training set: nothing it does depends on a setting.
+    "pop": (),
+    "din-short": (*SHARED, Choice(MODEL, "short_len", (20, 50, 100))),
+    "din-middle": (*SHARED, Choice(MODEL, "middle_len", (100, 200, 500))),
+    "din-full": SHARED,
+    "dien": (*SHARED, Float(MODEL, "dien_aux_weight", 0.1, 2.0, log=True)),
+    "dsin": (*SHARED, Choice(MODEL, "max_sessions", (3, 5, 10)), Choice(MODEL, "session_len", (5, 10, 20))),
+    "sim": (*SHARED, _TOP_K),
+    "eta": (*SHARED, _TOP_K, Choice(MODEL, "simhash_bits", (16, 32, 64))),
+    "sdim": (*SHARED, Choice(MODEL, "sdim_rounds", (16, 32, 48, 64)), Choice(MODEL, "sdim_bits", (2, 3, 4))),
+    "twin": (*SHARED, _TOP_K),
+    "twin-v2": (*SHARED, _TOP_K, Choice(MODEL, "cluster_max_size", (8, 16, 32))),
+    "dmqn": (*SHARED, *_CODEBOOKS, Choice(MODEL, "icim_layers", (1, 2))),
+    # The registry fixes icim_layers = 0 for the ablation.
+    "dmqn-simple": (*SHARED, *_CODEBOOKS),
+}
+
+
+def space(model_name: str) -> Sequence[Param]:
+    try:
+        return SPACES[model_name]
+    except KeyError:
+        raise DmqnError(f"unknown model {model_name!r}; known: {', '.join(SPACES)}") from None
+
+
+def suggest(trial: optuna.Trial, model_name: str, fixed: Collection[str] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(model settings, train settings) of one trial of ``model_name``.
+
+    The settings named in ``fixed`` are left out of the search (the caller sets them), so that a
+    trial's recorded parameters are the ones its run used.
+    """
+    settings: dict[str, dict[str, Any]] = {MODEL: {}, TRAIN: {}}
+    for param in space(model_name):
+        if param.name not in fixed:
+            settings[param.section][param.name] = param.suggest(trial)
+    return settings[MODEL], settings[TRAIN]
+
+
+def split_settings(model_name: str, settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Searched ``settings`` of ``model_name`` by name -> (model settings, train settings)."""
+    sections = {param.name: param.section for param in space(model_name)}
+    split: dict[str, dict[str, Any]] = {MODEL: {}, TRAIN: {}}
+    for name, value in settings.items():
+        split[sections[name]][name] = value
+    return split[MODEL], split[TRAIN]

@@ -1,0 +1,321 @@
+"""Hyper-parameter search with Optuna (`dmqn tune`): every trial is an ordinary training run.
+
+A study lives in an Optuna database, by default ``WORKSPACE/tune/studies.db`` (SQLite); any
+database Optuna supports can hold it instead. It records the data set (name and fingerprint) and
+the model it was made for, and each trial records the run it trained (user attribute ``run_id``)
+and that run's settings, so the run store needs no table of its own for studies.
+
+Studies resume: a finished trial is in the database as soon as it ends, and ``trials`` counts the
+finished trials of the whole study, so a study that was killed runs only the missing ones. Trials
+of a process killed outright (SIGKILL, a power cut) stop sending their heartbeat and are marked
+failed by the next trial that starts; failed trials do not count.
+
+Trials are not pruned while they train: ``train()`` has no per-epoch hook, so each trial trains
+to its end (or its early stop); every epoch's validation AUC is reported to the trial afterwards,
+for the record (``optuna-dashboard`` and ``Study.trials`` show the curves).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from dmqn_core.data.prepared import PreparedSet
+from dmqn_core.errors import DmqnError, exception_summary
+from dmqn_core.progress import NullProgress, Progress
+from dmqn_core.runs.store import RunStore, new_run_id
+from dmqn_core.training.search_spaces import space, split_settings, suggest
+from dmqn_core.training.train import train
+from dmqn_core.uris import redact_uri, scrub
+from dmqn_core.workspace import Workspace
+
+# A trial's process writes a heartbeat this often (seconds); one silent for GRACE_PERIOD is dead.
+HEARTBEAT_INTERVAL = 10
+GRACE_PERIOD = 60
+# The trials that count towards --trials: those that ended with a value.
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+@dataclass
+class TrialRow:
+    number: int
+    state: str  # complete, pruned, failed, running, waiting
+    value: float | None  # best validation AUC of its run
+    run_id: str | None
+    params: dict[str, Any]  # the searched settings its run used (weight_decay 0: none)
+
+
+@dataclass
+class TuneResult:
+    study: str
+    storage: str
+    dataset: str
+    model: str
+    new_trials: int  # trials run by this call
+    best_number: int | None
+    best_value: float | None
+    best_run_id: str | None
+    # The settings the best run trained with, as `dmqn train` takes them.
+    best_model_settings: dict[str, Any] = field(default_factory=dict)
+    best_train_settings: dict[str, Any] = field(default_factory=dict)
+    trials: list[TrialRow] = field(default_factory=list)
+
+    @property
+    def finished(self) -> int:
+        return sum(row.state in ("complete", "pruned") for row in self.trials)
+
+
+def default_storage(workspace: Workspace) -> str:
+    return f"sqlite:///{workspace.root / 'tune' / 'studies.db'}"
+
+
+def _storage(workspace: Workspace, url: str | None) -> optuna.storages.RDBStorage:
+    if url is None:
+        (workspace.root / "tune").mkdir(parents=True, exist_ok=True)
+        url = default_storage(workspace)
+    try:
+        with warnings.catch_warnings():
+            # The heartbeat is marked experimental since Optuna 2.9; it is what fails dead trials.
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_INTERVAL, grace_period=GRACE_PERIOD)
+    except Exception as exc:  # SQLAlchemy's errors (a bad URL, a missing driver) have no common base here
+        # Scrubbed before it is cut short, so that no part of a password survives the cut.
+        raise DmqnError(
+            f"cannot open the study storage {redact_uri(url)}: {scrub(exception_summary(exc, limit=10_000), url)[:200]}"
+        ) from None
+
+
+def tune(
+    workspace: Workspace,
+    dataset: str,
+    model_name: str,
+    trials: int,
+    study: str | None = None,
+    epochs: int | None = None,
+    timeout: float | None = None,
+    storage: str | None = None,
+    progress: Progress | None = None,
+    model_settings: dict[str, Any] | None = None,
+    train_settings: dict[str, Any] | None = None,
+    seed: int = 0,
+) -> TuneResult:
+    """Run the study until it has ``trials`` finished trials (or ``timeout`` seconds have passed:
+    no trial starts after that, the running one ends); returns the study's summary.
+
+    ``model_settings`` and ``train_settings`` are fixed for every trial and left out of the search.
+    ``seed`` seeds the sampler (each call with the number of trials already in the study added, so
+    that a resumed study does not draw its first trials again) and every run.
+    """
+    progress = progress or NullProgress()
+    if trials < 1:
+        raise DmqnError(f"trials must be at least 1, got {trials}")
+    if timeout is not None and timeout <= 0:
+        raise DmqnError(f"timeout must be a positive number of seconds, got {timeout}")
+    if not space(model_name):
+        raise DmqnError(f"model {model_name!r} has no settings to tune")
+    data = PreparedSet.open(workspace.dataset_path(dataset))
+    dataset_name = data.meta.get("name") or Path(data.path).name
+    study_name = study or f"{dataset_name}-{model_name}"
+    fixed_model = dict(model_settings or {})
+    # A trial is compared on its validation AUC; codeword inspection would only cost time.
+    fixed_train = {"inspect_users": 0, "seed": seed, **(train_settings or {})}
+    if epochs is not None:
+        fixed_train["epochs"] = epochs
+
+    rdb = _storage(workspace, storage)
+    the_study = optuna.create_study(storage=rdb, study_name=study_name, direction="maximize", load_if_exists=True)
+    _claim(the_study, dataset_name, data.fingerprint, model_name)
+    the_study.sampler = optuna.samplers.TPESampler(seed=seed + len(the_study.trials))
+    missing = trials - _count_finished(the_study)
+
+    store = RunStore(workspace.store_path)
+    started = time.monotonic()
+    ran = 0
+
+    def objective(trial: optuna.Trial) -> float:
+        nonlocal ran
+        searched_model, searched_train = suggest(trial, model_name, fixed=set(fixed_model) | set(fixed_train))
+        run_model = {**searched_model, **fixed_model}
+        run_train = {**searched_train, **fixed_train}
+        # Recorded before training, so that a trial whose process dies still names its run.
+        run_id = new_run_id()
+        trial.set_user_attr("run_id", run_id)
+        trial.set_user_attr("model_settings", run_model)
+        trial.set_user_attr("train_settings", run_train)
+        progress.log(f"trial {trial.number}: run {run_id}, {_describe(trial.params)}")
+        result = train(
+            workspace,
+            dataset,
+            model_name,
+            run_model,
+            run_train,
+            progress=_TrialLog(progress, trial.number),
+            run_id=run_id,
+        )
+        for epoch, split, name, value in store.metric_history(run_id):
+            if split == "valid" and name == "auc" and epoch is not None:
+                trial.report(value, epoch)
+        ran += 1
+        return result.best_valid_auc
+
+    def after_trial(done: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        best, finished = _best(done), _count_finished(done)
+        best_auc = f"{best.value:.4f}" if best else "-"
+        progress.advance(1, best_auc=best_auc)
+        progress.log(
+            f"trial {trial.number} {_STATE_NAMES[trial.state]}: valid AUC "
+            f"{'-' if trial.value is None else f'{trial.value:.4f}'}; {finished}/{trials} finished, "
+            f"best {best_auc}, {time.monotonic() - started:.0f} s elapsed"
+        )
+        # With two processes on one study, the other's trials count too.
+        if finished >= trials:
+            done.stop()
+
+    if missing > 0:
+        progress.start(f"study {study_name}", total=trials)
+        progress.advance(trials - missing)  # the bar counts the study's finished trials
+        try:
+            # A failed trial (a DmqnError, Ctrl-C) is recorded as failed and ends the study's call:
+            # the same settings would fail again, and the user asked to stop.
+            the_study.optimize(objective, n_trials=missing, timeout=timeout, callbacks=[after_trial])
+        finally:
+            progress.stop()
+    else:
+        progress.log(f"study {study_name} already has {trials} finished trial(s); nothing to run")
+    return _summary(the_study, rdb.url, ran)
+
+
+class _TrialLog(NullProgress):
+    """Passes a trial's epoch lines on, prefixed with its number; its bars would replace the study's."""
+
+    def __init__(self, progress: Progress, number: int) -> None:
+        self._progress = progress
+        self._number = number
+
+    def log(self, message: str) -> None:
+        self._progress.log(f"trial {self._number}: {message}")
+
+
+def show_study(workspace: Workspace, study: str, storage: str | None = None) -> TuneResult:
+    """The summary of an existing study (best settings, every trial)."""
+    the_study, url = _load(workspace, study, storage)
+    return _summary(the_study, url, 0)
+
+
+@dataclass
+class TunedSettings:
+    """The settings the best trial of a study searched, for training its model again (`dmqn bench --tuned`)."""
+
+    study: str
+    model: str
+    fingerprint: str  # of the data set the study tuned on
+    trial: int
+    model_settings: dict[str, Any]
+    train_settings: dict[str, Any]
+
+
+def tuned_settings(workspace: Workspace, study: str, storage: str | None = None) -> TunedSettings:
+    """The best trial's searched settings of ``study`` (the settings it fixed are left out)."""
+    the_study, _ = _load(workspace, study, storage)
+    best = _best(the_study)
+    if best is None:
+        raise DmqnError(f"study {study!r} has no finished trial yet")
+    model_name = the_study.user_attrs["model"]
+    model_settings, train_settings = split_settings(model_name, _searched(best))
+    return TunedSettings(
+        study, model_name, the_study.user_attrs["fingerprint"], best.number, model_settings, train_settings
+    )
+
+
+def _load(workspace: Workspace, study: str, storage: str | None) -> tuple[optuna.Study, str]:
+    """The study and the URL of its storage."""
+    if storage is None and not (workspace.root / "tune" / "studies.db").exists():
+        raise DmqnError(f"no study {study!r}: this workspace has no studies yet (see `dmqn tune`)")
+    rdb = _storage(workspace, storage)
+    try:
+        return optuna.load_study(study_name=study, storage=rdb), rdb.url
+    except KeyError:
+        known = optuna.get_all_study_names(rdb)
+        raise DmqnError(f"no study {study!r} in {redact_uri(rdb.url)}; known: {', '.join(known) or 'none'}") from None
+
+
+def _claim(study: optuna.Study, dataset: str, fingerprint: str, model_name: str) -> None:
+    """Record what a new study is for; refuse an existing study made for something else."""
+    wanted = {"dataset": dataset, "fingerprint": fingerprint, "model": model_name}
+    attrs = study.user_attrs
+    if not attrs:
+        for key, value in wanted.items():
+            study.set_user_attr(key, value)
+        return
+    if attrs.get("model") != model_name:
+        raise DmqnError(f"study {study.study_name!r} tunes model {attrs.get('model')!r}, not {model_name!r}")
+    if attrs.get("fingerprint") != fingerprint:
+        raise DmqnError(
+            f"study {study.study_name!r} was made for data set {attrs.get('dataset')!r} "
+            f"(fingerprint {attrs.get('fingerprint')}), not {dataset!r} (fingerprint {fingerprint}); "
+            "name another study with --study"
+        )
+
+
+def _count_finished(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+def _best(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return max(complete, key=lambda t: t.value) if complete else None
+
+
+_STATE_NAMES = {
+    TrialState.COMPLETE: "complete",
+    TrialState.PRUNED: "pruned",
+    TrialState.FAIL: "failed",
+    TrialState.RUNNING: "running",
+    TrialState.WAITING: "waiting",
+}
+
+
+def _summary(study: optuna.Study, storage_url: str, ran: int) -> TuneResult:
+    best = _best(study)
+    attrs = study.user_attrs
+    return TuneResult(
+        study=study.study_name,
+        storage=redact_uri(storage_url),  # results are shown: never a password
+        dataset=attrs.get("dataset", ""),
+        model=attrs.get("model", ""),
+        new_trials=ran,
+        best_number=best.number if best else None,
+        best_value=best.value if best else None,
+        best_run_id=best.user_attrs.get("run_id") if best else None,
+        best_model_settings=dict(best.user_attrs.get("model_settings", {})) if best else {},
+        best_train_settings=dict(best.user_attrs.get("train_settings", {})) if best else {},
+        trials=[
+            TrialRow(t.number, _STATE_NAMES[t.state], t.value, t.user_attrs.get("run_id"), _searched(t))
+            for t in study.get_trials(deepcopy=False)
+        ],
+    )
+
+
+def _searched(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    """The searched settings a trial's run used, by setting name: weight_decay 0 instead of Optuna's
+    use_weight_decay False, in the order of the model's search space."""
+    used = {**trial.user_attrs.get("model_settings", {}), **trial.user_attrs.get("train_settings", {})}
+    searched = {}
+    for name, value in trial.params.items():
+        if name.startswith("use_") and not value:
+            searched[name[len("use_") :]] = 0.0
+        elif name in used:
+            searched[name] = used[name]
+    return searched
+
+
+def _describe(params: dict[str, Any]) -> str:
+    return ", ".join(
+        f"{name} {value:.3g}" if isinstance(value, float) else f"{name} {value}" for name, value in params.items()
+    )
