@@ -7,6 +7,7 @@ from typing import Any, Optional
 
 import typer
 
+from dmqn_core.config import ASSIGN_NOISES, STRAIGHT_THROUGH, TAU_PLACEMENTS
 from dmqn_core.training.train import read_config_file
 
 MODEL_PANEL = "Model"
@@ -69,6 +70,41 @@ TopKOption = typer.Option(
 )
 DropoutOption = typer.Option(
     None, "--dropout", help="Dropout in the MLP head \\[default: 0].", rich_help_panel=MODEL_PANEL
+)
+
+AssignNoiseOption = typer.Option(
+    None,
+    "--assign-noise",
+    help=f"How MCQM picks a behavior's codeword while training: {' or '.join(ASSIGN_NOISES)} (argmax of the "
+    "scores, as inference does) \\[default: gumbel].",
+    rich_help_panel=MODEL_PANEL,
+)
+TauPlacementOption = typer.Option(
+    None,
+    "--tau-placement",
+    help=f"Where tau acts: {' or '.join(TAU_PLACEMENTS)}; after_noise divides the noisy logits, (s + g) / tau "
+    "(the sampled codeword ignores tau), before_noise samples from softmax(s / tau) \\[default: after_noise].",
+    rich_help_panel=MODEL_PANEL,
+)
+TauDecayOption = typer.Option(
+    None,
+    "--tau-decay",
+    help="Epoch e trains at max(tau-min, tau · tau-decay^(e-1)); below 1 with --tau-placement before_noise "
+    "anneals toward the argmax \\[default: 1.0].",
+    rich_help_panel=MODEL_PANEL,
+)
+TauMinOption = typer.Option(
+    None,
+    "--tau-min",
+    help="Lowest temperature of the --tau-decay schedule; needed (> 0) when tau-decay < 1 \\[default: 0].",
+    rich_help_panel=MODEL_PANEL,
+)
+StraightThroughOption = typer.Option(
+    None,
+    "--straight-through",
+    help=f"Gradient of a cluster mean into the assignment: {' or '.join(STRAIGHT_THROUGH)}; plain e_l / n_k, "
+    "centred (e_l - r_k) / n_k \\[default: plain].",
+    rich_help_panel=MODEL_PANEL,
 )
 
 

@@ -179,13 +179,19 @@ def show_run(
     """Parameters, summary and per-epoch metric history of one run.
 
     --json prints the fields of `dmqn runs --json` plus dataset_path, checkpoint, params (the settings used,
-    nested), metrics (a list of {epoch, split, name, value}; epoch null for a later `dmqn eval`) and
-    codebook_usage (a list of {epoch, codebook, used, dead, perplexity}).
+    nested), metrics (a list of {epoch, split, name, value}; epoch null for a later `dmqn eval`),
+    codebook_usage (a list of {epoch, codebook, used, dead, perplexity}), quantizer_stats (a list of
+    {epoch, codebook, agreement, margin}: the share of validation behaviors whose training-path codeword is
+    the inference-path one, and the mean gap between the two best codeword scores) and icim_stats (a list of
+    {epoch, layer, norm_ratio}: |output - input| / |input| of each ICIM layer); the last three are empty
+    for models without codebooks.
     """
     run = Run.open(open_workspace(workspace), run_id, finished_only=False)
     record = run.record
     history = run.store.metric_history(record.run_id)
     usage = run.store.codebook_usage(record.run_id)
+    quantizer = run.store.quantizer_stats(record.run_id)
+    icim = run.store.icim_stats(record.run_id)
     if as_json:
         print_json(
             {
@@ -200,6 +206,13 @@ def show_run(
                 "codebook_usage": [
                     {"epoch": epoch, "codebook": codebook, "used": used, "dead": dead, "perplexity": number(perplexity)}
                     for epoch, codebook, used, dead, perplexity in usage
+                ],
+                "quantizer_stats": [
+                    {"epoch": epoch, "codebook": codebook, "agreement": number(agreement), "margin": number(margin)}
+                    for epoch, codebook, agreement, margin in quantizer
+                ],
+                "icim_stats": [
+                    {"epoch": epoch, "layer": layer, "norm_ratio": number(ratio)} for epoch, layer, ratio in icim
                 ],
             }
         )
@@ -227,3 +240,14 @@ def show_run(
             for epoch, codebook, used, dead, perplexity in usage
         ]
         console.print(fitted_table("codebook utilisation (validation behaviors)", columns, rows))
+    if quantizer:
+        columns = [Column(c, justify="right") for c in ("epoch", "codebook", "agreement", "margin")]
+        rows = [
+            [str(epoch), str(codebook), f"{agreement:.1%}", f"{margin:.3f}"]
+            for epoch, codebook, agreement, margin in quantizer
+        ]
+        console.print(fitted_table("training vs inference codeword (validation sample)", columns, rows))
+    if icim:
+        columns = [Column(c, justify="right") for c in ("epoch", "layer", "|out - in| / |in|")]
+        rows = [[str(epoch), str(layer), fmt(ratio)] for epoch, layer, ratio in icim]
+        console.print(fitted_table("ICIM layers (validation sample)", columns, rows))

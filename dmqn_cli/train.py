@@ -11,6 +11,7 @@ from dmqn_cli.common import WorkspaceOption, console, handle_errors, open_worksp
 from dmqn_cli.options import (
     MODEL_PANEL,
     TRAIN_PANEL,
+    AssignNoiseOption,
     BatchSizeOption,
     ConfigOption,
     DeviceOption,
@@ -23,6 +24,10 @@ from dmqn_cli.options import (
     MiddleLenOption,
     PatienceOption,
     ShortLenOption,
+    StraightThroughOption,
+    TauDecayOption,
+    TauMinOption,
+    TauPlacementOption,
     TopKOption,
     WeightDecayOption,
     collect_settings,
@@ -68,8 +73,16 @@ def train(
         None, "--codebook-size", help="Codewords per codebook W \\[default: 32].", rich_help_panel=MODEL_PANEL
     ),
     tau: Optional[float] = typer.Option(
-        None, "--tau", help="Gumbel-softmax temperature (eq. 6) \\[default: 1.0].", rich_help_panel=MODEL_PANEL
+        None,
+        "--tau",
+        help="Gumbel-softmax temperature (eq. 6) of the first epoch \\[default: 1.0].",
+        rich_help_panel=MODEL_PANEL,
     ),
+    assign_noise: Optional[str] = AssignNoiseOption,
+    tau_placement: Optional[str] = TauPlacementOption,
+    tau_decay: Optional[float] = TauDecayOption,
+    tau_min: Optional[float] = TauMinOption,
+    straight_through: Optional[str] = StraightThroughOption,
     icim_layers: Optional[int] = typer.Option(
         None, "--icim-layers", help="HSTU layers in ICIM; 0 is DMQN-simple \\[default: 1].", rich_help_panel=MODEL_PANEL
     ),
@@ -106,6 +119,11 @@ def train(
             "n_codebooks": codebooks,
             "codebook_size": codebook_size,
             "tau": tau,
+            "assign_noise": assign_noise,
+            "tau_placement": tau_placement,
+            "tau_decay": tau_decay,
+            "tau_min": tau_min,
+            "straight_through": straight_through,
             "icim_layers": icim_layers,
             "icim_heads": icim_heads,
             "short_len": short_len,

@@ -6,6 +6,12 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+# MCQM's training-path options (see dmqn_core.models.dmqn.mcqm.MultiCodebookQuantizer); the first of
+# each is the original behaviour and the default.
+ASSIGN_NOISES = ("gumbel", "none")
+TAU_PLACEMENTS = ("after_noise", "before_noise")
+STRAIGHT_THROUGH = ("plain", "centred")
+
 
 @dataclass
 class ModelConfig:
@@ -17,7 +23,19 @@ class ModelConfig:
     n_codebooks: int = 4  # N
     # W. N*W = 128 clusters, the paper's "approximately a hundred" (section 2.2).
     codebook_size: int = 32
-    tau: float = 1.0  # Gumbel-softmax temperature (eq. 6)
+    tau: float = 1.0  # Gumbel-softmax temperature (eq. 6) of the first epoch
+    # How MCQM picks a behavior's codeword while training (inference always takes the noise-free argmax):
+    # "gumbel" = argmax of scores + Gumbel noise (eq. 6-7); "none" = argmax of the scores (plain straight-through).
+    assign_noise: str = "gumbel"
+    # Where tau acts: "after_noise" = (s + g) / tau as eq. 6 writes it, so tau only shapes the gradient;
+    # "before_noise" = s / tau + g, a sample of softmax(s / tau): a lower tau makes it nearer the argmax.
+    tau_placement: str = "after_noise"
+    # Temperature schedule: epoch e (1, 2, ...) trains at max(tau_min, tau * tau_decay^(e-1)); 1.0 = constant.
+    tau_decay: float = 1.0
+    tau_min: float = 0.0
+    # Gradient of the mean pool (eq. 9) into the assignment probabilities: "plain" = e_l / n_k,
+    # "centred" = (e_l - r_k) / n_k.
+    straight_through: str = "plain"
     icim_layers: int = 1  # stacked HSTU layers (eq. 11-13); 0 = DMQN-simple (Table 3)
     icim_heads: int = 2
     short_len: int = 50  # most recent behaviors mean-pooled into the MLP input
@@ -45,7 +63,7 @@ class ModelConfig:
         # from_dict hands lists from json; a tuple keeps the config hashable and immutable-looking.
         self.mlp_hidden = tuple(int(h) for h in self.mlp_hidden)
         # NaN passes every `<` and `<=` test below (all comparisons with NaN are false).
-        for name in ("tau", "dropout", "usage_loss_weight", "dien_aux_weight"):
+        for name in ("tau", "tau_decay", "tau_min", "dropout", "usage_loss_weight", "dien_aux_weight"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         for name in ("n_items", "n_categories", "n_behavior_types"):
@@ -84,6 +102,20 @@ class ModelConfig:
             raise ValueError(f"dien_aux_weight must be >= 0, got {self.dien_aux_weight}")
         if self.tau <= 0:
             raise ValueError(f"tau must be > 0, got {self.tau}")
+        for name, choices in (
+            ("assign_noise", ASSIGN_NOISES),
+            ("tau_placement", TAU_PLACEMENTS),
+            ("straight_through", STRAIGHT_THROUGH),
+        ):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        if not 0.0 < self.tau_decay <= 1.0:
+            raise ValueError(f"tau_decay must be in (0, 1], got {self.tau_decay}")
+        if not 0.0 <= self.tau_min <= self.tau:
+            raise ValueError(f"tau_min must be in [0, tau = {self.tau}], got {self.tau_min}")
+        if self.tau_decay < 1.0 and self.tau_min == 0.0:
+            # Without a floor tau would underflow to 0 after enough epochs and the logits divide by it.
+            raise ValueError("tau_decay < 1 needs tau_min > 0, the temperature the schedule stops at")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.usage_loss_weight < 0:
@@ -103,3 +135,7 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown ModelConfig keys: {', '.join(unknown)}")
         return cls(**d)
+
+    def tau_at(self, epoch: int) -> float:
+        """The temperature of training epoch ``epoch`` (1 = the first) under the tau schedule."""
+        return max(self.tau_min, self.tau * self.tau_decay ** (epoch - 1))

@@ -29,6 +29,7 @@ from dmqn_inspect.report_figures import (
     cluster_categories_figure,
     comparison_figure,
     projection_figure,
+    quantizer_history_figure,
     training_figure,
     usage_history_figure,
     utilisation_figure,
@@ -52,6 +53,7 @@ DEFAULT_ATTENTION_USERS = 4
 SECTIONS = (
     ("utilisation", "Codeword utilisation"),
     ("usage-history", "Utilisation over the epochs"),
+    ("quantizer-history", "Training vs inference codewords"),
     ("projection", "Codewords and items (UMAP)"),
     ("cluster-categories", "What the clusters hold"),
     ("attention", "Attention of sampled users"),
@@ -118,6 +120,21 @@ def build_report(
         )
     else:
         page.add_note("usage-history", "this run recorded no per-epoch codebook utilisation.")
+    quantizer = inspector.store.quantizer_stats(inspector.run_id)
+    if quantizer:
+        page.add_figure(
+            "quantizer-history",
+            quantizer_history_figure(quantizer),
+            "Left: the share of validation behaviors whose codeword on the training path (sampled as the run's "
+            "options sample it, e.g. with Gumbel noise) is the one inference takes (the argmax of the scores). "
+            "Right: the mean gap between a behavior's best and second-best codeword score; Gumbel noise "
+            "(standard deviation 1.28) changes the codeword of behaviors whose gap is smaller than it.",
+        )
+    else:
+        page.add_note(
+            "quantizer-history",
+            "this run recorded no quantizer statistics (it was trained before they were measured).",
+        )
 
     sampled = inspector.sampled_users()
     # Only the users an attention heatmap can show are read whole; the clusters' categories come

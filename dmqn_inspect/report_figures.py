@@ -135,6 +135,40 @@ def usage_history_figure(history: Sequence[tuple[int, int, int, int, float]], co
     return fig
 
 
+def quantizer_history_figure(history: Sequence[tuple[int, int, float, float]]) -> go.Figure:
+    """Assignment agreement and score margin of each codebook over the epochs (rows of quantizer_stats)."""
+    fig = make_subplots(
+        rows=1,
+        cols=2,
+        subplot_titles=("training codeword = inference codeword", "best minus second-best score"),
+    )
+    for n in sorted({row[1] for row in history}):
+        rows = sorted(row for row in history if row[1] == n)
+        epochs = [row[0] for row in rows]
+        color = CODEBOOK_COLORS[n % len(CODEBOOK_COLORS)]
+        for col, values, legend in ((1, [row[2] for row in rows], True), (2, [row[3] for row in rows], False)):
+            fig.add_trace(
+                go.Scatter(
+                    x=epochs,
+                    y=values,
+                    mode="lines+markers",
+                    name=f"codebook {n}",
+                    legendgroup=str(n),
+                    line_color=color,
+                    showlegend=legend,
+                ),
+                row=1,
+                col=col,
+            )
+    fig.update_xaxes(title_text="epoch", dtick=1)
+    fig.update_yaxes(range=[0, 1.02], tickformat=".0%", row=1, col=1)
+    fig.update_yaxes(rangemode="tozero", row=1, col=2)
+    fig.update_layout(
+        template=TEMPLATE, height=380, title="Training vs inference codewords over the epochs (validation sample)"
+    )
+    return fig
+
+
 @dataclass
 class Projection:
     """2-D coordinates of the codewords (N*W, row n*W + j) and of the sampled items (M)."""

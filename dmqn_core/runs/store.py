@@ -13,6 +13,12 @@ Tables
                     DMQN codebook on the validation histories after each epoch.
 ``codeword_counts`` (run_id, epoch, codebook, codeword, count): how many validation behaviors
                     each codeword received after each epoch (N·W rows per epoch).
+``quantizer_stats`` (run_id, epoch, codebook, agreement, margin): DMQN's MCQM after each epoch, on the
+                    real behaviors of a fixed validation sample: the share whose training-path codeword
+                    (sampled as the run's options sample it) is the inference-path argmax, and the mean
+                    gap between the best and second-best codeword score.
+``icim_stats``      (run_id, epoch, layer, norm_ratio): |output - input| / |input| of each ICIM layer over
+                    the non-empty clusters of the same sample (none for dmqn-simple).
 ``benches``         one row per ``dmqn bench``: its name, data set and settings (JSON).
 ``bench_runs``      (bench, model, seed, run_id): the run that trains each model and seed of a bench;
                     written before the run starts, so an interrupted bench finds it again.
@@ -42,6 +48,7 @@ and ``dmqn report`` (see dmqn_core.runs.inspection and docs/run-store.md). A sam
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import time
@@ -59,7 +66,8 @@ import pyarrow as pa
 from dmqn_core.errors import DmqnError
 from dmqn_core.workspace import lock_is_held
 
-SCHEMA_VERSION = 3  # 2: benches, bench_runs; 3: inspect_*, codebook_vectors, item_vectors
+# 2: benches, bench_runs; 3: inspect_*, codebook_vectors, item_vectors; 4: quantizer_stats, icim_stats
+SCHEMA_VERSION = 4
 
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS schema_info (version INTEGER NOT NULL)""",
@@ -119,6 +127,19 @@ SCHEMA = [
         codebook  INTEGER NOT NULL,
         codeword  INTEGER NOT NULL,
         count     BIGINT NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS quantizer_stats (
+        run_id     VARCHAR NOT NULL,
+        epoch      INTEGER NOT NULL,
+        codebook   INTEGER NOT NULL,
+        agreement  DOUBLE NOT NULL,            -- share of behaviors, 0..1
+        margin     DOUBLE NOT NULL             -- mean best minus second-best score
+    )""",
+    """CREATE TABLE IF NOT EXISTS icim_stats (
+        run_id      VARCHAR NOT NULL,
+        epoch       INTEGER NOT NULL,
+        layer       INTEGER NOT NULL,          -- 0 = the first HSTU layer
+        norm_ratio  DOUBLE                     -- NULL when the sample had no non-empty cluster
     )""",
     """CREATE TABLE IF NOT EXISTS inspect_users (
         run_id          VARCHAR NOT NULL,
@@ -486,6 +507,40 @@ class RunStore:
             )
         ]
 
+    def log_quantizer_stats(
+        self, run_id: str, epoch: int, codebooks: Sequence[tuple[float, float]], layers: Sequence[float]
+    ) -> None:
+        """codebooks[codebook] = (agreement, margin); layers[layer] = ICIM norm ratio (NaN is stored as NULL)."""
+        codebook_rows = [[run_id, epoch, j, float(a), float(m)] for j, (a, m) in enumerate(codebooks)]
+        layer_rows = [[run_id, epoch, i, None if math.isnan(r) else float(r)] for i, r in enumerate(layers)]
+        statements = [("INSERT INTO quantizer_stats VALUES (?, ?, ?, ?, ?)", codebook_rows)]
+        if layer_rows:  # dmqn-simple has no ICIM layer
+            statements.append(("INSERT INTO icim_stats VALUES (?, ?, ?, ?)", layer_rows))
+        self._write(statements)
+
+    def quantizer_stats(self, run_id: str) -> list[tuple[int, int, float, float]]:
+        """(epoch, codebook, agreement, margin) rows of a run."""
+        return [
+            tuple(r)
+            for r in self._read(
+                "SELECT epoch, codebook, agreement, margin FROM quantizer_stats WHERE run_id = ? "
+                "ORDER BY epoch, codebook",
+                [run_id],
+                table="quantizer_stats",
+            )
+        ]
+
+    def icim_stats(self, run_id: str) -> list[tuple[int, int, float | None]]:
+        """(epoch, layer, norm_ratio) rows of a run."""
+        return [
+            tuple(r)
+            for r in self._read(
+                "SELECT epoch, layer, norm_ratio FROM icim_stats WHERE run_id = ? ORDER BY epoch, layer",
+                [run_id],
+                table="icim_stats",
+            )
+        ]
+
     def delete_epochs_after(self, run_id: str, epoch: int) -> None:
         """Forget what a crashed run logged past its last checkpoint, before resuming it."""
         self._write(
@@ -493,6 +548,8 @@ class RunStore:
                 ("DELETE FROM metrics WHERE run_id = ? AND (epoch > ? OR epoch IS NULL)", [run_id, epoch]),
                 ("DELETE FROM codebook_usage WHERE run_id = ? AND epoch > ?", [run_id, epoch]),
                 ("DELETE FROM codeword_counts WHERE run_id = ? AND epoch > ?", [run_id, epoch]),
+                ("DELETE FROM quantizer_stats WHERE run_id = ? AND epoch > ?", [run_id, epoch]),
+                ("DELETE FROM icim_stats WHERE run_id = ? AND epoch > ?", [run_id, epoch]),
             ]
         )
 

@@ -41,13 +41,13 @@ class Float:
 
 @dataclass(frozen=True)
 class Choice:
-    """One of a few values (sizes that only make sense as powers of two, lengths, counts)."""
+    """One of a few values (sizes that only make sense as powers of two, lengths, counts, modes)."""
 
     section: str
     name: str
-    choices: tuple[int, ...]
+    choices: tuple[int, ...] | tuple[str, ...]
 
-    def suggest(self, trial: optuna.Trial) -> int:
+    def suggest(self, trial: optuna.Trial) -> int | str:
         return trial.suggest_categorical(self.name, list(self.choices))
 
 
@@ -66,6 +66,11 @@ _CODEBOOKS = (
     Choice(MODEL, "codebook_size", (16, 32, 64)),  # W
     Choice(MODEL, "n_codebooks", (2, 4, 8)),  # N
     Float(MODEL, "tau", 0.1, 2.0, log=True),  # Gumbel-softmax temperature (eq. 6)
+    # How the training path assigns codewords (dmqn_core.models.dmqn.mcqm): the paper's noisy
+    # sampling or the plain argmax, tau where the noise sees it or not, and the straight-through form.
+    Choice(MODEL, "assign_noise", ("gumbel", "none")),
+    Choice(MODEL, "tau_placement", ("after_noise", "before_noise")),
+    Choice(MODEL, "straight_through", ("plain", "centred")),
 )
 
 # Every model of dmqn_core.models.registry (tests/training/test_tune.py checks that none is missing).

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -34,6 +35,7 @@ from dmqn_core.data.batches import BatchLoader
 from dmqn_core.data.prepared import PreparedSet
 from dmqn_core.errors import DmqnError, exception_summary
 from dmqn_core.models.dmqn.mcqm import CodebookUsage
+from dmqn_core.models.dmqn.model import QuantizerDiagnostics
 from dmqn_core.models.registry import build_model, has_codebooks, model_names
 from dmqn_core.progress import NullProgress, Progress
 from dmqn_core.runs.checkpoint import BEST, CHECKPOINT, load_checkpoint, restore_weights, save_checkpoint
@@ -52,6 +54,11 @@ else:  # pragma: no cover - Python 3.10
 
 # What a checkpoint needs to resume a run (load_checkpoint checks that they are there).
 RESUME_KEYS = ("model_state", "optimizer_state", "train_state", "torch_rng")
+
+# DMQN's quantizer diagnostics (quantizer_stats, icim_stats) are measured after every epoch on the
+# distinct histories of the first this-many validation batches (of eval_batch_size samples): a fixed
+# sample, the same every epoch, whose cost does not grow with the validation split.
+DIAGNOSTIC_BATCHES = 4
 
 
 @dataclass
@@ -443,6 +450,8 @@ def _train(
         while optimizer is not None and state["epoch"] < train_config.epochs:
             epoch = state["epoch"] + 1
             loader.set_epoch(epoch)
+            if hasattr(model, "set_epoch"):  # DMQN: the tau schedule (ModelConfig.tau_decay)
+                model.set_epoch(epoch)
             if context.active:
                 # Different Gumbel noise and dropout on every rank, a function of (seed, rank, epoch)
                 # so that a resumed run continues exactly (one process restores its RNG state instead).
@@ -452,6 +461,11 @@ def _train(
             )
             valid, counts = _evaluate(model, data, "valid", train_config, device, progress, context)
             if main:
+                diagnostics = (
+                    _quantizer_diagnostics(model, data, train_config, device, epoch)
+                    if hasattr(model, "quantizer_diagnostics")
+                    else None
+                )
                 improved = _record_epoch(
                     store,
                     run_id,
@@ -468,6 +482,7 @@ def _train(
                     seconds,
                     valid,
                     counts,
+                    diagnostics,
                 )
                 progress.log(
                     f"epoch {epoch}: train loss {train_loss:.4f}, valid AUC {valid['auc']:.4f}"
@@ -598,6 +613,7 @@ def _record_epoch(
     seconds: float,
     valid: dict[str, float],
     counts: np.ndarray | None,
+    diagnostics: QuantizerDiagnostics | None,
 ) -> bool:
     """Rank 0's end of an epoch: update ``state``, write best.pt, the checkpoint and the run store; True if improved."""
     state["train_seconds"] += seconds
@@ -618,6 +634,13 @@ def _record_epoch(
             epoch,
             usage.counts.tolist(),
             list(zip(usage.counts.shape[1] - usage.dead, usage.dead, usage.perplexity)),
+        )
+    if diagnostics is not None:
+        store.log_quantizer_stats(
+            run_id,
+            epoch,
+            list(zip(diagnostics.assignment.agreement.tolist(), diagnostics.assignment.margin.tolist())),
+            diagnostics.icim_norm_ratio.tolist(),
         )
     save_checkpoint(
         {
@@ -644,6 +667,31 @@ def _record_epoch(
 
 def _rank_seed(seed: int, rank: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0])
+
+
+def _quantizer_diagnostics(
+    model: torch.nn.Module, data: PreparedSet, train_config: TrainConfig, device: torch.device, epoch: int
+) -> QuantizerDiagnostics | None:
+    """Rank 0, after an epoch: DMQN.quantizer_diagnostics over the first DIAGNOSTIC_BATCHES validation batches
+    (None when the validation split is empty).
+
+    The training-path codewords are sampled at the epoch's tau with noise from a generator of their
+    own, seeded by (seed, epoch): measuring draws nothing from the global generator, so a run trains
+    exactly as it would without the measurement, and a resumed run measures the same.
+    """
+    model.eval()
+    generator = torch.Generator(device=device)
+    seed = np.random.SeedSequence([train_config.seed, epoch], spawn_key=(1,)).generate_state(1)[0]
+    generator.manual_seed(int(seed))
+    loader = BatchLoader(data, "valid", train_config.eval_batch_size, train_config.max_len)
+    total = None
+    for batch in itertools.islice(loader, DIAGNOSTIC_BATCHES):
+        batch = batch.to(device)
+        part = model.quantizer_diagnostics(
+            batch.hist_item, batch.hist_category, batch.hist_behavior, batch.hist_mask, generator
+        )
+        total = part if total is None else total + part
+    return total
 
 
 def _evaluate(

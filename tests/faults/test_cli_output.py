@@ -140,7 +140,7 @@ def test_runs_show_fits_80_columns(ws):
     text = ok(invoke("runs", "show", record.run_id, "-w", str(ws.root), columns=80))
     assert max(map(len, text.splitlines())) <= 80 and "…" not in text
     valid = next(line.split() for line in text.splitlines() if line.split()[:2] == ["1", "valid"])
-    assert fmt(record.best_valid_auc) in valid and "perplexity" in text
+    assert fmt(record.best_valid_auc) in valid and "perplexity" in text and "agreement" in text
 
 
 def test_bench_tables_fit_80_columns_with_models_and_mean_std_on_one_line(ws):
@@ -193,6 +193,8 @@ def test_runs_show_json(ws):
         "dead",
         "perplexity",
     }
+    assert shown["quantizer_stats"] and set(shown["quantizer_stats"][0]) == {"epoch", "codebook", "agreement", "margin"}
+    assert shown["icim_stats"] == []  # dmqn-simple has no ICIM layer
 
 
 def test_eval_json(ws):

@@ -18,6 +18,7 @@ import subprocess
 import zlib
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import pytest
 from plotly.offline import get_plotlyjs
@@ -29,7 +30,9 @@ from dmqn_core.errors import DmqnError
 from dmqn_core.runs.inspection import RunInspector
 from dmqn_core.runs.store import RunStore
 from dmqn_core.training.train import train
+from dmqn_core.workspace import Workspace
 from dmqn_inspect.report import SECTIONS, build_report, default_report_path
+from dmqn_inspect.report_figures import quantizer_history_figure
 
 MODEL = {"embed_dim": 8, "n_codebooks": 2, "codebook_size": 8, "mlp_hidden": [16]}
 TRAIN = {"epochs": 2, "max_len": 60, "batch_size": 256, "seed": 4, "inspect_users": 12}
@@ -92,7 +95,14 @@ def test_run_without_recorded_sample_keeps_the_other_sections(tiny_workspace, tm
     text = result.path.read_text(encoding="utf-8")
     assert [note.split(":")[0] for note in result.notes] == ["cluster-categories", "attention"]
     assert text.count("recorded no sample of users") == 2
-    assert figure_ids(text) == ["utilisation", "usage-history", "projection", "training", "comparison"]
+    assert figure_ids(text) == [
+        "utilisation",
+        "usage-history",
+        "quantizer-history",
+        "projection",
+        "training",
+        "comparison",
+    ]
 
     # Users named by id are computed from the checkpoint on demand.
     data = PreparedSet.open(RunStore(tiny_workspace.store_path).get_run(old).dataset_path)
@@ -100,6 +110,28 @@ def test_run_without_recorded_sample_keeps_the_other_sections(tiny_workspace, tm
     result = build_report(tiny_workspace, old, tmp_path / "chosen.html", users=[user])
     text = result.path.read_text(encoding="utf-8")
     assert "attention" in figure_ids(text) and f"user {user}:" in text
+
+
+def test_quantizer_history_plots_every_codebook_and_epoch(tiny_workspace, dmqn_run, tmp_path):
+    rows = RunStore(tiny_workspace.store_path).quantizer_stats(dmqn_run)
+    figure = quantizer_history_figure(rows)
+    agreement = [t for t in figure.data if t.xaxis == "x"]
+    margin = [t for t in figure.data if t.xaxis == "x2"]
+    assert [t.name for t in agreement] == [f"codebook {n}" for n in range(MODEL["n_codebooks"])]
+    for n, (a, m) in enumerate(zip(agreement, margin)):
+        assert list(a.x) == list(m.x) == list(range(1, TRAIN["epochs"] + 1))
+        assert list(a.y) == [row[2] for row in rows if row[1] == n]
+        assert list(m.y) == [row[3] for row in rows if row[1] == n]
+
+    # A run recorded before the statistics existed gets a note instead.
+    store_copy = tmp_path / "ws"
+    shutil.copytree(tiny_workspace.root, store_copy)
+    con = duckdb.connect(str(store_copy / tiny_workspace.store_path.name))
+    con.execute("DELETE FROM quantizer_stats")
+    con.close()
+    result = build_report(Workspace(store_copy), dmqn_run, tmp_path / "old.html")
+    assert "quantizer-history: this run recorded no quantizer statistics" in " ".join(result.notes)
+    assert "quantizer-history" not in figure_ids(result.path.read_text(encoding="utf-8"))
 
 
 def test_default_path_and_stale_temporaries(tiny_workspace, dmqn_run):

@@ -72,8 +72,10 @@ def test_delete_epochs_after_checkpoint(tmp_path):
     run = make_run(store)
     for epoch in (1, 2, 3):
         store.log_metrics(run, "valid", {"auc": epoch / 10}, epoch=epoch)
+        store.log_quantizer_stats(run, epoch, [(0.5, 1.0)], [0.1])
     store.delete_epochs_after(run, 2)
     assert sorted(e for e, *_ in store.metric_history(run)) == [1, 2]
+    assert [e for e, *_ in store.quantizer_stats(run)] == [1, 2] and [e for e, *_ in store.icim_stats(run)] == [1, 2]
 
 
 def test_update_rejects_unknown_columns(tmp_path):
@@ -102,10 +104,31 @@ def test_a_version_2_store_is_read_and_upgraded_by_its_next_write(tmp_path):
     assert store.codebook_vectors("r") == [] and store.item_vectors("r") == []
     make_run(store)
     con = duckdb.connect(str(path), read_only=True)
-    assert con.execute("SELECT version FROM schema_info").fetchall() == [(SCHEMA_VERSION,)] and SCHEMA_VERSION == 3
+    assert con.execute("SELECT version FROM schema_info").fetchall() == [(SCHEMA_VERSION,)] and SCHEMA_VERSION == 4
     tables = {row[0] for row in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
     con.close()
     assert set(INSPECTION_COLUMNS) <= tables
+
+
+def test_a_version_3_store_is_read_and_gets_the_quantizer_tables_with_its_next_write(tmp_path):
+    path = tmp_path / "runs.duckdb"
+    con = duckdb.connect(str(path))
+    for sql in SCHEMA:
+        if "EXISTS quantizer_stats " not in sql and "EXISTS icim_stats " not in sql:
+            con.execute(sql)
+    con.execute("INSERT INTO schema_info VALUES (3)")
+    con.close()
+    store = RunStore(path)
+    assert store.quantizer_stats("r") == [] and store.icim_stats("r") == []
+    run = make_run(store)
+    store.log_quantizer_stats(run, 1, [(0.25, 0.5), (1.0, 2.0)], [0.125, float("nan")])
+    assert store.quantizer_stats(run) == [(1, 0, 0.25, 0.5), (1, 1, 1.0, 2.0)]
+    assert store.icim_stats(run) == [(1, 0, 0.125), (1, 1, None)]  # NaN (no non-empty cluster) is NULL
+    store.log_quantizer_stats(run, 2, [(0.5, 1.0), (0.75, 1.5)], [])  # dmqn-simple: no ICIM layer
+    assert len(store.quantizer_stats(run)) == 4 and len(store.icim_stats(run)) == 2
+    con = duckdb.connect(str(path), read_only=True)
+    assert con.execute("SELECT version FROM schema_info").fetchall() == [(4,)]
+    con.close()
 
 
 def test_inspection_rows_round_trip_and_replace(tmp_path):

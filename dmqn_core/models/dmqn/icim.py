@@ -7,6 +7,7 @@ behavior space, so each gets its own parameters (batched over N with einsum).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -85,3 +86,17 @@ class ClusterInteraction(nn.Module):
         for layer in self.layers:
             x = layer(x, mask)
         return x
+
+    @torch.no_grad()
+    def layer_change(self, x: Tensor, mask: Tensor) -> np.ndarray:
+        """How much each layer changes its input: (n_layers, 2) float64 sums over the non-empty clusters of
+        [|output - input|^2, |input|^2], so that sqrt(first / second) is the layer's relative change and
+        batches add up. x (H, N, W, D) cluster tokens, mask (H, N, W) bool.
+        """
+        sums = np.zeros((len(self.layers), 2))
+        m = mask.unsqueeze(-1).to(x.dtype)  # (H, N, W, 1); empty clusters are zero anyway, this makes it explicit
+        for i, layer in enumerate(self.layers):
+            y = layer(x, mask)
+            sums[i] = [float((((y - x) * m) ** 2).sum()), float(((x * m) ** 2).sum())]
+            x = y
+        return sums

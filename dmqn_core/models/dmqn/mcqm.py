@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from dmqn_core.config import ASSIGN_NOISES, STRAIGHT_THROUGH, TAU_PLACEMENTS
+
 
 @dataclass
 class QuantizerOutput:
@@ -27,10 +29,42 @@ class QuantizerOutput:
 
 
 class MultiCodebookQuantizer(nn.Module):
-    def __init__(self, n_codebooks: int, codebook_size: int, dim: int, tau: float = 1.0) -> None:
+    """MCQM. The options change the training path only; inference is always the noise-free argmax.
+
+    assign_noise: "gumbel" samples the training codeword with Gumbel noise (eq. 6); "none" takes the
+        argmax of the scores, as inference does (a plain straight-through estimator).
+    tau_placement: "after_noise" divides the noisy logits by tau, (s + g) / tau, as eq. 6 is written:
+        tau then leaves the sampled codeword unchanged and only sharpens the softmax whose gradient
+        the straight-through estimator uses. "before_noise" samples from softmax(s / tau),
+        s / tau + g: lowering tau (see set_tau) moves the training codeword toward the inference one.
+    straight_through: "plain" back-propagates e_l / n_k into the assignment probability of behavior l
+        and codeword k (the gradient of the mean pool with the counts held fixed); "centred" uses
+        (e_l - r_k) / n_k, the change of the cluster mean r_k if behavior l joined it.
+    """
+
+    def __init__(
+        self,
+        n_codebooks: int,
+        codebook_size: int,
+        dim: int,
+        tau: float = 1.0,
+        assign_noise: str = "gumbel",
+        tau_placement: str = "after_noise",
+        straight_through: str = "plain",
+    ) -> None:
         super().__init__()
         N, W, D = n_codebooks, codebook_size, dim
-        self.tau = tau
+        for name, value, choices in (
+            ("assign_noise", assign_noise, ASSIGN_NOISES),
+            ("tau_placement", tau_placement, TAU_PLACEMENTS),
+            ("straight_through", straight_through, STRAIGHT_THROUGH),
+        ):
+            if value not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        self.tau = tau  # the temperature of the current epoch (set_tau)
+        self.assign_noise = assign_noise
+        self.tau_placement = tau_placement
+        self.straight_through = straight_through
         # eq. 3: C = [c_1, ..., c_N], c_j in R^{W x D}
         self.codebooks = nn.Parameter(torch.empty(N, W, D))
         # eq. 4: one projection W_2^{c_j} in R^{D x D} per codebook, batched; no bias, as in eq. 4.
@@ -42,6 +76,10 @@ class MultiCodebookQuantizer(nn.Module):
         for j in range(N):
             nn.init.orthogonal_(self.proj.data[j])
         nn.init.normal_(self.codebooks, std=1.0)
+
+    def set_tau(self, tau: float) -> None:
+        """The temperature of the following training steps (DMQN.set_epoch anneals it)."""
+        self.tau = tau
 
     def scores(self, e: Tensor) -> Tensor:
         """eq. 4-5: (H, L, D) embeddings -> (H, L, N, W) dot-product scores.
@@ -67,30 +105,44 @@ class MultiCodebookQuantizer(nn.Module):
         z = self.scores(e).argmax(dim=-1).transpose(1, 2)  # (H, N, L)
         return z.masked_fill(~mask.unsqueeze(1), -1)
 
+    def training_logits(self, scores: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """eq. 6 as the options sample it: (..., W) scores -> (..., W) logits whose argmax is the training codeword.
+
+        generator: where the Gumbel noise comes from (None: torch's global generator, as in training;
+        the diagnostics pass its own so that measuring leaves the training's random stream alone).
+        """
+        if self.assign_noise == "none":
+            return scores / self.tau
+        # eq. 6 writes log(score), but dot-product scores can be negative; we read the scores
+        # as logits, i.e. as the log of the softmax probabilities up to a per-behavior constant,
+        # which the softmax ignores. Gumbel(0, 1) noise g = -log(-log(u)), u ~ U(0, 1); drawn
+        # in place, as uniform_ is several times faster than exponential_ on CPU.
+        # (uniform_ can return exactly 0: -log(-log(0)) = -inf, a codeword that is not chosen.)
+        gumbel = torch.empty_like(scores).uniform_(generator=generator).log_().neg_().log_().neg_()
+        if self.tau_placement == "after_noise":
+            return gumbel.add_(scores).div_(self.tau)  # (s + g) / tau, reusing the noise buffer
+        return gumbel.add_(scores / self.tau)  # s / tau + g: a sample of softmax(s / tau)
+
     def forward(self, e: Tensor, mask: Tensor, with_usage: bool = False) -> QuantizerOutput:
         """e (H, L, D), zero at padding; mask (H, L) bool, True = real behavior."""
         scores = self.scores(e)  # (H, L, N, W)
         valid = mask[:, :, None, None].to(scores.dtype)  # (H, L, 1, 1)
 
         mean_prob = None
+        soft = None
         if self.training:
-            # eq. 6 writes log(score), but dot-product scores can be negative; we read the scores
-            # as logits, i.e. as the log of the softmax probabilities up to a per-behavior constant,
-            # which the softmax ignores. Gumbel(0, 1) noise g = -log(-log(u)), u ~ U(0, 1); drawn
-            # in place, as uniform_ is several times faster than exponential_ on CPU.
-            # (uniform_ can return exactly 0: -log(-log(0)) = -inf, a codeword that is not chosen.)
-            gumbel = torch.empty_like(scores).uniform_().log_().neg_().log_().neg_()
-            logits = gumbel.add_(scores).div_(self.tau)  # reuses the noise buffer
+            logits = self.training_logits(scores)  # (H, L, N, W)
             prob = logits.softmax(dim=-1)  # (H, L, N, W) eq. 6
             # eq. 7: argmax of prob == argmax of the noisy logits.
             z = logits.argmax(dim=-1, keepdim=True)  # (H, L, N, 1)
-            del gumbel, logits
+            del logits
             # Scattering the mask value (1 or 0) gives padding an all-zero row: no assignment.
             hard = torch.zeros_like(prob).scatter_(-1, z, valid.expand_as(z))  # (H, L, N, W)
             # Straight-through: the forward value is exactly `hard` (prob - prob.detach() is exactly
             # 0, unlike hard - prob.detach() + prob), the gradient is that of prob, so the codebooks
             # and projections learn. At padding e = 0, so the soft term carries no gradient there.
-            y = hard + (prob - prob.detach())
+            soft = prob - prob.detach()  # (H, L, N, W), exactly 0
+            y = hard + soft
             if with_usage:
                 n_real = mask.sum().clamp(min=1).to(prob.dtype)
                 mean_prob = torch.einsum("hlnw,hl->nw", prob, mask.to(prob.dtype)) / n_real  # (N, W)
@@ -105,7 +157,59 @@ class MultiCodebookQuantizer(nn.Module):
         size = hard.sum(dim=1)  # (H, N, W) hard counts, no gradient
         summed = (y.reshape(H, L, N * W).transpose(1, 2) @ e).unflatten(1, (N, W))  # (H, N, W, D)
         clusters = summed / size.clamp(min=1.0).unsqueeze(-1)  # empty codewords stay exactly 0
+        if soft is not None and self.straight_through == "centred":
+            # Subtract r_k (detached) times the same exactly-zero soft weights: the forward value is
+            # unchanged, the gradient into prob_lk becomes (e_l - r_k) / n_k instead of e_l / n_k, so a
+            # behavior already at its cluster's mean no longer pushes the assignment toward that cluster.
+            pulled = (soft * valid).sum(dim=1) / size.clamp(min=1.0)  # (H, N, W), exactly 0; padding excluded
+            clusters = clusters - pulled.unsqueeze(-1) * clusters.detach()
         return QuantizerOutput(clusters=clusters, cluster_mask=size > 0, cluster_size=size, mean_prob=mean_prob)
+
+    @torch.no_grad()
+    def agreement(self, e: Tensor, mask: Tensor, generator: torch.Generator | None = None) -> AssignmentStats:
+        """How often the training path picks the inference path's codeword, on e (H, L, D) with mask (H, L).
+
+        The training codeword is drawn as training_logits draws it at the current tau; the margin is
+        the gap between the best and the second-best score (eq. 5), the noise it would take to
+        change the inference codeword. Sums over the real behaviors, per codebook.
+        """
+        scores = self.scores(e)[mask]  # (M, N, W) real behaviors only
+        inference = scores.argmax(dim=-1)  # (M, N)
+        training = self.training_logits(scores, generator).argmax(dim=-1)  # (M, N)
+        if scores.shape[-1] > 1:
+            top2 = scores.topk(2, dim=-1).values  # (M, N, 2)
+            margin = (top2[..., 0] - top2[..., 1]).sum(dim=0)  # (N,)
+        else:  # one codeword: nothing to confuse it with
+            margin = torch.zeros(scores.shape[1], dtype=scores.dtype, device=scores.device)
+        return AssignmentStats(
+            behaviors=int(scores.shape[0]),
+            agreeing=(training == inference).sum(dim=0).cpu().numpy().astype(np.int64),
+            margin_sum=margin.double().cpu().numpy(),
+        )
+
+
+@dataclass
+class AssignmentStats:
+    """Per-codebook sums over real behaviors (MultiCodebookQuantizer.agreement); add batches with +."""
+
+    behaviors: int  # M real behaviors measured (each codebook assigns every one)
+    agreeing: np.ndarray  # (N,) int64, behaviors whose training-path codeword is the inference-path one
+    margin_sum: np.ndarray  # (N,) float64, sum of best minus second-best score
+
+    def __add__(self, other: AssignmentStats) -> AssignmentStats:
+        return AssignmentStats(
+            self.behaviors + other.behaviors, self.agreeing + other.agreeing, self.margin_sum + other.margin_sum
+        )
+
+    @property
+    def agreement(self) -> np.ndarray:
+        """(N,) share of the behaviors whose training-path codeword equals the inference-path one."""
+        return self.agreeing / max(self.behaviors, 1)
+
+    @property
+    def margin(self) -> np.ndarray:
+        """(N,) mean best minus second-best score."""
+        return self.margin_sum / max(self.behaviors, 1)
 
 
 def usage_loss(mean_prob: Tensor) -> Tensor:

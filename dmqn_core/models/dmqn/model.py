@@ -11,13 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from dmqn_core.config import ModelConfig
 from dmqn_core.models.dmqn.ctam import ClusterTargetAttention
 from dmqn_core.models.dmqn.icim import ClusterInteraction
-from dmqn_core.models.dmqn.mcqm import MultiCodebookQuantizer, usage_loss
+from dmqn_core.models.dmqn.mcqm import AssignmentStats, MultiCodebookQuantizer, usage_loss
 from dmqn_core.nn.embedding import BehaviorEmbedding
 from dmqn_core.nn.interest_model import InterestModel
 from dmqn_core.nn.mlp import MLPHead
@@ -59,6 +60,24 @@ class UserState:
         )
 
 
+@dataclass
+class QuantizerDiagnostics:
+    """What DMQN.quantizer_diagnostics measures on a batch of histories; add batches with +."""
+
+    assignment: AssignmentStats  # MCQM: training-path vs inference-path codewords, score margins
+    icim_sums: np.ndarray  # (icim_layers, 2) ICIM: sums of [|output - input|^2, |input|^2] per layer
+
+    def __add__(self, other: QuantizerDiagnostics) -> QuantizerDiagnostics:
+        return QuantizerDiagnostics(self.assignment + other.assignment, self.icim_sums + other.icim_sums)
+
+    @property
+    def icim_norm_ratio(self) -> np.ndarray:
+        """(icim_layers,) |output - input| / |input| of each layer over all non-empty clusters (NaN: none)."""
+        change, size = self.icim_sums.T
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.sqrt(change / size)
+
+
 class DMQN(InterestModel):
     has_codebooks: ClassVar[bool] = True
 
@@ -67,7 +86,9 @@ class DMQN(InterestModel):
         c = config
         self.config = config
         self.embedding = BehaviorEmbedding(c)
-        self.quantizer = MultiCodebookQuantizer(c.n_codebooks, c.codebook_size, c.embed_dim, c.tau)
+        self.quantizer = MultiCodebookQuantizer(
+            c.n_codebooks, c.codebook_size, c.embed_dim, c.tau, c.assign_noise, c.tau_placement, c.straight_through
+        )
         self.icim = ClusterInteraction(
             c.icim_layers, c.n_codebooks, c.codebook_size, c.embed_dim, c.icim_heads, c.dropout
         )
@@ -121,3 +142,30 @@ class DMQN(InterestModel):
         """(H, N, L) long: the inference-path (noise-free argmax) codeword of every behavior, -1 at padding."""
         e = self.embedding.behaviors(hist_item, hist_category, hist_behavior, hist_mask)
         return self.quantizer.assign(e, hist_mask)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Training calls this before epoch ``epoch`` (1 = the first): MCQM's temperature follows the tau schedule."""
+        self.quantizer.set_tau(self.config.tau_at(epoch))
+
+    @torch.no_grad()
+    def quantizer_diagnostics(
+        self,
+        hist_item: Tensor,
+        hist_category: Tensor,
+        hist_behavior: Tensor,
+        hist_mask: Tensor,
+        generator: torch.Generator | None = None,
+    ) -> QuantizerDiagnostics:
+        """MCQM's assignment agreement and margins, and ICIM's per-layer change, on (H, L) histories.
+
+        The training codeword is sampled as the current options and tau sample it (noise from
+        ``generator``); ICIM is measured on the inference-path clusters, so the model must be in eval mode.
+        """
+        if self.training:
+            raise RuntimeError("quantizer_diagnostics measures the inference path; call model.eval() first")
+        e = self.embedding.behaviors(hist_item, hist_category, hist_behavior, hist_mask)  # (H, L, D)
+        q = self.quantizer(e, hist_mask)
+        return QuantizerDiagnostics(
+            assignment=self.quantizer.agreement(e, hist_mask, generator),
+            icim_sums=self.icim.layer_change(q.clusters, q.cluster_mask),
+        )

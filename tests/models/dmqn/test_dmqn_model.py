@@ -177,3 +177,44 @@ def test_mlp_head_input_width(n_scalars: int):
     m = model()
     K, D = CONFIG.n_codebooks, CONFIG.embed_dim
     assert m.head.net[0].in_features == D * (2 * K + 3) + K
+
+
+def test_quantizer_diagnostics_add_up_over_batches_and_need_eval_mode():
+    m = model(config=replace(CONFIG, assign_noise="none")).eval()
+    b = random_batch(CONFIG, H=6, L=12, seed=3)
+    whole = m.quantizer_diagnostics(*history(b))
+    assert whole.assignment.behaviors == int(b["hist_mask"].sum())
+    assert whole.assignment.agreement.tolist() == [1.0] * CONFIG.n_codebooks  # no noise: the inference codeword
+    halves = [m.quantizer_diagnostics(*(t[rows] for t in history(b))) for rows in (slice(0, 3), slice(3, 6))]
+    total = halves[0] + halves[1]
+    assert total.assignment.behaviors == whole.assignment.behaviors
+    np.testing.assert_allclose(total.assignment.margin, whole.assignment.margin, rtol=1e-5)
+    np.testing.assert_allclose(total.icim_norm_ratio, whole.icim_norm_ratio, rtol=1e-5)
+    assert whole.icim_norm_ratio.shape == (CONFIG.icim_layers,) and (whole.icim_norm_ratio > 0).all()
+    with pytest.raises(RuntimeError, match="eval"):
+        m.train().quantizer_diagnostics(*history(b))
+
+
+def test_set_epoch_follows_the_tau_schedule():
+    config = replace(CONFIG, tau=1.0, tau_decay=0.5, tau_min=0.2, tau_placement="before_noise")
+    assert [config.tau_at(epoch) for epoch in (1, 2, 3, 4, 10)] == [1.0, 0.5, 0.25, 0.2, 0.2]
+    m = model(config=config)
+    m.set_epoch(3)
+    assert m.quantizer.tau == 0.25
+    assert [CONFIG.tau_at(epoch) for epoch in (1, 5)] == [CONFIG.tau] * 2  # the default: a constant tau
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"assign_noise": "uniform"}, "assign_noise"),
+        ({"tau_placement": "inside"}, "tau_placement"),
+        ({"straight_through": "centered"}, "straight_through"),
+        ({"tau_decay": 1.5}, "tau_decay"),
+        ({"tau_decay": 0.9}, "tau_min > 0"),
+        ({"tau_min": 2.0}, "tau_min"),
+    ],
+)
+def test_quantizer_options_are_checked(settings: dict, message: str):
+    with pytest.raises(ValueError, match=message):
+        replace(CONFIG, **settings)

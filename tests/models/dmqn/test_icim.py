@@ -1,5 +1,6 @@
 """ICIM (dmqn_core.models.dmqn.icim): the HSTU layer against a hand-written eq. 11-13, and masking of empty clusters."""
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -99,3 +100,19 @@ def test_stack_gradients_and_identity_with_zero_layers():
     empty = ClusterInteraction(0, N, W, D, n_heads=2)
     assert list(empty.parameters()) == []
     assert torch.equal(empty(x, mask), x)
+
+
+def test_layer_change_sums_over_non_empty_clusters():
+    # f2 = 0 with bias b: every layer adds b to each non-empty cluster, so |output - input|^2 = |b|^2 per
+    # non-empty cluster, and the second layer's input is the first one's output.
+    stack = ClusterInteraction(2, n_codebooks=1, codebook_size=3, dim=2, n_heads=1).eval()
+    with torch.no_grad():
+        for layer in stack.layers:
+            layer.w2.zero_()
+            layer.b2.copy_(torch.tensor([[3.0, 4.0]]))
+    x = torch.tensor([[[[1.0, 0.0], [0.0, 2.0], [0.0, 0.0]]]])  # (1, 1, 3, 2); the third cluster is empty
+    mask = torch.tensor([[[True, True, False]]])
+    sums = stack.layer_change(x, mask)
+    # layer 0: two clusters change by |(3, 4)|^2 = 25; input 1 + 4. layer 1: input (4, 4) and (3, 6) = 32 + 45.
+    np.testing.assert_allclose(sums, [[50.0, 5.0], [50.0, 77.0]])
+    assert ClusterInteraction(0, 1, 3, 2, 1).layer_change(x, mask).shape == (0, 2)

@@ -134,3 +134,108 @@ def test_codebook_usage_against_hand_computation():
     summed = CodebookUsage.from_counts(codebook_counts(a, 4) + codebook_counts(torch.as_tensor(a), 4))
     np.testing.assert_allclose(summed.perplexity, usage.perplexity)
     assert codebook_usage(np.array([[[0, 1, 2, 3]]]), 4).perplexity[0] == pytest.approx(4.0)
+
+
+KNOWN_E = torch.tensor([[[1.0, 0.1], [3.0, 0.2], [0.1, 2.0], [-1.0, -1.0], [0.0, 0.0]]])  # (1, 5, 2)
+KNOWN_MASK = torch.tensor([[True, True, True, True, False]])
+
+
+def test_agreement_without_noise_is_one_and_margins_are_the_top_two_gap():
+    q = known_quantizer()
+    q.assign_noise = "none"
+    stats = q.agreement(KNOWN_E, KNOWN_MASK)
+    assert stats.behaviors == 4  # the padding behavior is not measured
+    assert stats.agreeing.tolist() == [4, 4]
+    # codebook 0 scores 10·(x, y, -x-y): gaps 10-1, 30-2, 20-1, 20-(-10); codebook 1 10·(x-y, y-x, 0): 9, 28, 19, 0
+    np.testing.assert_allclose(stats.margin, [(9 + 28 + 19 + 30) / 4, (9 + 28 + 19 + 0) / 4], rtol=1e-6)
+    both = stats + stats
+    assert both.behaviors == 8 and both.agreement.tolist() == [1.0, 1.0]
+    np.testing.assert_allclose(both.margin, stats.margin)
+
+
+def test_agreement_replays_the_gumbel_draw_and_leaves_the_global_generator_alone():
+    torch.manual_seed(3)
+    q = MultiCodebookQuantizer(2, 4, 3)
+    e = torch.randn(2, 6, 3) * 0.3
+    mask = torch.arange(6)[None] < torch.tensor([[6], [4]])
+    before = torch.get_rng_state()
+    stats = q.agreement(e, mask, torch.Generator().manual_seed(9))
+    assert torch.equal(torch.get_rng_state(), before)
+    with torch.no_grad():
+        s = q.scores(e)[mask]  # (10, 2, 4)
+        u = torch.empty_like(s).uniform_(generator=torch.Generator().manual_seed(9))
+        noisy = (s - torch.log(-torch.log(u))).argmax(-1)
+    assert stats.behaviors == 10
+    assert stats.agreeing.tolist() == (noisy == s.argmax(-1)).sum(0).tolist()
+    assert 0 < stats.agreeing.sum() < 20  # small scores against the noise: some disagree, some agree
+
+
+def test_tau_after_the_noise_leaves_the_sampled_codeword_unchanged_before_the_noise_anneals_it():
+    q = known_quantizer()
+    s = q.scores(KNOWN_E)[KNOWN_MASK] / 40  # (4, 2, 3) small scores (gaps <= 0.75): the noise decides often
+    for placement in ("after_noise", "before_noise"):
+        q.tau_placement = placement
+        picks = {}
+        for tau in (1.0, 1e-3):
+            q.set_tau(tau)
+            picks[tau] = [q.training_logits(s, torch.Generator().manual_seed(k)).argmax(-1) for k in range(200)]
+        same = all(torch.equal(a, b) for a, b in zip(picks[1.0], picks[1e-3]))
+        if placement == "after_noise":
+            assert same  # (s + g) / tau: the same argmax whatever tau
+        else:
+            assert not same
+            # s / tau + g with tau = 1e-3: gaps of 0.2 or more become 200, beyond any Gumbel draw in float32
+            # (at most about 16.6 apart), so every draw is the argmax except codebook 1's tie at behavior 3.
+            argmax = s.argmax(-1)
+            for z in picks[1e-3]:
+                assert torch.equal(z[:3], argmax[:3]) and z[3, 0] == argmax[3, 0]
+
+
+def test_no_noise_trains_on_the_inference_assignment():
+    q = known_quantizer()
+    q.assign_noise = "none"
+    eval_out = q(KNOWN_E, KNOWN_MASK)
+    train_out = q.train()(KNOWN_E, KNOWN_MASK)
+    assert torch.equal(train_out.clusters, eval_out.clusters)
+    assert torch.equal(train_out.cluster_size, eval_out.cluster_size)
+
+
+@pytest.mark.parametrize("straight_through", ["plain", "centred"])
+def test_straight_through_gradient_into_the_assignment_probabilities(straight_through: str):
+    """d clusters_k / d prob_lk is e_l / n_k ("plain") or (e_l - r_k) / n_k ("centred"); the forward is the same."""
+    torch.manual_seed(4)
+    H, L, D, N, W = 2, 7, 3, 2, 3
+    q = MultiCodebookQuantizer(N, W, D, tau=0.5, assign_noise="none", straight_through=straight_through).train()
+    e = torch.randn(H, L, D)
+    mask = torch.arange(L)[None] < torch.tensor([[7], [4]])
+    e = e * mask[..., None]
+    g = torch.randn(H, N, W, D)  # dLoss/dclusters
+    out = q(e, mask)
+    (out.clusters * g).sum().backward()
+    torch.testing.assert_close(out.clusters, q.eval()(e, mask).clusters, rtol=0, atol=0)
+
+    # The same gradient from a surrogate: sum_lk prob_lk · <pull_lk, g_k> / n_k with prob = softmax(s / tau).
+    surrogate = MultiCodebookQuantizer(N, W, D, tau=0.5)
+    surrogate.load_state_dict(q.state_dict())
+    prob = (surrogate.scores(e) / 0.5).softmax(-1)  # (H, L, N, W)
+    n = out.cluster_size.clamp(min=1)  # (H, N, W)
+    pull = e[:, :, None, None, :].expand(H, L, N, W, D)
+    if straight_through == "centred":
+        pull = pull - out.clusters.detach()[:, None]
+    weight = (pull * g[:, None]).sum(-1) / n[:, None] * mask[:, :, None, None]  # (H, L, N, W)
+    (prob * weight).sum().backward()
+    torch.testing.assert_close(q.codebooks.grad, surrogate.codebooks.grad)
+    torch.testing.assert_close(q.proj.grad, surrogate.proj.grad)
+
+
+def test_options_are_checked():
+    with pytest.raises(ValueError, match="assign_noise"):
+        MultiCodebookQuantizer(1, 2, 2, assign_noise="uniform")
+    with pytest.raises(ValueError, match="straight_through"):
+        MultiCodebookQuantizer(1, 2, 2, straight_through="centered")
+
+
+def test_a_single_codeword_always_agrees_with_zero_margin():
+    q = MultiCodebookQuantizer(n_codebooks=2, codebook_size=1, dim=2)
+    stats = q.agreement(KNOWN_E, KNOWN_MASK, torch.Generator().manual_seed(0))
+    assert stats.agreement.tolist() == [1.0, 1.0] and stats.margin.tolist() == [0.0, 0.0]
