@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 import typing
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -218,6 +218,7 @@ def train(
     resume: str | None = None,
     progress: Progress | None = None,
     run_id: str | None = None,
+    on_epoch: EpochCallback | None = None,
 ) -> TrainResult:
     """Train ``model_name`` on a prepared set, or resume the run ``resume``; returns the summary.
 
@@ -225,6 +226,10 @@ def train(
     it can find the run again after a kill). While a process trains a run it holds the run's
     lock: a second process resuming the same run fails at once instead of training it twice,
     and a run recorded as running whose lock nobody holds reads as dead (dmqn_core.runs.store).
+
+    ``on_epoch(epoch, valid_metrics)`` is called on rank 0 after each epoch is recorded; when it
+    returns True training stops there, as early stopping would (`dmqn tune`'s pruner uses it): the
+    best epoch so far is evaluated on the test split and the run finishes.
 
     Every setting, the model and the data set are checked before a new run gets its directory,
     lock and run-store row, so a refused training leaves nothing behind; a run that fails after
@@ -249,7 +254,11 @@ def train(
             return plan
 
         plan = distributed.from_main(context, claim_run)
-        return _train(workspace, store, plan, progress if context.is_main else None, context)
+        return _train(workspace, store, plan, progress if context.is_main else None, context, on_epoch)
+
+
+# Called after each epoch with (epoch, validation metrics); True stops the training there.
+EpochCallback = Callable[[int, dict[str, float]], bool]
 
 
 @dataclass
@@ -336,7 +345,12 @@ def _check_world_size(train_config: TrainConfig, context: distributed.Context) -
 
 
 def _train(
-    workspace: Workspace, store: RunStore, plan: _Plan, progress: Progress | None, context: distributed.Context
+    workspace: Workspace,
+    store: RunStore,
+    plan: _Plan,
+    progress: Progress | None,
+    context: distributed.Context,
+    on_epoch: EpochCallback | None = None,
 ) -> TrainResult:
     progress = progress or NullProgress()
     main = context.is_main
@@ -488,8 +502,12 @@ def _train(
                     f"epoch {epoch}: train loss {train_loss:.4f}, valid AUC {valid['auc']:.4f}"
                     f"{' (best)' if improved else ''}, {samples_per_s:,.0f} samples/s"
                 )
+            stop = main and on_epoch is not None and bool(on_epoch(epoch, valid))
             # Rank 0's bookkeeping decides for everyone: all ranks stop after the same epoch.
             state = distributed.broadcast(context, state)
+            if distributed.broadcast(context, stop):
+                progress.log(f"stopped after epoch {epoch} by the caller")
+                break
             if state["stale_epochs"] >= train_config.patience:
                 progress.log(f"early stop: no better validation AUC for {train_config.patience} epochs")
                 break

@@ -10,9 +10,10 @@ finished trials of the whole study, so a study that was killed runs only the mis
 of a process killed outright (SIGKILL, a power cut) stop sending their heartbeat and are marked
 failed by the next trial that starts; failed trials do not count.
 
-Trials are not pruned while they train: ``train()`` has no per-epoch hook, so each trial trains
-to its end (or its early stop); every epoch's validation AUC is reported to the trial afterwards,
-for the record (``optuna-dashboard`` and ``Study.trials`` show the curves).
+Trials are pruned while they train: after every epoch ``train()`` hands the validation AUC to
+the trial (its ``on_epoch`` hook), and Optuna's median pruner stops a trial whose AUC is below the
+median of the earlier trials at that epoch. A pruned trial's run ends like an early-stopped one
+(its best epoch so far is tested and the run finishes); the study records the trial as pruned.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from optuna.trial import TrialState
 from dmqn_core.data.prepared import PreparedSet
 from dmqn_core.errors import DmqnError, exception_summary
 from dmqn_core.progress import NullProgress, Progress
-from dmqn_core.runs.store import RunStore, new_run_id
+from dmqn_core.runs.store import new_run_id
 from dmqn_core.training.search_spaces import space, split_settings, suggest
 from dmqn_core.training.train import train
 from dmqn_core.uris import redact_uri, scrub
@@ -129,12 +130,16 @@ def tune(
         fixed_train["epochs"] = epochs
 
     rdb = _storage(workspace, storage)
-    the_study = optuna.create_study(storage=rdb, study_name=study_name, direction="maximize", load_if_exists=True)
+    # A trial stops at an epoch where its validation AUC is below the median of the earlier trials at that
+    # epoch; the first two trials always run to their end, and no trial is judged on its first epoch.
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
+    the_study = optuna.create_study(
+        storage=rdb, study_name=study_name, direction="maximize", load_if_exists=True, pruner=pruner
+    )
     _claim(the_study, dataset_name, data.fingerprint, model_name)
     the_study.sampler = optuna.samplers.TPESampler(seed=seed + len(the_study.trials))
     missing = trials - _count_finished(the_study)
 
-    store = RunStore(workspace.store_path)
     started = time.monotonic()
     ran = 0
 
@@ -149,6 +154,14 @@ def tune(
         trial.set_user_attr("model_settings", run_model)
         trial.set_user_attr("train_settings", run_train)
         progress.log(f"trial {trial.number}: run {run_id}, {_describe(trial.params)}")
+        pruned = False
+
+        def report(epoch: int, valid: dict[str, float]) -> bool:
+            nonlocal pruned
+            trial.report(valid["auc"], epoch)
+            pruned = trial.should_prune()
+            return pruned
+
         result = train(
             workspace,
             dataset,
@@ -157,11 +170,12 @@ def tune(
             run_train,
             progress=_TrialLog(progress, trial.number),
             run_id=run_id,
+            on_epoch=report,
         )
-        for epoch, split, name, value in store.metric_history(run_id):
-            if split == "valid" and name == "auc" and epoch is not None:
-                trial.report(value, epoch)
         ran += 1
+        if pruned:
+            # The run itself finished (its best epoch so far was tested); the study counts it as pruned.
+            raise optuna.TrialPruned(f"valid AUC below the median of earlier trials at epoch {result.best_epoch}")
         return result.best_valid_auc
 
     def after_trial(done: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:

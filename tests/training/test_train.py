@@ -236,3 +236,24 @@ def test_quantizer_flags_reach_the_model_and_the_tau_schedule_runs_per_epoch(tin
 
     refused = CliRunner().invoke(app, ["train", "tiny", "--assign-noise", "uniform", "-w", str(tiny_workspace.root)])
     assert refused.exit_code != 0 and "assign_noise must be one of gumbel, none" in refused.output
+
+
+def test_a_callers_epoch_hook_sees_each_epoch_and_can_stop_the_training(tiny_workspace):
+    seen = []
+
+    def stop_after_the_second(epoch: int, valid: dict[str, float]) -> bool:
+        seen.append((epoch, valid["auc"]))
+        return epoch == 2
+
+    result = train(
+        tiny_workspace,
+        "tiny",
+        "din-short",
+        MODEL,
+        {**TRAIN, "epochs": 4, "patience": 4},
+        on_epoch=stop_after_the_second,
+    )
+    assert [epoch for epoch, _ in seen] == [1, 2]
+    assert [auc for _, auc in seen] == [row["valid_auc"] for row in result.history]
+    record = RunStore(tiny_workspace.store_path).get_run(result.run_id)
+    assert record.status == "finished" and record.epochs_done == 2 and record.test_auc == result.test["auc"]

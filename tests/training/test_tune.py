@@ -215,3 +215,28 @@ def test_a_study_storage_password_is_never_shown(workspace, storage):
     assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
     if storage.startswith("postgresql"):
         assert "s3cr3t-pw" not in result.output and "tuner:***@127.0.0.1" in result.output
+
+
+def test_a_pruned_trial_stops_its_run_at_that_epoch_and_counts(workspace, monkeypatch):
+    # The median pruner's verdict is replaced by a fixed one, so that the test does not depend on
+    # which AUCs the trials happen to reach: trial 1 is pruned after its second epoch.
+    def verdict(trial: optuna.Trial) -> bool:
+        return trial.number == 1 and bool(trial.storage.get_trial(trial._trial_id).intermediate_values.get(2))
+
+    monkeypatch.setattr(optuna.trial.Trial, "should_prune", verdict)
+    result = tune(
+        workspace,
+        "tiny",
+        "din-short",
+        2,
+        study="pruned",
+        epochs=4,
+        model_settings=MODEL,
+        train_settings={**TRAIN, "patience": 4},
+    )
+    states = {row.number: row.state for row in result.trials}
+    assert states == {0: "complete", 1: "pruned"} and result.finished == 2
+    store = RunStore(workspace.store_path)
+    epochs = {row.number: store.get_run(row.run_id).epochs_done for row in result.trials}
+    assert epochs == {0: 4, 1: 2}
+    assert store.get_run(result.trials[1].run_id).status == "finished"
