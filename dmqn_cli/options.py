@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import typer
 
-from dmqn_core.config import ASSIGN_NOISES, STRAIGHT_THROUGH, TAU_PLACEMENTS
+from dmqn_core.config import ASSIGN_NOISES, CODEBOOK_INITS, STRAIGHT_THROUGH, TAU_PLACEMENTS
 from dmqn_core.training.train import read_config_file
 
 MODEL_PANEL = "Model"
@@ -104,6 +104,21 @@ StraightThroughOption = typer.Option(
     "--straight-through",
     help=f"Gradient of a cluster mean into the assignment: {' or '.join(STRAIGHT_THROUGH)}; plain e_l / n_k, "
     "centred (e_l - r_k) / n_k \\[default: plain].",
+    rich_help_panel=MODEL_PANEL,
+)
+
+CodebookInitOption = typer.Option(
+    None,
+    "--codebook-init",
+    help=f"Codewords at the start of a new run: {' or '.join(CODEBOOK_INITS)} (spherical k-means of the first "
+    "training batches' behavior embeddings, per codebook) \\[default: random].",
+    rich_help_panel=MODEL_PANEL,
+)
+DeadCodewordResetOption = typer.Option(
+    None,
+    "--dead-codeword-reset/--no-dead-codeword-reset",
+    help="After each epoch, move codewords no validation behavior was assigned to onto behaviors of the "
+    "busiest clusters \\[default: no].",
     rich_help_panel=MODEL_PANEL,
 )
 

@@ -13,7 +13,9 @@ from dmqn_cli.options import (
     TRAIN_PANEL,
     AssignNoiseOption,
     BatchSizeOption,
+    CodebookInitOption,
     ConfigOption,
+    DeadCodewordResetOption,
     DeviceOption,
     DropoutOption,
     EmbedDimOption,
@@ -83,6 +85,8 @@ def train(
     tau_decay: Optional[float] = TauDecayOption,
     tau_min: Optional[float] = TauMinOption,
     straight_through: Optional[str] = StraightThroughOption,
+    codebook_init: Optional[str] = CodebookInitOption,
+    dead_codeword_reset: Optional[bool] = DeadCodewordResetOption,
     icim_layers: Optional[int] = typer.Option(
         None, "--icim-layers", help="HSTU layers in ICIM; 0 is DMQN-simple \\[default: 1].", rich_help_panel=MODEL_PANEL
     ),
@@ -124,6 +128,8 @@ def train(
             "tau_decay": tau_decay,
             "tau_min": tau_min,
             "straight_through": straight_through,
+            "codebook_init": codebook_init,
+            "dead_codeword_reset": dead_codeword_reset,
             "icim_layers": icim_layers,
             "icim_heads": icim_heads,
             "short_len": short_len,

@@ -11,6 +11,9 @@ from typing import Any
 ASSIGN_NOISES = ("gumbel", "none")
 TAU_PLACEMENTS = ("after_noise", "before_noise")
 STRAIGHT_THROUGH = ("plain", "centred")
+CODEBOOK_INITS = ("random", "kmeans")
+# BehaviorEmbedding's initialisation (dmqn_core.nn.embedding); "scaled" is the default.
+EMBEDDING_INITS = ("scaled", "default")
 
 
 @dataclass
@@ -36,6 +39,12 @@ class ModelConfig:
     # Gradient of the mean pool (eq. 9) into the assignment probabilities: "plain" = e_l / n_k,
     # "centred" = (e_l - r_k) / n_k.
     straight_through: str = "plain"
+    # Codewords at the start: "random" (the initialisation of mcqm.py) or "kmeans" = k-means centres of
+    # the behavior embeddings of the first training batches (per codebook, in its projected space).
+    codebook_init: str = "random"
+    # After each epoch, move codewords no validation behavior was assigned to onto behaviors of the
+    # busiest clusters (dead-codeword reset), so that every codeword gets used again.
+    dead_codeword_reset: bool = False
     icim_layers: int = 1  # stacked HSTU layers (eq. 11-13); 0 = DMQN-simple (Table 3)
     icim_heads: int = 2
     short_len: int = 50  # most recent behaviors mean-pooled into the MLP input
@@ -45,6 +54,18 @@ class ModelConfig:
     usage_loss_weight: float = 0.0
     # Add log(cluster size) to the CTAM logits (see attention.ClusterTargetAttention).
     ctam_size_bias: bool = True
+    # ---- the project's other additions beyond the paper (README "The paper's plain model"); all off
+    # (False, "default") gives the paper's plain DMQN (examples/dmqn-paper.toml) ----
+    # Give the MLP CTAM's log-normaliser per codebook (a soft count of matching behaviors, see ctam.py).
+    ctam_match_scalars: bool = True
+    # Give the MLP c * interest and c * recent besides c, the interests and recent (see nn/mlp.py);
+    # only DMQN's head reads it, the baselines always have them.
+    mlp_products: bool = True
+    # CTAM's projections start as scaled identities (first logits = c . y); False = nn.Linear's uniform init.
+    ctam_identity_init: bool = True
+    # Embedding tables at start: "scaled" = item std 0.005, category 0.15, behavior type 0.05;
+    # "default" = nn.Embedding's N(0, 1) for all three. Applies to every model (they share BehaviorEmbedding).
+    embedding_init: str = "scaled"
 
     # ---- baselines (Table 2); ignored by DMQN ----
     middle_len: int = 200  # behaviors seen by din-middle (din-short sees short_len, din-full all)
@@ -106,6 +127,8 @@ class ModelConfig:
             ("assign_noise", ASSIGN_NOISES),
             ("tau_placement", TAU_PLACEMENTS),
             ("straight_through", STRAIGHT_THROUGH),
+            ("codebook_init", CODEBOOK_INITS),
+            ("embedding_init", EMBEDDING_INITS),
         ):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")

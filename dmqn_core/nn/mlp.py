@@ -12,15 +12,26 @@ class MLPHead(nn.Module):
 
     The products give the MLP explicit candidate / interest match features, which a ReLU-family
     MLP otherwise has to approximate from the concatenation; ``scalars`` carries per-interest
-    match strengths (see attention.py). Activation: PReLU, as in DIN's MLP.
+    match strengths (see ctam.py). ``products=False`` drops c * interests and c * recent, leaving
+    the plain concatenation of eq. 1 (DMQN's ``mlp_products``; every baseline keeps them).
+    Activation: PReLU, as in DIN's MLP.
     """
 
     def __init__(
-        self, dim: int, n_interests: int, hidden: tuple[int, ...], dropout: float = 0.0, n_scalars: int = 0
+        self,
+        dim: int,
+        n_interests: int,
+        hidden: tuple[int, ...],
+        dropout: float = 0.0,
+        n_scalars: int = 0,
+        products: bool = True,
     ) -> None:
         super().__init__()
+        self.products = products
+        self.n_scalars = n_scalars
+        # c, interests, recent; the products add one D per interest and one for recent.
+        width = dim * (n_interests + 2) + (dim * (n_interests + 1) if products else 0) + n_scalars
         layers: list[nn.Module] = []
-        width = dim * (2 * n_interests + 3) + n_scalars
         for h in hidden:
             layers += [nn.Linear(width, h), nn.PReLU(h), nn.Dropout(dropout)]
             width = h
@@ -29,13 +40,20 @@ class MLPHead(nn.Module):
 
     def forward(self, candidate: Tensor, interests: Tensor, recent: Tensor, scalars: Tensor | None = None) -> Tensor:
         """candidate (B, D), interests (B, K, D), recent (B, D), scalars (B, S) -> (B,) logits."""
-        parts = [
-            candidate,
-            interests.flatten(1),
-            (candidate.unsqueeze(1) * interests).flatten(1),
-            recent,
-            candidate * recent,
-        ]
+        given = 0 if scalars is None else scalars.shape[-1]
+        if given != self.n_scalars:  # a clearer error than the first Linear's shape mismatch
+            raise ValueError(f"the head was built for {self.n_scalars} scalars, got {given}")
+        if self.products:
+            parts = [
+                candidate,
+                interests.flatten(1),
+                (candidate.unsqueeze(1) * interests).flatten(1),
+                recent,
+                candidate * recent,
+            ]
+        else:
+            parts = [candidate, interests.flatten(1), recent]
         if scalars is not None:
             parts.append(scalars)
-        return self.net(torch.cat(parts, dim=-1)).squeeze(-1)  # input (B, (2K+3) D + S)
+        # input (B, (2K+3) D + S) with the products, (B, (K+2) D + S) without
+        return self.net(torch.cat(parts, dim=-1)).squeeze(-1)

@@ -71,6 +71,9 @@ _CODEBOOKS = (
     Choice(MODEL, "assign_noise", ("gumbel", "none")),
     Choice(MODEL, "tau_placement", ("after_noise", "before_noise")),
     Choice(MODEL, "straight_through", ("plain", "centred")),
+    # Where the codewords start and whether unused ones are moved back among the behaviors (mcqm.py).
+    Choice(MODEL, "codebook_init", ("random", "kmeans")),
+    Choice(MODEL, "dead_codeword_reset", (False, True)),
 )
 
 # Every model of dmqn_core.models.registry (tests/training/test_tune.py checks that none is missing).

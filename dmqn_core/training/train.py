@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
 import dmqn_core
@@ -59,6 +60,9 @@ RESUME_KEYS = ("model_state", "optimizer_state", "train_state", "torch_rng")
 # distinct histories of the first this-many validation batches (of eval_batch_size samples): a fixed
 # sample, the same every epoch, whose cost does not grow with the validation split.
 DIAGNOSTIC_BATCHES = 4
+# The behaviors k-means initialises the codewords from, and dead codewords are reset onto (bounded cost).
+CODEBOOK_SAMPLE_BATCHES = 8
+CODEBOOK_SAMPLE_BEHAVIORS = 65_536
 
 
 @dataclass
@@ -407,6 +411,13 @@ def _train(
         if checkpoint is not None:
             _restore(checkpoint, run_dir / CHECKPOINT, model, optimizer, state)
             progress.log(f"resuming run {run_id} after epoch {state['epoch']}")
+        elif getattr(getattr(model, "config", None), "codebook_init", "random") == "kmeans":
+            # Every rank reads the same unsharded batches with the same generator: the same codewords.
+            model.quantizer.init_from_data(
+                _sample_behaviors(model, data, train_config, device, epoch=0),
+                _generator(train_config.seed, 0, device),
+            )
+            progress.log("codewords initialised by k-means of the first training behaviors")
         if main:
             if plan.new_run:
                 store.create_run(
@@ -502,6 +513,11 @@ def _train(
                     f"epoch {epoch}: train loss {train_loss:.4f}, valid AUC {valid['auc']:.4f}"
                     f"{' (best)' if improved else ''}, {samples_per_s:,.0f} samples/s"
                 )
+            if getattr(getattr(model, "config", None), "dead_codeword_reset", False):
+                counts = distributed.broadcast(context, counts)
+                _reset_dead_codewords(model, optimizer, data, train_config, device, epoch, counts, progress)
+                if main:  # the checkpoint resumes from the reset codewords; best.pt keeps the evaluated ones
+                    _save_resume_checkpoint(run_dir, model, model_name, model_config, optimizer, train_config, state)
             stop = main and on_epoch is not None and bool(on_epoch(epoch, valid))
             # Rank 0's bookkeeping decides for everyone: all ranks stop after the same epoch.
             state = distributed.broadcast(context, state)
@@ -660,6 +676,27 @@ def _record_epoch(
             list(zip(diagnostics.assignment.agreement.tolist(), diagnostics.assignment.margin.tolist())),
             diagnostics.icim_norm_ratio.tolist(),
         )
+    _save_resume_checkpoint(run_dir, model, model_name, model_config, optimizer, train_config, state)
+    store.update_run(
+        run_id,
+        epochs_done=epoch,
+        best_epoch=state["best_epoch"],
+        best_valid_auc=state["best_valid_auc"],
+        train_seconds=state["train_seconds"],
+        checkpoint=str(run_dir / CHECKPOINT),
+    )
+    return improved
+
+
+def _save_resume_checkpoint(
+    run_dir: Path,
+    model: torch.nn.Module,
+    model_name: str,
+    model_config: ModelConfig,
+    optimizer: torch.optim.Optimizer,
+    train_config: TrainConfig,
+    state: dict[str, Any],
+) -> None:
     save_checkpoint(
         {
             "model_state": model.state_dict(),
@@ -672,15 +709,72 @@ def _record_epoch(
         },
         run_dir / CHECKPOINT,
     )
-    store.update_run(
-        run_id,
-        epochs_done=epoch,
-        best_epoch=state["best_epoch"],
-        best_valid_auc=state["best_valid_auc"],
-        train_seconds=state["train_seconds"],
-        checkpoint=str(run_dir / CHECKPOINT),
+
+
+def _generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
+    """A generator of its own for the codebook init (epoch 0) and resets: the global stream stays untouched."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int(np.random.SeedSequence([seed, epoch], spawn_key=(2,)).generate_state(1)[0]))
+    return generator
+
+
+@torch.no_grad()
+def _sample_behaviors(
+    model: torch.nn.Module, data: PreparedSet, train_config: TrainConfig, device: torch.device, epoch: int
+) -> Tensor:
+    """(M, D) embeddings of the real behaviors of the first training batches of ``epoch``'s order,
+    at most CODEBOOK_SAMPLE_BATCHES batches and CODEBOOK_SAMPLE_BEHAVIORS behaviors (a bounded cost).
+
+    A loader of its own, unsharded: every rank gets the same sample and the training loader's order is untouched.
+    """
+    loader = BatchLoader(
+        data, "train", train_config.batch_size, train_config.max_len, shuffle=True, seed=train_config.seed
     )
-    return improved
+    loader.set_epoch(epoch)
+    parts, total = [], 0
+    for batch in itertools.islice(loader, CODEBOOK_SAMPLE_BATCHES):
+        batch = batch.to(device)
+        e = model.embedding.behaviors(batch.hist_item, batch.hist_category, batch.hist_behavior, batch.hist_mask)
+        parts.append(e[batch.hist_mask])  # (M_b, D) real behaviors only
+        total += parts[-1].shape[0]
+        if total >= CODEBOOK_SAMPLE_BEHAVIORS:
+            break
+    if not parts:
+        return torch.zeros(0, model.quantizer.codebooks.shape[-1], device=device)
+    return torch.cat(parts)[:CODEBOOK_SAMPLE_BEHAVIORS]
+
+
+def _reset_dead_codewords(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: PreparedSet,
+    train_config: TrainConfig,
+    device: torch.device,
+    epoch: int,
+    counts: np.ndarray | None,
+    progress: Progress,
+) -> Tensor | None:
+    """dead_codeword_reset, on every rank alike: codewords with no validation behavior move onto training behaviors.
+
+    Returns the (N, W) bool mask of the codewords reset (None without validation counts).
+    """
+    if counts is None:
+        return None
+    quantizer = model.quantizer
+    reset = quantizer.reset_dead(
+        torch.as_tensor(np.rint(counts), device=device),
+        _sample_behaviors(model, data, train_config, device, epoch),
+        _generator(train_config.seed, epoch, device),
+    )  # (N, W) bool
+    # Adam's moments of a reset codeword belong to the codeword it was: zeroed, the row restarts like a
+    # fresh parameter (Adam's step count is per tensor and stays). W_2 is shared by the codebook's
+    # codewords and keeps its moments.
+    moments = optimizer.state.get(quantizer.codebooks, {})
+    for key in ("exp_avg", "exp_avg_sq"):
+        if key in moments:
+            moments[key][reset] = 0.0
+    progress.log(f"epoch {epoch}: reset {int(reset.sum())} dead codewords")
+    return reset
 
 
 def _rank_seed(seed: int, rank: int, epoch: int) -> int:

@@ -224,3 +224,27 @@ def test_a_few_adam_steps_learn_whether_the_candidate_is_of_the_latest_category(
         opt.step()
         losses.append(bce.item())
     assert losses[-1] < 0.25 * losses[0], losses
+
+
+# DMQN's paper switches that its head and CTAM read (embedding_init is shared by every model on purpose).
+DMQN_ONLY_SWITCHES = {
+    "ctam_size_bias": False,
+    "ctam_match_scalars": False,
+    "mlp_products": False,
+    "ctam_identity_init": False,
+}
+
+
+@pytest.mark.parametrize("name", [name for name in MODELS if not has_codebooks(name)])
+def test_dmqn_only_switches_leave_a_baseline_bit_for_bit(name):
+    """A baseline built with DMQN's switches off has the same parameters and the same logits."""
+    b = random_batch(CONFIG)
+    models = []
+    for config in (CONFIG, ModelConfig(**{**CONFIG.to_dict(), **DMQN_ONLY_SWITCHES})):
+        torch.manual_seed(0)
+        models.append(build_model(name, config).eval())
+    default, switched = models
+    for (key, p), (_, q) in zip(default.state_dict().items(), switched.state_dict().items(), strict=True):
+        assert torch.equal(p, q), key
+    with torch.no_grad():
+        assert torch.equal(default(**b), switched(**b))

@@ -5,10 +5,13 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 import dmqn_core.training.train as train_module
 from dmqn_core.errors import DmqnError
+from dmqn_core.models.dmqn.mcqm import MultiCodebookQuantizer
 from dmqn_core.models.registry import model_names
+from dmqn_core.progress import NullProgress
 from dmqn_core.runs.store import RunStore
 from dmqn_core.training.train import train
 
@@ -257,3 +260,93 @@ def test_a_callers_epoch_hook_sees_each_epoch_and_can_stop_the_training(tiny_wor
     assert [auc for _, auc in seen] == [row["valid_auc"] for row in result.history]
     record = RunStore(tiny_workspace.store_path).get_run(result.run_id)
     assert record.status == "finished" and record.epochs_done == 2 and record.test_auc == result.test["auc"]
+
+
+class LogLines(NullProgress):
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def log(self, message: str) -> None:
+        self.lines.append(message)
+
+
+def test_kmeans_init_starts_a_new_run_from_data_and_a_resumed_run_from_its_checkpoint(tiny_workspace, monkeypatch):
+    calls = []
+    real_init = MultiCodebookQuantizer.init_from_data
+
+    def counted_init(self, *args, **kwargs):
+        calls.append(args[0].shape)
+        return real_init(self, *args, **kwargs)
+
+    starts = []  # the codebooks each epoch starts from
+    real_epoch = train_module._train_epoch
+
+    def record_or_interrupt(model, *args, **kwargs):
+        starts.append(model.quantizer.codebooks.detach().clone())
+        if len(starts) == 3:  # the second epoch of the k-means run
+            raise KeyboardInterrupt
+        return real_epoch(model, *args, **kwargs)
+
+    monkeypatch.setattr(MultiCodebookQuantizer, "init_from_data", counted_init)
+    monkeypatch.setattr(train_module, "_train_epoch", record_or_interrupt)
+    train(tiny_workspace, "tiny", "dmqn", MODEL, {**TRAIN, "epochs": 1})  # the default: random codewords
+    assert calls == []
+    log = LogLines()
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_workspace, "tiny", "dmqn", {**MODEL, "codebook_init": "kmeans"}, TRAIN, progress=log)
+    assert len(calls) == 1 and 0 < calls[0][0] <= train_module.CODEBOOK_SAMPLE_BEHAVIORS
+    assert calls[0][1] == MODEL["embed_dim"]
+    assert "codewords initialised by k-means of the first training behaviors" in log.lines
+    random_start, kmeans_start = starts[0], starts[1]
+    assert random_start.shape == kmeans_start.shape and not torch.allclose(random_start, kmeans_start)
+    store = RunStore(tiny_workspace.store_path)
+    interrupted = store.list_runs()[-1]
+    assert interrupted.params["model"]["codebook_init"] == "kmeans" and interrupted.epochs_done == 1
+
+    train(tiny_workspace, resume=interrupted.run_id)
+    assert len(calls) == 1  # resuming keeps the trained codewords
+    assert store.get_run(interrupted.run_id).status == "finished"
+
+
+def test_dead_codeword_reset_moves_the_dead_codewords_and_zeroes_their_adam_moments(tiny_workspace, monkeypatch):
+    resets = []
+    real_reset = train_module._reset_dead_codewords
+
+    def check_reset(model, optimizer, *args, **kwargs):
+        before = model.quantizer.codebooks.detach().clone()
+        reset = real_reset(model, optimizer, *args, **kwargs)
+        after = model.quantizer.codebooks.detach()
+        assert torch.equal(after[~reset], before[~reset])
+        assert not torch.isclose(after[reset], before[reset]).all(dim=-1).any()
+        moments = optimizer.state[model.quantizer.codebooks]
+        assert (moments["exp_avg"][reset] == 0).all() and (moments["exp_avg_sq"][reset] == 0).all()
+        resets.append(int(reset.sum()))
+        return reset
+
+    monkeypatch.setattr(train_module, "_reset_dead_codewords", check_reset)
+    log = LogLines()
+    # 32 codewords per codebook for the tiny set's few hundred validation histories: some go unused.
+    model = {**MODEL, "codebook_size": 32, "dead_codeword_reset": True}
+    result = train(tiny_workspace, "tiny", "dmqn", model, TRAIN, progress=log)
+    usage = RunStore(tiny_workspace.store_path).codebook_usage(result.run_id)
+    dead = [sum(row[3] for row in usage if row[0] == epoch) for epoch in (1, 2)]
+    assert resets == dead and dead[0] > 0
+    assert [line for line in log.lines if "dead codewords" in line] == [
+        f"epoch {epoch}: reset {n} dead codewords" for epoch, n in zip((1, 2), dead)
+    ]
+
+
+def test_codebook_flags_reach_the_run(tiny_workspace):
+    from typer.testing import CliRunner
+
+    from dmqn_cli.main import app
+
+    flags = ["--codebook-init", "kmeans", "--dead-codeword-reset", "--epochs", "1", "--inspect-users", "0"]
+    flags += ["--embed-dim", "8", "--codebooks", "2", "--codebook-size", "8", "--max-len", "50"]
+    out = CliRunner().invoke(app, ["train", "tiny", *flags, "-w", str(tiny_workspace.root)])
+    assert out.exit_code == 0, out.output
+    model = RunStore(tiny_workspace.store_path).list_runs()[-1].params["model"]
+    assert (model["codebook_init"], model["dead_codeword_reset"]) == ("kmeans", True)
+
+    refused = CliRunner().invoke(app, ["train", "tiny", "--codebook-init", "pca", "-w", str(tiny_workspace.root)])
+    assert refused.exit_code != 0 and "codebook_init must be one of random, kmeans" in refused.output

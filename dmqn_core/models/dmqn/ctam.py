@@ -16,7 +16,7 @@ from torch import Tensor
 
 
 class ClusterTargetAttention(nn.Module):
-    def __init__(self, n_codebooks: int, dim: int, size_bias: bool = True) -> None:
+    def __init__(self, n_codebooks: int, dim: int, size_bias: bool = True, identity_init: bool = True) -> None:
         super().__init__()
         N, D = n_codebooks, dim
         self.size_bias = size_bias
@@ -24,6 +24,11 @@ class ClusterTargetAttention(nn.Module):
         self.wq = nn.Parameter(torch.empty(N, D, D))
         self.wk = nn.Parameter(torch.empty(N, D, D))
         self.wv = nn.Parameter(torch.empty(N, D, D))
+        if not identity_init:
+            # The paper gives no initialisation: nn.Linear's default, U(-1/sqrt(D), 1/sqrt(D)) per (D, D) matrix.
+            for w in (self.wq, self.wk, self.wv):
+                nn.init.uniform_(w, -(D**-0.5), D**-0.5)
+            return
         # Start from the plain similarity: W_q = W_k = D^(1/4) I makes the logits q.k/sqrt(D)
         # equal c.y, and W_v = I passes the clusters through. With random projections the initial
         # logits are an arbitrary bilinear form of candidate and cluster, and the model took

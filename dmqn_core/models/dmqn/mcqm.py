@@ -166,6 +166,80 @@ class MultiCodebookQuantizer(nn.Module):
         return QuantizerOutput(clusters=clusters, cluster_mask=size > 0, cluster_size=size, mean_prob=mean_prob)
 
     @torch.no_grad()
+    def set_folded_codebooks(self, folded: Tensor, rows: Tensor | None = None) -> None:
+        """Set codewords (N, W, D) given in the behavior-embedding space: the inverse of folded_codebooks.
+
+        folded = c W_2^T per codebook, so c = folded W_2^{-T} (W_2 is orthogonal at init and stays
+        invertible in practice). rows (N, W) bool: only these codewords change (default: all).
+        """
+        # (N, D, D) x (N, D, W) -> (N, D, W): solves W_2 c^T = folded^T for c^T.
+        codebooks = torch.linalg.solve(self.proj, folded.transpose(1, 2)).transpose(1, 2)  # (N, W, D)
+        if rows is None:
+            self.codebooks.copy_(codebooks)
+        else:
+            self.codebooks[rows] = codebooks[rows]
+
+    @torch.no_grad()
+    def init_from_data(self, e: Tensor, generator: torch.Generator, iterations: int = 10) -> None:
+        """codebook_init="kmeans": each codebook's codewords from k-means of the real behaviors e (M, D).
+
+        The scores are dot products with no bias, e · f_w, so argmax_w picks the nearest centre only
+        when every codeword has the same norm: |e - f|^2 = |e|^2 - 2 e·f + |f|^2. We therefore cluster
+        the directions of e (spherical k-means, Lloyd on the unit sphere) and set every folded codeword
+        to its unit centre times sqrt(D): argmax_w e · f_w is then exactly the nearest centre by cosine,
+        and the codeword norm is that of the random init (std 1 per coordinate), so the scores start on
+        the scale that init's comment describes. Each codebook starts from its own k-means++ seeds
+        (plain random seeds often put two centres in one blob, which 10 Lloyd steps do not undo).
+        """
+        N, W, D = self.codebooks.shape
+        x = nn.functional.normalize(e.float(), dim=-1)  # (M, D) directions
+        M = x.shape[0]
+        if M == 0:
+            return
+        folded = torch.empty(N, W, D, device=x.device)
+        for n in range(N):
+            centres = _kmeans_plus_plus(x, W, generator)  # (W, D)
+            for _ in range(iterations):
+                z = (x @ centres.T).argmax(dim=-1)  # (M,) nearest centre by cosine
+                summed = torch.zeros(W, D, device=x.device).index_add_(0, z, x)  # (W, D)
+                empty = torch.bincount(z, minlength=W) == 0  # (W,)
+                # An empty cluster keeps no centre: it is re-seeded from a random behavior.
+                summed[empty] = x[torch.randint(M, (int(empty.sum()),), generator=generator, device=x.device)]
+                centres = nn.functional.normalize(summed, dim=-1)
+            folded[n] = centres * math.sqrt(D)
+        self.set_folded_codebooks(folded.to(self.codebooks.dtype))
+
+    @torch.no_grad()
+    def reset_dead(self, counts: Tensor, e: Tensor, generator: torch.Generator, noise: float = 0.01) -> Tensor:
+        """dead_codeword_reset: move the codewords with zero counts (N, W) onto behaviors of e (M, D).
+
+        A dead codeword w of codebook n is pointed at a behavior drawn, in proportion to its cluster's
+        count, from the behaviors e that codebook n currently assigns to its busiest clusters, plus
+        relative noise so that two codewords reset onto one behavior differ. Its folded norm becomes
+        that of the busiest codeword, so it outscores the codeword that behavior had and takes over
+        part of a crowded cluster. Returns the (N, W) bool mask of the codewords reset.
+        """
+        N, W, D = self.codebooks.shape
+        dead = counts == 0  # (N, W)
+        if e.shape[0] == 0:
+            return torch.zeros_like(dead)
+        folded = self.folded_codebooks()  # (N, W, D)
+        z = self.scores(e.unsqueeze(0))[0].argmax(dim=-1)  # (M, N) current codeword of each behavior
+        weight = counts.to(e.dtype).gather(1, z.T).T  # (M, N) the count of each behavior's cluster
+        for n in range(N):
+            k = int(dead[n].sum())
+            if k == 0 or weight[:, n].sum() <= 0:
+                dead[n] = False  # nothing alive to take behaviors from
+                continue
+            picked = e[torch.multinomial(weight[:, n], k, replacement=True, generator=generator)]  # (k, D)
+            jitter = torch.randn(picked.shape, generator=generator, device=e.device, dtype=e.dtype)
+            direction = nn.functional.normalize(picked + noise * picked.norm(dim=-1, keepdim=True) * jitter, dim=-1)
+            busiest = int(counts[n].argmax())
+            folded[n, dead[n]] = direction * folded[n, busiest].norm()
+        self.set_folded_codebooks(folded, rows=dead)
+        return dead
+
+    @torch.no_grad()
     def agreement(self, e: Tensor, mask: Tensor, generator: torch.Generator | None = None) -> AssignmentStats:
         """How often the training path picks the inference path's codeword, on e (H, L, D) with mask (H, L).
 
@@ -186,6 +260,18 @@ class MultiCodebookQuantizer(nn.Module):
             agreeing=(training == inference).sum(dim=0).cpu().numpy().astype(np.int64),
             margin_sum=margin.double().cpu().numpy(),
         )
+
+
+def _kmeans_plus_plus(x: Tensor, k: int, generator: torch.Generator) -> Tensor:
+    """k-means++ seeds of unit vectors x (M, D) under cosine distance -> (k, D): each next seed is drawn
+    with probability proportional to its squared distance 1 - cos to the nearest seed so far."""
+    centres = x[torch.randint(x.shape[0], (1,), generator=generator, device=x.device)]  # (1, D)
+    for _ in range(k - 1):
+        distance = (1.0 - (x @ centres.T).amax(dim=-1)).clamp(min=0.0)  # (M,)
+        # All points on the seeds (fewer directions than codewords): any point will do.
+        weight = distance.square() if distance.sum() > 0 else torch.ones_like(distance)
+        centres = torch.cat([centres, x[torch.multinomial(weight, 1, generator=generator)]])
+    return centres
 
 
 @dataclass

@@ -92,8 +92,16 @@ class DMQN(InterestModel):
         self.icim = ClusterInteraction(
             c.icim_layers, c.n_codebooks, c.codebook_size, c.embed_dim, c.icim_heads, c.dropout
         )
-        self.ctam = ClusterTargetAttention(c.n_codebooks, c.embed_dim, c.ctam_size_bias)
-        self.head = MLPHead(c.embed_dim, c.n_codebooks, c.mlp_hidden, c.dropout, n_scalars=c.n_codebooks)
+        self.ctam = ClusterTargetAttention(c.n_codebooks, c.embed_dim, c.ctam_size_bias, c.ctam_identity_init)
+        # One match scalar per codebook (CTAM's log-normaliser) unless ctam_match_scalars is off.
+        self.head = MLPHead(
+            c.embed_dim,
+            c.n_codebooks,
+            c.mlp_hidden,
+            c.dropout,
+            n_scalars=c.n_codebooks if c.ctam_match_scalars else 0,
+            products=c.mlp_products,
+        )
 
     def encode_user(  # type: ignore[override]  # DMQN's state is UserState, not the baselines' Histories
         self,
@@ -130,7 +138,7 @@ class DMQN(InterestModel):
         interest, match, weights = self.ctam(
             c, state.clusters, state.cluster_mask, state.cluster_size
         )  # (B, N, D), (B, N), (B, N, W)
-        logits = self.head(c, interest, state.recent, match)  # (B,)
+        logits = self.head(c, interest, state.recent, match if self.config.ctam_match_scalars else None)  # (B,)
         if return_weights:
             return logits, weights
         return logits

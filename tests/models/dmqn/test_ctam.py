@@ -161,3 +161,23 @@ def test_initial_logits_are_the_plain_dot_product(size_bias: bool):
             torch.testing.assert_close(w[b, j], expected)
             torch.testing.assert_close(interest[b, j], expected[real] @ clusters[b, j, real])  # W_v = I
             torch.testing.assert_close(match[b, j], torch.logsumexp(logits, 0) - total.log())
+
+
+def test_without_identity_init_the_projections_start_random_like_nn_linear():
+    """identity_init=False: every W_q, W_k, W_v is U(-1/sqrt(D), 1/sqrt(D)), no multiple of the identity,
+    and the first logits are no longer the plain dot product c.y."""
+    N, D = 3, 16
+    torch.manual_seed(0)
+    ctam = ClusterTargetAttention(N, D, size_bias=False, identity_init=False)
+    bound = D**-0.5
+    for w in (ctam.wq, ctam.wk, ctam.wv):
+        off_diagonal = w[:, ~torch.eye(D, dtype=torch.bool)]  # (N, D*D - D)
+        assert off_diagonal.abs().min() > 0 and w.abs().max() <= bound
+        # the std of U(-a, a) is a / sqrt(3): 768 draws per matrix pin it within a few percent
+        assert abs(w.std().item() / (bound / math.sqrt(3)) - 1) < 0.1
+        assert not torch.equal(ctam.wq[0], ctam.wq[1])  # each codebook its own matrix
+    cand, clusters, mask, size = setup(seed=5, N=N, D=D)
+    _, _, w = ctam(cand, clusters, mask, size)
+    real = mask[0, 0]
+    dot_product = torch.softmax(clusters[0, 0, real] @ cand[0], 0)
+    assert (w[0, 0, real] - dot_product).abs().max() > 1e-3

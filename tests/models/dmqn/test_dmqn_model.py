@@ -165,18 +165,61 @@ def test_config_round_trips_through_json():
 
 
 @pytest.mark.parametrize("n_scalars", [0, 3])
-def test_mlp_head_input_width(n_scalars: int):
-    """Input concat[c, interests, c*interests, recent, c*recent, scalars]: dim*(2K+3) + S."""
+@pytest.mark.parametrize("products", [True, False])
+def test_mlp_head_input_width(n_scalars: int, products: bool):
+    """Input concat[c, interests, c*interests, recent, c*recent, scalars]: dim*(2K+3) + S;
+    without the products concat[c, interests, recent, scalars]: dim*(K+2) + S."""
     dim, K, B = 8, 3, 4
-    head = MLPHead(dim, K, (16, 8), n_scalars=n_scalars)
-    assert head.net[0].in_features == dim * (2 * K + 3) + n_scalars
+    head = MLPHead(dim, K, (16, 8), n_scalars=n_scalars, products=products)
+    assert head.net[0].in_features == dim * ((2 * K + 3) if products else (K + 2)) + n_scalars
     c, interests, recent = torch.randn(B, dim), torch.randn(B, K, dim), torch.randn(B, dim)
     scalars = torch.randn(B, n_scalars) if n_scalars else None
     assert head(c, interests, recent, scalars).shape == (B,)
-    # the DMQN head takes one match scalar per codebook
-    m = model()
+    with pytest.raises(ValueError, match=f"built for {n_scalars} scalars, got {n_scalars + 1}"):
+        head(c, interests, recent, torch.randn(B, n_scalars + 1))
+
+
+def test_mlp_head_without_products_reads_exactly_c_interests_recent():
+    """products=False: the first layer sees [c, interests, recent] and nothing else (checked against
+    a manual first layer), so a model without them cannot use c * interest."""
+    dim, K, B = 4, 2, 5
+    torch.manual_seed(0)
+    head = MLPHead(dim, K, (), products=False)  # no hidden layer: one Linear
+    c, interests, recent = torch.randn(B, dim), torch.randn(B, K, dim), torch.randn(B, dim)
+    linear = head.net[0]
+    expected = torch.cat([c, interests.flatten(1), recent], 1) @ linear.weight.T + linear.bias
+    torch.testing.assert_close(head(c, interests, recent), expected.squeeze(-1))
+
+
+@pytest.mark.parametrize("match_scalars", [True, False])
+@pytest.mark.parametrize("products", [True, False])
+def test_dmqn_head_follows_match_scalars_and_products(match_scalars: bool, products: bool):
+    """The DMQN head takes one match scalar per codebook and the c * features unless switched off."""
+    config = replace(CONFIG, ctam_match_scalars=match_scalars, mlp_products=products)
+    m = model(config=config).eval()
     K, D = CONFIG.n_codebooks, CONFIG.embed_dim
-    assert m.head.net[0].in_features == D * (2 * K + 3) + K
+    assert m.head.n_scalars == (K if match_scalars else 0)
+    assert m.head.net[0].in_features == D * ((2 * K + 3) if products else (K + 2)) + m.head.n_scalars
+    b = random_batch(config)
+    with torch.no_grad():
+        logits = m(**b)
+        state = m.encode_user(*history(b))
+    assert torch.isfinite(logits).all()
+    assert (logits - m.score(state, b["cand_item"], b["cand_category"], b["hist_index"])).abs().max() <= 1e-5
+
+
+def test_the_match_strength_reaches_the_logit_only_with_match_scalars():
+    """Shifting CTAM's match output (a forward hook) moves the logits with ctam_match_scalars, not without."""
+    for match_scalars in (True, False):
+        config = replace(CONFIG, ctam_match_scalars=match_scalars)
+        m = model(config=config).eval()
+        b = random_batch(config)
+        with torch.no_grad():
+            before = m(**b)
+            hook = m.ctam.register_forward_hook(lambda _m, _i, out: (out[0], out[1] + 5.0, out[2]))
+            after = m(**b)
+            hook.remove()
+        assert torch.equal(before, after) != match_scalars
 
 
 def test_quantizer_diagnostics_add_up_over_batches_and_need_eval_mode():

@@ -239,3 +239,73 @@ def test_a_single_codeword_always_agrees_with_zero_margin():
     q = MultiCodebookQuantizer(n_codebooks=2, codebook_size=1, dim=2)
     stats = q.agreement(KNOWN_E, KNOWN_MASK, torch.Generator().manual_seed(0))
     assert stats.agreement.tolist() == [1.0, 1.0] and stats.margin.tolist() == [0.0, 0.0]
+
+
+def blobs(centres: torch.Tensor, per_blob: int, seed: int = 0) -> torch.Tensor:
+    """(C, D) centres -> (C per_blob, D) points scattered tightly around them, blob-major."""
+    g = torch.Generator().manual_seed(seed)
+    noise = 0.05 * torch.randn(centres.shape[0], per_blob, centres.shape[1], generator=g)
+    return (centres[:, None, :] + noise).reshape(-1, centres.shape[1])
+
+
+def test_kmeans_init_gives_each_well_separated_blob_its_own_codeword():
+    N, W, D = 3, 4, 3
+    # Four directions far apart, at different norms: the init clusters directions, which the dot-product
+    # scores can separate whatever the norms.
+    centres = torch.tensor([[5.0, 0, 0], [0, 1.0, 0], [0, 0, 3.0], [-2.0, -2.0, -2.0]])
+    e = blobs(centres, 50)
+    q = MultiCodebookQuantizer(N, W, D)
+    with torch.no_grad():
+        q.proj.copy_(
+            torch.linalg.qr(torch.randn(N, D, D, generator=torch.Generator().manual_seed(1))).Q
+        )  # non-identity projections: init solves through them
+    q.init_from_data(e, torch.Generator().manual_seed(0))
+    z = q.assign(e.unsqueeze(0), torch.ones(1, e.shape[0], dtype=torch.bool))[0]  # (N, M)
+    for n in range(N):
+        per_blob = z[n].reshape(4, 50)
+        assert (per_blob == per_blob[:, :1]).all()  # one codeword per blob
+        assert per_blob[:, 0].unique().numel() == 4  # and a different one for every blob
+    # Folded codewords are unit directions times sqrt(D), the norm the random init has on average.
+    norms = q.folded_codebooks().norm(dim=-1)
+    assert torch.allclose(norms, torch.full_like(norms, math.sqrt(D)), atol=1e-4)
+
+
+def test_kmeans_init_reseeds_empty_clusters_and_is_reproducible():
+    # Two blobs, four codewords: Lloyd leaves clusters empty, which are re-seeded rather than left at zero.
+    e = blobs(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), 20)
+    first, second = MultiCodebookQuantizer(2, 4, 2), MultiCodebookQuantizer(2, 4, 2)
+    second.load_state_dict(first.state_dict())
+    first.init_from_data(e, torch.Generator().manual_seed(5))
+    second.init_from_data(e, torch.Generator().manual_seed(5))
+    assert torch.equal(first.codebooks, second.codebooks)
+    assert torch.isfinite(first.codebooks).all() and (first.folded_codebooks().norm(dim=-1) > 1.0).all()
+
+
+def test_reset_dead_moves_unused_codewords_into_the_busiest_cluster():
+    q = known_quantizer()  # codebook 0: +x, +y, -(x+y); codebook 1: sign of x - y, codeword 2 never wins
+    # Behaviors along +x and +y only: codeword 2 of codebook 0 and of codebook 1 are dead.
+    e = torch.cat([blobs(torch.tensor([[1.0, 0.0]]), 30), blobs(torch.tensor([[0.0, 1.0]]), 10, seed=1)])
+    mask = torch.ones(1, e.shape[0], dtype=torch.bool)
+    counts = torch.as_tensor(codebook_counts(q.assign(e.unsqueeze(0), mask), 3))
+    assert counts[:, 2].tolist() == [0, 0] and counts[:, :2].sum(dim=1).tolist() == [40, 40]
+    before = q.codebooks.detach().clone()
+
+    reset = q.reset_dead(counts, e, torch.Generator().manual_seed(0))
+
+    assert reset.tolist() == [[False, False, True], [False, False, True]]
+    assert torch.equal(q.codebooks[:, :2], before[:, :2])  # live codewords untouched
+    folded = q.folded_codebooks()
+    # Codebook 0's +x cluster holds 30 of 40 behaviors: draws in proportion to counts land on +x or +y,
+    # the new codeword points along a behavior with the busiest codeword's norm, and now wins behaviors.
+    assert torch.allclose(folded[0, 2].norm(), folded[0, 0].norm())
+    assert torch.nn.functional.cosine_similarity(folded[0, 2], e, dim=-1).max() > 0.99
+    after = torch.as_tensor(codebook_counts(q.assign(e.unsqueeze(0), mask), 3))
+    assert (after[:, 2] > 0).all()
+
+
+def test_reset_dead_leaves_a_fully_used_codebook_alone():
+    q = known_quantizer()
+    before = q.codebooks.detach().clone()
+    e = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]])
+    reset = q.reset_dead(torch.ones(2, 3, dtype=torch.int64), e, torch.Generator().manual_seed(0))
+    assert not reset.any() and torch.equal(q.codebooks, before)
