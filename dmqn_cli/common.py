@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
+from dmqn_core.data.prepared import RAW_ID_RANGE
 from dmqn_core.errors import DmqnError
 from dmqn_core.workspace import WORKSPACE_ENV, Workspace
 
@@ -42,8 +43,7 @@ def open_workspace(path: Optional[Path]) -> Workspace:
 
 
 def _int64(value: int, param_hint: str | None = None) -> int:
-    # Raw ids are int64 in the prepared arrays, the run store and the state cache: a larger one names nothing.
-    if not -(2**63) <= value < 2**63:
+    if value not in RAW_ID_RANGE:
         raise typer.BadParameter(f"{value} is outside the 64-bit range of ids", param_hint=param_hint)
     return value
 

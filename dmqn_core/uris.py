@@ -43,8 +43,8 @@ def uri_secrets(uri: str) -> list[str]:
     return sorted(texts - {""}, key=len, reverse=True)
 
 
-def scrub(text: str, uri: str) -> str:
-    """``text`` (a driver's error message, say) with every form of ``uri``'s password replaced by ***."""
-    for secret in uri_secrets(uri):
+def scrub(text: str, secrets: list[str]) -> str:
+    """``text`` (a driver's error message, say) with each of ``secrets`` (uri_secrets of its URI) replaced by ***."""
+    for secret in secrets:
         text = text.replace(secret, "***")
     return text

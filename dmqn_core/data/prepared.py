@@ -52,6 +52,8 @@ FORMAT_VERSION = 1
 FORMAT_MARKER = "dmqn-prepared"
 META_KEYS = ("format_version", "name", "source", "protocol", "counts")
 SPLITS = ("train", "valid", "test")
+# Raw ids are int64 in the prepared arrays, the run store and the state cache: one outside names nothing.
+RAW_ID_RANGE = range(-(2**63), 2**63)
 
 BEHAVIOR_ARRAYS = {
     "item": np.int32,

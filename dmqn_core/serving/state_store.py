@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 
 from dmqn_core.errors import DmqnError
-from dmqn_core.uris import redact_uri, uri_secrets
+from dmqn_core.uris import redact_uri, scrub, uri_secrets
 
 MANIFEST_FIELDS = ("run_id", "dtype", "n_codebooks", "codebook_size", "dim", "users", "bytes", "created_at")
 
@@ -260,10 +260,7 @@ class RedisStateStore:
 
     def _scrub(self, exc: Exception) -> str:
         """redis-py's message without the password it may echo (urllib quotes a mistyped port, for one)."""
-        text = str(exc)
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return text
+        return scrub(str(exc), self._secrets)
 
     def describe(self) -> str:
         return self.url

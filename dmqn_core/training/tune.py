@@ -33,7 +33,7 @@ from dmqn_core.progress import NullProgress, Progress
 from dmqn_core.runs.store import new_run_id
 from dmqn_core.training.search_spaces import space, split_settings, suggest
 from dmqn_core.training.train import train
-from dmqn_core.uris import redact_uri, scrub
+from dmqn_core.uris import redact_uri, scrub, uri_secrets
 from dmqn_core.workspace import Workspace
 
 # A trial's process writes a heartbeat this often (seconds); one silent for GRACE_PERIOD is dead.
@@ -87,9 +87,8 @@ def _storage(workspace: Workspace, url: str | None) -> optuna.storages.RDBStorag
             return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_INTERVAL, grace_period=GRACE_PERIOD)
     except Exception as exc:  # SQLAlchemy's errors (a bad URL, a missing driver) have no common base here
         # Scrubbed before it is cut short, so that no part of a password survives the cut.
-        raise DmqnError(
-            f"cannot open the study storage {redact_uri(url)}: {scrub(exception_summary(exc, limit=10_000), url)[:200]}"
-        ) from None
+        detail = scrub(exception_summary(exc, limit=10_000), uri_secrets(url))[:200]
+        raise DmqnError(f"cannot open the study storage {redact_uri(url)}: {detail}") from None
 
 
 def tune(

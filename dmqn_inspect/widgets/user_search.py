@@ -8,8 +8,7 @@ from textual.message import Message
 from textual.suggester import SuggestFromList
 from textual.widgets import Input
 
-# Raw ids are int64 in the run store and the prepared arrays; a larger one names no user.
-_ID_RANGE = range(-(2**63), 2**63)
+from dmqn_core.data.prepared import RAW_ID_RANGE
 
 
 class UserSearch(Input):
@@ -56,7 +55,7 @@ class UserSearch(Input):
         except ValueError:  # empty, or a lone sign: nothing to look up
             pass
         else:
-            if user_id in _ID_RANGE:
+            if user_id in RAW_ID_RANGE:
                 self.post_message(self.Chosen(user_id))
             else:
                 self.post_message(self.Rejected(f"user id {user_id} is outside the 64-bit range of ids"))
