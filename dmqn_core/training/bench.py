@@ -251,17 +251,22 @@ def run_bench(
 def _tuned_models(
     workspace: Workspace, data: PreparedSet, models: list[str], studies: Sequence[str], storage: str | None
 ) -> dict[str, TunedSettings]:
-    """The best settings of each study, by the model it tuned: one study per model, on this data set."""
+    """The best settings of each study, by the model it tuned: one study per model, on this data set.
+
+    A study of a model outside ``models`` is part of the budget but trains nothing here: that is what
+    lets disjoint --models lists of one tuned bench run side by side under one --name, then one
+    command with every model print the whole table. At least one study must tune a listed model.
+    """
     by_model: dict[str, TunedSettings] = {}
     for study in dict.fromkeys(studies):
         settings = tuned_settings(workspace, study, storage)
-        if settings.model not in models:
-            raise DmqnError(f"study {study!r} tunes model {settings.model!r}, which the bench does not train")
         if settings.model in by_model:
             raise DmqnError(f"studies {by_model[settings.model].study!r} and {study!r} both tune {settings.model!r}")
         if settings.fingerprint != data.fingerprint:
             raise DmqnError(f"study {study!r} was tuned on another data set (fingerprint {settings.fingerprint})")
         by_model[settings.model] = settings
+    if by_model and not set(by_model) & set(models):
+        raise DmqnError(f"no study of --tuned tunes a model the bench trains ({', '.join(models)})")
     return by_model
 
 

@@ -196,12 +196,30 @@ def test_a_bench_trains_tuned_models_with_their_best_settings(workspace):
 
 def test_a_bench_refuses_studies_it_cannot_use(workspace):
     small(workspace, "din-middle", 1, study="owned")
-    with pytest.raises(DmqnError, match="which the bench does not train"):
+    with pytest.raises(DmqnError, match="no study of --tuned tunes a model the bench trains"):
         run_bench(workspace, "tiny", ["pop"], [0], MODEL, TRAIN, tuned=["owned"])
     with pytest.raises(DmqnError, match="another data set"):
         run_bench(workspace, "other", ["din-middle"], [0], MODEL, TRAIN, tuned=["owned"])
     result = cli(workspace, "bench", "tiny", "--models", "din-middle", "--seeds", "1", "--tuned", "owned,nope")
     assert result.exit_code == 1 and "no study 'nope'" in result.output
+
+
+def test_disjoint_model_lists_of_one_tuned_bench_share_its_runs(workspace):
+    # Two processes may split a tuned bench by --models under one name; the budget names every study,
+    # so a third command with all the models reuses both halves instead of training them again.
+    small(workspace, "din-short", 1, study="half-a")
+    small(workspace, "din-middle", 1, study="half-b")
+    studies = ["half-a", "half-b"]
+    first = run_bench(workspace, "tiny", ["din-short"], [0], MODEL, TRAIN, name="split", tuned=studies)
+    second = run_bench(workspace, "tiny", ["din-middle"], [0], MODEL, TRAIN, name="split", tuned=studies)
+    whole = run_bench(workspace, "tiny", ["din-short", "din-middle"], [0], MODEL, TRAIN, name="split", tuned=studies)
+    assert (first.trained, second.trained, whole.trained, whole.reused) == (1, 1, 0, 2)
+    runs = {row.model: row.run_ids[0] for row in whole.rows}
+    assert runs == {"din-short": first.rows[0].run_ids[0], "din-middle": second.rows[0].run_ids[0]}
+    # Each half trained its own model with its own study's settings.
+    store = RunStore(workspace.store_path)
+    best = show_study(workspace, "half-b").best_model_settings
+    assert store.get_run(runs["din-middle"]).params["model"]["middle_len"] == best["middle_len"]
 
 
 @pytest.mark.parametrize(
