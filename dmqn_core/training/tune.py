@@ -129,11 +129,8 @@ def tune(
         fixed_train["epochs"] = epochs
 
     rdb = _storage(workspace, storage)
-    # A trial stops at an epoch where its validation AUC is below the median of the earlier trials at that
-    # epoch; the first two trials always run to their end, and no trial is judged on its first epoch.
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
     the_study = optuna.create_study(
-        storage=rdb, study_name=study_name, direction="maximize", load_if_exists=True, pruner=pruner
+        storage=rdb, study_name=study_name, direction="maximize", load_if_exists=True, pruner=epoch_pruner()
     )
     _claim(the_study, dataset_name, data.fingerprint, model_name)
     the_study.sampler = optuna.samplers.TPESampler(seed=seed + len(the_study.trials))
@@ -213,6 +210,16 @@ class _TrialLog(NullProgress):
 
     def log(self, message: str) -> None:
         self._progress.log(f"trial {self._number}: {message}")
+
+
+def epoch_pruner() -> optuna.pruners.MedianPruner:
+    """A trial stops at an epoch where its validation AUC is below the median of the earlier trials at that
+    epoch; the first two trials always run to their end, and no trial is judged on its first epoch.
+
+    Trials report epochs 1, 2, ... as Optuna's steps, and the pruner judges a step >= n_warmup_steps:
+    2 leaves epoch 1 alone (1 would not).
+    """
+    return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=2)
 
 
 def show_study(workspace: Workspace, study: str, storage: str | None = None) -> TuneResult:

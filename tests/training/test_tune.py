@@ -236,6 +236,28 @@ def test_a_study_storage_password_is_never_shown(workspace, storage):
         assert "s3cr3t-pw" not in result.output and "tuner:***@127.0.0.1" in result.output
 
 
+def test_the_pruner_never_judges_a_first_epoch_nor_the_first_two_trials():
+    study = optuna.create_study(direction="maximize", pruner=tune_module.epoch_pruner())
+    for _ in range(2):  # two earlier trials that did well at every epoch
+        good = study.ask()
+        for epoch in (1, 2, 3):
+            good.report(0.9, epoch)
+        study.tell(good, 0.9)
+    poor = study.ask()
+    poor.report(0.5, 1)
+    assert not poor.should_prune()  # far below the median, but at its first epoch
+    poor.report(0.5, 2)
+    assert poor.should_prune()
+    # With one earlier trial only, nothing is pruned even at a later epoch.
+    early = optuna.create_study(direction="maximize", pruner=tune_module.epoch_pruner())
+    first = early.ask()
+    first.report(0.9, 2)
+    early.tell(first, 0.9)
+    second = early.ask()
+    second.report(0.5, 2)
+    assert not second.should_prune()
+
+
 def test_a_pruned_trial_stops_its_run_at_that_epoch_and_counts(workspace, monkeypatch):
     # The median pruner's verdict is replaced by a fixed one, so that the test does not depend on
     # which AUCs the trials happen to reach: trial 1 is pruned after its second epoch.
