@@ -75,8 +75,9 @@ DropoutOption = typer.Option(
 AssignNoiseOption = typer.Option(
     None,
     "--assign-noise",
-    help=f"How MCQM picks a behavior's codeword while training: {' or '.join(ASSIGN_NOISES)} (argmax of the "
-    "scores, as inference does) \\[default: gumbel].",
+    help=f"How MCQM picks a behavior's codeword while training: {' or '.join(ASSIGN_NOISES)}; gumbel samples "
+    "argmax(scores + Gumbel noise) as eq. 6-7 do, none takes the argmax of the scores, as inference does "
+    "\\[default: none].",
     rich_help_panel=MODEL_PANEL,
 )
 TauPlacementOption = typer.Option(
