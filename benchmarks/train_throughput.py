@@ -1,8 +1,12 @@
-"""Training throughput and peak memory of DMQN and the baselines it is compared with (issue 6, targets 1-2).
+"""Training and inference throughput and peak memory of DMQN and the baselines it is compared with (issues 6, 14).
 
 For every model and history length L this script times training steps — forward, backward and
 Adam step, batch B = 256, default ModelConfig dimensions — on the CPU in one process, and reports
-training samples/s, samples per CPU-second and the peak resident memory of that process. Batches
+training samples/s, samples per CPU-second and the peak resident memory of that process; then
+inference steps of the same batches as `dmqn eval` runs them (model.eval(), torch.no_grad()
+forward). For dmqn (and dmqn-reference) it also times MCQM's forward + backward alone and prints
+the GFLOP/s of its matmuls next to the GFLOP/s of one dense torch.matmul of the same total FLOPs
+in the same process: how far from the machine's matmul speed the quantizer runs. Batches
 look like BatchLoader's: a positive and a negative share one history (BatchLoader encodes a shared
 history once), so a batch holds H = B/2 histories, all of exactly L behaviors here (item ids by
 Zipf-like popularity, each item with a fixed category; the positive is an item of its history,
@@ -11,14 +15,17 @@ the negative a popular item). Building the batches is not timed.
 Each (model, L) runs in a fresh subprocess, so the peak memory is that configuration's alone.
 dmqn and din-full alternate (dmqn, din-full, dmqn, din-full, ... `--repeats` times each) before
 the other models at the same L, so their ratio is measured side by side under the same machine
-load; the ratio printed is the median of the per-pair ratios. Warm-up steps are not timed.
+load; the ratio printed is the median of the per-pair ratios. `--reference` adds dmqn-reference
+(DMQN training with MCQM's reference path, MultiCodebookQuantizer(fused=False)) to each
+alternating round, so that the fused quantizer's gain is measured side by side too. Warm-up steps are not timed.
 On a machine shared with other work, wall-clock samples/s moves with the load; samples per
 CPU-second (process CPU time, all threads) measures what the steps themselves cost, and with
 `--threads 1` it is close to what an idle core would give. Nothing here runs in CI, and no
 timing goes into a test.
 
-    python benchmarks/train_throughput.py                                  # every model, L = 200, 1000, 5000
+    python benchmarks/train_throughput.py                      # every model, L = 200, 1000, 5000, 10000
     python benchmarks/train_throughput.py --models dmqn,din-full --lengths 1000 --steps 20 --out tp.json
+    python benchmarks/train_throughput.py --models dmqn,din-full --lengths 1000,5000 --reference
     python benchmarks/train_throughput.py --threads 1
 """
 
@@ -33,6 +40,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -42,8 +50,9 @@ from dmqn_core.config import ModelConfig
 from dmqn_core.models.registry import build_model
 
 MODELS = ("din-short", "din-full", "sim", "eta", "twin", "dmqn-simple", "dmqn")
-LENGTHS = (200, 1000, 5000)
-PAIRED = ("dmqn", "din-full")  # measured alternately: their ratio is the target of issue 6
+LENGTHS = (200, 1000, 5000, 10000)
+PAIRED = ("dmqn", "din-full")  # measured alternately: their ratio is the target of issues 6 and 14
+REFERENCE = "dmqn-reference"  # dmqn with MCQM's reference path (--reference), in every alternating round
 # Vocabulary of the synthetic `small` set (dmqn synth --scale small): about 19k items, 400
 # categories; 4 behavior types + padding. The item table's size sets the cost of Adam's step.
 N_ITEMS, N_CATEGORIES, N_BEHAVIOR_TYPES = 20_000, 400, 5
@@ -73,13 +82,69 @@ def make_batch(
     )
 
 
+def build(model_name: str, config: ModelConfig) -> torch.nn.Module:
+    """The registry's model; dmqn-reference is dmqn whose quantizer trains on the reference path."""
+    if model_name != REFERENCE:
+        return build_model(model_name, config)
+    model = build_model("dmqn", config)
+    model.quantizer.fused = False
+    return model
+
+
+def matmul_flops(model_name: str, histories: int, length: int, config: ModelConfig) -> float:
+    """FLOPs of the matmuls of one MCQM forward + backward, each 2 M D N W for M = H L behaviors.
+
+    fused: forward scores; backward recomputed scores, dp = e G^T, ds @ folded, ds^T e (5); the
+    scatter-add pooling and its gather are no matmul and not counted. reference: scores and the
+    one-hot pooling forward; backward d(one-hot), de of the pooling, de and dfolded of the scores (6).
+    """
+    per_matmul = 2.0 * histories * length * config.embed_dim * config.n_codebooks * config.codebook_size
+    return per_matmul * (6 if model_name == REFERENCE else 5)
+
+
+def quantizer_speed(model: torch.nn.Module, model_name: str, batch: dict[str, torch.Tensor], steps: int) -> dict:
+    """MCQM forward + backward alone on the batch's embedded histories: achieved matmul GFLOP/s next to
+    the GFLOP/s of one dense (n, n) x (n, n) torch.matmul of the same total FLOPs, in this process."""
+    config = model.config
+    mask = batch["hist_mask"]
+    with torch.no_grad():
+        e = model.embedding.behaviors(batch["hist_item"], batch["hist_category"], batch["hist_behavior"], mask)
+    e.requires_grad_(True)
+    H, L, _ = e.shape
+    grad = torch.randn(H, config.n_codebooks, config.codebook_size, config.embed_dim)
+
+    def fwd_bwd() -> None:
+        (model.quantizer(e, mask).clusters * grad).sum().backward()
+
+    fwd_bwd()
+    started = time.perf_counter()
+    for _ in range(steps):
+        fwd_bwd()
+    seconds = (time.perf_counter() - started) / steps
+    flops = matmul_flops(model_name, H, L, config)
+    n = round((flops / 2) ** (1 / 3))
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.matmul(a, b)
+    started = time.perf_counter()
+    for _ in range(steps):
+        torch.matmul(a, b)
+    matmul_seconds = (time.perf_counter() - started) / steps
+    return {
+        "mcqm_seconds": seconds,
+        "mcqm_gflops": flops / seconds / 1e9,
+        "matmul_n": n,
+        "matmul_gflops": 2.0 * n**3 / matmul_seconds / 1e9,
+    }
+
+
 def measure(
     model_name: str, length: int, batch_size: int, warmup: int, steps: int, threads: int, seed: int
 ) -> dict[str, float]:
-    """Train `warmup` untimed then `steps` timed steps in this process.
+    """Train `warmup` untimed then `steps` timed steps in this process, then time `steps` inference steps.
 
     Returns samples/s of wall-clock time, samples per CPU-second of this process (all its threads;
-    what the steps cost whatever else the machine runs) and the peak resident memory (MB).
+    what the steps cost whatever else the machine runs), both for training and inference, the peak
+    resident memory (MB) of training, and for dmqn the MCQM GFLOP/s (quantizer_speed).
     """
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -91,7 +156,7 @@ def measure(
     batches = [make_batch(rng, item_category, popularity, batch_size, length) for _ in range(2)]
     labels = torch.tensor([1.0, 0.0]).repeat(batch_size // 2)  # (B,)
 
-    model = build_model(model_name, config).train()
+    model = build(model_name, config).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
 
     def step(batch: dict[str, torch.Tensor]) -> None:
@@ -101,20 +166,31 @@ def measure(
         loss.backward()
         optimizer.step()
 
-    for i in range(warmup):
-        step(batches[i % len(batches)])
-    started, started_cpu = time.perf_counter(), time.process_time()
-    for i in range(steps):
-        step(batches[i % len(batches)])
-    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - started_cpu
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
-    return {
+    def timed(run: Callable[[dict[str, torch.Tensor]], object]) -> tuple[float, float]:
+        for i in range(warmup):
+            run(batches[i % len(batches)])
+        started, started_cpu = time.perf_counter(), time.process_time()
+        for i in range(steps):
+            run(batches[i % len(batches)])
+        return time.perf_counter() - started, time.process_time() - started_cpu
+
+    seconds, cpu_seconds = timed(step)
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux; training's peak
+    model.eval()  # what dmqn_core.training.evaluate does: eval mode, no autograd
+    with torch.no_grad():
+        infer_seconds, infer_cpu_seconds = timed(lambda batch: model(**batch))
+    result = {
         "samples_per_s": steps * batch_size / seconds,
         "samples_per_cpu_s": steps * batch_size / cpu_seconds,
         "seconds": seconds,
         "cpu_seconds": cpu_seconds,
         "peak_mb": peak_kb / 1024,
+        "infer_samples_per_s": steps * batch_size / infer_seconds,
+        "infer_samples_per_cpu_s": steps * batch_size / infer_cpu_seconds,
     }
+    if model_name in ("dmqn", REFERENCE):
+        result.update(quantizer_speed(model.train(), model_name, batches[0], steps))
+    return result
 
 
 def run_child(model_name: str, length: int, args: argparse.Namespace) -> dict[str, float]:
@@ -143,9 +219,9 @@ def run_child(model_name: str, length: int, args: argparse.Namespace) -> dict[st
 
 
 def schedule(models: list[str], repeats: int) -> list[str]:
-    """dmqn and din-full alternating `repeats` times each (where both are listed), then the others once."""
-    paired = [m for m in PAIRED if m in models]
-    order = paired * repeats if len(paired) == 2 else [m for m in models if m in paired]
+    """dmqn, din-full (and dmqn-reference) alternating `repeats` times each where listed, then the others once."""
+    paired = [m for m in (*PAIRED, REFERENCE) if m in models]
+    order = paired * repeats if all(m in models for m in PAIRED) else paired
     return order + [m for m in models if m not in paired]
 
 
@@ -175,6 +251,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="timed steps per measurement")
     parser.add_argument("--repeats", type=int, default=3, help="alternating measurements of dmqn and din-full per L")
     parser.add_argument(
+        "--reference", action="store_true", help="also measure dmqn-reference (MCQM's reference path), alternating"
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=len(os.sched_getaffinity(0)),
@@ -192,7 +271,7 @@ def main() -> None:
         print(json.dumps(result))
         return
 
-    models = [m for m in args.models.split(",") if m]
+    models = [m for m in args.models.split(",") if m] + ([REFERENCE] if args.reference else [])
     lengths = [int(x) for x in args.lengths.split(",") if x]
     if args.batch_size < 2 or args.batch_size % 2:
         parser.error("--batch-size must be even (a positive and a negative per history)")
@@ -208,39 +287,69 @@ def main() -> None:
         for model_name in schedule(models, args.repeats):
             result = run_child(model_name, length, args)
             runs.setdefault((model_name, length), []).append(result)
+            mcqm = (
+                f"; MCQM {result['mcqm_gflops']:.1f} GFLOP/s vs matmul {result['matmul_gflops']:.1f}"
+                if "mcqm_gflops" in result
+                else ""
+            )
             print(
-                f"  L={length:>5} {model_name:<12} {result['samples_per_s']:>9,.1f} samples/s "
-                f"{result['samples_per_cpu_s']:>9,.1f} per CPU s {result['peak_mb']:>8,.0f} MB peak   "
-                f"(load {load_average()})",
+                f"  L={length:>5} {model_name:<14} train {result['samples_per_s']:>8,.1f}/s "
+                f"{result['samples_per_cpu_s']:>8,.1f} per CPU s {result['peak_mb']:>7,.0f} MB peak; "
+                f"infer {result['infer_samples_per_s']:>8,.1f}/s {result['infer_samples_per_cpu_s']:>8,.1f} per CPU s"
+                f"{mcqm}   (load {load_average()})",
                 flush=True,
             )
 
     def median(model_name: str, length: int, key: str) -> float:
         return statistics.median(r[key] for r in runs[(model_name, length)])
 
-    ratios: dict[str, dict[int, float]] = {"samples_per_s": {}, "samples_per_cpu_s": {}}
+    keys = ("samples_per_s", "samples_per_cpu_s", "infer_samples_per_s", "infer_samples_per_cpu_s")
+    ratios: dict[str, dict[str, dict[int, float]]] = {}  # model -> key -> L -> median ratio to din-full
     if all(m in models for m in PAIRED):
-        for key, by_length in ratios.items():
-            for length in lengths:
-                pairs = zip(runs[("dmqn", length)], runs[("din-full", length)])
-                by_length[length] = statistics.median(a[key] / b[key] for a, b in pairs)
+        for model_name in ("dmqn", REFERENCE):
+            if model_name not in models:
+                continue
+            ratios[model_name] = {
+                key: {
+                    n: statistics.median(a[key] / b[key] for a, b in zip(runs[(model_name, n)], runs[("din-full", n)]))
+                    for n in lengths
+                }
+                for key in keys
+            }
 
-    print()
-    print("| model | " + " | ".join(f"L={n} samples/s | per CPU s | peak MB" for n in lengths) + " |")
-    print("| --- | " + " | ".join("---: | ---: | ---:" for _ in lengths) + " |")
+    for title, (wall, cpu) in (("Training", keys[:2]), ("Inference", keys[2:])):
+        print(f"\n{title}:")
+        print("| model | " + " | ".join(f"L={n} samples/s | per CPU s" for n in lengths) + " |")
+        print("| --- | " + " | ".join("---: | ---:" for _ in lengths) + " |")
+        for model_name in models:
+            cells = [f"{median(model_name, n, wall):,.0f} | {median(model_name, n, cpu):,.0f}" for n in lengths]
+            print(f"| {model_name} | " + " | ".join(cells) + " |")
+    print("\nPeak resident memory of training (MB):")
+    print("| model | " + " | ".join(f"L={n}" for n in lengths) + " |")
+    print("| --- | " + " | ".join("---:" for _ in lengths) + " |")
     for model_name in models:
-        cells = [
-            f"{median(model_name, n, 'samples_per_s'):,.0f} | {median(model_name, n, 'samples_per_cpu_s'):,.0f}"
-            f" | {median(model_name, n, 'peak_mb'):,.0f}"
-            for n in lengths
-        ]
-        print(f"| {model_name} | " + " | ".join(cells) + " |")
-    for length in ratios["samples_per_s"]:
-        print(
-            f"dmqn / din-full at L={length}: {ratios['samples_per_s'][length]:.2f} wall-clock, "
-            f"{ratios['samples_per_cpu_s'][length]:.2f} per CPU second "
-            f"(medians of {args.repeats} side-by-side pairs)"
-        )
+        print(f"| {model_name} | " + " | ".join(f"{median(model_name, n, 'peak_mb'):,.0f}" for n in lengths) + " |")
+    quantizers = [m for m in ("dmqn", REFERENCE) if m in models]
+    if quantizers:
+        print("\nMCQM forward + backward alone (matmul GFLOP/s; dense torch.matmul of the same FLOPs):")
+        print("| model | " + " | ".join(f"L={n} MCQM | matmul | share" for n in lengths) + " |")
+        print("| --- | " + " | ".join("---: | ---: | ---:" for _ in lengths) + " |")
+        for model_name in quantizers:
+            cells = []
+            for n in lengths:
+                mcqm, dense = median(model_name, n, "mcqm_gflops"), median(model_name, n, "matmul_gflops")
+                cells.append(f"{mcqm:.1f} | {dense:.1f} | {mcqm / dense:.0%}")
+            print(f"| {model_name} | " + " | ".join(cells) + " |")
+    print()
+    for model_name, by_key in ratios.items():
+        for length in lengths:
+            print(
+                f"{model_name} / din-full at L={length}: training {by_key['samples_per_s'][length]:.2f} wall-clock, "
+                f"{by_key['samples_per_cpu_s'][length]:.2f} per CPU second; inference "
+                f"{by_key['infer_samples_per_s'][length]:.2f} wall-clock, "
+                f"{by_key['infer_samples_per_cpu_s'][length]:.2f} per CPU second "
+                f"(medians of {args.repeats} side-by-side pairs)"
+            )
     print(f"load average at end {load_average()}")
 
     if args.out:
@@ -253,8 +362,9 @@ def main() -> None:
             "seed": args.seed,
             "load_average_end": load_average(),
             "runs": [{"model": m, "L": n, **r} for (m, n), rs in runs.items() for r in rs],
-            "ratio_dmqn_din_full": {
-                key: {str(n): r for n, r in by_length.items()} for key, by_length in ratios.items()
+            "ratio_to_din_full": {
+                model_name: {key: {str(n): r for n, r in by_length.items()} for key, by_length in by_key.items()}
+                for model_name, by_key in ratios.items()
             },
         }
         with open(args.out, "w") as f:

@@ -53,8 +53,39 @@ class BehaviorEmbedding(nn.Module):
         Zeroing through the mask, not only through padding_idx, keeps every downstream sum
         independent of whatever ids a loader leaves in padded positions.
         """
-        e = self.item(item) + self.category(category) + self.behavior(behavior)
-        return e * mask.unsqueeze(-1).to(e.dtype)
+        weight = mask.unsqueeze(-1).to(self.item.weight.dtype)  # (..., L, 1)
+        if not (torch.is_grad_enabled() and self.item.weight.requires_grad):
+            return self._summed_lookup(item, category, behavior, weight)
+        # Training: three lookups, whose backward (one sort per table) is faster than embedding_bag's.
+        e = self.item(item) + self.category(category)
+        e += self.behavior(behavior)
+        return e.mul_(weight)
+
+    def _summed_lookup(self, item: Tensor, category: Tensor, behavior: Tensor, weight: Tensor) -> Tensor:
+        """Inference: the three rows summed and masked in one embedding_bag pass over the stacked tables
+        (on CPU about a third of the time of three lookups, two adds and a multiply)."""
+        n_items, n_categories = self.item.num_embeddings, self.category.num_embeddings
+        # An id past its table would silently read the next table's rows: fail as nn.Embedding does.
+        for ids, table in ((item, self.item), (category, self.category), (behavior, self.behavior)):
+            if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < table.num_embeddings:
+                raise IndexError(f"embedding ids out of range [0, {table.num_embeddings})")
+        ids = torch.stack([item, category + n_items, behavior + (n_items + n_categories)], dim=-1)  # (..., L, 3)
+        e = nn.functional.embedding_bag(
+            ids.reshape(-1, 3),
+            self._stacked_tables(),
+            mode="sum",
+            per_sample_weights=weight.expand(ids.shape).reshape(-1, 3),
+        )
+        return e.view(*item.shape, -1)
+
+    def _stacked_tables(self) -> Tensor:
+        """(n_items + n_categories + n_behavior_types, D), rebuilt only when a table changed (in-place version)."""
+        tables = (self.item.weight, self.category.weight, self.behavior.weight)
+        key = tuple((t.data_ptr(), t._version) for t in tables)
+        if getattr(self, "_stacked_key", None) != key:
+            self._stacked = torch.cat([t.detach() for t in tables])
+            self._stacked_key = key
+        return self._stacked
 
     def candidate(self, item: Tensor, category: Tensor) -> Tensor:
         """(...,) ids -> (..., D)."""

@@ -34,18 +34,14 @@ def take_last(x: Tensor, mask: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return gathered * valid.view(*valid.shape, *([1] * (x.dim() - 2))).to(x.dtype), valid
 
 
-def recent_mask(mask: Tensor, k: int) -> Tensor:
-    """(H, L) bool: True at the last k real behaviors of every history."""
-    length = mask.sum(dim=1, keepdim=True)  # (H, 1)
-    pos = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0)  # (1, L)
-    return mask & (pos >= length - k)
-
-
 def recent_mean(e: Tensor, mask: Tensor, k: int) -> Tensor:
-    """Mean embedding of the last k real behaviors: (H, L, D), (H, L) -> (H, D); zero for an empty history."""
-    sel = recent_mask(mask, k).to(e.dtype)  # (H, L)
-    summed = torch.einsum("hl,hld->hd", sel, e)
-    return summed / sel.sum(dim=1, keepdim=True).clamp(min=1.0)
+    """Mean embedding of the last k real behaviors: (H, L, D), (H, L) -> (H, D); zero for an empty history.
+
+    Gathers the k rows instead of weighting all L: O(H k D), not O(H L D), which at L = 5000 and
+    k = 50 is a hundredth of the memory traffic (and of the backward's).
+    """
+    recent, valid = take_last(e, mask, k)  # (H, k', D) zero where not valid, (H, k')
+    return recent.sum(dim=1) / valid.sum(dim=1, keepdim=True).clamp(min=1).to(e.dtype)
 
 
 def gather_rows(x: Tensor, hist_index: Tensor, index: Tensor) -> Tensor:

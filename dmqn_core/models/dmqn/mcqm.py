@@ -16,6 +16,15 @@ import torch.nn as nn
 from torch import Tensor
 
 from dmqn_core.config import ASSIGN_NOISES, STRAIGHT_THROUGH, TAU_PLACEMENTS
+from dmqn_core.models.dmqn.fused_mcqm import (
+    FusedQuantize,
+    argmax_codewords,
+    draw_seed,
+    fill_gumbel,
+    noisy_logits,
+    pool,
+    pool_slots,
+)
 
 
 @dataclass
@@ -40,6 +49,7 @@ class MultiCodebookQuantizer(nn.Module):
     straight_through: "plain" back-propagates e_l / n_k into the assignment probability of behavior l
         and codeword k (the gradient of the mean pool with the counts held fixed); "centred" uses
         (e_l - r_k) / n_k, the change of the cluster mean r_k if behavior l joined it.
+    fused: train with FusedQuantize (default) or with the reference path (tests, benchmarks).
     """
 
     def __init__(
@@ -51,6 +61,7 @@ class MultiCodebookQuantizer(nn.Module):
         assign_noise: str = "gumbel",
         tau_placement: str = "after_noise",
         straight_through: str = "plain",
+        fused: bool = True,
     ) -> None:
         super().__init__()
         N, W, D = n_codebooks, codebook_size, dim
@@ -65,6 +76,9 @@ class MultiCodebookQuantizer(nn.Module):
         self.assign_noise = assign_noise
         self.tau_placement = tau_placement
         self.straight_through = straight_through
+        # The training path: FusedQuantize (chunked, recomputing backward) or the reference written with
+        # whole (H, L, N, W) tensors; the same values and gradients (tests/models/dmqn/test_fused_mcqm.py).
+        self.fused = fused
         # eq. 3: C = [c_1, ..., c_N], c_j in R^{W x D}
         self.codebooks = nn.Parameter(torch.empty(N, W, D))
         # eq. 4: one projection W_2^{c_j} in R^{D x D} per codebook, batched; no bias, as in eq. 4.
@@ -102,54 +116,71 @@ class MultiCodebookQuantizer(nn.Module):
 
     def assign(self, e: Tensor, mask: Tensor) -> Tensor:
         """Inference-path codeword of every behavior: (H, N, L) long, -1 at padding (eq. 7-8 without noise)."""
-        z = self.scores(e).argmax(dim=-1).transpose(1, 2)  # (H, N, L)
+        z = argmax_codewords(e, self.folded_codebooks())  # (H, N, L)
         return z.masked_fill(~mask.unsqueeze(1), -1)
 
     def training_logits(self, scores: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """eq. 6 as the options sample it: (..., W) scores -> (..., W) logits whose argmax is the training codeword.
 
-        generator: where the Gumbel noise comes from (None: torch's global generator, as in training;
-        the diagnostics pass its own so that measuring leaves the training's random stream alone).
+        generator: where the Gumbel noise comes from (None: torch's global generator); the diagnostics
+        pass their own so that measuring leaves the training's random stream alone. (Training itself
+        draws its noise per history row, see fused_mcqm.fill_gumbel.)
         """
-        if self.assign_noise == "none":
-            return scores / self.tau
-        # eq. 6 writes log(score), but dot-product scores can be negative; we read the scores
-        # as logits, i.e. as the log of the softmax probabilities up to a per-behavior constant,
-        # which the softmax ignores. Gumbel(0, 1) noise g = -log(-log(u)), u ~ U(0, 1); drawn
-        # in place, as uniform_ is several times faster than exponential_ on CPU.
-        # (uniform_ can return exactly 0: -log(-log(0)) = -inf, a codeword that is not chosen.)
-        gumbel = torch.empty_like(scores).uniform_(generator=generator).log_().neg_().log_().neg_()
-        if self.tau_placement == "after_noise":
-            return gumbel.add_(scores).div_(self.tau)  # (s + g) / tau, reusing the noise buffer
-        return gumbel.add_(scores / self.tau)  # s / tau + g: a sample of softmax(s / tau)
+        gumbel = None
+        if self.assign_noise == "gumbel":
+            # Gumbel(0, 1) noise g = -log(-log(u)), u ~ U(0, 1), in place.
+            gumbel = torch.empty_like(scores).uniform_(generator=generator).log_().neg_().log_().neg_()
+        return noisy_logits(scores, gumbel, self.tau, self.tau_placement)
 
     def forward(self, e: Tensor, mask: Tensor, with_usage: bool = False) -> QuantizerOutput:
         """e (H, L, D), zero at padding; mask (H, L) bool, True = real behavior."""
+        W = self.codebooks.shape[1]
+        if not self.training:
+            # Inference: the noise-free argmax (eq. 7-8) and a scatter-add mean of the assigned e (eq. 9-10).
+            summed, size = pool(e, pool_slots(argmax_codewords(e, self.folded_codebooks()), mask, W), W)
+            clusters = summed / size.clamp(min=1.0).unsqueeze(-1)  # (H, N, W, D), empty codewords stay exactly 0
+            return QuantizerOutput(clusters=clusters, cluster_mask=size > 0, cluster_size=size, mean_prob=None)
+        # One seed per forward from the global generator; both paths draw each history's noise from it.
+        seed = draw_seed() if self.assign_noise == "gumbel" else 0
+        if not self.fused:
+            return self._reference_forward(e, mask, with_usage, seed)
+        clusters, size, mean_prob = FusedQuantize.apply(
+            e,
+            self.folded_codebooks(),
+            mask,
+            self.tau,
+            self.assign_noise,
+            self.tau_placement,
+            self.straight_through == "centred",
+            with_usage,
+            seed,
+        )
+        return QuantizerOutput(
+            clusters=clusters, cluster_mask=size > 0, cluster_size=size, mean_prob=mean_prob if with_usage else None
+        )
+
+    def _reference_forward(self, e: Tensor, mask: Tensor, with_usage: bool, seed: int) -> QuantizerOutput:
+        """The training path written with whole (H, L, N, W) tensors: what FusedQuantize computes, kept for tests
+        and benchmarks (fused=False)."""
         scores = self.scores(e)  # (H, L, N, W)
         valid = mask[:, :, None, None].to(scores.dtype)  # (H, L, 1, 1)
-
+        gumbel = None if self.assign_noise == "none" else fill_gumbel(torch.empty_like(scores), seed, 0)
+        logits = noisy_logits(scores, gumbel, self.tau, self.tau_placement)  # (H, L, N, W)
+        prob = logits.softmax(dim=-1)  # (H, L, N, W) eq. 6
+        # eq. 7: argmax of prob == argmax of the noisy logits.
+        z = logits.argmax(dim=-1, keepdim=True)  # (H, L, N, 1)
+        del logits
+        # Scattering the mask value (1 or 0) gives padding an all-zero row: no assignment.
+        hard = torch.zeros_like(prob).scatter_(-1, z, valid.expand_as(z))  # (H, L, N, W)
+        # Straight-through: the forward value is exactly `hard` (prob - prob.detach() is exactly
+        # 0, unlike hard - prob.detach() + prob), the gradient is that of prob, so the codebooks
+        # and projections learn. At padding e = 0, so the soft term carries no gradient there.
+        soft = prob - prob.detach()  # (H, L, N, W), exactly 0
+        y = hard + soft
         mean_prob = None
-        soft = None
-        if self.training:
-            logits = self.training_logits(scores)  # (H, L, N, W)
-            prob = logits.softmax(dim=-1)  # (H, L, N, W) eq. 6
-            # eq. 7: argmax of prob == argmax of the noisy logits.
-            z = logits.argmax(dim=-1, keepdim=True)  # (H, L, N, 1)
-            del logits
-            # Scattering the mask value (1 or 0) gives padding an all-zero row: no assignment.
-            hard = torch.zeros_like(prob).scatter_(-1, z, valid.expand_as(z))  # (H, L, N, W)
-            # Straight-through: the forward value is exactly `hard` (prob - prob.detach() is exactly
-            # 0, unlike hard - prob.detach() + prob), the gradient is that of prob, so the codebooks
-            # and projections learn. At padding e = 0, so the soft term carries no gradient there.
-            soft = prob - prob.detach()  # (H, L, N, W), exactly 0
-            y = hard + soft
-            if with_usage:
-                n_real = mask.sum().clamp(min=1).to(prob.dtype)
-                mean_prob = torch.einsum("hlnw,hl->nw", prob, mask.to(prob.dtype)) / n_real  # (N, W)
-        else:
-            z = scores.argmax(dim=-1, keepdim=True)  # (H, L, N, 1)
-            hard = torch.zeros_like(scores).scatter_(-1, z, valid.expand_as(z))
-            y = hard
+        if with_usage:
+            n_real = mask.sum().clamp(min=1).to(prob.dtype)
+            mean_prob = torch.einsum("hlnw,hl->nw", prob, mask.to(prob.dtype)) / n_real  # (N, W)
 
         # eq. 9-10: r_k = mean of the ORIGINAL embeddings e_i with z_i = k (not of the projected h:
         # the projection only serves the assignment, e lives in the space the candidate lives in).
@@ -157,7 +188,7 @@ class MultiCodebookQuantizer(nn.Module):
         size = hard.sum(dim=1)  # (H, N, W) hard counts, no gradient
         summed = (y.reshape(H, L, N * W).transpose(1, 2) @ e).unflatten(1, (N, W))  # (H, N, W, D)
         clusters = summed / size.clamp(min=1.0).unsqueeze(-1)  # empty codewords stay exactly 0
-        if soft is not None and self.straight_through == "centred":
+        if self.straight_through == "centred":
             # Subtract r_k (detached) times the same exactly-zero soft weights: the forward value is
             # unchanged, the gradient into prob_lk becomes (e_l - r_k) / n_k instead of e_l / n_k, so a
             # behavior already at its cluster's mean no longer pushes the assignment toward that cluster.

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from dmqn_core.models.dmqn.fused_mcqm import draw_seed, fill_gumbel
 from dmqn_core.models.dmqn.mcqm import (
     CodebookUsage,
     MultiCodebookQuantizer,
@@ -73,11 +74,12 @@ def test_straight_through_forward_is_the_hard_gumbel_assignment():
     e = torch.randn(H, L, D) * mask[..., None]
     torch.manual_seed(123)
     out = q(e, mask)
-    # Replay the same noise: argmax of softmax((s + g) / tau) is argmax(s + g) (eq. 6-7).
+    # Replay the same noise: one seed from the global generator, then each history's noise from its own
+    # generators (fill_gumbel); argmax of softmax((s + g) / tau) is argmax(s + g) (eq. 6-7).
     torch.manual_seed(123)
     with torch.no_grad():
         s = q.scores(e)  # (H, L, N, W)
-        gumbel = -torch.log(-torch.log(torch.empty_like(s).uniform_()))
+        gumbel = fill_gumbel(torch.empty_like(s), draw_seed(), 0)
         z = (s + gumbel).argmax(-1).transpose(1, 2)  # (H, N, L)
     for u in range(H):
         for j in range(N):
