@@ -152,11 +152,11 @@ def pool_slots(z: Tensor, mask: Tensor, codebook_size: int) -> Tensor:
     return (first.unsqueeze(-1) + z).masked_fill_(~mask.unsqueeze(1), H * N * codebook_size)
 
 
-def pool(e: Tensor, slot: Tensor, codebook_size: int) -> tuple[Tensor, Tensor]:
-    """eq. 9-10 by scatter-add: e (H, L, D), slots (H, N, L) -> summed (H, N, W, D), hard counts (H, N, W).
+def pool_means(e: Tensor, slot: Tensor, codebook_size: int) -> tuple[Tensor, Tensor]:
+    """eq. 9-10 by scatter-add: e (H, L, D), slots (H, N, L) -> cluster means (H, N, W, D), hard counts (H, N, W).
 
     One index_add_ of the L behaviors per codebook, O(L N D) where the one-hot matmul is O(L N W D);
-    differentiable in e (autograd gathers the gradient back).
+    differentiable in e (autograd gathers the gradient back). Empty codewords stay exactly 0.
     """
     H, N, L = slot.shape
     D = e.shape[-1]
@@ -165,30 +165,35 @@ def pool(e: Tensor, slot: Tensor, codebook_size: int) -> tuple[Tensor, Tensor]:
     summed = e.new_zeros(slots + 1, D)
     for n in range(N):
         summed.index_add_(0, slot[:, n].reshape(-1), flat)
-    size = torch.bincount(slot.reshape(-1), minlength=slots + 1)[:slots].to(e.dtype)
-    return summed[:slots].view(H, N, codebook_size, D), size.view(H, N, codebook_size)
+    size = torch.bincount(slot.reshape(-1), minlength=slots + 1)[:slots].to(e.dtype).view(H, N, codebook_size)
+    return summed[:slots].view(H, N, codebook_size, D) / size.clamp(min=1.0).unsqueeze(-1), size
 
 
 @torch.no_grad()
 def argmax_codewords(e: Tensor, folded: Tensor) -> Tensor:
-    """The inference codeword (eq. 7-8 without noise) of every behavior: e (H, L, D), folded (N, W, D) -> (H, N, L).
+    """The noise-free codeword (eq. 7-8) of every behavior: e (H, L, D), folded (N, W, D) -> (H, N, L).
 
-    In chunks of histories, so that the (H, N, W, L) scores never exist at once. The scores are laid
-    out with L innermost and the first maximal codeword is found with amax, as torch's argmax over
-    a short W is a scalar loop (about 3 ns an element on CPU, several times the amax).
+    Inference, and training with assign_noise="none", so that both take exactly the same codewords.
+    In chunks of histories, so that the (H, N, W, L) scores never exist at once. torch's argmax over
+    a short W is a scalar loop (about 3 ns an element on CPU), and a torch.where over the scores is
+    not much faster; instead the scores are laid out with L innermost, where amax over W and the
+    comparison with it vectorise, and the first maximal codeword is the largest rank W - w among the
+    maximal ones, taken as the amax of (score == max) times the rank in a small integer type.
     """
     H, L, _ = e.shape
     N, W, D = folded.shape
     f = folded.reshape(N * W, D)
     # Codeword w ranks W - w: the highest-ranked maximal codeword is the first, as argmax breaks ties.
-    rank = torch.arange(W, 0, -1, dtype=e.dtype, device=e.device).unsqueeze(-1)  # (W, 1)
+    rank_dtype = torch.uint8 if W < 256 else torch.int32
+    rank = torch.arange(W, 0, -1, dtype=rank_dtype, device=e.device).unsqueeze(-1)  # (W, 1)
     z = torch.empty(H, N, L, dtype=torch.long, device=e.device)
 
     def assign(h0: int, h1: int) -> None:
         s = (f @ e[h0:h1].transpose(1, 2)).unflatten(1, (N, W))  # (rows, N, W, L) eq. 5
-        top = torch.where(s == s.amax(dim=2, keepdim=True), rank, 0.0).amax(dim=2)  # (rows, N, L) eq. 8
+        is_max = s == s.amax(dim=2, keepdim=True)  # (rows, N, W, L) eq. 8
+        ranked = is_max.view(torch.uint8).mul_(rank) if rank_dtype == torch.uint8 else is_max.to(rank_dtype) * rank
         # A NaN score matches no maximum (rank 0); clamping keeps its index in range, as argmax's would be.
-        z[h0:h1] = (W - top).clamp_(max=W - 1)
+        z[h0:h1] = (W - ranked.amax(dim=2).long()).clamp_(max=W - 1)  # (rows, N, L)
 
     map_chunks(assign, H, chunk_rows(L, N * W))
     return z
@@ -219,19 +224,21 @@ class FusedQuantize(torch.autograd.Function):
         N, W, D = folded.shape
         f = folded.reshape(N * W, D)
         valid = mask.to(e.dtype)  # (H, L)
-        z = torch.empty(H, N, L, dtype=torch.long, device=e.device)
+        # Without noise the training codeword is the inference one, computed by the same function.
+        z = argmax_codewords(e, folded) if assign_noise == "none" else mask.new_empty((H, N, L), dtype=torch.long)
 
         def assign(h0: int, h1: int) -> Tensor | None:
             s = (e[h0:h1] @ f.T).unflatten(-1, (N, W))  # (rows, L, N, W) eq. 4-5
             gumbel = None if assign_noise == "none" else fill_gumbel(torch.empty_like(s), seed, h0)
             t = noisy_logits(s, gumbel, tau, tau_placement)  # (rows, L, N, W) eq. 6
-            z[h0:h1] = t.argmax(dim=-1).transpose(1, 2)  # eq. 7: argmax of the softmax == argmax of the logits
+            if gumbel is not None:
+                z[h0:h1] = t.argmax(dim=-1).transpose(1, 2)  # eq. 7: argmax of the softmax == argmax of the logits
             return torch.einsum("hlnw,hl->nw", t.softmax(dim=-1), valid[h0:h1]) if with_usage else None
 
-        prob_sums = map_chunks(assign, H, chunk_rows(L, N * W))  # (N, W) per chunk, or None
+        # (N, W) per chunk, or None; nothing to do without noise or usage.
+        prob_sums = map_chunks(assign, H, chunk_rows(L, N * W)) if assign_noise != "none" or with_usage else []
         slot = pool_slots(z, mask, W)
-        summed, size = pool(e, slot, W)  # (H, N, W, D), (H, N, W) eq. 9-10
-        clusters = summed / size.clamp(min=1.0).unsqueeze(-1)  # empty codewords stay exactly 0
+        clusters, size = pool_means(e, slot, W)  # (H, N, W, D), (H, N, W) eq. 9-10
         n_real = float(max(int(mask.sum()), 1))
         mean_prob = torch.stack(prob_sums).sum(dim=0) / n_real if with_usage else e.new_zeros(0)
         ctx.save_for_backward(e, folded, mask, slot, size, clusters)

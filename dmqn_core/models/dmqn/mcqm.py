@@ -22,7 +22,7 @@ from dmqn_core.models.dmqn.fused_mcqm import (
     draw_seed,
     fill_gumbel,
     noisy_logits,
-    pool,
+    pool_means,
     pool_slots,
 )
 
@@ -137,8 +137,7 @@ class MultiCodebookQuantizer(nn.Module):
         W = self.codebooks.shape[1]
         if not self.training:
             # Inference: the noise-free argmax (eq. 7-8) and a scatter-add mean of the assigned e (eq. 9-10).
-            summed, size = pool(e, pool_slots(argmax_codewords(e, self.folded_codebooks()), mask, W), W)
-            clusters = summed / size.clamp(min=1.0).unsqueeze(-1)  # (H, N, W, D), empty codewords stay exactly 0
+            clusters, size = pool_means(e, pool_slots(argmax_codewords(e, self.folded_codebooks()), mask, W), W)
             return QuantizerOutput(clusters=clusters, cluster_mask=size > 0, cluster_size=size, mean_prob=None)
         # One seed per forward from the global generator; both paths draw each history's noise from it.
         seed = draw_seed() if self.assign_noise == "gumbel" else 0
@@ -167,8 +166,12 @@ class MultiCodebookQuantizer(nn.Module):
         gumbel = None if self.assign_noise == "none" else fill_gumbel(torch.empty_like(scores), seed, 0)
         logits = noisy_logits(scores, gumbel, self.tau, self.tau_placement)  # (H, L, N, W)
         prob = logits.softmax(dim=-1)  # (H, L, N, W) eq. 6
-        # eq. 7: argmax of prob == argmax of the noisy logits.
-        z = logits.argmax(dim=-1, keepdim=True)  # (H, L, N, 1)
+        # eq. 7: argmax of prob == argmax of the noisy logits; without noise, the inference codeword as
+        # FusedQuantize (and eval) compute it, so that a near-tie cannot round to another codeword.
+        if gumbel is None:
+            z = argmax_codewords(e, self.folded_codebooks()).transpose(1, 2).unsqueeze(-1)  # (H, L, N, 1)
+        else:
+            z = logits.argmax(dim=-1, keepdim=True)  # (H, L, N, 1)
         del logits
         # Scattering the mask value (1 or 0) gives padding an all-zero row: no assignment.
         hard = torch.zeros_like(prob).scatter_(-1, z, valid.expand_as(z))  # (H, L, N, W)

@@ -179,3 +179,19 @@ def test_chunks_on_two_threads_give_what_one_thread_gives(monkeypatch: pytest.Mo
     finally:
         torch.set_num_threads(threads)
     assert_same(two, one, 1e-6)
+
+
+@pytest.mark.parametrize("codebook_size", [1, 5, 32, 300])  # 300: ranks beyond uint8
+def test_argmax_codewords_takes_the_first_maximal_codeword(monkeypatch: pytest.MonkeyPatch, codebook_size: int):
+    """Small integer embeddings and codewords make every score exact in float32 and ties frequent."""
+    monkeypatch.setattr(fused_mcqm, "CHUNK_ELEMENTS", 2000)  # several chunks
+    generator = torch.Generator().manual_seed(5)
+    e = torch.randint(-2, 3, (6, 40, 4), generator=generator).float()
+    folded = torch.randint(-1, 2, (3, codebook_size, 4), generator=generator).float()
+    scores = torch.einsum("hld,nwd->hnlw", e.double(), folded.double())  # (H, N, L, W), exact
+    z = fused_mcqm.argmax_codewords(e, folded)
+    assert torch.equal(z, scores.argmax(dim=-1))  # torch's argmax returns the first maximal index
+    if codebook_size > 1:
+        assert (scores == scores.amax(dim=-1, keepdim=True)).sum(dim=-1).max() > 1  # ties were there to break
+    e[0, 3, 0] = float("nan")
+    assert fused_mcqm.argmax_codewords(e, folded).max() < codebook_size  # a NaN score still gives a codeword
