@@ -63,3 +63,20 @@ def test_the_paper_config_trains_one_tiny_epoch(tiny_workspace, tmp_path):
     assert result.best_epoch == 1 and len(result.history) == 1
     assert 0.0 <= result.test["auc"] <= 1.0 and result.test["logloss"] > 0
     assert torch.isfinite(torch.tensor(result.history[0]["train_loss"]))
+
+
+def test_the_ablation_configs_change_one_switch_each():
+    """examples/ablation: plain.toml is the paper's model with the noise-free assignment; plus-X turns one
+    switch back on over it, minus-X turns one off over the defaults (README "Ablation")."""
+    folder = PAPER_TOML.parent / "ablation"
+    plain = {**{key: off for key, (_, off) in SWITCHES.items()}, "assign_noise": "none"}
+    names = {key: key.removeprefix("ctam_").replace("_", "-") for key in SWITCHES}
+    expected = {"plain.toml": plain}
+    for key, (on, off) in SWITCHES.items():
+        expected[f"plus-{names[key]}.toml"] = {**plain, key: on}
+        expected[f"minus-{names[key]}.toml"] = {key: off}
+    assert sorted(p.name for p in folder.glob("*.toml")) == sorted(expected)
+    for name, settings in expected.items():
+        model_settings, train_settings = read_config_file(folder / name)
+        assert (model_settings, train_settings) == (settings, {}), name
+        ModelConfig(**SMALL, **model_settings)  # every key is a valid setting
