@@ -175,23 +175,22 @@ def argmax_codewords(e: Tensor, folded: Tensor) -> Tensor:
 
     Inference, and training with assign_noise="none", so that both take exactly the same codewords.
     In chunks of histories, so that the (H, N, W, L) scores never exist at once. torch's argmax over
-    a short W is a scalar loop (about 3 ns an element on CPU), and a torch.where over the scores is
-    not much faster; instead the scores are laid out with L innermost, where amax over W and the
-    comparison with it vectorise, and the first maximal codeword is the largest rank W - w among the
-    maximal ones, taken as the amax of (score == max) times the rank in a small integer type.
+    a short W is a scalar loop (about 3 ns an element on CPU), and so are torch.where and a bool
+    comparison against a broadcast maximum; instead the scores are laid out with L innermost, where
+    float ops over them vectorise, and the first maximal codeword is the largest rank W - w among the
+    maximal ones: in place, s - max(s) >= 0 (exactly the maximal scores: with subnormals, torch's
+    default, x - y == 0 only for x == y) times the rank, then its amax over W.
     """
     H, L, _ = e.shape
     N, W, D = folded.shape
     f = folded.reshape(N * W, D)
     # Codeword w ranks W - w: the highest-ranked maximal codeword is the first, as argmax breaks ties.
-    rank_dtype = torch.uint8 if W < 256 else torch.int32
-    rank = torch.arange(W, 0, -1, dtype=rank_dtype, device=e.device).unsqueeze(-1)  # (W, 1)
+    rank = torch.arange(W, 0, -1, dtype=e.dtype, device=e.device).unsqueeze(-1)  # (W, 1)
     z = torch.empty(H, N, L, dtype=torch.long, device=e.device)
 
     def assign(h0: int, h1: int) -> None:
         s = (f @ e[h0:h1].transpose(1, 2)).unflatten(1, (N, W))  # (rows, N, W, L) eq. 5
-        is_max = s == s.amax(dim=2, keepdim=True)  # (rows, N, W, L) eq. 8
-        ranked = is_max.view(torch.uint8).mul_(rank) if rank_dtype == torch.uint8 else is_max.to(rank_dtype) * rank
+        ranked = s.sub_(s.amax(dim=2, keepdim=True)).ge_(0.0).mul_(rank)  # (rows, N, W, L) eq. 8, in place
         # A NaN score matches no maximum (rank 0); clamping keeps its index in range, as argmax's would be.
         z[h0:h1] = (W - ranked.amax(dim=2).long()).clamp_(max=W - 1)  # (rows, N, L)
 
