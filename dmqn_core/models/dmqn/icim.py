@@ -38,36 +38,44 @@ class HSTULayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        """x (H, N, W, D) cluster tokens, zero at empty clusters; mask (H, N, W) bool -> (H, N, W, D)."""
+        """x (H, N, W, D) cluster tokens, zero at empty clusters; mask (H, N, W) bool -> (H, N, W, D).
+
+        Computed codebook-major, (N, H, W, ...): each codebook's weights then apply to one contiguous
+        (H W, D) block in a single batched matmul with its bias (baddbmm), and the elementwise ops that
+        follow read contiguous memory (an einsum over (H, N, W, D) returns a permuted view, on which
+        the bias add and SiLU ran several times slower on CPU).
+        """
         H, N, W, D = x.shape
         h, dh = self.n_heads, D // self.n_heads
-        m = mask.to(x.dtype)
+        xn = x.transpose(0, 1).reshape(N, H * W, D)  # (N, H W, D)
+        m = mask.transpose(0, 1).to(x.dtype)  # (N, H, W)
 
         # eq. 11: U, V, Q, K = Split(SiLU(f1(R)))
-        uvqk = F.silu(torch.einsum("bnwd,nde->bnwe", x, self.w1) + self.b1[:, None, :])  # (H, N, W, 4D)
-        u, v, q, k = uvqk.split(D, dim=-1)  # each (H, N, W, D)
-        v = v.reshape(H, N, W, h, dh)
-        q = q.reshape(H, N, W, h, dh)
-        k = k.reshape(H, N, W, h, dh)
+        uvqk = F.silu(torch.baddbmm(self.b1.unsqueeze(1), xn, self.w1))  # (N, H W, 4D)
+        u, v, q, k = uvqk.split(D, dim=-1)  # each (N, H W, D)
+
+        def heads(t: Tensor) -> Tensor:
+            return t.reshape(N * H, W, h, dh).transpose(1, 2)  # (N H, h, W, dh)
 
         # eq. 12: A = SiLU(Q K^T + bias^p), no softmax. The reference HSTU divides by the sequence
         # length n; we divide by the number of NON-EMPTY clusters of this user and codebook, and zero
         # every pair that involves an empty cluster, so the output does not depend on how many empty
         # cluster tokens are carried along (the serving cache keeps only the non-empty ones).
         # The bias is indexed by codeword id, so x must hold all W tokens in codeword order here.
-        logits = torch.einsum("bnixd,bnjxd->bnxij", q, k) + self.rel_bias  # (H, N, h, W, W)
-        pair = m[:, :, None, :, None] * m[:, :, None, None, :]  # (H, N, 1, W, W)
-        n_real = m.sum(dim=-1).clamp(min=1.0)[:, :, None, None, None]  # (H, N, 1, 1, 1)
-        attn = F.silu(logits) * pair / n_real
-        av = torch.einsum("bnxij,bnjxd->bnixd", attn, v).reshape(H, N, W, D)  # (H, N, W, D)
+        logits = (heads(q) @ heads(k).transpose(-1, -2)).view(N, H, h, W, W) + self.rel_bias.unsqueeze(1)
+        pair = m[:, :, None, :, None] * m[:, :, None, None, :]  # (N, H, 1, W, W)
+        n_real = m.sum(dim=-1).clamp(min=1.0)[:, :, None, None, None]  # (N, H, 1, 1, 1)
+        attn = F.silu(logits) * pair / n_real  # (N, H, h, W, W)
+        av = (attn.view(N * H, h, W, W) @ heads(v)).transpose(1, 2).reshape(N, H * W, D)  # (N, H W, D)
 
         # eq. 13: Y = f2(Norm(A V) * U). The layer norm has no affine parameters, as in the reference
         # HSTU: the gate U and f2 that follow already provide a per-channel scale and shift.
         gated = self.dropout(F.layer_norm(av, (D,)) * u)
-        y = torch.einsum("bnwd,nde->bnwe", gated, self.w2) + self.b2[:, None, :]  # (H, N, W, D)
+        y = torch.baddbmm(self.b2.unsqueeze(1), gated, self.w2)  # (N, H W, D)
         # Residual (as in the reference HSTU) so stacked layers refine rather than replace the
         # cluster means; empty clusters stay exactly zero.
-        return (x + y) * m.unsqueeze(-1)
+        out = (xn + y).view(N, H, W, D) * m.unsqueeze(-1)  # (N, H, W, D)
+        return out.transpose(0, 1).contiguous()  # (H, N, W, D)
 
 
 class ClusterInteraction(nn.Module):
