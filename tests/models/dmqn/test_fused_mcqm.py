@@ -181,7 +181,7 @@ def test_chunks_on_two_threads_give_what_one_thread_gives(monkeypatch: pytest.Mo
     assert_same(two, one, 1e-6)
 
 
-@pytest.mark.parametrize("codebook_size", [1, 5, 32, 300])  # 300: ranks beyond uint8
+@pytest.mark.parametrize("codebook_size", [1, 5, 32, 300])  # 300: ranks beyond 8 bits
 def test_argmax_codewords_takes_the_first_maximal_codeword(monkeypatch: pytest.MonkeyPatch, codebook_size: int):
     """Small integer embeddings and codewords make every score exact in float32 and ties frequent."""
     monkeypatch.setattr(fused_mcqm, "CHUNK_ELEMENTS", 2000)  # several chunks
