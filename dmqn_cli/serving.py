@@ -22,6 +22,7 @@ from dmqn_cli.common import (
 )
 from dmqn_cli.progress import RichProgress
 from dmqn_core.serving.cache import CachedScorer, export_states
+from dmqn_core.serving.state_store import MAX_TTL, check_ttl
 
 
 def _read_users(text: str) -> list[int] | None:
@@ -61,7 +62,9 @@ def export_cache(
         "\\[default: WORKSPACE/cache/states.sqlite]; a password is never printed.",
     ),
     ttl: Optional[int] = typer.Option(
-        None, "--ttl", min=1, help="Seconds before Redis expires the states (Redis only) \\[default: never]."
+        None,
+        "--ttl",
+        help=f"Seconds before Redis expires the states, 1 to {MAX_TTL:,} (Redis only) \\[default: never].",
     ),
     workspace: Optional[Path] = WorkspaceOption,
 ) -> None:
@@ -71,6 +74,7 @@ def export_cache(
     dmqn:<version>:<user_id>); every user's value is written atomically, so an interrupted export
     leaves no half-written user and `--resume` continues it.
     """
+    check_ttl(ttl, to)  # before the workspace is made: a refused --ttl leaves nothing behind
     ws = open_workspace(workspace)
     user_ids = _read_users(users)
     with RichProgress() as progress:

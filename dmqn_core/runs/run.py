@@ -88,8 +88,13 @@ class Vocabulary(VocabularyLookups):
         for name, dtype in VOCAB_ARRAYS.items():
             file = path / f"{name}.npy"
             try:
-                array = np.load(file, mmap_mode="r")
+                array = np.load(file, mmap_mode="r")  # allow_pickle=False: a pickle could run any code
             except (OSError, ValueError) as exc:
+                if _holds_objects(file):
+                    raise DmqnError(
+                        f"{file} was refused: it holds Python objects (pickled data), which dmqn never loads; "
+                        "train the run again"
+                    ) from None
                 raise DmqnError(f"{file} is missing or damaged ({type(exc).__name__}); train the run again") from None
             if array.dtype != np.dtype(dtype) or array.ndim != 1:
                 raise DmqnError(f"{file} has dtype {array.dtype}, expected {np.dtype(dtype)}; train the run again")
@@ -97,7 +102,47 @@ class Vocabulary(VocabularyLookups):
         n_items = arrays["item"].shape[0]
         if arrays["item_category"].shape[0] != n_items + 1 or arrays["item_popularity"].shape[0] != n_items + 1:
             raise DmqnError(f"the vocabularies in {path} do not match one another; train the run again")
+        _check_values(path, arrays)
         return cls(path, arrays)
+
+    def check_model(self, config: ModelConfig) -> None:
+        """Refuse vocabularies of other sizes than the model's embeddings: an index past them would
+        fail inside the model."""
+        if (config.n_items, config.n_categories) != (self.n_items + 1, self.n_categories + 1):
+            raise DmqnError(
+                f"the vocabularies in {self.path} ({self.n_items:,} items, {self.n_categories:,} categories) do not "
+                f"match the run's model ({config.n_items - 1:,} items, {config.n_categories - 1:,} categories); "
+                "train the run again"
+            )
+
+
+def _holds_objects(file: Path) -> bool:
+    """Whether the .npy header of ``file`` declares Python objects, which np.load refuses to unpickle."""
+    try:
+        with open(file, "rb") as fh:
+            fmt = np.lib.format
+            read_header = fmt.read_array_header_1_0 if fmt.read_magic(fh) == (1, 0) else fmt.read_array_header_2_0
+            _, _, dtype = read_header(fh)
+    except (OSError, ValueError):
+        return False
+    return dtype.hasobject
+
+
+def _check_values(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """What the lookups and the model take for granted: raw ids sorted without repeats (they are
+    searched by bisection), category indices within the categories, no negative count."""
+    for name in ("user", "item", "category"):
+        ids = arrays[name]
+        if ids.shape[0] > 1 and not bool(np.all(ids[1:] > ids[:-1])):
+            raise DmqnError(f"{path / f'{name}.npy'} is not sorted by raw id; train the run again")
+    n_categories = arrays["category"].shape[0]
+    item_category = arrays["item_category"]
+    if item_category.shape[0] and not 0 <= int(item_category.min()) <= int(item_category.max()) <= n_categories:
+        raise DmqnError(
+            f"{path / 'item_category.npy'} holds category indices outside 0..{n_categories}; train the run again"
+        )
+    if arrays["item_popularity"].shape[0] and int(arrays["item_popularity"].min()) < 0:
+        raise DmqnError(f"{path / 'item_popularity.npy'} holds negative counts; train the run again")
 
 
 def write_vocabulary(run_dir: Path, data: PreparedSet) -> None:
@@ -208,7 +253,13 @@ class Run:
         set for a run trained before the copy was kept."""
         if self._vocabulary is None:
             folder = self.directory / VOCABULARY
-            self._vocabulary = Vocabulary.read(folder) if folder.is_dir() else self.data
+            if folder.is_dir():
+                vocabulary = Vocabulary.read(folder)
+                vocabulary.check_model(self.config)
+                self._vocabulary = vocabulary
+            else:
+                # The set the model trained on (check_run_data); CachedScorer checks the indices it uses.
+                self._vocabulary = self.data
         return self._vocabulary
 
     def model(self, device: str | torch.device = "cpu") -> torch.nn.Module:

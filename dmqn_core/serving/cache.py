@@ -22,7 +22,7 @@ import torch
 from dmqn_core.data.batches import gather_histories
 from dmqn_core.errors import DmqnError
 from dmqn_core.progress import NullProgress, Progress
-from dmqn_core.runs.run import Run
+from dmqn_core.runs.run import Run, Vocabulary
 from dmqn_core.serving.state_codec import DTYPES, DecodedState, decode_state, encode_states, stack_states
 from dmqn_core.serving.state_store import StateStore, open_state_store
 from dmqn_core.workspace import Workspace
@@ -191,15 +191,28 @@ class CachedScorer:
             state = stack_states([_empty_state(c.n_codebooks, c.embed_dim)])
         else:
             state = stack_states([decode_state(value)])
+        category = np.asarray(self.vocabulary.item_category[index], dtype=np.int64)
+        self._check_indices(index, category)
         with torch.no_grad():
-            idx = torch.from_numpy(index)
             logits = self.model.score(
-                state,
-                idx,
-                torch.from_numpy(np.asarray(self.vocabulary.item_category[index], dtype=np.int64)),
-                torch.zeros(len(index), dtype=torch.long),
+                state, torch.from_numpy(index), torch.from_numpy(category), torch.zeros(len(index), dtype=torch.long)
             )
         return torch.sigmoid(logits).numpy()
+
+    def _check_indices(self, index: np.ndarray, category: np.ndarray) -> None:
+        """Refuse indices past the model's embeddings, which would fail inside it: a run folder's
+        vocabularies are checked when read, a prepared set's (runs from before the copy) are not."""
+        c = self.model.config
+        if not index.size or (index.max() < c.n_items and 0 <= category.min() <= category.max() < c.n_categories):
+            return
+        vocabulary = self.vocabulary
+        file = vocabulary.path / (
+            "item_category.npy" if isinstance(vocabulary, Vocabulary) else "vocab/item_category.npy"
+        )
+        raise DmqnError(
+            f"{file} does not match run {self.run.run_id}'s model ({c.n_items - 1:,} items, "
+            f"{c.n_categories - 1:,} categories): an item or its category is out of range"
+        )
 
 
 def _empty_state(n_codebooks: int, dim: int) -> DecodedState:

@@ -10,7 +10,8 @@ Embedded (the default, ``WORKSPACE/cache/states.sqlite``, no server)::
     manifest(version PK, run_id, dtype, n_codebooks, codebook_size, dim, users, bytes, created_at)
     states(version, user_id, value BLOB)   PRIMARY KEY (version, user_id)
 
-Redis (``--to redis://[:PASSWORD@]host:port/db``; shown everywhere through ``redact_uri``)::
+Redis (``--to redis://[:PASSWORD@]host:port/db``; shown everywhere through ``redact_uri``; the password
+is everything between ':' and the last '@', so it may hold '@', '/', '?' or '#' unescaped)::
 
     dmqn:<version>:<user_id>    string, the packed state
     dmqn:manifest:<version>     hash: run_id, dtype, n_codebooks, codebook_size, dim, users, bytes, created_at
@@ -26,7 +27,14 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 
 from dmqn_core.errors import DmqnError
-from dmqn_core.uris import redact_uri, scrub, uri_secrets
+from dmqn_core.uris import quote_userinfo, redact_uri, scrub, uri_secrets
+
+# Redis keeps an expire time as milliseconds since the epoch in a signed 64-bit integer and answers
+# "invalid expire time" (SET ... EX, EXPIRE) when TTL * 1000 + now does not fit, i.e. from about
+# 9.22e15 seconds on, less the time since 1970. 10**15 seconds (31 million years) leaves room for any clock.
+MAX_TTL = 10**15
+
+REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 MANIFEST_FIELDS = ("run_id", "dtype", "n_codebooks", "codebook_size", "dim", "users", "bytes", "created_at")
 
@@ -241,13 +249,18 @@ class RedisStateStore:
     def __init__(self, url: str, ttl: int | None = None, timeout: float = 5.0) -> None:
         import redis  # redis-py; imported here so the embedded store works without touching it
 
+        check_ttl(ttl, url)
         self.url = redact_uri(url)  # the only form of the URL kept: it is what messages show
         self._secrets = uri_secrets(url)
         self.ttl = ttl
         self._errors = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
         try:
             # TypeError: a query parameter redis-py does not know (redis://host/0?colour=1).
-            self.client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+            # quote_userinfo: urllib, under from_url, would end the password at an unescaped '/', '?' or '#'
+            # and connect to the rest of it as the host.
+            self.client = redis.Redis.from_url(
+                quote_userinfo(url), socket_connect_timeout=timeout, socket_timeout=timeout
+            )
             self.client.ping()
         except (ValueError, TypeError) as exc:
             raise DmqnError(f"not a Redis URL: {self.url} ({self._scrub(exc)})") from None
@@ -259,7 +272,7 @@ class RedisStateStore:
             raise DmqnError(f"Redis at {self.url} refused the connection: {self._scrub(exc)}") from None
 
     def _scrub(self, exc: Exception) -> str:
-        """redis-py's message without the password it may echo (urllib quotes a mistyped port, for one)."""
+        """redis-py's message with every form of the password it might echo hidden."""
         return scrub(str(exc), self._secrets)
 
     def describe(self) -> str:
@@ -376,16 +389,28 @@ class RedisStateStore:
         self.client.close()
 
 
+def is_redis_uri(uri: str | None) -> bool:
+    return uri is not None and uri.split("://", 1)[0] in REDIS_SCHEMES
+
+
+def check_ttl(ttl: int | None, uri: str | None) -> None:
+    """Refuse a TTL that Redis would not take, or one for a store that is not Redis (the embedded
+    store keeps states until replaced); the CLI calls it before anything is done."""
+    if ttl is None:
+        return
+    if not 1 <= ttl <= MAX_TTL:
+        raise DmqnError(f"--ttl must be 1 to {MAX_TTL:,} seconds (what Redis can expire), got {ttl}")
+    if not is_redis_uri(uri):
+        raise DmqnError("--ttl needs a Redis target (--to redis://...); the embedded store keeps states until replaced")
+
+
 def open_state_store(
     default_path: Path, uri: str | None = None, ttl: int | None = None
 ) -> EmbeddedStateStore | RedisStateStore:
     """None -> the embedded store at default_path; redis://, rediss://, unix:// -> Redis; else a SQLite file path."""
-    if ttl is not None and ttl < 1:
-        raise DmqnError(f"--ttl must be a positive number of seconds, got {ttl}")
-    if uri is not None and uri.split("://", 1)[0] in ("redis", "rediss", "unix"):
+    check_ttl(ttl, uri)
+    if is_redis_uri(uri):
         return RedisStateStore(uri, ttl=ttl)
     if "://" in (uri or ""):
         raise DmqnError(f"unknown state store {redact_uri(uri)!r}: give redis://host:port/db or a file path")
-    if ttl is not None:
-        raise DmqnError("--ttl needs a Redis target (--to redis://...); the embedded store keeps states until replaced")
     return EmbeddedStateStore(Path(uri) if uri else default_path)
