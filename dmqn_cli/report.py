@@ -18,7 +18,12 @@ DEFAULT_USERS = 4
 def report(
     run_id: Optional[str] = typer.Argument(None, help="A dmqn or dmqn-simple run \\[default: the latest one]."),
     out: Optional[Path] = typer.Option(
-        None, "--out", "-o", dir_okay=False, help="HTML file to write \\[default: WORKSPACE/reports/RUN_ID.html]."
+        None,
+        "--out",
+        "-o",
+        dir_okay=False,
+        help="HTML file to write \\[default: WORKSPACE/reports/RUN_ID.html]. An existing file is replaced only "
+        "when it is a dmqn report.",
     ),
     users: int = typer.Option(
         DEFAULT_USERS, "--users", min=0, help="How many recorded sample users get an attention heatmap."
@@ -31,6 +36,12 @@ def report(
         help="Show this raw user id's attention instead (repeatable; "
         "users outside the recorded sample are computed from the checkpoint).",
     ),
+    overwrite: bool = typer.Option(
+        False,
+        "--overwrite",
+        help="Replace --out even when it is not a dmqn report, or is a symbolic link (the link is replaced, "
+        "never what it points to).",
+    ),
     workspace: Optional[Path] = WorkspaceOption,
 ) -> None:
     """Write one HTML file that opens offline (plotly.js embedded once): codeword utilisation, its history,
@@ -39,13 +50,16 @@ def report(
 
     Written to a temporary name and renamed into place: an interrupted report leaves no half-written file.
     A missing directory of --out is created.
+
+    An existing file is replaced only when it is a dmqn report (marked so in its head) or with --overwrite;
+    a symbolic link only with --overwrite, which replaces the link, never what it points to.
     """
     # Imported here, not at the top: plotly takes a while to load and no other command needs it.
     from dmqn_inspect.report import build_report
 
     ws = open_workspace(workspace)
     with RichProgress() as progress:
-        result = build_report(ws, run_id, out, users=user or users, progress=progress)
+        result = build_report(ws, run_id, out, users=user or users, progress=progress, overwrite=overwrite)
     for note in result.notes:
         console.print(Text.assemble(("note:", "yellow"), " ", note))
     console.print(

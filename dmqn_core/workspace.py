@@ -10,17 +10,23 @@ Layout::
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import os
+import secrets
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 from dmqn_core.errors import DmqnError
 
 WORKSPACE_ENV = "DMQN_WORKSPACE"
 DEFAULT_WORKSPACE = "dmqn-workspace"
+
+_T = TypeVar("_T")
 
 
 class Workspace:
@@ -89,14 +95,61 @@ def exclusive_lock(path: Path, what: str) -> Iterator[None]:
         fh.close()  # closing the descriptor releases the lock
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a file so that readers see the old content or the new one, never a part."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def new_temporary_file(target: Path) -> tuple[int, Path]:
+    """Create an empty hidden file ``.NAME.dmqn-tmp-RANDOM`` beside ``target``; its descriptor (open for
+    writing) and path.
+
+    O_EXCL: the name is new, never a user's file or a symbolic link that happened to be there, so the
+    caller may remove it on failure. Nothing ever deletes such a file by its name: a writer killed by
+    SIGKILL leaves it behind.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+
+    def create(path: Path) -> tuple[int, Path]:
+        return os.open(path, flags, 0o666), path  # 0o666 less the umask, as open() makes files
+
+    return _create_unique(target.parent, f".{target.name}.dmqn-tmp-", create)
+
+
+def new_temporary_directory(final: Path, kind: str) -> Path:
+    """Create an empty hidden directory ``.NAME.KIND-PID-RANDOM`` beside ``final`` (KIND: ``tmp`` for a
+    directory being written, ``old`` for one moved aside), new like new_temporary_file's files.
+
+    The pid lets remove_stale_temporaries tell a killed writer's leftover from a live writer's.
+    """
+
+    def create(path: Path) -> Path:
+        path.mkdir(0o777)
+        return path
+
+    return _create_unique(final.parent, f".{final.name}.{kind}-{os.getpid()}-", create)
+
+
+def _create_unique(parent: Path, prefix: str, create: Callable[[Path], _T]) -> _T:
+    """``create(parent / (prefix + RANDOM))`` for the first random name that is free (``create`` raises
+    FileExistsError on a taken one)."""
+    for _ in range(100):
+        try:
+            return create(parent / f"{prefix}{secrets.token_hex(4)}")
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(parent / prefix))
+
+
+def atomic_write_bytes(path: Path, data: bytes, *, check: Callable[[], None] | None = None) -> None:
+    """Write a file so that readers see the old content or the new one, never a part.
+
+    ``check`` is called once the data is on disk, right before the rename: whatever it raises
+    leaves ``path`` as it was (a caller re-checks there what it may replace).
+    """
+    fd, tmp = new_temporary_file(path)
     try:
-        with open(tmp, "wb") as fh:
+        with open(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        if check is not None:
+            check()
         os.replace(tmp, path)
     except BaseException:
         # A full disk or a kill signal mid-write: the partial file is ours to remove, never the target.
@@ -110,14 +163,22 @@ def publish_directory(
     """Move a fully written directory into place with renames only.
 
     A reader sees either the previous directory or the new one. When overwriting, the old
-    directory is first renamed aside, so a kill between the two renames leaves the new set
-    unpublished but the old one recoverable under its hidden name (removed on the next call).
-    Only an old entry that ``replaceable`` accepts (one this tool wrote, ``what`` in the
-    error) is ever replaced: ``--overwrite`` with a mistyped name must not delete a user's folder.
+    directory is first renamed aside (onto an empty ``.NAME.old-PID-RANDOM`` made for it), so a kill
+    between the two renames leaves the new set unpublished but the old one recoverable under its
+    hidden name (put back by remove_stale_temporaries). Only an old entry that ``replaceable``
+    accepts (one this tool wrote, ``what`` in the error) is ever replaced: ``--overwrite`` with a
+    mistyped name must not delete a user's folder.
     """
     if check_can_publish(final_dir, overwrite, replaceable=replaceable, what=what):
-        trash = final_dir.with_name(f".{final_dir.name}.old-{os.getpid()}")
-        os.replace(final_dir, trash)
+        trash = new_temporary_directory(final_dir, "old")
+        try:
+            os.replace(final_dir, trash)  # a directory replaces the empty one made for it
+        except BaseException:
+            # Still the empty directory made for it, unless a signal came right after the rename:
+            # then it holds the old set, for remove_stale_temporaries to put back.
+            with contextlib.suppress(OSError):
+                trash.rmdir()
+            raise
         os.replace(tmp_dir, final_dir)
         _delete(trash)
     else:
@@ -136,30 +197,35 @@ def check_can_publish(final_dir: Path, overwrite: bool, *, replaceable: Callable
     return True
 
 
-def _regular_file(path: Path) -> bool:
-    return path.is_file() and not path.is_symlink()
+def remove_stale_temporaries(
+    parent: Path,
+    name: str,
+    *,
+    temporary: Callable[[Path], bool],
+    backup: Callable[[Path], bool] | None = None,
+) -> None:
+    """Clean up after killed writers of the directory ``name``.
 
-
-def remove_stale_temporaries(parent: Path, name: str, owned: Callable[[Path], bool] = _regular_file) -> None:
-    """Clean up after killed writers of ``name``.
-
-    ``.NAME.tmp-PID`` (a set that was never published) is deleted; ``.NAME.old-PID`` (a
-    previous set moved aside for an overwrite that did not finish) is put back when no
-    ``NAME`` replaced it, and deleted otherwise. Entries of those names that ``owned`` does not
-    recognise as what the writer makes (by default: a plain file, as atomic_write_bytes leaves)
-    are left alone, so that only ever the tool's own leftovers are touched.
+    ``.NAME.tmp-PID`` or ``.NAME.tmp-PID-RANDOM`` (a directory that was never published) is
+    deleted when ``temporary`` recognises it by its content as what the writer makes there;
+    ``.NAME.old-PID-RANDOM`` (a previous directory moved aside by publish_directory for an overwrite
+    that did not finish) is put back when no ``NAME`` replaced it, and deleted otherwise, when
+    ``backup`` recognises it (None: the writer never moves anything aside). A name alone is never
+    enough: these names may be outside the workspace (``--out``), and an entry the recognisers do
+    not accept, of a live pid, or a symbolic link is left alone.
     """
     if not parent.is_dir():
         return
     final = parent / name
     for entry in sorted(parent.iterdir()):
-        for marker in (f".{name}.tmp-", f".{name}.old-"):
-            if not entry.name.startswith(marker):
+        for kind, owned in (("tmp", temporary), ("old", backup)):
+            marker = f".{name}.{kind}-"
+            if owned is None or not entry.name.startswith(marker):
                 continue
-            pid = entry.name[len(marker) :]
-            if not pid.isdigit() or _pid_alive(int(pid)) or not owned(entry):
+            pid = entry.name[len(marker) :].split("-", 1)[0]
+            if not (pid.isascii() and pid.isdigit()) or _pid_alive(int(pid)) or entry.is_symlink() or not owned(entry):
                 continue
-            if marker.endswith(".old-") and not final.exists():
+            if kind == "old" and not (final.exists() or final.is_symlink()):
                 os.replace(entry, final)
             else:
                 _delete(entry)
@@ -176,7 +242,7 @@ def _delete(path: Path) -> None:
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # OverflowError: beyond any pid
         return False
     except PermissionError:
         return True

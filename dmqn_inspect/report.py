@@ -2,12 +2,15 @@
 
 The page embeds plotly.js once, inline, and every figure as a div that calls it, so it opens
 offline and from an e-mail attachment alike. It is written to a temporary file and renamed into
-place, so a killed report leaves the previous file (or none), never half a page.
+place, so a killed report leaves the previous file (or none), never half a page. Every page carries
+GENERATOR_META in its head: only a file with that mark is replaced without ``overwrite``.
 """
 
 from __future__ import annotations
 
 import html
+import os
+import stat
 import time
 import warnings
 from collections.abc import Sequence
@@ -19,9 +22,11 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
+from dmqn_core import __version__
+from dmqn_core.errors import DmqnError
 from dmqn_core.progress import NullProgress, Progress
 from dmqn_core.runs.inspection import RunInspector, RunSummary, UserInspection
-from dmqn_core.workspace import Workspace, atomic_write_bytes, remove_stale_temporaries
+from dmqn_core.workspace import Workspace, atomic_write_bytes
 from dmqn_inspect.report_figures import (
     ClusterCategories,
     Projection,
@@ -64,6 +69,16 @@ SECTIONS = (
 # No upload button ("Share chart..." sends the figure to Plotly Cloud): the report stays on this machine.
 PLOT_CONFIG = {"displaylogo": False, "responsive": True, "showSendToCloud": False}
 
+# The mark in the head of every report, by which an existing file is known to be one (and so may be replaced).
+GENERATOR_META = f'<meta name="generator" content="dmqn report {__version__}">'
+_GENERATOR_MARK = b'<meta name="generator" content="dmqn report '
+# How reports began before they had the mark (the title follows with the run id).
+_UNMARKED_HEAD = (
+    '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+    '<meta name="viewport" content="width=device-width, initial-scale=1"><title>DMQN report · '
+).encode()
+_HEAD_BYTES = 4096  # the mark is within the first few hundred bytes; plotly.js (megabytes) follows
+
 
 @dataclass
 class ReportResult:
@@ -79,23 +94,62 @@ def default_report_path(workspace: Workspace, run_id: str) -> Path:
     return workspace.root / "reports" / f"{run_id}.html"
 
 
+def is_dmqn_report(path: Path) -> bool:
+    """Whether ``path`` is a regular file (not a symbolic link) that dmqn report wrote: its first
+    few KB, the only part read, hold GENERATOR_META (or begin as reports did before it)."""
+    try:
+        # O_NOFOLLOW: a link is never a report; O_NONBLOCK: a FIFO is refused by fstat, not waited on.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return False
+    with open(fd, "rb") as fh:
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return False
+            head = fh.read(_HEAD_BYTES)
+        except OSError:
+            return False
+    return _GENERATOR_MARK in head or head.startswith(_UNMARKED_HEAD)
+
+
+def check_report_target(out: Path, overwrite: bool) -> None:
+    """The DmqnError of a report that may not be written at ``out``.
+
+    An existing file is replaced only when it is a dmqn report, or with ``overwrite``; a symbolic
+    link is never written through, and replaced (the link itself, never what it points to) only
+    with ``overwrite``. build_report checks before its work and again right before the rename.
+    """
+    if out.is_symlink():
+        if not overwrite:
+            raise DmqnError(f"{out} is a symbolic link; pass --overwrite to replace the link (not what it points to)")
+    elif out.is_dir():
+        raise DmqnError(f"{out} is a directory; name the report's file")
+    elif out.exists() and not overwrite and not is_dmqn_report(out):
+        raise DmqnError(f"{out} exists and is not a dmqn report; pass --overwrite to replace it")
+
+
 def build_report(
     workspace: Workspace,
     run_id: str | None = None,
     out: Path | None = None,
     users: int | Sequence[int] = DEFAULT_ATTENTION_USERS,
     progress: Progress | None = None,
+    overwrite: bool = False,
 ) -> ReportResult:
     """Write the HTML report of a dmqn/dmqn-simple run (None: the latest) to ``out`` (None: the default path).
 
     ``users``: how many of the recorded sample users get an attention heatmap, or the raw ids of
     the users to show (users outside the recorded sample are computed from the checkpoint).
+    An existing ``out`` is replaced only when it is a dmqn report, or with ``overwrite`` (see
+    check_report_target).
     """
     started = time.perf_counter()
     progress = progress or NullProgress()
     inspector = RunInspector(workspace, run_id)
     out = Path(out) if out is not None else default_report_path(workspace, inspector.run_id)
-    # Now rather than when writing: a directory that cannot be made fails before the UMAP, not after it.
+    # Now rather than when writing: a file that may not be replaced, or a directory that cannot be
+    # made, fails before the UMAP, not after it.
+    check_report_target(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     page = _Page(inspector)
 
@@ -210,8 +264,8 @@ def build_report(
 
     progress.start("writing the report", None)
     document = page.render(this_run, best_epoch, len(sampled)).encode("utf-8")
-    remove_stale_temporaries(out.parent, out.name)  # left by a report killed while writing
-    atomic_write_bytes(out, document)
+    # Checked again: a file may have appeared at ``out``, or changed, while the report was being built.
+    atomic_write_bytes(out, document, check=lambda: check_report_target(out, overwrite))
     progress.stop()
     return ReportResult(
         path=out,
@@ -402,7 +456,7 @@ class _Page:
             for key, name in SECTIONS
         )
         return (
-            f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">{GENERATOR_META}'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
             f"<title>{html.escape(title)}</title><style>{_CSS}</style>"
             f'<script type="text/javascript">{get_plotlyjs()}</script></head>'

@@ -228,14 +228,14 @@ def prepare(
         ws = (workspace or Workspace()).ensure()
         final = _output_path(ws, out)
         final.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(final.parent, final.name, _is_own_set)
+        remove_stale_temporaries(final.parent, final.name, temporary=_is_own_set, backup=fmt_out.is_prepared_set)
         check_can_publish(final, overwrite, replaceable=fmt_out.is_prepared_set, what="a prepared set")
         tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
         if scratch is None:
             work = tmp / ".work"
         else:
             # Named like a set's temporary directory, so the next run removes it after a kill.
-            remove_stale_temporaries(scratch, f"dmqn-prep-{final.name}", _is_work_directory)
+            remove_stale_temporaries(scratch, f"dmqn-prep-{final.name}", temporary=_is_work_directory)
             work = scratch / f".dmqn-prep-{final.name}.tmp-{os.getpid()}"
         started = time.monotonic()
         created = False
@@ -303,12 +303,29 @@ def _new_directory(path: Path, owned: Callable[[Path], bool]) -> None:
     path.mkdir()
 
 
-_WORK_FILES = frozenset({"prep.duckdb", "prep.duckdb.wal", "spill"})
+_WORK_FILES = frozenset({"prep.duckdb", "prep.duckdb.wal"})
+_SPILL = "spill"  # DuckDB's temp_directory in the work folder (see _Job._run_duckdb)
 
 
 def _is_work_directory(path: Path) -> bool:
-    """Whether ``path`` holds nothing but DuckDB's working files of a prep (see _Job.work)."""
-    return path.is_dir() and not path.is_symlink() and all(e.name in _WORK_FILES for e in path.iterdir())
+    """Whether ``path`` holds nothing but DuckDB's working files of a prep (see _Job.work): its
+    database and a spill folder of DuckDB's own ``duckdb_temp*`` files."""
+    if not path.is_dir() or path.is_symlink():
+        return False
+    for entry in path.iterdir():
+        if entry.name == _SPILL:
+            ok = (
+                entry.is_dir()
+                and not entry.is_symlink()
+                and all(
+                    f.name.startswith("duckdb_temp") and f.is_file() and not f.is_symlink() for f in entry.iterdir()
+                )
+            )
+        else:
+            ok = entry.name in _WORK_FILES and entry.is_file() and not entry.is_symlink()
+        if not ok:
+            return False
+    return True
 
 
 def _is_own_set(path: Path) -> bool:

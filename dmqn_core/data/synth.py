@@ -61,6 +61,7 @@ import pyarrow.csv as pacsv
 
 from dmqn_core.errors import DmqnError
 from dmqn_core.progress import NullProgress, Progress
+from dmqn_core.workspace import new_temporary_file
 
 WINDOW_START = 1511539200  # 2017-11-25 00:00:00 China time (UTC+8)
 WINDOW_END = 1512316800  # 2017-12-04 00:00:00 China time, exclusive
@@ -271,7 +272,11 @@ def write_log(
     if not path.parent.is_dir():
         raise DmqnError(f"directory {path.parent} does not exist")
     progress = progress or NullProgress()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        fd, tmp = new_temporary_file(path)
+    except OSError as exc:
+        raise DmqnError(f"cannot write {path}: {exc}") from exc
+    os.close(fd)  # DuckDB and pyarrow open it again by name, and only this process knows the name
     try:
         if cfg.block_users is None:
             summary = _write_in_memory(tmp, cfg, seed, progress)

@@ -34,7 +34,7 @@ from dmqn_core.errors import DmqnError
 from dmqn_core.models.registry import build_model, has_codebooks
 from dmqn_core.runs.checkpoint import BEST, CHECKPOINT, load_checkpoint, restore_weights
 from dmqn_core.runs.store import RunRecord, RunStore
-from dmqn_core.workspace import Workspace, remove_stale_temporaries
+from dmqn_core.workspace import Workspace, new_temporary_directory, remove_stale_temporaries
 
 VOCABULARY = "vocab"  # the run folder's copy of its data set's vocabularies
 
@@ -155,10 +155,9 @@ def write_vocabulary(run_dir: Path, data: PreparedSet) -> None:
     final = run_dir / VOCABULARY
     if final.is_dir():
         return
-    remove_stale_temporaries(run_dir, VOCABULARY, owned=lambda path: path.is_dir() and not path.is_symlink())
-    tmp = run_dir / f".{VOCABULARY}.tmp-{os.getpid()}"
+    remove_stale_temporaries(run_dir, VOCABULARY, temporary=_is_vocabulary_copy)
+    tmp = new_temporary_directory(final, "tmp")
     try:
-        tmp.mkdir(parents=True, exist_ok=True)
         for name in VOCAB_ARRAYS:
             shutil.copyfile(data.path / "vocab" / f"{name}.npy", tmp / f"{name}.npy")
             # On disk before the rename, so that a crash cannot publish empty files.
@@ -168,6 +167,12 @@ def write_vocabulary(run_dir: Path, data: PreparedSet) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _is_vocabulary_copy(path: Path) -> bool:
+    """Whether ``path`` holds nothing but what write_vocabulary copies: a killed copy's leftover."""
+    names = {f"{name}.npy" for name in VOCAB_ARRAYS}
+    return path.is_dir() and all(entry.name in names and entry.is_file() for entry in path.iterdir())
 
 
 class Run:

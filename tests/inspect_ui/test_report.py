@@ -31,7 +31,7 @@ from dmqn_core.runs.inspection import RunInspector
 from dmqn_core.runs.store import RunStore
 from dmqn_core.training.train import train
 from dmqn_core.workspace import Workspace
-from dmqn_inspect.report import SECTIONS, build_report, default_report_path
+from dmqn_inspect.report import GENERATOR_META, SECTIONS, build_report, default_report_path
 from dmqn_inspect.report_figures import quantizer_history_figure
 
 MODEL = {"embed_dim": 8, "n_codebooks": 2, "codebook_size": 8, "mlp_hidden": [16]}
@@ -134,16 +134,17 @@ def test_quantizer_history_plots_every_codebook_and_epoch(tiny_workspace, dmqn_r
     assert "quantizer-history" not in figure_ids(result.path.read_text(encoding="utf-8"))
 
 
-def test_default_path_and_stale_temporaries(tiny_workspace, dmqn_run):
+def test_default_path_replaces_an_older_report(tiny_workspace, dmqn_run):
     out = default_report_path(tiny_workspace, dmqn_run)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("an older report")
-    stale = out.with_name(f".{out.name}.tmp-999999999")  # left by a report killed while writing
-    stale.write_text("half a page")
+    out.write_text(f"<!DOCTYPE html><html><head>{GENERATOR_META}<title>an older report</title></head></html>")
+    beside = out.with_name(f".{out.name}.tmp-999999999")  # no name dmqn writes: never deleted
+    beside.write_text("half a page")
     result = build_report(tiny_workspace, dmqn_run)
     assert result.path == out == tiny_workspace.root / "reports" / f"{dmqn_run}.html"
     assert out.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
-    assert not stale.exists()
+    assert "an older report" not in out.read_text(encoding="utf-8")
+    assert beside.read_text() == "half a page"
 
 
 def test_only_dmqn_runs_have_a_report(tiny_workspace, baseline_run, tmp_path):
