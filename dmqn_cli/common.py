@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.text import Text
 
 from dmqn_core.data.prepared import RAW_ID_RANGE
-from dmqn_core.errors import DmqnError
+from dmqn_core.errors import DmqnError, printable
 from dmqn_core.workspace import WORKSPACE_ENV, Workspace
 
 console = Console()
@@ -69,10 +69,16 @@ def print_json(value: Any) -> None:
     typer.echo(json.dumps(value, indent=2, allow_nan=False))
 
 
+def plain(text: object, style: str = "") -> Text:
+    """Text from users, logs or the run store as a terminal may show it: never Rich markup (a data set
+    called '[red]x' is shown as typed), control characters escaped (dmqn_core.errors.printable)."""
+    return Text(printable(str(text)), style=style)
+
+
 def fail(message: str, code: int = 1) -> typer.Exit:
     """Print a one-line error and return the Exit to raise."""
-    # A message quotes user input ('[model]', a data set called '[red]x'): Text shows it as is.
-    err_console.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False, soft_wrap=True)
+    # A message quotes user input ('[model]', a name holding ESC or a newline, a row of a log).
+    err_console.print(Text.assemble(("error:", "bold red"), " ", plain(message)), highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 

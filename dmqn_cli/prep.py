@@ -8,9 +8,8 @@ from typing import Optional
 
 import typer
 from rich.table import Table
-from rich.text import Text
 
-from dmqn_cli.common import WorkspaceOption, console, handle_errors, open_workspace
+from dmqn_cli.common import WorkspaceOption, console, handle_errors, open_workspace, plain
 from dmqn_core.data.formats import Format, parse_columns
 from dmqn_core.data.prep import MEMORY_FRACTION, parse_time_range, prepare
 
@@ -138,9 +137,9 @@ def prep(
 
 def _summary(meta: dict, path: Path, seconds: float) -> Table:
     counts = meta["counts"]
-    # Text, not a markup string: the set's name and path are the user's, brackets included.
+    # plain(), not a markup string: the set's name and path are the user's, brackets and escapes included.
     table = Table(
-        title=Text(f"prepared {meta['name']} ({meta['source']['variant']}) in {seconds:.1f}s"),
+        title=plain(f"prepared {meta['name']} ({meta['source']['variant']}) in {seconds:.1f}s"),
         show_header=False,
         title_justify="left",
     )
@@ -149,7 +148,7 @@ def _summary(meta: dict, path: Path, seconds: float) -> Table:
     table.add_row("rows read", f"{counts['rows_read']:,}")
     for reason, n in counts["rows_bad"].items():
         if n:
-            table.add_row(f"  skipped: {reason}", f"{n:,}")
+            table.add_row(plain(f"  skipped: {reason}"), f"{n:,}")
     table.add_row("rows used", f"{counts['rows_used']:,}")
     table.add_row("users kept", f"{counts['users']:,}")
     table.add_row("  dropped: < min behaviors", f"{counts['users_dropped_min_behaviors']:,}")
@@ -163,5 +162,5 @@ def _summary(meta: dict, path: Path, seconds: float) -> Table:
         table.add_row(f"samples {split} (positives)", f"{counts['samples'][split]:,} ({counts['positives'][split]:,})")
     if counts["negatives_short"]:
         table.add_row("negatives missing (user clicked every item)", f"{counts['negatives_short']:,}")
-    table.add_row("written to", Text(str(path)))
+    table.add_row("written to", plain(path))
     return table

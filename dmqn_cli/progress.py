@@ -14,9 +14,9 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-from rich.text import Text
 
-from dmqn_cli.common import err_console
+from dmqn_cli.common import err_console, plain
+from dmqn_core.errors import printable
 
 
 def _format_info(info: dict[str, Any]) -> str:
@@ -27,7 +27,7 @@ def _format_info(info: dict[str, Any]) -> str:
             parts.append(f"{label} {value:,.0f}" if abs(value) >= 100 else f"{label} {value:.4f}")
         else:
             parts.append(f"{label} {value}")
-    return "  ".join(parts)
+    return printable("  ".join(parts))
 
 
 class RichProgress:
@@ -62,7 +62,7 @@ class RichProgress:
 
     def start(self, description: str, total: int | None) -> None:
         self.stop()
-        self._task = self._progress.add_task(description, total=total, info="")
+        self._task = self._progress.add_task(printable(description), total=total, info="")
 
     def advance(self, steps: int = 1, **info: Any) -> None:
         if self._task is not None:
@@ -74,5 +74,5 @@ class RichProgress:
             self._task = None
 
     def log(self, message: RenderableType) -> None:
-        """A line above the bar; text is printed as it is (core messages quote names, never markup)."""
-        self._progress.console.print(Text(message) if isinstance(message, str) else message, highlight=False)
+        """A line above the bar; a str is shown as plain() shows it (core messages quote names and paths)."""
+        self._progress.console.print(plain(message) if isinstance(message, str) else message, highlight=False)

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import functools
 import os
 from enum import Enum
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.text import Text
 
-from dmqn_cli.common import WorkspaceOption, console, handle_errors, open_workspace
+from dmqn_cli.common import WorkspaceOption, console, handle_errors, open_workspace, plain
 from dmqn_cli.progress import RichProgress
 from dmqn_cli.results import metrics_table
 from dmqn_core.quickstart import run_quickstart
@@ -41,7 +39,10 @@ def quickstart(
 ) -> None:
     """synth → prep → train DMQN and the popularity baseline → eval, then what to try next."""
     ws = open_workspace(workspace)
-    say = functools.partial(console.print, markup=False)  # every line quotes a path or an id, never markup
+
+    def say(line: str) -> None:
+        console.print(plain(line))  # every line quotes a path or an id: never markup, never a raw escape
+
     say(f"workspace: {ws.root}")
     with RichProgress() as progress:
         result = run_quickstart(
@@ -50,7 +51,7 @@ def quickstart(
             seed,
             epochs,
             progress=progress,
-            on_step=lambda message: progress.log(Text(message, style="bold cyan")),
+            on_step=lambda message: progress.log(plain(message, style="bold cyan")),
         )
     counts = result.prepared.meta["counts"]
     say(f"log:      {result.log.path} ({result.log.rows:,} rows, {result.log.users:,} users)")

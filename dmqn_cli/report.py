@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.text import Text
 
-from dmqn_cli.common import WorkspaceOption, console, handle_errors, int64_ids, open_workspace
+from dmqn_cli.common import WorkspaceOption, console, handle_errors, int64_ids, open_workspace, plain
 from dmqn_cli.progress import RichProgress
 
 DEFAULT_USERS = 4
@@ -61,7 +61,9 @@ def report(
     with RichProgress() as progress:
         result = build_report(ws, run_id, out, users=user or users, progress=progress, overwrite=overwrite)
     for note in result.notes:
-        console.print(Text.assemble(("note:", "yellow"), " ", note))
+        console.print(Text.assemble(("note:", "yellow"), " ", plain(note)))
     console.print(
-        Text(f"report of run {result.run_id}: {result.path} ({result.size_bytes / 1e6:.1f} MB, {result.seconds:.1f} s)")
+        plain(
+            f"report of run {result.run_id}: {result.path} ({result.size_bytes / 1e6:.1f} MB, {result.seconds:.1f} s)"
+        )
     )

@@ -11,7 +11,7 @@ from rich.console import RenderableType
 from rich.table import Column, Table
 from rich.text import Text
 
-from dmqn_cli.common import console
+from dmqn_cli.common import console, plain
 from dmqn_core.training.train import TrainResult
 
 
@@ -51,14 +51,15 @@ def fitted_table(
     while True:
         table = Table(
             *(columns[i].copy() for i in keep),
-            title=Text(title),
+            title=plain(title),
             box=box.SIMPLE_HEAD,
             show_edge=False,
             pad_edge=False,
             padding=(0, 1, 0, 0),
         )
         for row in rows:
-            table.add_row(*(row[i] for i in keep))
+            # A str cell would be read as Rich markup; every one is shown as plain() shows it.
+            table.add_row(*(plain(row[i]) if isinstance(row[i], str) else row[i] for i in keep))
         natural = console.measure(table, options=console.options.update_width(100_000)).maximum
         if wide:
             table.width = natural
@@ -74,12 +75,12 @@ def fitted_table(
 
 
 def metrics_table(title: str, rows: list[tuple[str, dict[str, float]]]) -> Table:
-    table = Table(title=Text(title))
+    table = Table(title=plain(title))
     for column in ("", "AUC", "GAUC", "logloss", "samples", "samples/s"):
         table.add_column(column, justify="right" if column else "left")
     for label, m in rows:
         table.add_row(
-            Text(label),
+            plain(label),
             fmt(m.get("auc")),
             fmt(m.get("gauc")),
             fmt(m.get("logloss")),
@@ -94,9 +95,11 @@ def print_train_result(result: TrainResult) -> None:
         Text.assemble(
             "run ",
             (result.run_id, "bold"),
-            f": {result.model} on {result.dataset}, {result.n_parameters:,} parameters, "
-            f"best epoch {result.best_epoch}, valid AUC {fmt(result.best_valid_auc)}, "
-            f"{result.train_seconds:.0f} s of training",
+            plain(
+                f": {result.model} on {result.dataset}, {result.n_parameters:,} parameters, "
+                f"best epoch {result.best_epoch}, valid AUC {fmt(result.best_valid_auc)}, "
+                f"{result.train_seconds:.0f} s of training"
+            ),
         )
     )
     console.print(metrics_table("test", [(result.model, result.test)]))

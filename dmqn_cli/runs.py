@@ -11,8 +11,18 @@ import typer
 from rich.table import Column, Table
 from rich.text import Text
 
-from dmqn_cli.common import JsonOption, WideOption, WorkspaceOption, console, handle_errors, open_workspace, print_json
+from dmqn_cli.common import (
+    JsonOption,
+    WideOption,
+    WorkspaceOption,
+    console,
+    handle_errors,
+    open_workspace,
+    plain,
+    print_json,
+)
 from dmqn_cli.results import fitted_table, fmt, number
+from dmqn_core.errors import printable
 from dmqn_core.runs.run import Run
 from dmqn_core.runs.store import RunRecord, RunStore, iter_param_rows
 
@@ -71,7 +81,8 @@ def _csv(records: list[RunRecord]) -> str:
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=RUN_FIELDS, lineterminator="\n")  # None is written as an empty cell
     writer.writeheader()
-    writer.writerows(run_fields(r) for r in records)
+    # Control characters escaped as on the terminal: the CSV is read by people too, often unredirected.
+    writer.writerows({k: printable(v) if isinstance(v, str) else v for k, v in run_fields(r).items()} for r in records)
     return out.getvalue()
 
 
@@ -90,10 +101,10 @@ def _runs_table(store: RunStore, records: list[RunRecord], wide: bool) -> Table:
     date = "%Y-%m-%d %H:%M" if wide else "%m-%d %H:%M"
     rows = [
         [
-            Text(r.run_id),
-            Text(r.model),
-            Text(r.dataset),
-            Text(r.status),
+            plain(r.run_id),
+            plain(r.model),
+            plain(r.dataset),
+            plain(r.status),
             str(r.epochs_done),
             fmt(r.best_valid_auc),
             fmt(r.test_auc),
@@ -161,7 +172,7 @@ def list_runs(
     elif as_csv:
         typer.echo(_csv(records), nl=False)
     elif not records:
-        console.print(Text(f"no runs in {store.path} yet — try `dmqn quickstart` or `dmqn train`"))
+        console.print(plain(f"no runs in {store.path} yet — try `dmqn quickstart` or `dmqn train`"))
     else:
         console.print(_runs_table(store, records, wide), crop=not wide)
 
@@ -219,17 +230,19 @@ def show_run(
         return
     console.print(
         Text.assemble(
-            ("run " + record.run_id, "bold"),
-            f"  {record.model} on {record.dataset}  status {record.status}  parameters {fmt(record.n_parameters)}",
+            plain("run " + record.run_id, "bold"),
+            plain(
+                f"  {record.model} on {record.dataset}  status {record.status}  parameters {fmt(record.n_parameters)}"
+            ),
         )
     )
     if record.error:
-        console.print(Text.assemble(("error:", "red"), " ", record.error))
+        console.print(Text.assemble(("error:", "red"), " ", plain(record.error)))
     params = Table(title="parameters", show_header=False)
     params.add_column("name")
     params.add_column("value", overflow="fold")  # a long path folds rather than losing its end
     for name, value in iter_param_rows(record.params):
-        params.add_row(Text(name), Text(str(value)))
+        params.add_row(plain(name), plain(value))
     console.print(params)
     if history:
         console.print(_history_table(history, wide), crop=not wide)

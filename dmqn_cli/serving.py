@@ -18,6 +18,7 @@ from dmqn_cli.common import (
     int64_ids,
     open_workspace,
     parse_id,
+    plain,
     print_json,
 )
 from dmqn_cli.progress import RichProgress
@@ -81,7 +82,7 @@ def export_cache(
         result = export_states(ws, run_id, user_ids, dtype, batch_size, resume, progress, to=to, ttl=ttl)
     per_user = result.bytes / max(result.total_users, 1)
     console.print(
-        Text(
+        plain(
             f"{result.store}, version {result.version}: {result.users:,} users written in "
             f"{result.seconds:.1f} s ({result.users_per_s:,.0f} users/s); {result.total_users:,} users "
             f"stored, {result.bytes:,} bytes ({per_user:,.0f} bytes per user, {dtype})"
@@ -117,7 +118,7 @@ def score(
         warnings.simplefilter("always")
         probabilities = scorer.score(user, item_ids)
     for warning in caught:
-        err_console.print(Text.assemble(("warning:", "yellow"), " ", str(warning.message)), soft_wrap=True)
+        err_console.print(Text.assemble(("warning:", "yellow"), " ", plain(warning.message)), soft_wrap=True)
     if as_json:
         print_json(
             {

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from dmqn_cli.common import console, handle_errors
+from dmqn_cli.common import console, handle_errors, plain
 from dmqn_cli.progress import RichProgress
 from dmqn_core.data.synth import write_log
 
@@ -46,10 +46,11 @@ def synth(
             "outside the window, as in the real release"
         )
     console.print(
-        f"wrote {summary.rows:,} rows ({summary.users:,} users, {summary.items:,} items, "
-        f"{summary.categories:,} categories{quirks}) in {seconds:.1f}s "
-        f"({summary.rows / max(seconds, 1e-9):,.0f} rows/s) to {summary.path}",
+        plain(
+            f"wrote {summary.rows:,} rows ({summary.users:,} users, {summary.items:,} items, "
+            f"{summary.categories:,} categories{quirks}) in {seconds:.1f}s "
+            f"({summary.rows / max(seconds, 1e-9):,.0f} rows/s) to {summary.path}"
+        ),  # the path is the user's: brackets and escapes in it are text
         highlight=False,
         soft_wrap=True,
-        markup=False,  # the path is the user's: brackets in it are text
     )

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
-from dmqn_core.errors import DmqnError
+from dmqn_core.errors import DmqnError, has_unsafe_characters
 
 WORKSPACE_ENV = "DMQN_WORKSPACE"
 DEFAULT_WORKSPACE = "dmqn-workspace"
@@ -62,6 +62,9 @@ class Workspace:
         if not text.strip():
             # "" would name data/ itself, and a blank name is a quoting mistake, never a set.
             raise DmqnError(f"a prepared set's name must not be empty or blank, got {text!r}")
+        if has_unsafe_characters(text):
+            # It would become a folder name that every later listing prints to a terminal.
+            raise DmqnError(f"a prepared set's name must not hold control characters, got {text!r}")
         if os.sep in text or (os.altsep and os.altsep in text) or text.startswith("."):
             return Path(text).expanduser().resolve()
         return self.data_dir / text

@@ -19,7 +19,7 @@ from textual.message import Message
 from textual.widgets import Footer, Static, TabbedContent, TabPane
 from textual.worker import get_current_worker
 
-from dmqn_core.errors import DmqnError
+from dmqn_core.errors import DmqnError, printable
 from dmqn_core.runs.inspection import RunInspector, RunSummary, UserInspection, dmqn_runs
 from dmqn_core.workspace import Workspace
 from dmqn_inspect.widgets.attention import AttentionChart
@@ -261,7 +261,8 @@ class InspectApp(App[None]):
     def _show_message(self, text: str, error: bool = False) -> None:
         message = self.query_one("#message", Static)
         # Content, not a str: the text quotes run ids, paths and error messages, which are not markup.
-        message.update(Content(text))
+        # printable: nor are their control characters to be acted on.
+        message.update(Content(printable(text)))
         message.display = bool(text)
         message.set_class(error, "-error")
 

@@ -15,7 +15,9 @@ split in SQL, so every malformed row is classified (and counted) instead of abor
 Ids (user, item, and category where the log gives it as a number) must be decimal integers with
 an optional sign, surrounding blanks allowed, that fit int64: ``3056199.7``, ``1e3``, ``0x10``
 or ``1_000`` (all of which DuckDB's cast would round or convert) make the row ``bad_id``. The
-sign is allowed because ids hashed to 64 bits are often negative.
+sign is allowed because ids hashed to 64 bits are often negative. Unix timestamps follow the same
+rule (``1511544070.7``, ``1e9``, ``0x10`` and ``1_000`` make the row ``bad_timestamp``: a rounded or
+converted time would silently reorder a history); the ``csv`` format also takes ISO-8601 date-times.
 
 A file is read as gzip exactly when it starts with gzip's magic bytes, whatever its name; a file
 named ``.gz`` that is not gzip is an error (see source_compression).
@@ -283,7 +285,7 @@ def _load_taobao(con: duckdb.DuckDBPyConnection, path: Path) -> SourceInfo:
                 -- No trim(): it doubles the cost on 100M rows, and TRY_CAST already accepts
                 -- surrounding blanks (including the CR of CRLF files, which ends the timestamp).
                 SELECT line, p, {_integer_sql("p[1]")} AS u, {_integer_sql("p[2]")} AS i,
-                       {_integer_sql("p[3]")} AS c, p[4] AS b, TRY_CAST(p[5] AS BIGINT) AS t
+                       {_integer_sql("p[3]")} AS c, p[4] AS b, {_integer_sql("p[5]")} AS t
                 FROM (SELECT line, string_split(line, ',') AS p
                       FROM {_read_lines_sql("utf-8", 0, "rejects_log", source_compression(path))})
             )
@@ -374,7 +376,7 @@ def _load_movielens(con: duckdb.DuckDBPyConnection, folder: Path) -> SourceInfo:
                    END AS reason
             FROM (
                 SELECT line, p, {_integer_sql("p[1]")} AS u, {_integer_sql("p[2]")} AS i,
-                       TRY_CAST(trim(p[3]) AS DOUBLE) AS r, TRY_CAST(trim(p[4]) AS BIGINT) AS t
+                       TRY_CAST(trim(p[3]) AS DOUBLE) AS r, {_integer_sql("p[4]")} AS t
                 FROM (SELECT line, string_split(rtrim(line, ' \t\r'), ?) AS p
                       FROM {_read_lines_sql("utf-8", header, "rejects_log", source_compression(ratings))})
             )
@@ -492,7 +494,7 @@ def _load_csv(con: duckdb.DuckDBPyConnection, path: Path, columns: dict[str, str
             FROM (
                 SELECT {_integer_sql(col["user"])} AS u, {_integer_sql(col["item"])} AS i,
                        {category} AS c, {behavior} AS b,
-                       coalesce(TRY_CAST(trim({col["timestamp"]}) AS BIGINT),
+                       coalesce({_integer_sql(col["timestamp"])},
                                 CAST(floor(epoch(TRY_CAST(trim({col["timestamp"]}) AS TIMESTAMPTZ))) AS BIGINT)) AS t,
                        {line_sql} AS line
                 FROM read_csv(?, {options}, ignore_errors=true, store_rejects=true,

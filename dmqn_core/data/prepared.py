@@ -313,6 +313,10 @@ def _read_meta(path: Path) -> dict:
             raise DmqnError(f"{incomplete} lacks {key}")
     if not isinstance(meta["protocol"], dict) or "max_len" not in meta["protocol"]:
         raise DmqnError(f"{incomplete} lacks protocol.max_len")
+    max_len = meta["protocol"]["max_len"]
+    # Readers slice histories with it: a string, a float or a huge number would fail deep inside them.
+    if not isinstance(max_len, int) or isinstance(max_len, bool) or not 1 <= max_len < 2**63:
+        raise DmqnError(f"{path / 'meta.json'}: protocol.max_len must be a positive integer, got {json.dumps(max_len)}")
     return meta
 
 

@@ -21,11 +21,13 @@ class PopularityModel(nn.Module):
 
     def __init__(self, config: ModelConfig, item_popularity: np.ndarray | Tensor) -> None:
         super().__init__()
-        pop = torch.tensor(np.array(item_popularity, dtype=np.float32))  # a copy: the prepared set is read-only
-        if pop.ndim != 1 or pop.shape[0] != config.n_items:
-            raise ValueError(f"item_popularity must have shape ({config.n_items},), got {tuple(pop.shape)}")
-        if bool((pop < 0).any()):
+        # Checked in NumPy: the model may be built on the meta device, whose tensors hold no values.
+        counts = np.array(item_popularity, dtype=np.float32)  # a copy: the prepared set is read-only
+        if counts.ndim != 1 or counts.shape[0] != config.n_items:
+            raise ValueError(f"item_popularity must have shape ({config.n_items},), got {counts.shape}")
+        if (counts < 0).any():
             raise ValueError("item_popularity must be non-negative")
+        pop = torch.tensor(counts)
         self.config = config
         self.register_buffer("log_popularity", pop.log1p())  # (n_items,)
 

@@ -111,9 +111,11 @@ def _typed(value: Any, hint: Any, what: str) -> Any:
             return value
         expected = "true or false"
     elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
+        # Every integer setting ends up in an int64 (NumPy, torch, the run store's BIGINT): a larger
+        # one would overflow there, after the run exists.
+        if isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63:
             return value
-        expected = "an integer"
+        expected = "an integer" if not isinstance(value, int) or isinstance(value, bool) else "a 64-bit integer"
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -145,6 +147,8 @@ def read_config_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str,
         raise DmqnError(f"config file {path} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise DmqnError(f"config file {path} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:  # TOML is UTF-8 text; a binary file fails before the parser
+        raise DmqnError(f"config file {path} is not valid TOML: not UTF-8 text (byte {exc.start})") from None
     unknown = sorted(set(document) - {"model", "train"})
     if unknown:
         raise DmqnError(f"config file {path}: unknown table(s) {', '.join(unknown)}; use [model] and [train]")
@@ -170,7 +174,7 @@ def resolve_configs(
         raise DmqnError(f"invalid model setting: {exc}") from None
     train_config = TrainConfig.from_dict(train_settings)
     if train_config.max_len is None:
-        train_config = dataclasses.replace(train_config, max_len=int(data.meta["protocol"]["max_len"]))
+        train_config = dataclasses.replace(train_config, max_len=data.max_len)
     _validate(train_config)
     return model_config, train_config
 
@@ -298,6 +302,7 @@ def _plan_new(
     data = PreparedSet.open(workspace.dataset_path(dataset))
     model_config, train_config = resolve_configs(data, model_settings or {}, train_settings or {})
     _check_world_size(train_config, context)
+    _check_model_fits(model_name, model_config, data, train_config.device)
     run_id = run_id or new_run_id()
     if store.has_run(run_id):  # also opens the store: a damaged one fails before the run exists
         raise DmqnError(f"run {run_id} already exists; resume it with --resume {run_id}")
@@ -311,6 +316,32 @@ def _plan_new(
         train_config,
         resumed=False,
     )
+
+
+def _check_model_fits(model_name: str, model_config: ModelConfig, data: PreparedSet, device: str) -> None:
+    """A DmqnError when the model's weights, gradients and Adam's two moments cannot fit in the
+    device's memory: `--embed-dim 1099511627776` must be refused before the run exists, not found by
+    the allocator. The model is built on the meta device, which allocates nothing."""
+    try:
+        with torch.device("meta"):
+            model = build_model(model_name, model_config, item_popularity=data.item_popularity)
+    except RuntimeError as exc:  # a tensor of more than 2^63 bytes: torch refuses to describe it
+        if "overflow" not in str(exc):
+            raise
+        raise DmqnError(
+            f"{model_name} with these settings is too large for any memory ({exception_summary(exc)})"
+        ) from None
+    n_values = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
+    needed = 4 * n_values * 4  # float32 weights, gradients and two Adam moments
+    if device.startswith("cuda"):
+        available = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    else:
+        available = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if needed > available:
+        raise DmqnError(
+            f"{model_name} with these settings has {n_values:,} weights, {needed / 2**30:,.1f} GiB with their "
+            f"gradients and Adam's state: more than the {available / 2**30:,.1f} GiB of {device} memory"
+        )
 
 
 def _plan_resume(
@@ -557,6 +588,8 @@ def _train(
     except Exception as exc:
         if main:
             _record_end(store, plan, run_dir, started, "failed", f"{type(exc).__name__}: {exc}")
+        if _out_of_memory(exc):  # batches too large for the machine: the user's to change, not a bug
+            raise DmqnError(f"run {run_id} ran out of memory ({exception_summary(exc)})") from None
         raise
     return TrainResult(
         run_id=run_id,
@@ -568,6 +601,13 @@ def _train(
         train_seconds=state["train_seconds"],
         n_parameters=n_parameters,
         history=state["history"],
+    )
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation that failed (NumPy's MemoryError, torch's CPU allocator or CUDA)."""
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from rich.text import Text
 from textual.widgets import Static
 
+from dmqn_core.errors import printable
 from dmqn_core.runs.inspection import UserInspection
 
 
@@ -20,7 +21,13 @@ class InfoBar(Static):
         codebook: int,
         candidate: int | None,
     ) -> None:
-        line = Text.assemble("run ", (run_id, "bold"), f" · {model} · {dataset}\n", "user ", (str(user_id), "bold"))
+        line = Text.assemble(
+            "run ",
+            (printable(run_id), "bold"),
+            printable(f" · {model} · {dataset}") + "\n",
+            "user ",
+            (str(user_id), "bold"),
+        )
         if inspection is None:
             line.append(" · not loaded")
             self.update(line)

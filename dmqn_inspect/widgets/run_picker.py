@@ -12,6 +12,7 @@ from textual.screen import ModalScreen
 from textual.widgets import OptionList, Static
 from textual.widgets.option_list import Option
 
+from dmqn_core.errors import printable
 from dmqn_core.runs.inspection import RunSummary
 
 
@@ -37,12 +38,13 @@ class RunPicker(ModalScreen[str | None]):
 
     def _option(self, run: RunSummary) -> Option:
         mark = "*" if run.run_id == self.current_run_id else " "
-        # Content, not a str: a data set may be called "[red]x", which is a name, not markup.
+        # Content, not a str: a data set may be called "[red]x", which is a name, not markup; printable:
+        # names read from a run store are escaped before they reach the terminal.
         line = (
             f"{mark} {run.run_id:<20} {run.model:<11} {run.dataset[:14]:<14} {run.status[:11]:<11} "
             f"{_metric(run.test_auc)}"
         )
-        return Option(Content(line), id=run.run_id)
+        return Option(Content(printable(line)), id=run.run_id)
 
     def on_mount(self) -> None:
         options = self.query_one(OptionList)

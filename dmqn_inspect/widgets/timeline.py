@@ -5,6 +5,7 @@ from __future__ import annotations
 from rich.text import Text
 from textual.widgets import DataTable
 
+from dmqn_core.errors import printable
 from dmqn_core.runs.inspection import UserInspection
 from dmqn_inspect.widgets.formatting import codeword_text, id_text, number_text, utc_minute
 
@@ -37,7 +38,7 @@ class TimelineTable(DataTable):
                 utc_minute(timestamp),
                 id_text(item),
                 id_text(category),
-                Text(str(behavior)),
+                Text(printable(str(behavior))),
                 codeword_text(int(codeword)),
             )
             for position, (timestamp, item, category, behavior, codeword) in enumerate(
