@@ -24,6 +24,12 @@ _STAGE_TEXT = {
 }
 
 
+class NegativeProtocol(str, enum.Enum):
+    popularity = "popularity"
+    uniform = "uniform"
+    same_category = "same-category"
+
+
 class SourceFormat(str, enum.Enum):
     taobao = Format.taobao.value
     movielens = Format.movielens.value
@@ -46,11 +52,18 @@ def prep(
     max_len: int = typer.Option(
         1000, help="Histories are cut to the most recent MAX_LEN behaviors (at read time; stored in meta.json)."
     ),
-    neg_ratio: int = typer.Option(
-        1, help="Negatives per positive, drawn by popularity among items the user never clicked."
+    neg_ratio: int = typer.Option(1, help="Negatives per positive, drawn among items the user never clicked."),
+    negatives: NegativeProtocol = typer.Option(
+        NegativeProtocol.popularity,
+        "--negatives",
+        help="How negatives are drawn: by item popularity, uniformly, or by popularity among the items of "
+        "the positive's own category (popularity overall where the category has too few).",
     ),
     train_targets: int = typer.Option(
-        20, help="Training targets per user: the clicks just before the validation target."
+        20, help="Training targets per user: the clicks just before the validation targets."
+    ),
+    valid_targets: int = typer.Option(
+        1, help="Validation targets per user: the clicks just before the test target (the last click)."
     ),
     min_behaviors: int = typer.Option(20, help="Users with fewer valid behaviors are dropped."),
     time_range: Optional[str] = typer.Option(
@@ -117,7 +130,9 @@ def prep(
             workspace=ws,
             max_len=max_len,
             neg_ratio=neg_ratio,
+            negatives=negatives.value,
             train_targets=train_targets,
+            valid_targets=valid_targets,
             min_behaviors=min_behaviors,
             time_range=parse_time_range(time_range),
             columns=parse_columns(columns),
@@ -162,5 +177,7 @@ def _summary(meta: dict, path: Path, seconds: float) -> Table:
         table.add_row(f"samples {split} (positives)", f"{counts['samples'][split]:,} ({counts['positives'][split]:,})")
     if counts["negatives_short"]:
         table.add_row("negatives missing (user clicked every item)", f"{counts['negatives_short']:,}")
+    if counts.get("negatives_fallback"):
+        table.add_row("positives with negatives from all categories", f"{counts['negatives_fallback']:,}")
     table.add_row("written to", plain(path))
     return table

@@ -25,14 +25,20 @@ Protocol
    A target's history is every behavior of its user with a timestamp STRICTLY earlier than the
    target's, i.e. a prefix of the sorted sequence, stored as its end offset and cut at read time to
    the most recent ``--max-len``. Clicks with an empty history are not targets.
-4. Split by time within each user: the last eligible click is the test target, the one before it
-   the validation target, and up to ``--train-targets`` clicks immediately before that are
-   training targets (the most recent, so histories are long). Users with fewer than 3 eligible
+4. Split by time within each user: the last eligible click is the test target, the
+   ``--valid-targets`` clicks before it (default 1) are validation targets, and up to
+   ``--train-targets`` clicks immediately before those are training targets (the most recent, so
+   histories are long). A user with too few clicks for all of them keeps one test target, at least
+   one training target, and validation targets in between. Users with fewer than 3 eligible
    clicks are dropped.
-5. Each positive gets ``--neg-ratio`` negatives sharing its history and timestamp: items drawn
-   with probability proportional to popularity (behavior count in the prepared log) among items
-   the user never clicked at any time, distinct per positive. Draw k of positive s is item
-   ``cum_pop^-1(hash(seed, s, k) mod total)``; the first ``neg-ratio`` valid draws are kept and
+5. Each positive gets ``--neg-ratio`` negatives sharing its history and timestamp, distinct per
+   positive, among items the user never clicked at any time. ``--negatives`` says how they are
+   drawn: ``popularity`` (the default) with probability proportional to popularity (behavior count
+   in the prepared log), ``uniform`` with equal probability, ``same-category`` by popularity among
+   the items of the positive's own category (an item's category is its most frequent one); a
+   positive whose category holds fewer such items than it needs draws by popularity overall,
+   counted as ``negatives_fallback``. Draw k of positive s is item ``cum_w^-1(hash(seed, s, k) mod
+   total)`` over the pool's cumulative weights; the first ``neg-ratio`` valid draws are kept and
    rounds of further draws fill up the few positives still short, so the result depends only on
    the seed and the data, never on threading. A user who clicked every item gets fewer negatives
    (counted as ``negatives_short``). A negative's category is its item's category.
@@ -83,6 +89,8 @@ ROW_REASONS = (*INVALID_REASONS, "duplicate")
 PROTOCOL_VERSION = 2
 MIN_CLICKS = 3  # one test, one validation and at least one training target
 NEGATIVE_ROUNDS = 8
+# How a negative is drawn among the items its user never clicked (module docstring, step 5).
+NEGATIVE_PROTOCOLS = ("popularity", "uniform", "same-category")
 EXPORT_CHUNK = 1 << 20
 READ_CHUNK = 8 << 20
 MEMORY_FRACTION = 0.25  # default DuckDB memory limit, of the machine's (or the cgroup's) memory
@@ -178,7 +186,9 @@ def prepare(
     workspace: Workspace | None = None,
     max_len: int = 1000,
     neg_ratio: int = 1,
+    negatives: str = "popularity",
     train_targets: int = 20,
+    valid_targets: int = 1,
     min_behaviors: int = 20,
     time_range: TimeRange = "default",
     columns: dict[str, str] | None = None,
@@ -204,10 +214,13 @@ def prepare(
     ``on_progress`` (from another thread, about twice a second) the running query's percent done.
     """
     fmt = Format(format)
+    if negatives not in NEGATIVE_PROTOCOLS:
+        raise DmqnError(f"--negatives must be one of {', '.join(NEGATIVE_PROTOCOLS)}, got {negatives!r}")
     for name, value, low in (
         ("--max-len", max_len, 1),
         ("--neg-ratio", neg_ratio, 0),
         ("--train-targets", train_targets, 1),
+        ("--valid-targets", valid_targets, 1),
         ("--min-behaviors", min_behaviors, 1),
         ("--seed", seed, 0),
     ):
@@ -250,7 +263,9 @@ def prepare(
                 name=final.name,
                 max_len=max_len,
                 neg_ratio=neg_ratio,
+                negatives=negatives,
                 train_targets=train_targets,
+                valid_targets=valid_targets,
                 min_behaviors=min_behaviors,
                 time_range=time_range,
                 columns=dict(columns or {}),
@@ -462,7 +477,9 @@ class _Job:
     name: str
     max_len: int
     neg_ratio: int
+    negatives: str
     train_targets: int
+    valid_targets: int
     min_behaviors: int
     time_range: tuple[int, int] | None
     columns: dict[str, str]
@@ -567,10 +584,10 @@ class _Job:
 
         self._stage("samples", check)
         self._build_behaviors(con, clicks)
-        positives = self._build_targets(con)
+        self._build_targets(con)
 
         self._stage("negatives", check)
-        negatives_short = self._sample_negatives(con, positives)
+        negatives_short, negatives_fallback = self._sample_negatives(con)
 
         self._stage("writing", check)
         counts = self._write(con, behavior_names)
@@ -582,6 +599,7 @@ class _Job:
             **users,
             **counts,
             "negatives_short": negatives_short,
+            "negatives_fallback": negatives_fallback,
         }
         meta = {
             "format": fmt_out.FORMAT_MARKER,
@@ -600,7 +618,9 @@ class _Job:
                 "version": PROTOCOL_VERSION,
                 "max_len": self.max_len,
                 "neg_ratio": self.neg_ratio,
+                "negatives": self.negatives,
                 "train_targets": self.train_targets,
+                "valid_targets": self.valid_targets,
                 "min_behaviors": self.min_behaviors,
                 "min_clicks": MIN_CLICKS,
                 "click_behaviors": clicks,
@@ -844,9 +864,10 @@ class _Job:
         )
         con.execute("DROP VIEW ev; DROP TABLE events")
 
-    def _build_targets(self, con: duckdb.DuckDBPyConnection) -> int:
-        # The latest train_targets + 2 eligible clicks per user, by a top-n aggregate (no sort of
-        # all clicks); position 1 is the test target, 2 the validation target, the rest train.
+    def _build_targets(self, con: duckdb.DuckDBPyConnection) -> None:
+        # The latest train_targets + valid_targets + 1 eligible clicks per user, by a top-n aggregate
+        # (no sort of all clicks); position 1 is the test target, the next valid_targets validation
+        # targets (fewer for a user with few clicks: at least one click is left for training), the rest train.
         con.execute(
             """
             CREATE TABLE top AS
@@ -855,12 +876,13 @@ class _Job:
                 FROM beh b JOIN vu USING (u_idx) WHERE b.is_click AND b.ts > vu.t0
             ),
             best AS (
-                SELECT u_idx, max_by({'off': off, 'item': i_idx, 'cat': c_idx, 'ts': ts}, off, ?) AS l
+                SELECT u_idx, max_by({'off': off, 'item': i_idx, 'cat': c_idx, 'ts': ts}, off, ?) AS l,
+                       count(*) AS n
                 FROM elig GROUP BY u_idx
             )
-            SELECT u_idx, unnest(l, recursive := true), generate_subscripts(l, 1) AS k FROM best
+            SELECT u_idx, n, unnest(l, recursive := true), generate_subscripts(l, 1) AS k FROM best
             """,
-            [self.train_targets + 2],
+            [self.train_targets + self.valid_targets + 1],
         )
         # History end = offset of the user's first behavior at the target's timestamp.
         con.execute(
@@ -872,22 +894,65 @@ class _Job:
                 GROUP BY b.u_idx, b.ts
             )
             SELECT t.off AS sid, t.u_idx, t.item, t.cat, t.ts, h.hist_end,
-                   CASE t.k WHEN 1 THEN 'test' WHEN 2 THEN 'valid' ELSE 'train' END AS split
+                   CASE WHEN t.k = 1 THEN 'test' WHEN t.k <= 1 + least(?, t.n - 2) THEN 'valid' ELSE 'train' END
+                       AS split
             FROM top t JOIN hend h USING (u_idx, ts)
-            """
+            """,
+            [self.valid_targets],
         )
         con.execute("DROP TABLE top")
-        return con.execute("SELECT count(*) FROM pos").fetchall()[0][0]
 
-    def _sample_negatives(self, con: duckdb.DuckDBPyConnection, n_positives: int) -> int:
+    def _sample_negatives(self, con: duckdb.DuckDBPyConnection) -> tuple[int, int]:
+        """Draw the negatives of every positive; (negatives still missing, positives that fell back)."""
         con.execute("CREATE TABLE neg (sid BIGINT, i_idx INTEGER, draw BIGINT)")
         if self.neg_ratio == 0:
-            return 0
+            return 0, 0
+        # The pool of group 0 is every item; same-category adds one pool per category. A draw is
+        # the item whose cumulative weight range (within its group, in item order) holds the hash.
+        weight = "1" if self.negatives == "uniform" else "pop"
         con.execute(
-            "CREATE TABLE pop AS SELECT i_idx, CAST(sum(pop) OVER (ORDER BY i_idx) - pop AS BIGINT) AS cum FROM vi"
+            f"""
+            CREATE TABLE pool AS
+            SELECT 0 AS grp, i_idx, CAST(sum({weight}) OVER (ORDER BY i_idx) - {weight} AS BIGINT) AS cum,
+                   {weight} AS w
+            FROM vi
+            """
         )
-        total = con.execute("SELECT sum(pop) FROM vi").fetchall()[0][0]
-        con.execute("CREATE TABLE short AS SELECT sid, u_idx, CAST(? AS BIGINT) AS need FROM pos", [self.neg_ratio])
+        if self.negatives == "same-category":
+            con.execute(
+                """
+                INSERT INTO pool
+                SELECT c_idx, i_idx, CAST(sum(pop) OVER (PARTITION BY c_idx ORDER BY i_idx) - pop AS BIGINT), pop
+                FROM vi
+                """
+            )
+            # A positive whose category holds fewer items the user never clicked than it needs
+            # negatives draws from every item instead (counted as a fallback).
+            con.execute(
+                """
+                CREATE TABLE short AS
+                WITH clicked AS (
+                    SELECT k.u_idx, vi.c_idx, count(*) AS n
+                    FROM (SELECT DISTINCT u_idx, i_idx FROM beh WHERE is_click) k JOIN vi USING (i_idx)
+                    GROUP BY ALL
+                ),
+                items AS (SELECT c_idx, count(*) AS n FROM vi GROUP BY c_idx)
+                SELECT p.sid, p.u_idx,
+                       CASE WHEN coalesce(i.n, 0) - coalesce(k.n, 0) >= ? THEN p.cat ELSE 0 END AS grp,
+                       CAST(? AS BIGINT) AS need
+                FROM pos p LEFT JOIN items i ON i.c_idx = p.cat
+                           LEFT JOIN clicked k ON k.u_idx = p.u_idx AND k.c_idx = p.cat
+                """,
+                [self.neg_ratio, self.neg_ratio],
+            )
+            fallbacks = con.execute("SELECT count(*) FROM short WHERE grp = 0").fetchall()[0][0]
+        else:
+            con.execute(
+                "CREATE TABLE short AS SELECT sid, u_idx, 0 AS grp, CAST(? AS BIGINT) AS need FROM pos",
+                [self.neg_ratio],
+            )
+            fallbacks = 0
+        con.execute("CREATE TABLE pool_total AS SELECT grp, CAST(sum(w) AS UBIGINT) AS total FROM pool GROUP BY grp")
         first_draw = 0
         for round_no in range(NEGATIVE_ROUNDS):
             draws = (self.neg_ratio + 1) << round_no
@@ -895,12 +960,12 @@ class _Job:
                 """
                 CREATE OR REPLACE TABLE cand AS
                 SELECT c.sid, c.u_idx, c.draw, p.i_idx
-                FROM (SELECT s.sid, s.u_idx, d.draw,
-                             CAST(hash(CAST(? AS BIGINT), s.sid, d.draw) % CAST(? AS UBIGINT) AS BIGINT) AS r
-                      FROM short s, range(?, ?) d(draw)) c
-                ASOF JOIN pop p ON c.r >= p.cum
+                FROM (SELECT s.sid, s.u_idx, s.grp, d.draw,
+                             CAST(hash(CAST(? AS BIGINT), s.sid, d.draw) % t.total AS BIGINT) AS r
+                      FROM short s JOIN pool_total t USING (grp), range(?, ?) d(draw)) c
+                ASOF JOIN pool p ON c.grp = p.grp AND c.r >= p.cum
                 """,
-                [self.seed, total, first_draw, first_draw + draws],
+                [self.seed, first_draw, first_draw + draws],
             )
             first_draw += draws
             con.execute(
@@ -924,7 +989,7 @@ class _Job:
             con.execute(
                 """
                 CREATE OR REPLACE TABLE short AS
-                SELECT s.sid, s.u_idx, s.need - coalesce(g.n, 0) AS need
+                SELECT s.sid, s.u_idx, s.grp, s.need - coalesce(g.n, 0) AS need
                 FROM short s LEFT JOIN (SELECT sid, count(*) AS n FROM got GROUP BY sid) g USING (sid)
                 WHERE s.need - coalesce(g.n, 0) > 0
                 """
@@ -932,8 +997,8 @@ class _Job:
             remaining = con.execute("SELECT coalesce(sum(need), 0) FROM short").fetchall()[0][0]
             if remaining == 0:
                 break
-        con.execute("DROP TABLE IF EXISTS cand; DROP TABLE IF EXISTS got")
-        return int(remaining)
+        con.execute("DROP TABLE IF EXISTS cand; DROP TABLE IF EXISTS got; DROP TABLE pool; DROP TABLE pool_total")
+        return int(remaining), int(fallbacks)
 
     # -- writing -----------------------------------------------------------------------------
 
