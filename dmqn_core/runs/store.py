@@ -2,7 +2,9 @@
 
 The schema lives in this module only. Writers open the file, write one batch in a
 transaction and close it again, so that a reader (``dmqn runs``, ``dmqn inspect``) can open
-it read-only between writes of a training process; all SQL takes parameters.
+it read-only between writes of a training process; all SQL takes parameters. A file may be handed
+over: it is opened with DuckDB's external access off (no statement can read or write another file) and
+used only while its schema is this module's (RunStore._check_schema); anything else is one DmqnError.
 
 Tables
 ------
@@ -47,10 +49,14 @@ and ``dmqn report`` (see dmqn_core.runs.inspection and docs/run-store.md). A sam
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import functools
 import json
 import math
 import os
 import secrets
+import stat
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -246,6 +252,14 @@ _LOCK_WAIT_SECONDS = 30.0
 
 # The file in each run's directory that its training process holds locked (workspace.exclusive_lock).
 RUN_LOCK = ".lock"
+# A run lock that exclusive_lock created but has not written its pid into yet is that young; one still
+# empty after this long was left by a process killed in that instant.
+_UNWRITTEN_LOCK_SECONDS = 60.0
+
+# The file is opened with this: a file handed over must not make DuckDB read or write anything else
+# (a view over read_csv('/etc/passwd'), COPY TO, ATTACH, extension installs). The store needs nothing
+# outside its own file: Arrow frames registered from Python are not external access.
+_CONFIG = {"enable_external_access": False}
 
 
 @dataclass
@@ -294,17 +308,41 @@ class RunStore:
     def __init__(self, path: str | os.PathLike, runs_dir: str | os.PathLike | None = None) -> None:
         self.path = Path(path)
         self.runs_dir = Path(runs_dir) if runs_dir is not None else self.path.parent / "runs"
+        self._checked: tuple[tuple, frozenset[str]] | None = None  # _check_schema's last answer
 
     def lock_path(self, run_id: str) -> Path:
         """The file a process training ``run_id`` holds locked."""
         return self.runs_dir / run_id / RUN_LOCK
+
+    def remove_abandoned_run_dirs(self) -> None:
+        """Remove the directories of new runs whose process was killed after taking the run's lock and
+        before writing its row (SIGKILL in that second): nothing else would ever remove them.
+
+        Only a directory that holds nothing but a lock file as exclusive_lock writes it (its holder's pid),
+        which no process holds and whose run has no row, is removed. Each such lock is held while its run is
+        looked up and the directory removed, so that no process can take it meanwhile; one that does so just
+        before fails as a second trainer of the run would. Nothing is presumed dead that cannot be read.
+        """
+        if not self.runs_dir.is_dir():
+            return
+        with contextlib.ExitStack() as held:
+            abandoned = [path for path in sorted(self.runs_dir.iterdir()) if _hold_abandoned_lock(path, held)]
+            if not abandoned:
+                return
+            names = [path.name for path in abandoned]
+            known = {row[0] for row in self._read("SELECT run_id FROM runs WHERE list_contains(?, run_id)", [names])}
+            for path in abandoned:
+                if path.name not in known:
+                    with contextlib.suppress(OSError):  # something appeared in it meanwhile: leave it
+                        (path / RUN_LOCK).unlink()
+                        path.rmdir()
 
     # -- connections -------------------------------------------------------------------
     def _connect(self, read_only: bool) -> duckdb.DuckDBPyConnection:
         deadline = time.monotonic() + _LOCK_WAIT_SECONDS
         while True:
             try:
-                return duckdb.connect(str(self.path), read_only=read_only)
+                return duckdb.connect(str(self.path), read_only=read_only, config=_CONFIG)
             except duckdb.IOException as exc:
                 if "lock" not in str(exc).lower() or time.monotonic() > deadline:
                     raise DmqnError(f"cannot open run store {self.path}: {_first_line(exc)}") from None
@@ -313,16 +351,26 @@ class RunStore:
                 raise self._unusable(exc) from None
 
     @contextmanager
-    def _connection(self, read_only: bool) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A connection for one batch of statements, closed afterwards.
+    def _connection(self, read_only: bool) -> Iterator[tuple[duckdb.DuckDBPyConnection, frozenset[str]]]:
+        """A connection for one batch of statements, closed afterwards, and the tables of the schema
+        that the file has (checked to be this module's: see _check_schema).
 
         DuckDB reads most blocks of the file only when a statement needs them, so damage can
         surface in any statement, not only when connecting: such errors become one DmqnError
         naming the file. Errors of the statements themselves (this module's bugs) stay as they are.
+
+        A KeyboardInterrupt (Ctrl-C, or SIGTERM under dmqn_cli.common.handle_errors) that comes while
+        DuckDB runs a statement stops the statement, and DuckDB raises RuntimeError("Query interrupted")
+        in its place (as prep's queries do, dmqn_core.data.prep): it is raised as the KeyboardInterrupt
+        again, so that a training records its run as interrupted, not failed.
         """
         con = self._connect(read_only)
         try:
-            yield con
+            yield con, self._check_schema(con)
+        except (duckdb.InterruptException, RuntimeError) as exc:
+            if isinstance(exc, duckdb.InterruptException) or str(exc) == "Query interrupted":
+                raise KeyboardInterrupt from None
+            raise
         except (duckdb.IOException, duckdb.SerializationException, duckdb.InternalException) as exc:
             raise self._unusable(exc) from None
         except duckdb.Error as exc:
@@ -331,6 +379,25 @@ class RunStore:
             raise self._unusable(exc) from None
         finally:
             con.close()
+
+    def _check_schema(self, con: duckdb.DuckDBPyConnection) -> frozenset[str]:
+        """The tables of SCHEMA that the file has; a DmqnError unless the file is empty or what this module
+        writes: schema_info with one version and runs, each table of SCHEMA that is there with exactly its
+        columns and constraints, no view in a table's place, and no macro, type or index of its own.
+
+        A macro can shadow any function, even the catalog's (a table macro duckdb_tables() changes
+        information_schema.tables), so the catalog is read by the system's qualified names and a file
+        that defines one is refused. The answer is kept while the file and its WAL stay as they are:
+        a connection costs one stat then, not the listing of every function.
+        """
+        key = _file_state(self.path)
+        if self._checked is not None and self._checked[0] == key:
+            return self._checked[1]
+        problem, tables = _schema_problem(con)
+        if problem is not None:
+            raise DmqnError(f"{self.path} is not a dmqn run store ({problem}); move it aside to start a new one")
+        self._checked = (key, tables)
+        return tables
 
     def _unusable(self, exc: duckdb.Error) -> DmqnError:
         if isinstance(exc, duckdb.IOException):
@@ -345,7 +412,7 @@ class RunStore:
     ) -> None:
         """Run the statements in one transaction; ``frames`` are Arrow tables the statements can
         select from by name (bulk inserts: DuckDB's executemany costs milliseconds per row)."""
-        with self._connection(read_only=False) as con:
+        with self._connection(read_only=False) as (con, _):
             con.execute("BEGIN TRANSACTION")
             for sql in SCHEMA:
                 con.execute(sql)
@@ -361,6 +428,9 @@ class RunStore:
                 else:
                     con.execute(sql, params or [])
             con.execute("COMMIT")
+        # The file now holds what it held, checked, and this module's schema: the next connection need
+        # not list the catalog again (the stat is taken after closing, which may fold the WAL into the file).
+        self._checked = (_file_state(self.path), frozenset(_reference_signatures()))
 
     def _read(self, sql: str, params: Sequence | None = None, table: str = "runs") -> list[tuple]:
         """Rows of a read-only query; none while ``table`` does not exist yet (a store written before
@@ -371,8 +441,7 @@ class RunStore:
         """The rows of several (sql, params, table) queries, read through one read-only connection."""
         if not self.path.exists():
             return [[] for _ in queries]
-        with self._connection(read_only=True) as con:
-            tables = {row[0] for row in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+        with self._connection(read_only=True) as (con, tables):
             return [
                 con.execute(sql, params or []).fetchall() if table in tables else [] for sql, params, table in queries
             ]
@@ -390,6 +459,7 @@ class RunStore:
         run_id: str | None = None,
     ) -> str:
         run_id = run_id or new_run_id()
+        self.remove_abandoned_run_dirs()
         self._write(
             [
                 (
@@ -431,6 +501,7 @@ class RunStore:
         return self._record(rows[0])
 
     def list_runs(self, dataset: str | None = None, model: str | None = None) -> list[RunRecord]:
+        self.remove_abandoned_run_dirs()
         rows = self._read(
             f"SELECT {', '.join(RUN_COLUMNS)} FROM runs "
             "WHERE (? IS NULL OR dataset = ?) AND (? IS NULL OR model = ?) ORDER BY created_at, run_id",
@@ -714,6 +785,114 @@ def _arrow_frame(names: Sequence[str], columns: Mapping[str, Any]) -> pa.Table:
         else:
             arrays.append(pa.array(np.asarray(columns[name]).astype(kind.to_pandas_dtype(), copy=False), type=kind))
     return pa.table(arrays, names=list(names))
+
+
+def _hold_abandoned_lock(run_dir: Path, held: contextlib.ExitStack) -> bool:
+    """Whether ``run_dir`` is a directory that holds only a run lock whose holder is gone: a regular file
+    with a pid (or nothing, when it is older than a live holder leaves it empty). Its lock is then taken
+    until ``held`` closes."""
+    lock = run_dir / RUN_LOCK
+    try:
+        if not stat.S_ISDIR(run_dir.lstat().st_mode) or os.listdir(run_dir) != [RUN_LOCK]:
+            return False
+        fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    held.callback(os.close, fd)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > 20:
+            return False
+        # Read before locking: a trainer between creating its lock file and locking it must not find it locked.
+        content = os.read(fd, 32)
+        if not (content.isdigit() or not content and time.time() - info.st_mtime > _UNWRITTEN_LOCK_SECONDS):
+            return False
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while its holder lives
+    except OSError:
+        return False
+    return True
+
+
+def _file_state(path: Path) -> tuple:
+    """What changes when the store file or its write-ahead log is written or replaced."""
+    state = []
+    for file in (path, path.with_name(path.name + ".wal")):
+        try:
+            st = file.stat()
+        except FileNotFoundError:
+            state.append(None)
+        else:
+            state.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(state)
+
+
+# The catalog of the connection's own database, read by qualified names that no macro of the file can shadow.
+_CATALOG_QUERIES = {
+    "objects": "SELECT function_name, function_type FROM system.main.duckdb_functions() "
+    "WHERE database_name = ? AND NOT internal "
+    "UNION ALL SELECT type_name, 'type' FROM system.main.duckdb_types() WHERE database_name = ? AND NOT internal "
+    "UNION ALL SELECT index_name, 'index' FROM system.main.duckdb_indexes() WHERE database_name = ? "
+    "UNION ALL SELECT view_name, 'view' FROM system.main.duckdb_views() "
+    "WHERE database_name = ? AND schema_name = 'main' AND NOT internal",
+    "tables": "SELECT table_name FROM system.main.duckdb_tables() WHERE database_name = ? AND schema_name = 'main'",
+    "columns": "SELECT table_name, column_name, data_type, column_default, is_nullable "
+    "FROM system.main.duckdb_columns() WHERE database_name = ? AND schema_name = 'main' "
+    "ORDER BY table_name, column_index",
+    "constraints": "SELECT table_name, constraint_type, constraint_column_names "
+    "FROM system.main.duckdb_constraints() WHERE database_name = ? AND schema_name = 'main'",
+}
+
+
+def _table_signatures(con: duckdb.DuckDBPyConnection) -> dict[str, tuple]:
+    """Each table of the connection's database: its columns (name, type, default, nullable) in order and
+    its constraints (kind, columns)."""
+    database = [con.execute("SELECT system.main.current_database()").fetchone()[0]]
+    columns: dict[str, list] = {name: [] for (name,) in con.execute(_CATALOG_QUERIES["tables"], database).fetchall()}
+    for table, *column in con.execute(_CATALOG_QUERIES["columns"], database).fetchall():
+        if table in columns:  # the columns of views are listed too
+            columns[table].append(tuple(column))
+    constraints: dict[str, list] = {name: [] for name in columns}
+    for table, kind, names in con.execute(_CATALOG_QUERIES["constraints"], database).fetchall():
+        constraints[table].append((kind, tuple(names)))
+    return {name: (tuple(columns[name]), tuple(sorted(constraints[name]))) for name in columns}
+
+
+@functools.cache
+def _reference_signatures() -> dict[str, tuple]:
+    """The signatures of SCHEMA's tables, as the DuckDB in use makes them."""
+    with duckdb.connect(config=_CONFIG) as con:
+        for sql in SCHEMA:
+            con.execute(sql)
+        return _table_signatures(con)
+
+
+def _schema_problem(con: duckdb.DuckDBPyConnection) -> tuple[str | None, frozenset[str]]:
+    """What makes the connection's database something other than a run store this module wrote (None:
+    nothing), and the tables of SCHEMA it has."""
+    database = con.execute("SELECT system.main.current_database()").fetchone()[0]
+    foreign = con.execute(_CATALOG_QUERIES["objects"], [database] * 4).fetchall()
+    reference = _reference_signatures()
+    for name, kind in foreign:
+        if kind != "view":  # a macro, type or index could change what a statement does
+            return f"it defines the {kind.replace('_', ' ')} {name!r}", frozenset()
+        if name in reference:  # a view of another name is never read
+            return f"{name} is a view, not a table", frozenset()
+    signatures = _table_signatures(con)
+    tables = frozenset(signatures) & set(reference)
+    if not tables:
+        if signatures or foreign:
+            return "it holds tables of something else", tables
+        return None, tables  # a new, empty file: the first write creates the schema
+    for name in ("schema_info", "runs"):  # every version of the schema had both, made in one transaction
+        if name not in tables:
+            return f"it has no table {name}", tables
+    for name in sorted(tables):
+        if signatures[name] != reference[name]:
+            return f"table {name} does not have the columns dmqn makes", tables
+    versions = con.execute("SELECT version FROM schema_info").fetchall()
+    if len(versions) != 1 or versions[0][0] < 1:
+        return "schema_info does not hold one schema version", tables
+    return None, tables
 
 
 def _first_line(exc: BaseException) -> str:

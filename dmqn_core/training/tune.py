@@ -3,12 +3,14 @@
 A study lives in an Optuna database, by default ``WORKSPACE/tune/studies.db`` (SQLite); any
 database Optuna supports can hold it instead. It records the data set (name and fingerprint) and
 the model it was made for, and each trial records the run it trained (user attribute ``run_id``)
-and that run's settings, so the run store needs no table of its own for studies.
+and that run's settings, so the run store needs no table of its own for studies. A study read
+back must have them as `dmqn tune` writes them: a crafted or damaged database is one DmqnError.
 
 Studies resume: a finished trial is in the database as soon as it ends, and ``trials`` counts the
 finished trials of the whole study, so a study that was killed runs only the missing ones. Trials
 of a process killed outright (SIGKILL, a power cut) stop sending their heartbeat and are marked
-failed by the next trial that starts; failed trials do not count.
+failed by the next trial that starts; failed trials do not count. Ctrl-C or SIGTERM ends the
+call with the trial failed and its run interrupted (resumable), reported by the command alone.
 
 Trials are pruned while they train: after every epoch ``train()`` hands the validation AUC to
 the trial (its ``on_epoch`` hook), and Optuna's median pruner stops a trial whose AUC is below the
@@ -20,19 +22,22 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
+from optuna.study import StudyDirection
+from optuna.trial import FrozenTrial, TrialState
 
 from dmqn_core.data.prepared import PreparedSet
 from dmqn_core.errors import DmqnError, exception_summary
 from dmqn_core.progress import NullProgress, Progress
 from dmqn_core.runs.store import new_run_id
 from dmqn_core.training.search_spaces import space, split_settings, suggest
-from dmqn_core.training.train import train
+from dmqn_core.training.train import TrainResult, train
 from dmqn_core.uris import redact_uri, scrub, uri_secrets
 from dmqn_core.workspace import Workspace
 
@@ -129,18 +134,37 @@ def tune(
         fixed_train["epochs"] = epochs
 
     rdb = _storage(workspace, storage)
-    the_study = optuna.create_study(
-        storage=rdb, study_name=study_name, direction="maximize", load_if_exists=True, pruner=epoch_pruner()
-    )
-    _claim(the_study, dataset_name, data.fingerprint, model_name)
-    the_study.sampler = optuna.samplers.TPESampler(seed=seed + len(the_study.trials))
-    missing = trials - _count_finished(the_study)
+    with _stored(rdb.url):
+        the_study = optuna.create_study(
+            storage=rdb, study_name=study_name, direction="maximize", load_if_exists=True, pruner=epoch_pruner()
+        )
+    attrs, recorded = _read_study(the_study, rdb.url)
+    with _stored(rdb.url):
+        _claim(the_study, attrs, dataset_name, data.fingerprint, model_name)
+    the_study.sampler = optuna.samplers.TPESampler(seed=seed + len(recorded))
+    missing = trials - _count_finished(recorded)
 
     started = time.monotonic()
     ran = 0
 
     def objective(trial: optuna.Trial) -> float:
         nonlocal ran
+        try:
+            result, pruned = run_trial(trial)
+        except BaseException:
+            # Optuna logs a failed trial with its traceback before it raises the error again (Ctrl-C and
+            # SIGTERM too); the command reports the error itself in one line ("interrupted" for a signal),
+            # and the trial's run is already recorded as failed or interrupted. Restored after optimize().
+            optuna.logging.set_verbosity(optuna.logging.ERROR)
+            raise
+        ran += 1
+        if pruned:
+            # The run itself finished (its best epoch so far was tested); the study counts it as pruned.
+            raise optuna.TrialPruned(f"valid AUC below the median of earlier trials at epoch {result.best_epoch}")
+        return result.best_valid_auc
+
+    def run_trial(trial: optuna.Trial) -> tuple[TrainResult, bool]:
+        """Train the trial's run; its result and whether the pruner stopped it."""
         searched_model, searched_train = suggest(trial, model_name, fixed=set(fixed_model) | set(fixed_train))
         run_model = {**searched_model, **fixed_model}
         run_train = {**searched_train, **fixed_train}
@@ -168,14 +192,11 @@ def tune(
             run_id=run_id,
             on_epoch=report,
         )
-        ran += 1
-        if pruned:
-            # The run itself finished (its best epoch so far was tested); the study counts it as pruned.
-            raise optuna.TrialPruned(f"valid AUC below the median of earlier trials at epoch {result.best_epoch}")
-        return result.best_valid_auc
+        return result, pruned
 
     def after_trial(done: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        best, finished = _best(done), _count_finished(done)
+        done_trials = done.get_trials(deepcopy=False)
+        best, finished = _best(done_trials), _count_finished(done_trials)
         best_auc = f"{best.value:.4f}" if best else "-"
         progress.advance(1, best_auc=best_auc)
         progress.log(
@@ -190,11 +211,13 @@ def tune(
     if missing > 0:
         progress.start(f"study {study_name}", total=trials)
         progress.advance(trials - missing)  # the bar counts the study's finished trials
+        verbosity = optuna.logging.get_verbosity()
         try:
             # A failed trial (a DmqnError, Ctrl-C) is recorded as failed and ends the study's call:
             # the same settings would fail again, and the user asked to stop.
             the_study.optimize(objective, n_trials=missing, timeout=timeout, callbacks=[after_trial])
         finally:
+            optuna.logging.set_verbosity(verbosity)
             progress.stop()
     else:
         progress.log(f"study {study_name} already has {trials} finished trial(s); nothing to run")
@@ -242,15 +265,25 @@ class TunedSettings:
 
 def tuned_settings(workspace: Workspace, study: str, storage: str | None = None) -> TunedSettings:
     """The best trial's searched settings of ``study`` (the settings it fixed are left out)."""
-    the_study, _ = _load(workspace, study, storage)
-    best = _best(the_study)
+    the_study, url = _load(workspace, study, storage)
+    attrs, trials = _read_study(the_study, url)
+    best = _best(trials)
     if best is None:
         raise DmqnError(f"study {study!r} has no finished trial yet")
-    model_name = the_study.user_attrs["model"]
-    model_settings, train_settings = split_settings(model_name, _searched(best))
-    return TunedSettings(
-        study, model_name, the_study.user_attrs["fingerprint"], best.number, model_settings, train_settings
-    )
+    missing = [key for key in ("model", "fingerprint") if key not in attrs] + [
+        f"trial {best.number}'s {key}" for key in ("model_settings", "train_settings") if key not in best.user_attrs
+    ]
+    if missing:
+        raise _not_dmqn_study(the_study, url, f"it records no {', '.join(missing)}")
+    model_name = attrs["model"]
+    searched = _searched(best)
+    unknown = set(searched) - {param.name for param in space(model_name)}
+    if unknown:
+        raise _not_dmqn_study(
+            the_study, url, f"trial {best.number} searched {', '.join(sorted(unknown))}, not settings of {model_name}"
+        )
+    model_settings, train_settings = split_settings(model_name, searched)
+    return TunedSettings(study, model_name, attrs["fingerprint"], best.number, model_settings, train_settings)
 
 
 def _load(workspace: Workspace, study: str, storage: str | None) -> tuple[optuna.Study, str]:
@@ -258,17 +291,58 @@ def _load(workspace: Workspace, study: str, storage: str | None) -> tuple[optuna
     if storage is None and not (workspace.root / "tune" / "studies.db").exists():
         raise DmqnError(f"no study {study!r}: this workspace has no studies yet (see `dmqn tune`)")
     rdb = _storage(workspace, storage)
+    with _stored(rdb.url):
+        try:
+            return optuna.load_study(study_name=study, storage=rdb), rdb.url
+        except KeyError:
+            known = optuna.get_all_study_names(rdb)
+    raise DmqnError(f"no study {study!r} in {redact_uri(rdb.url)}; known: {', '.join(known) or 'none'}")
+
+
+@contextmanager
+def _stored(url: str) -> Iterator[None]:
+    """Errors of the storage while a study is read or written become one line: a database that Optuna
+    did not write as it does (a table of its name with other columns, a value that is not JSON, an unknown
+    trial state) fails in Optuna or SQLAlchemy with whatever the broken part raises."""
+    import sqlalchemy.exc  # loaded by the storage already; importing optuna does not load it
+
     try:
-        return optuna.load_study(study_name=study, storage=rdb), rdb.url
-    except KeyError:
-        known = optuna.get_all_study_names(rdb)
-        raise DmqnError(f"no study {study!r} in {redact_uri(rdb.url)}; known: {', '.join(known) or 'none'}") from None
+        yield
+    except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError, LookupError, ValueError) as exc:
+        # Scrubbed before it is cut short, so that no part of a password survives the cut.
+        detail = scrub(exception_summary(exc, limit=10_000), uri_secrets(url))[:200]
+        raise DmqnError(f"the study storage {redact_uri(url)} is damaged or not Optuna's ({detail})") from None
 
 
-def _claim(study: optuna.Study, dataset: str, fingerprint: str, model_name: str) -> None:
+def _read_study(study: optuna.Study, url: str) -> tuple[dict[str, Any], list[FrozenTrial]]:
+    """The study's user attributes and trials, read once; a DmqnError unless they have the types
+    `dmqn tune` records (a crafted study must not fail later with a KeyError or a TypeError)."""
+    with _stored(url):
+        attrs = study.user_attrs
+        trials = study.get_trials(deepcopy=False)
+        directions = study.directions
+    if directions != [StudyDirection.MAXIMIZE]:
+        raise _not_dmqn_study(study, url, "it does not maximise one value")
+    for key in ("dataset", "fingerprint", "model"):
+        if not isinstance(attrs.get(key, ""), str):
+            raise _not_dmqn_study(study, url, f"its {key} is not a text")
+    for trial in trials:
+        if not isinstance(trial.user_attrs.get("run_id", ""), str):
+            raise _not_dmqn_study(study, url, f"trial {trial.number}'s run_id is not a text")
+        for key in ("model_settings", "train_settings"):
+            settings = trial.user_attrs.get(key, {})
+            if not isinstance(settings, dict) or not all(isinstance(name, str) for name in settings):
+                raise _not_dmqn_study(study, url, f"trial {trial.number}'s {key} is not a table of settings")
+    return attrs, trials
+
+
+def _not_dmqn_study(study: optuna.Study, url: str, why: str) -> DmqnError:
+    return DmqnError(f"study {study.study_name!r} in {redact_uri(url)} was not made by `dmqn tune`: {why}")
+
+
+def _claim(study: optuna.Study, attrs: dict[str, Any], dataset: str, fingerprint: str, model_name: str) -> None:
     """Record what a new study is for; refuse an existing study made for something else."""
     wanted = {"dataset": dataset, "fingerprint": fingerprint, "model": model_name}
-    attrs = study.user_attrs
     if not attrs:
         for key, value in wanted.items():
             study.set_user_attr(key, value)
@@ -283,12 +357,12 @@ def _claim(study: optuna.Study, dataset: str, fingerprint: str, model_name: str)
         )
 
 
-def _count_finished(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=FINISHED))
+def _count_finished(trials: Sequence[FrozenTrial]) -> int:
+    return sum(trial.state in FINISHED for trial in trials)
 
 
-def _best(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+def _best(trials: Sequence[FrozenTrial]) -> FrozenTrial | None:
+    complete = [trial for trial in trials if trial.state == TrialState.COMPLETE]
     return max(complete, key=lambda t: t.value) if complete else None
 
 
@@ -302,8 +376,8 @@ _STATE_NAMES = {
 
 
 def _summary(study: optuna.Study, storage_url: str, ran: int) -> TuneResult:
-    best = _best(study)
-    attrs = study.user_attrs
+    attrs, trials = _read_study(study, storage_url)
+    best = _best(trials)
     return TuneResult(
         study=study.study_name,
         storage=redact_uri(storage_url),  # results are shown: never a password
@@ -316,8 +390,7 @@ def _summary(study: optuna.Study, storage_url: str, ran: int) -> TuneResult:
         best_model_settings=dict(best.user_attrs.get("model_settings", {})) if best else {},
         best_train_settings=dict(best.user_attrs.get("train_settings", {})) if best else {},
         trials=[
-            TrialRow(t.number, _STATE_NAMES[t.state], t.value, t.user_attrs.get("run_id"), _searched(t))
-            for t in study.get_trials(deepcopy=False)
+            TrialRow(t.number, _STATE_NAMES[t.state], t.value, t.user_attrs.get("run_id"), _searched(t)) for t in trials
         ],
     )
 
