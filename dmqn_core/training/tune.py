@@ -38,7 +38,7 @@ from dmqn_core.progress import NullProgress, Progress
 from dmqn_core.runs.store import new_run_id
 from dmqn_core.training.search_spaces import space, split_settings, suggest
 from dmqn_core.training.train import TrainResult, train
-from dmqn_core.uris import redact_uri, scrub, uri_secrets
+from dmqn_core.uris import quote_userinfo, redact_uri, scrub, uri_secrets
 from dmqn_core.workspace import Workspace
 
 # A trial's process writes a heartbeat this often (seconds); one silent for GRACE_PERIOD is dead.
@@ -85,11 +85,16 @@ def _storage(workspace: Workspace, url: str | None) -> optuna.storages.RDBStorag
     if url is None:
         (workspace.root / "tune").mkdir(parents=True, exist_ok=True)
         url = default_storage(workspace)
+    # A database server's password may hold '@', '/', '?' or '#' unescaped; SQLAlchemy would take part of
+    # it for the host. A SQLite URL names a file, whose path may hold an '@' that is no password's end.
+    connect_url = url if url.split(":", 1)[0].lower().startswith("sqlite") else quote_userinfo(url)
     try:
         with warnings.catch_warnings():
             # The heartbeat is marked experimental since Optuna 2.9; it is what fails dead trials.
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_INTERVAL, grace_period=GRACE_PERIOD)
+            return optuna.storages.RDBStorage(
+                connect_url, heartbeat_interval=HEARTBEAT_INTERVAL, grace_period=GRACE_PERIOD
+            )
     except Exception as exc:  # SQLAlchemy's errors (a bad URL, a missing driver) have no common base here
         # Scrubbed before it is cut short, so that no part of a password survives the cut.
         detail = scrub(exception_summary(exc, limit=10_000), uri_secrets(url))[:200]

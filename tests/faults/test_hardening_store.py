@@ -485,3 +485,29 @@ def test_sigterm_as_soon_as_the_command_can_take_it_exits_130(tmp_path):
         _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130 and "Traceback" not in stderr, stderr
     assert stderr.strip() == "error: interrupted"
+
+
+def test_a_study_database_password_with_url_delimiters_reaches_the_driver_whole(tmp_path: Path, monkeypatch) -> None:
+    """Issue 23 item 3 for `dmqn tune --storage`: SQLAlchemy, like redis-py, would end the password at
+    its first '@' and connect to the rest as the host; a SQLite path holding '@' stays a path."""
+    from sqlalchemy.engine import make_url
+
+    given: list[str] = []
+
+    def fake_storage(url: str, **kwargs) -> None:
+        given.append(url)
+        raise RuntimeError(f"could not connect to {make_url(url).host}")
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", fake_storage)
+    ws = Workspace(tmp_path / "ws")
+    password = "Kx7@Qz9/Wv4?Jy2#Hb"
+    with pytest.raises(DmqnError) as caught:
+        tune_module._storage(ws, f"postgresql://tuner:{password}@127.0.0.1:5432/studies")
+    url = make_url(given[-1])
+    assert (url.host, url.port, url.username, url.password) == ("127.0.0.1", 5432, "tuner", password)
+    message = str(caught.value)
+    assert "127.0.0.1" in message and not any(piece in message for piece in ("Kx7", "Qz9", "Wv4", "Jy2"))
+    sqlite_url = f"sqlite:///{tmp_path}/me@home/studies.db"
+    with pytest.raises(DmqnError):
+        tune_module._storage(ws, sqlite_url)
+    assert given[-1] == sqlite_url
