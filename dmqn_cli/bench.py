@@ -18,6 +18,7 @@ from dmqn_cli.common import (
     fail,
     handle_errors,
     open_workspace,
+    plain,
     print_json,
 )
 from dmqn_cli.options import (
@@ -174,10 +175,10 @@ def bench(
         def show(step: BenchStep) -> None:
             where = f"[{step.index}/{step.total}] {step.model} seed {step.seed}"
             outcome = {
-                "train": Text(f"training (run {step.run_id})"),
-                "resume": Text(f"resuming run {step.run_id}"),
-                "done": Text(f"finished earlier (run {step.run_id})"),
-                "failed": Text.assemble(("failed", "red"), f": {step.message}"),
+                "train": plain(f"training (run {step.run_id})"),
+                "resume": plain(f"resuming run {step.run_id}"),
+                "done": plain(f"finished earlier (run {step.run_id})"),
+                "failed": Text.assemble(("failed", "red"), plain(f": {step.message}")),
             }
             progress.log(Text.assemble((where, "bold cyan"), " ", outcome[step.action]))
 
@@ -204,12 +205,12 @@ def bench(
         console.print(
             Text.assemble(
                 "bench ",
-                (report.name, "bold"),
-                f" on {report.dataset}: {report.trained} run(s) trained now, {report.reused} reused",
+                plain(report.name, "bold"),
+                plain(f" on {report.dataset}: {report.trained} run(s) trained now, {report.reused} reused"),
             )
         )
-        console.print(Text(f"budget: {describe_budget(report.budget, seed_list)}"))
-        console.print(Text(f"machine: {report.machine}"))
+        console.print(plain(f"budget: {describe_budget(report.budget, seed_list)}"))
+        console.print(plain(f"machine: {report.machine}"))
         console.print(
             _terminal_table(
                 "Table 2: all models (test split, mean ± std over seeds)",
@@ -226,8 +227,8 @@ def bench(
                 ),
                 crop=not wide,
             )
-        console.print(Text(f"tables: {report.directory}/table2.md, table2.csv, table3.md, table3.csv"))
+        console.print(plain(f"tables: {report.directory}/table2.md, table2.csv, table3.md, table3.csv"))
     if report.failures:
         for failure in report.failures:
-            err_console.print(Text.assemble(("failed:", "bold red"), " ", failure), highlight=False)
+            err_console.print(Text.assemble(("failed:", "bold red"), " ", plain(failure)), highlight=False)
         raise typer.Exit(1)

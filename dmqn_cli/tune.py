@@ -9,9 +9,17 @@ from typing import Any, Optional
 import optuna
 import typer
 from rich.table import Column
-from rich.text import Text
 
-from dmqn_cli.common import JsonOption, WideOption, WorkspaceOption, console, handle_errors, open_workspace, print_json
+from dmqn_cli.common import (
+    JsonOption,
+    WideOption,
+    WorkspaceOption,
+    console,
+    handle_errors,
+    open_workspace,
+    plain,
+    print_json,
+)
 from dmqn_cli.options import ConfigOption, DeviceOption, EpochsOption, collect_settings
 from dmqn_cli.progress import RichProgress
 from dmqn_cli.results import fitted_table, fmt, number
@@ -112,20 +120,20 @@ def _cell(value: Any) -> str:
 
 def print_study(result: TuneResult, wide: bool) -> None:
     console.print(
-        Text(
+        plain(
             f"study {result.study}: {result.model} on {result.dataset}, "
             f"{result.finished} finished trial(s), {result.new_trials} new"
         )
     )
-    console.print(Text(f"storage: {result.storage}"), soft_wrap=True)
+    console.print(plain(f"storage: {result.storage}"), soft_wrap=True)
     if result.best_number is None:
-        console.print(Text("no finished trial yet"))
+        console.print(plain("no finished trial yet"))
     else:
         console.print(
-            Text(f"best: trial {result.best_number}, valid AUC {fmt(result.best_value)}, run {result.best_run_id}")
+            plain(f"best: trial {result.best_number}, valid AUC {fmt(result.best_value)}, run {result.best_run_id}")
         )
         settings = [
-            [Text(section), Text(name), Text(_cell(value))]
+            [plain(section), plain(name), plain(_cell(value))]
             for section, values in (("model", result.best_model_settings), ("train", result.best_train_settings))
             for name, value in sorted(values.items())
         ]
@@ -142,10 +150,10 @@ def print_study(result: TuneResult, wide: bool) -> None:
     rows = [
         [
             str(row.number),
-            Text(row.state),
+            plain(row.state),
             fmt(row.value),
-            Text(row.run_id or "-"),
-            *(Text(_cell(row.params.get(name))) for name in names),
+            plain(row.run_id or "-"),
+            *(plain(_cell(row.params.get(name))) for name in names),
         ]
         for row in result.trials
     ]
