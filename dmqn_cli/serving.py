@@ -134,3 +134,62 @@ def score(
         return
     for item, probability in zip(item_ids, probabilities):  # plain "item<TAB>probability" lines for scripts
         typer.echo(f"{item}\t{probability:.6f}")
+
+
+@handle_errors
+def serve(
+    run_id: Optional[str] = typer.Argument(
+        None, help="A dmqn or dmqn-simple run with exported states \\[default: the latest run]."
+    ),
+    source: Optional[str] = typer.Option(
+        None,
+        "--from",
+        help="redis://\\[:PASSWORD@]host:port/db, or a SQLite file "
+        "\\[default: WORKSPACE/cache/states.sqlite]; a password is never printed or logged.",
+    ),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="TCP port (0: any free one)."),
+    workers: int = typer.Option(1, "--workers", min=1, help="Server processes, each loading the run once."),
+    max_items: int = typer.Option(1000, "--max-items", min=1, help="Candidates per user in one request."),
+    max_users: int = typer.Option(64, "--max-users", min=1, help="Users in one /v1/score:batch request."),
+    max_body_bytes: int = typer.Option(1 << 20, "--max-body-bytes", min=1, help="Larger request bodies get 413."),
+    store_timeout: float = typer.Option(
+        1.0, "--store-timeout", min=0.01, help="Seconds per Redis connect or reply; a request waits at most twice this."
+    ),
+    watch: Optional[float] = typer.Option(
+        None,
+        "--watch",
+        min=0.1,
+        help="Check every SECONDS for a newer checkpoint of the run whose export has finished, and switch to it "
+        "\\[default: only on POST /admin/reload].",
+    ),
+    token_file: Optional[Path] = typer.Option(
+        None, "--token-file", help="File holding a bearer token that /v1 and /admin requests must send."
+    ),
+    threads: int = typer.Option(1, "--threads", min=1, help="Torch threads per worker."),
+    access_log: bool = typer.Option(False, "--access-log", help="Log one line per request (never its headers)."),
+    workspace: Optional[Path] = WorkspaceOption,
+) -> None:
+    """Serve click probabilities over HTTP from the exported user states (CTAM + MLP per request).
+
+    POST /v1/score {"user_id": U, "items": [I, ...]} and /v1/score:batch; GET /healthz, /readyz,
+    /metrics (Prometheus); POST /admin/reload. API docs at http://HOST:PORT/docs; see docs/serving.md.
+    SIGTERM or Ctrl-C lets requests in flight finish and refuses new ones.
+    """
+    # Imported here: FastAPI, uvicorn and prometheus-client are needed by this command only.
+    from dmqn_core.serving.http_service import ServeSettings, run_server
+
+    settings = ServeSettings(
+        workspace=str(open_workspace(workspace).root),
+        run_id=run_id,
+        source=source,
+        max_items=max_items,
+        max_users=max_users,
+        max_body_bytes=max_body_bytes,
+        store_timeout=store_timeout,
+        watch=watch,
+        token_file=str(token_file) if token_file else None,
+        threads=threads,
+    )
+    run_server(settings, host, port, workers, access_log)
+    err_console.print("stopped", highlight=False)

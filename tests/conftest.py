@@ -31,9 +31,9 @@ def tiny_workspace(tmp_path_factory) -> Workspace:
 
 
 @contextmanager
-def redis_server(directory: Path, *options: str) -> Iterator[int]:
-    """A real redis-server on a free loopback port with its own directory (and extra ``options``,
-    e.g. ``--requirepass``), stopped on exit; yields the port.
+def redis_server(directory: Path, *options: str, port: int | None = None) -> Iterator[int]:
+    """A real redis-server on a free loopback port (or ``port``: a restart where a killed one listened)
+    with its own directory (and extra ``options``, e.g. ``--requirepass``), stopped on exit; yields the port.
 
     Skipped where redis-server is not installed, except under CI (CI=true), where .ci/run installs it
     and a missing server must fail the run instead of hiding the Redis tests.
@@ -43,7 +43,7 @@ def redis_server(directory: Path, *options: str) -> Iterator[int]:
         if os.environ.get("CI"):
             pytest.fail("redis-server is not installed; .ci/run should have installed Debian's redis-server")
         pytest.skip("redis-server is not installed (apt-get install redis-server)")
-    port = free_port()
+    port = port or free_port()
     process = subprocess.Popen(
         [
             server,
@@ -77,8 +77,9 @@ def redis_server(directory: Path, *options: str) -> Iterator[int]:
     try:
         yield port
     finally:
-        process.terminate()
-        process.wait(timeout=10)
+        if process.poll() is None:  # a test may have killed it
+            process.terminate()
+            process.wait(timeout=10)
 
 
 @pytest.fixture(scope="session")

@@ -64,9 +64,16 @@ def cache_path(workspace: Workspace) -> Path:
     return workspace.root / "cache" / "states.sqlite"
 
 
-def state_store(workspace: Workspace, uri: str | None = None, ttl: int | None = None) -> StateStore:
-    """The store named by uri (redis://host:port/db or a SQLite file), else the workspace's embedded store."""
-    return open_state_store(cache_path(workspace), uri, ttl=ttl)
+def state_store(
+    workspace: Workspace,
+    uri: str | None = None,
+    ttl: int | None = None,
+    timeout: float = 5.0,
+    retries: int | None = None,
+) -> StateStore:
+    """The store named by uri (redis://host:port/db or a SQLite file), else the workspace's embedded store;
+    timeout and retries apply to Redis (see RedisStateStore)."""
+    return open_state_store(cache_path(workspace), uri, ttl=ttl, timeout=timeout, retries=retries)
 
 
 def export_states(
@@ -110,7 +117,7 @@ def export_states(
                 f"to replace them with {dtype}"
             )
         store.clear(version)
-    store.write_manifest(version, run.run_id, dtype, shape)
+    store.write_manifest(version, run.run_id, dtype, shape, complete=False)
     if resume:
         done = store.users(version)
         keep = np.array([u not in done for u in raw.tolist()], dtype=bool)
@@ -132,6 +139,84 @@ def export_states(
     return ExportResult(version, store.describe(), len(index), total, size, time.perf_counter() - started)
 
 
+class ScoringModel:
+    """The scoring part of a DMQN run at one model version: CTAM + MLP weights and the vocabularies.
+
+    What CachedScorer and the HTTP service (``http_service``) share, so that both score with the same
+    float32 arithmetic: decoded states stacked by ``stack_states``, then ``DMQN.score`` and a sigmoid.
+    """
+
+    def __init__(self, workspace: Workspace, run_id: str | None = None) -> None:
+        self.run, self.version = _servable_run(workspace, run_id)
+        self.model = self.run.model()
+        self.vocabulary = self.run.vocabulary
+        c = self.model.config
+        self._empty = _empty_state(c.n_codebooks, c.embed_dim)
+        self._log_popularity: np.ndarray | None = None
+
+    def candidates(self, item_ids: Iterable[int], strict: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Raw item ids -> (indices, category indices); an unknown item is a DmqnError when ``strict``,
+        else index 0, the padding/unknown embedding, with category 0."""
+        index = self.vocabulary.item_index(np.asarray(list(item_ids), dtype=np.int64), strict=strict)
+        category = np.asarray(self.vocabulary.item_category[index], dtype=np.int64)
+        self._check_indices(index, category)
+        return index, category
+
+    def decode(self, user_id: int, value: bytes) -> DecodedState:
+        """A stored value as a state of this model; a value that is not one (damaged, or of another model's
+        shape) is a DmqnError rather than a shape error inside the model."""
+        try:
+            state = decode_state(value)
+        except ValueError as exc:
+            raise DmqnError(f"the cached state of user {user_id} for {self.version} is damaged: {exc}") from None
+        c = self.model.config
+        if (len(state.codewords), state.recent.shape[0]) != (c.n_codebooks, c.embed_dim):
+            raise DmqnError(
+                f"the cached state of user {user_id} for {self.version} has {len(state.codewords)} codebooks of "
+                f"dimension {state.recent.shape[0]}; the model has {c.n_codebooks} of {c.embed_dim}"
+            )
+        return state
+
+    @property
+    def empty_state(self) -> DecodedState:
+        """A user without history: no clusters, zero recent mean."""
+        return self._empty
+
+    def probabilities(
+        self, states: list[DecodedState], index: np.ndarray, category: np.ndarray, state_index: np.ndarray
+    ) -> np.ndarray:
+        """Click probabilities of candidates (index, category) against states[state_index[b]] -> (B,) float32."""
+        with torch.no_grad():
+            logits = self.model.score(
+                stack_states(states), torch.from_numpy(index), torch.from_numpy(category), torch.from_numpy(state_index)
+            )
+        return torch.sigmoid(logits).numpy()
+
+    def popularity(self, index: np.ndarray) -> np.ndarray:
+        """The history-free baseline's scores (sigmoid of log(1 + training popularity), the popularity
+        model's logit): a ranking of the candidates, not a calibrated click probability."""
+        if self._log_popularity is None:
+            counts = np.asarray(self.vocabulary.item_popularity, dtype=np.float32)
+            self._log_popularity = np.log1p(counts)
+        with torch.no_grad():
+            return torch.sigmoid(torch.from_numpy(self._log_popularity[index])).numpy()
+
+    def _check_indices(self, index: np.ndarray, category: np.ndarray) -> None:
+        """Refuse indices past the model's embeddings, which would fail inside it: a run folder's
+        vocabularies are checked when read, a prepared set's (runs from before the copy) are not."""
+        c = self.model.config
+        if not index.size or (index.max() < c.n_items and 0 <= category.min() <= category.max() < c.n_categories):
+            return
+        vocabulary = self.vocabulary
+        file = vocabulary.path / (
+            "item_category.npy" if isinstance(vocabulary, Vocabulary) else "vocab/item_category.npy"
+        )
+        raise DmqnError(
+            f"{file} does not match run {self.run.run_id}'s model ({c.n_items - 1:,} items, "
+            f"{c.n_categories - 1:,} categories): an item or its category is out of range"
+        )
+
+
 class CachedScorer:
     """Scores candidates for a user from the stored state: CTAM + MLP only, no history needed.
 
@@ -149,9 +234,9 @@ class CachedScorer:
 
     def __init__(self, workspace: Workspace, run_id: str | None = None, source: str | None = None) -> None:
         # The run first: a run that cannot be served leaves no store connection open behind it.
-        self.run, self.version = _servable_run(workspace, run_id)
-        self.model = self.run.model()
-        self.vocabulary = self.run.vocabulary
+        self.scoring = ScoringModel(workspace, run_id)
+        self.run, self.version = self.scoring.run, self.scoring.version
+        self.model, self.vocabulary = self.scoring.model, self.scoring.vocabulary
         self.store = state_store(workspace, source)
         manifest = self.store.manifest(self.version)
         if manifest is None:
@@ -178,8 +263,7 @@ class CachedScorer:
         An unknown item is an error. A user without a stored state is scored with an empty
         long-term state (no clusters, zero recent mean), with a warning.
         """
-        items = np.asarray(list(item_ids), dtype=np.int64)
-        index = self.vocabulary.item_index(items, strict=True)
+        index, category = self.scoring.candidates(item_ids)
         value = self.store.get(self.version, [user_id]).get(int(user_id))
         if value is None:
             warnings.warn(
@@ -187,32 +271,10 @@ class CachedScorer:
                 "scoring with an empty history",
                 stacklevel=2,
             )
-            c = self.model.config
-            state = stack_states([_empty_state(c.n_codebooks, c.embed_dim)])
+            state = self.scoring.empty_state
         else:
-            state = stack_states([decode_state(value)])
-        category = np.asarray(self.vocabulary.item_category[index], dtype=np.int64)
-        self._check_indices(index, category)
-        with torch.no_grad():
-            logits = self.model.score(
-                state, torch.from_numpy(index), torch.from_numpy(category), torch.zeros(len(index), dtype=torch.long)
-            )
-        return torch.sigmoid(logits).numpy()
-
-    def _check_indices(self, index: np.ndarray, category: np.ndarray) -> None:
-        """Refuse indices past the model's embeddings, which would fail inside it: a run folder's
-        vocabularies are checked when read, a prepared set's (runs from before the copy) are not."""
-        c = self.model.config
-        if not index.size or (index.max() < c.n_items and 0 <= category.min() <= category.max() < c.n_categories):
-            return
-        vocabulary = self.vocabulary
-        file = vocabulary.path / (
-            "item_category.npy" if isinstance(vocabulary, Vocabulary) else "vocab/item_category.npy"
-        )
-        raise DmqnError(
-            f"{file} does not match run {self.run.run_id}'s model ({c.n_items - 1:,} items, "
-            f"{c.n_categories - 1:,} categories): an item or its category is out of range"
-        )
+            state = self.scoring.decode(user_id, value)
+        return self.scoring.probabilities([state], index, category, np.zeros(len(index), dtype=np.int64))
 
 
 def _empty_state(n_codebooks: int, dim: int) -> DecodedState:

@@ -7,14 +7,18 @@ never leaves a half-written user, only users that are missing, which ``--resume`
 
 Embedded (the default, ``WORKSPACE/cache/states.sqlite``, no server)::
 
-    manifest(version PK, run_id, dtype, n_codebooks, codebook_size, dim, users, bytes, created_at)
+    manifest(version PK, run_id, dtype, n_codebooks, codebook_size, dim, users, bytes, created_at, complete)
     states(version, user_id, value BLOB)   PRIMARY KEY (version, user_id)
 
 Redis (``--to redis://[:PASSWORD@]host:port/db``; shown everywhere through ``redact_uri``; the password
 is everything between ':' and the last '@', so it may hold '@', '/', '?' or '#' unescaped)::
 
     dmqn:<version>:<user_id>    string, the packed state
-    dmqn:manifest:<version>     hash: run_id, dtype, n_codebooks, codebook_size, dim, users, bytes, created_at
+    dmqn:manifest:<version>     hash: run_id, dtype, n_codebooks, codebook_size, dim, users, bytes, created_at, complete
+
+``complete`` is 0 from the moment an export starts writing a version until it has written every user, so
+that a service switches to a version only once its export has finished (a manifest from before the
+field existed reads as complete).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ MAX_TTL = 10**15
 
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 
-MANIFEST_FIELDS = ("run_id", "dtype", "n_codebooks", "codebook_size", "dim", "users", "bytes", "created_at")
+MANIFEST_FIELDS = ("run_id", "dtype", "n_codebooks", "codebook_size", "dim", "users", "bytes", "created_at", "complete")
 
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS manifest (
@@ -48,7 +52,8 @@ SCHEMA = [
         dim           INTEGER NOT NULL,
         users         INTEGER NOT NULL,
         bytes         INTEGER NOT NULL,
-        created_at    TEXT NOT NULL         -- ISO 8601, UTC
+        created_at    TEXT NOT NULL,        -- ISO 8601, UTC
+        complete      INTEGER NOT NULL DEFAULT 1  -- 0 while an export is writing the version
     )""",
     """CREATE TABLE IF NOT EXISTS states (
         version  TEXT NOT NULL,
@@ -70,7 +75,9 @@ class StateStore(Protocol):
 
     def get(self, version: str, user_ids: Iterable[int]) -> dict[int, bytes]: ...
 
-    def write_manifest(self, version: str, run_id: str, dtype: str, shape: tuple[int, int, int]) -> tuple[int, int]: ...
+    def write_manifest(
+        self, version: str, run_id: str, dtype: str, shape: tuple[int, int, int], complete: bool = True
+    ) -> tuple[int, int]: ...
 
     def manifest(self, version: str) -> dict | None: ...
 
@@ -135,10 +142,20 @@ class EmbeddedStateStore:
             con.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a commit survives a killed process
             for sql in SCHEMA:
                 con.execute(sql)
+            if "complete" not in _columns(con, "manifest"):  # a cache written before the field existed
+                con.execute("ALTER TABLE manifest ADD COLUMN complete INTEGER NOT NULL DEFAULT 1")
         else:
             if not self.path.exists():
                 raise DmqnError(f"no state cache at {self.path} (run `dmqn export-cache` first)")
-            con = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=60, isolation_level=None)
+            # check_same_thread=False: `dmqn serve` reads through one store per thread and closes them all
+            # from the thread that shuts down; each connection is still used by one thread at a time.
+            con = sqlite3.connect(
+                f"{self.path.resolve().as_uri()}?mode=ro",
+                uri=True,
+                timeout=60,
+                isolation_level=None,
+                check_same_thread=False,
+            )
         self._con, self._writable = con, write
         return con
 
@@ -197,7 +214,9 @@ class EmbeddedStateStore:
         return out
 
     @_file_errors
-    def write_manifest(self, version: str, run_id: str, dtype: str, shape: tuple[int, int, int]) -> tuple[int, int]:
+    def write_manifest(
+        self, version: str, run_id: str, dtype: str, shape: tuple[int, int, int], complete: bool = True
+    ) -> tuple[int, int]:
         """Record (or refresh) a version's manifest from what is stored; returns (users, bytes)."""
         con = self._connection(write=True)
         users, size = con.execute(
@@ -206,8 +225,18 @@ class EmbeddedStateStore:
         self._transaction(
             [
                 (
-                    "INSERT OR REPLACE INTO manifest VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [version, run_id, dtype, *shape, users, size, datetime.now(timezone.utc).isoformat()],
+                    f"INSERT OR REPLACE INTO manifest ({', '.join(('version', *MANIFEST_FIELDS))}) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        version,
+                        run_id,
+                        dtype,
+                        *shape,
+                        users,
+                        size,
+                        datetime.now(timezone.utc).isoformat(),
+                        int(complete),
+                    ],
                 )
             ]
         )
@@ -223,12 +252,15 @@ class EmbeddedStateStore:
     def manifest(self, version: str) -> dict | None:
         if not self._has_tables():
             return None
-        row = (
-            self._connection(write=False)
-            .execute(f"SELECT {', '.join(MANIFEST_FIELDS)} FROM manifest WHERE version = ?", [version])
-            .fetchone()
-        )
-        return dict(zip(MANIFEST_FIELDS, row)) if row else None
+        con = self._connection(write=False)
+        # A reader opens the file read-only, so a cache from before the complete column keeps lacking it.
+        fields = [f for f in MANIFEST_FIELDS if f in _columns(con, "manifest")]
+        row = con.execute(f"SELECT {', '.join(fields)} FROM manifest WHERE version = ?", [version]).fetchone()
+        if row is None:
+            return None
+        manifest = {"complete": 1, **dict(zip(fields, row))}
+        manifest["complete"] = bool(manifest["complete"])
+        return {name: manifest[name] for name in MANIFEST_FIELDS}
 
     def close(self) -> None:
         if self._con is not None:
@@ -246,8 +278,13 @@ class RedisStateStore:
 
     SCAN_COUNT = 10_000
 
-    def __init__(self, url: str, ttl: int | None = None, timeout: float = 5.0) -> None:
+    def __init__(self, url: str, ttl: int | None = None, timeout: float = 5.0, retries: int | None = None) -> None:
+        """timeout: seconds for each connect and each reply; retries: attempts after a connection error or
+        timeout, without backoff (None: redis-py's default, 10 with exponential backoff, which suits an
+        export but would hold a request for a minute while the server is away)."""
         import redis  # redis-py; imported here so the embedded store works without touching it
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
 
         check_ttl(ttl, url)
         self.url = redact_uri(url)  # the only form of the URL kept: it is what messages show
@@ -258,8 +295,9 @@ class RedisStateStore:
             # TypeError: a query parameter redis-py does not know (redis://host/0?colour=1).
             # quote_userinfo: urllib, under from_url, would end the password at an unescaped '/', '?' or '#'
             # and connect to the rest of it as the host.
+            retry = {} if retries is None else {"retry": Retry(NoBackoff(), retries)}
             self.client = redis.Redis.from_url(
-                quote_userinfo(url), socket_connect_timeout=timeout, socket_timeout=timeout
+                quote_userinfo(url), socket_connect_timeout=timeout, socket_timeout=timeout, **retry
             )
             self.client.ping()
         except (ValueError, TypeError) as exc:
@@ -321,7 +359,9 @@ class RedisStateStore:
         values = self._call("reading states", self.client.mget, [self.key(version, u) for u in ids])
         return {u: v for u, v in zip(ids, values) if v is not None}
 
-    def write_manifest(self, version: str, run_id: str, dtype: str, shape: tuple[int, int, int]) -> tuple[int, int]:
+    def write_manifest(
+        self, version: str, run_id: str, dtype: str, shape: tuple[int, int, int], complete: bool = True
+    ) -> tuple[int, int]:
         def count() -> tuple[int, int]:
             users = size = 0
             batch: list[bytes] = []
@@ -343,6 +383,7 @@ class RedisStateStore:
             "users": users,
             "bytes": size,
             "created_at": datetime.now(timezone.utc).isoformat(),
+            "complete": int(complete),
         }
 
         def write() -> None:
@@ -366,9 +407,10 @@ class RedisStateStore:
         raw = self._call("reading the manifest", self.client.hgetall, self.manifest_key(version))
         if not raw:
             return None
-        fields = {k.decode(): v.decode() for k, v in raw.items()}
+        fields = {"complete": "1", **{k.decode(): v.decode() for k, v in raw.items()}}
         for name in ("n_codebooks", "codebook_size", "dim", "users", "bytes"):
             fields[name] = int(fields[name])
+        fields["complete"] = fields["complete"] == "1"
         return {name: fields[name] for name in MANIFEST_FIELDS}
 
     def clear(self, version: str) -> None:
@@ -389,6 +431,10 @@ class RedisStateStore:
         self.client.close()
 
 
+def _columns(con: sqlite3.Connection, table: str) -> set[str]:
+    return {row[1] for row in con.execute(f"PRAGMA table_info({table})")}
+
+
 def is_redis_uri(uri: str | None) -> bool:
     return uri is not None and uri.split("://", 1)[0] in REDIS_SCHEMES
 
@@ -405,12 +451,18 @@ def check_ttl(ttl: int | None, uri: str | None) -> None:
 
 
 def open_state_store(
-    default_path: Path, uri: str | None = None, ttl: int | None = None
+    default_path: Path,
+    uri: str | None = None,
+    ttl: int | None = None,
+    timeout: float = 5.0,
+    retries: int | None = None,
 ) -> EmbeddedStateStore | RedisStateStore:
-    """None -> the embedded store at default_path; redis://, rediss://, unix:// -> Redis; else a SQLite file path."""
+    """None -> the embedded store at default_path; redis://, rediss://, unix:// -> Redis; else a SQLite file path.
+
+    timeout and retries apply to Redis (see RedisStateStore)."""
     check_ttl(ttl, uri)
     if is_redis_uri(uri):
-        return RedisStateStore(uri, ttl=ttl)
+        return RedisStateStore(uri, ttl=ttl, timeout=timeout, retries=retries)
     if "://" in (uri or ""):
         raise DmqnError(f"unknown state store {redact_uri(uri)!r}: give redis://host:port/db or a file path")
     return EmbeddedStateStore(Path(uri) if uri else default_path)
