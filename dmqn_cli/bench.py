@@ -42,7 +42,7 @@ from dmqn_cli.progress import RichProgress
 from dmqn_cli.results import fitted_table, number
 from dmqn_core.training.bench import (
     ALL_MODELS,
-    TABLE2_COLUMNS,
+    BOOTSTRAP_REPLICATES,
     TABLE3_COLUMNS,
     BenchReport,
     BenchStep,
@@ -51,11 +51,22 @@ from dmqn_core.training.bench import (
     resolve_models,
     run_bench,
     table2_cells,
+    table2_columns,
     table3_cells,
 )
 
 # What a narrow terminal (or a pipe: 80 columns) gives up first; the model, test AUC and GAUC stay.
-_DROPPABLE = ("infer/s", "train/s", "params", "logloss", "runs", "Δ AUC vs dmqn-simple")
+_DROPPABLE = (
+    "infer/s",
+    "train/s",
+    "params",
+    "logloss",
+    "runs",
+    "Δ GAUC 95% CI",
+    "Δ GAUC",
+    "GAUC",
+    "Δ AUC vs dmqn-simple",
+)
 
 
 def _terminal_table(title: str, columns: tuple[str, ...], cells: list[list[str]], wide: bool) -> Table:
@@ -85,6 +96,12 @@ def _bench_json(report: BenchReport, seeds: list[int]) -> dict[str, Any]:
                 "n_parameters": row.n_parameters,
                 "best_epochs": row.best_epochs,
                 "failed": row.failed,
+                "against": None
+                if row.against is None
+                else {
+                    f"delta_{metric}": {"delta": diff.delta, "low": diff.low, "high": diff.high}
+                    for metric, diff in row.against.items()
+                },
             }
         )
     return {
@@ -94,6 +111,7 @@ def _bench_json(report: BenchReport, seeds: list[int]) -> dict[str, Any]:
         "seeds": seeds,
         "budget": report.budget,
         "machine": report.machine,
+        "against_model": report.against,
         "trained": report.trained,
         "reused": report.reused,
         "rows": rows,
@@ -133,6 +151,13 @@ def bench(
     storage: Optional[str] = typer.Option(
         None, "--storage", help="Optuna database of the --tuned studies \\[default: WORKSPACE/tune/studies.db]."
     ),
+    against: Optional[str] = typer.Option(
+        None,
+        "--against",
+        metavar="MODEL",
+        help="Add to every row its Δ test AUC and Δ GAUC against MODEL (one of --models), seeds averaged, "
+        f"with a 95 % paired bootstrap interval over test users ({BOOTSTRAP_REPLICATES:,} replicates).",
+    ),
     as_json: bool = JsonOption,
     wide: bool = WideOption,
     workspace: Optional[Path] = WorkspaceOption,
@@ -145,9 +170,14 @@ def bench(
 
     --tuned STUDY,...: each study's model trains with its best trial's searched settings; the rest is shared.
 
-    --json prints {name, dataset, directory, seeds, budget, machine, trained, reused, rows, failures}, a row per
-    model with model, runs, run_ids, auc_mean, auc_std, gauc_mean, gauc_std, logloss_mean, logloss_std,
-    train_samples_per_s, infer_samples_per_s, n_parameters, best_epochs and failed (null: no value);
+    --against MODEL: every other row gets its difference to MODEL (seeds averaged) in test AUC and GAUC, with
+    the 95 % interval of a paired bootstrap over test users: both models are scored on the same resampled
+    users, so the interval says how much the difference depends on which users are in the test set.
+
+    --json prints {name, dataset, directory, seeds, budget, machine, against_model, trained, reused, rows,
+    failures}, a row per model with model, runs, run_ids, auc_mean, auc_std, gauc_mean, gauc_std,
+    logloss_mean, logloss_std, train_samples_per_s, infer_samples_per_s, n_parameters, best_epochs, failed
+    and against ({delta_auc, delta_gauc}, each {delta, low, high}; null without --against) (null: no value);
     progress goes to stderr.
     """
     ws = open_workspace(workspace)
@@ -195,6 +225,7 @@ def bench(
                 on_step=show,
                 tuned=[study.strip() for study in (tuned or "").split(",") if study.strip()],
                 storage=storage,
+                against=against,
             )
         except KeyboardInterrupt:
             raise fail("interrupted; run the same command again to resume the bench", code=130) from None
@@ -213,9 +244,10 @@ def bench(
         console.print(plain(f"machine: {report.machine}"))
         console.print(
             _terminal_table(
-                "Table 2: all models (test split, mean ± std over seeds)",
-                TABLE2_COLUMNS,
-                table2_cells(report.table2()),
+                "Table 2: all models (test split, mean ± std over seeds"
+                + (f"; Δ = model - {report.against}, paired bootstrap 95% CI)" if report.against else ")"),
+                table2_columns(report.against),
+                table2_cells(report.table2(), report.against),
                 wide,
             ),
             crop=not wide,

@@ -106,3 +106,15 @@ def evaluate_run(
     )
     run.store.log_metrics(run.run_id, split, metrics, epoch=None)
     return run.run_id, metrics
+
+
+def split_logits(run: Run, split: str = "test", device: str = "cpu", batch_size: int | None = None) -> np.ndarray:
+    """The logits of a run's best weights for every sample of a split, in the split's own order (so that
+    the logits of two runs on one prepared set pair up sample by sample)."""
+    if split not in SPLITS:
+        raise DmqnError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    loader = BatchLoader(run.data, split, batch_size or int(run.train_settings["eval_batch_size"]), run.max_len)
+    out = predict(run.model(device), loader, torch.device(device))
+    logits = np.empty(loader.n_samples, dtype=np.float64)
+    logits[loader.sample_order()] = out["logits"]
+    return logits

@@ -169,3 +169,64 @@ def test_bench_command_prints_both_tables(tiny_workspace):
 def test_bench_command_rejects_unknown_models(tiny_workspace):
     result = CliRunner().invoke(app, ["bench", "tiny", "--models", "dmqn,bogus", "-w", str(tiny_workspace.root)])
     assert result.exit_code == 1 and "bogus" in result.output
+
+
+def test_against_adds_paired_differences_that_match_the_runs_test_metrics(tiny_workspace, tmp_path):
+    """--against: Δ is the seed mean of the runs' own test metrics minus the reference's (so the test
+    predictions it pairs are each run's, sample by sample), inside its interval; files and JSON carry it."""
+    import json
+
+    from dmqn_core.runs.run import Run
+    from dmqn_core.training.evaluate import split_logits
+    from dmqn_core.training.metrics import auc, gauc
+
+    models = ["pop", "din-short", "dmqn"]
+    report = run_bench(tiny_workspace, "tiny", models, [0, 1], MODEL, TRAIN, name="against-test", against="dmqn")
+    assert report.against == "dmqn"
+    rows = {row.model: row for row in report.rows}
+    assert rows["dmqn"].against is None
+    store = RunStore(tiny_workspace.store_path)
+    for run_id in rows["din-short"].run_ids:  # the logits are the run's test predictions, in split order
+        run = Run.open(tiny_workspace, run_id)
+        test, logits = run.data.split("test"), split_logits(run)
+        record = store.get_run(run_id)
+        assert auc(test.label, logits) == pytest.approx(record.test_auc, abs=1e-12)
+        assert gauc(test.user, test.label, logits) == pytest.approx(record.test_gauc, abs=1e-12)
+    for model in ("pop", "din-short"):
+        diff = rows[model].against
+        for metric in ("auc", "gauc"):
+            expected = statistics.fmean(getattr(rows[model], metric)) - statistics.fmean(getattr(rows["dmqn"], metric))
+            assert diff[metric].delta == pytest.approx(expected, abs=1e-9)
+            assert diff[metric].low <= diff[metric].delta <= diff[metric].high
+            assert diff[metric].high - diff[metric].low > 0
+    table = (report.directory / "table2.md").read_text()
+    assert "Δ AUC 95% CI" in table and "paired bootstrap" in table
+    with open(report.directory / "table2.csv", newline="") as fh:
+        csv_rows = {row["model"]: row for row in csv.DictReader(fh)}
+    assert float(csv_rows["pop"]["delta_auc"]) == pytest.approx(rows["pop"].against["auc"].delta)
+    assert csv_rows["dmqn"]["delta_auc"] == ""
+
+    config = tmp_path / "budget.toml"  # the budget of MODEL and TRAIN: the same bench, every run reused
+    config.write_text(
+        "[model]\nembed_dim = 8\nn_codebooks = 2\ncodebook_size = 8\nmlp_hidden = [16]\n"
+        "[train]\nepochs = 1\nmax_len = 50\nbatch_size = 256\neval_batch_size = 512\n"
+    )
+    args = ["bench", "tiny", "--models", ",".join(models), "--seeds", "2", "--name", "against-test"]
+    args += ["--config", str(config), "--against", "dmqn"]
+    result = CliRunner().invoke(app, [*args, "--json", "-w", str(tiny_workspace.root)])
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.stdout)
+    assert printed["against_model"] == "dmqn" and printed["reused"] == 6
+    by_model = {row["model"]: row for row in printed["rows"]}
+    assert by_model["dmqn"]["against"] is None
+    assert by_model["pop"]["against"]["delta_auc"]["delta"] == pytest.approx(rows["pop"].against["auc"].delta)
+
+
+def test_against_must_name_a_model_of_the_bench(tiny_workspace):
+    with pytest.raises(DmqnError, match="--against 'twin' is not one of the bench's models"):
+        run_bench(tiny_workspace, "tiny", ["pop", "dmqn"], [0], MODEL, TRAIN, name="against-bad", against="twin")
+    result = CliRunner().invoke(
+        app, ["bench", "tiny", "--models", "pop", "--seeds", "1", "--against", "dmqn", "-w", str(tiny_workspace.root)]
+    )
+    assert result.exit_code == 1 and result.output.startswith("error: --against 'dmqn'")
+    assert len(result.output.strip().splitlines()) == 1
