@@ -1,10 +1,10 @@
-"""A synthetic behavior log in the Taobao UserBehavior format, with long-range interest structure.
+"""A synthetic behavior log in the Taobao UserBehavior format, with the statistics of the real one.
 
 The log has the five columns of the Taobao release (``user_id,item_id,category_id,
-behavior_type,timestamp``, no header), behaviors ``pv``/``cart``/``fav``/``buy`` in roughly
-Taobao's mix (89 / 5.5 / 3 / 2 %) and timestamps inside the Taobao window, 2017-11-25
-00:00:00 to 2017-12-03 23:59:59 China time. Ids are sparse integers drawn from the id ranges
-of the real release, so downstream code must remap them exactly as it would for Taobao.
+behavior_type,timestamp``, no header), behaviors ``pv``/``cart``/``fav``/``buy`` and timestamps
+inside the Taobao window, 2017-11-25 00:00:00 to 2017-12-03 23:59:59 China time. Ids are sparse
+integers drawn from the id ranges of the real release, so downstream code must remap them exactly
+as it would for Taobao.
 
 Two ways to build a log, one user model:
 
@@ -18,32 +18,26 @@ Two ways to build a log, one user model:
   after) and about one in a million is malformed (a line cut short, a lost id, behavior or
   timestamp), so ``dmqn prep``'s time filter and bad-row counting both have work to do.
 
-How it is generated, and why:
+The user model takes every statistic from the real Taobao sample (the constants below, each with
+the command that measured it; `dmqn synth --compare` puts the two logs side by side). It was
+chosen to reproduce the data, never tuned toward any model's result:
 
-* **Catalog.** Items belong to categories and categories to interest topics. Item popularity
-  within a category and category popularity within a topic are Zipf-like; topics themselves
-  are Zipf-popular, and popular categories hold more items.
-* **Long-term interests** (about 55 % of the behaviors). Each user holds 7 to 11 interests: a
-  topic together with a user-specific subset of 3 or 4 of its categories. Each interest is
-  revisited quasi-periodically with its own period: a stationary renewal process with gamma
-  gaps around the period, which follows from the interest's random share of the user's
-  attention (5 to 95 % of periods: 10 hours to 5 days on ``small``, down to a couple of hours
-  for heavy users). Each visit is a mini-burst of 1 to 3 behaviors a minute or two apart; the
-  user works through the interest's categories in turn, so a category comes back about every
-  3 or 4 visits of its interest. Now and then (15 %) a behavior returns to an item the user
-  met before in that category.
-* **Sessions** (about 40 %). Short-lived themes: bursts of 5 to 20 behaviors within minutes on
-  a topic that is not one of the user's long-term interests. They crowd the recent past.
-* **Exploration noise** (about 5 %). Popular items from anywhere in the catalog; it also tops
-  up the lightest users to ``min_length`` behaviors (30; 10 on ``taobao``).
-* **Daily rhythm.** Visits, sessions and noise follow a day/night activity profile.
-
-The point of this structure: a user spreads long-term attention over some 30 categories, each
-coming back only every 50 or so behaviors, while sessions fill the recent past. For about a
-third of the users the category of the last click is missing from the last 50 behaviors but
-present before them (and for nearly 9 in 10 it occurs somewhere in the history), so models that
-read the whole history (DMQN, DIN over the full sequence) can predict what models restricted to
-the recent past (DIN on the last 50) cannot.
+* **Catalog.** Items belong to categories and categories to topics, with Zipf-like popularity at
+  each level; popular categories hold more items. The catalog is as large as the release's on
+  every scale, so that a small log, like a small sample of the release, meets most items once.
+* **History lengths** are drawn from the sample's per-user quantiles, scaled to the scale's
+  ``mean_length`` (the long scale ``medium`` has four times the sample's histories).
+* **Categories.** Each behavior stays in the category of the one before it (41 %), returns to a
+  category the user met before, at a distance back drawn from a power law, or opens a category
+  new to the user, less often the longer the history (Heaps' law). Real users mostly come back
+  to what they browsed recently: the last click's category is in the last 50 behaviors for 71 %
+  of the sample's users and only earlier for 4 %; on the long scales the returns from far back
+  grow with the histories, as the power law of distances makes them.
+* **Items.** A behavior that stays in or returns to a category re-visits an item the user met in
+  it before as often as in the sample; otherwise it draws a popular item of the category.
+* **Time.** Behaviors come in sessions whose sizes, gaps between behaviors and starting hours
+  are drawn from the sample's; sessions start at random points of the window.
+* **Behavior types** (pv, cart, fav, buy) are drawn independently in the sample's mix.
 """
 
 from __future__ import annotations
@@ -68,71 +62,63 @@ WINDOW_END = 1512316800  # 2017-12-04 00:00:00 China time, exclusive
 WINDOW = WINDOW_END - WINDOW_START
 
 BEHAVIORS = ("pv", "cart", "fav", "buy")
-BEHAVIOR_MIX = (0.895, 0.055, 0.03, 0.02)
 
 # Id ranges of the Taobao UserBehavior release (largest user, item and category id + 1).
 USER_ID_RANGE = 1_018_012
 ITEM_ID_RANGE = 5_163_071
 CATEGORY_ID_RANGE = 5_162_430
 
-# Relative activity per hour of the day, China time: quiet nights, busy evenings.
-HOURLY_ACTIVITY = np.array(
-    [
-        0.5,
-        0.3,
-        0.2,
-        0.15,
-        0.15,
-        0.2,
-        0.4,
-        0.7,
-        0.9,
-        1.0,
-        1.0,
-        1.0,
-        1.1,
-        1.0,
-        1.0,
-        1.0,
-        1.0,
-        1.0,
-        1.1,
-        1.3,
-        1.5,
-        1.6,
-        1.4,
-        0.9,
-    ]
-)
+# The statistics of the real sample the user model draws from, as printed by
+#   python -c "from dmqn_core.data.log_stats import generator_constants as g; \
+#              [print(k, '=', v) for k, v in g('../shared/data/taobao_userbehavior_84k.csv').items()]"
+# on taobao_userbehavior_84k.csv (815 users, 84,440 rows inside the window); see log_stats for their
+# definitions. A test recomputes them when the sample is present.
+BEHAVIOR_MIX = (0.8981, 0.05326, 0.0279, 0.02072)  # pv, cart, fav, buy
+# Quantiles at QUANTILE_LEVELS: every 5 %, and the 99th percentile, so that the heavy tails (heavy
+# users, long sessions) keep their shape; sampled by inverse CDF, linear between levels.
+QUANTILE_LEVELS = (*(k / 20 for k in range(20)), 0.99, 1.0)
+LENGTH_QUANTILES = (
+    3.0, 15.0, 19.4, 26.0, 33.0, 39.5, 46.0, 54.0, 62.0, 69.0, 78.0,
+    88.0, 96.0, 106.2, 123.0, 137.0, 156.0, 182.9, 226.0, 296.1, 431.0, 539.0,
+)  # fmt: skip
+SESSION_SIZE_QUANTILES = (
+    1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 3.0,
+    3.0, 4.0, 5.0, 6.0, 7.0, 9.0, 11.0, 15.0, 22.0, 40.02, 130.0,
+)  # fmt: skip
+SESSION_GAP_QUANTILES = (  # seconds between the behaviors of a session
+    0.0, 6.0, 10.0, 13.0, 17.0, 21.0, 26.0, 32.0, 38.0, 46.0, 54.0,
+    65.0, 77.0, 92.0, 112.0, 138.0, 176.0, 235.0, 337.0, 591.0, 1360.0, 1797.0,
+)  # fmt: skip
+SESSION_START_BY_HOUR = (  # share of sessions starting in each hour of the day, China time
+    0.0249, 0.01192, 0.005745, 0.004894, 0.003901, 0.007447, 0.01766, 0.02915,
+    0.04064, 0.04766, 0.05447, 0.05582, 0.05412, 0.05901, 0.0522, 0.05844,
+    0.05419, 0.05419, 0.05376, 0.06327, 0.07121, 0.07114, 0.06008, 0.04419,
+)  # fmt: skip
+SAME_CATEGORY = 0.4131  # P(a behavior is in the category of the one before it)
+# P(new category | not the same as the one before, at position k from 0 of a history of n) =
+# a * max(k, 1) ** -b * n ** -c: Heaps' law, and heavy users open fewer categories at a given k.
+NEW_CATEGORY = (2.122, 0.2885, 0.1232)
+RETURN_LAG_EXPONENT = 1.63  # P(a return goes back d behaviors) ~ d ** -exponent, d >= 2
+# P(an item met before | same category as the one before, at position k) = a * k ** e, and the same
+# for returns: (a, e) for each.
+ITEM_REPEAT = ((0.1362, 0.1713), (0.3496, 0.01194))
 
 
 @dataclass(frozen=True)
 class SynthScale:
-    """Size of a synthetic log and the knobs of the user model."""
+    """Size of a synthetic log; the user model's statistics are the module's constants."""
 
     n_users: int
     n_items: int
     n_categories: int
     n_topics: int
-    mean_length: float  # mean behaviors per user
-    max_length: int  # cap of the long tail of heavy users
-    min_length: int = 30
-    length_sigma: float = 0.6  # spread of the lognormal user lengths
-    min_interests: int = 7
-    max_interests: int = 11
-    min_interest_categories: int = 3
-    max_interest_categories: int = 4
-    interest_share_shape: float = 5.0  # gamma shape of the interests' attention per category
-    period_regularity: float = 4.0  # gamma shape of the gaps between visits of an interest
-    burst_sizes: tuple[float, ...] = (0.4, 0.35, 0.25)  # P(1), P(2), P(3) behaviors per visit
-    burst_gap_s: float = 90.0  # mean seconds between behaviors of one visit
-    revisit_prob: float = 0.15
-    session_share: float = 0.4
-    min_session: int = 5
-    max_session: int = 20
-    session_gap_s: float = 45.0
-    noise_share: float = 0.05
-    zipf_exponent: float = 1.1
+    mean_length: float  # mean behaviors per user: the sample's length quantiles are scaled to it
+    max_length: int  # caps a user's history
+    min_length: int = 1
+    # Popularity exponents, chosen so that `small` matches the sample's concentration (the top 1 %
+    # of items and of categories, the items met once; `dmqn synth --compare`), no model involved.
+    zipf_exponent: float = 1.3  # of category popularity within a topic
+    item_exponent: float = 0.7  # of item popularity within a category
     # Users per independently seeded block. None: the whole log comes from one random stream and
     # is built in memory (tiny, small, medium: their bytes are pinned). Otherwise block b is drawn
     # from (seed, b) alone, so it is written block by block in bounded memory, users in the real
@@ -142,32 +128,28 @@ class SynthScale:
     malformed_rate: float = 0.0  # share of rows written garbled, one of MALFORMED_KINDS each
 
 
+# The catalog of the full release: 4,162,024 items seen, 9,439 categories. It is larger than the
+# items seen because the Zipf tail of big categories is never drawn.
+RELEASE_CATALOG = {"n_items": 4_550_000, "n_categories": 9_439, "n_topics": 600}
+
 SCALES: dict[str, SynthScale] = {
-    "tiny": SynthScale(n_users=200, n_items=4_000, n_categories=150, n_topics=20, mean_length=120, max_length=500),
-    "small": SynthScale(
-        n_users=1_500, n_items=20_000, n_categories=400, n_topics=40, mean_length=250, max_length=1_000
-    ),
-    "medium": SynthScale(
-        n_users=20_000, n_items=200_000, n_categories=1_500, n_topics=100, mean_length=400, max_length=1_300
-    ),
-    # The shape of the full UserBehavior release: 987,994 users, 4,162,024 items, 9,439
-    # categories, 100,150,807 rows (3.67 GB of CSV), about 101 behaviors per user (median near 80
-    # in the head sample). The catalog is larger than the items seen because the Zipf tail of
-    # big categories is never drawn: 4.55M gives 4.23M distinct items in the log (seed 0, which
-    # has 99.7M rows, 3.65 GB). Out-of-range timestamps at about the head sample's rate (1 row
-    # in 4,321).
+    # The sample's history lengths (mean 103.6 behaviors per user).
+    "tiny": SynthScale(n_users=200, mean_length=103.6, max_length=1_000, **RELEASE_CATALOG),
+    "small": SynthScale(n_users=1_500, mean_length=103.6, max_length=1_000, **RELEASE_CATALOG),
+    # Long histories: four times the sample's.
+    "medium": SynthScale(n_users=20_000, mean_length=414.4, max_length=4_000, **RELEASE_CATALOG),
+    # The shape of the full UserBehavior release: 987,994 users and 100,150,807 rows (3.67 GB of
+    # CSV), 101.4 behaviors per user. Out-of-range timestamps at about the samples' rate (35 rows in
+    # 84,475; 1 in 4,321).
     "taobao": SynthScale(
         n_users=987_994,
-        n_items=4_550_000,
-        n_categories=9_439,
-        n_topics=600,
-        mean_length=99.75,
+        mean_length=101.4,
         max_length=3_000,
         min_length=10,
-        length_sigma=0.75,
         block_users=8_192,
         out_of_range_rate=2e-4,
         malformed_rate=1e-6,
+        **RELEASE_CATALOG,
     ),
 }
 
@@ -238,17 +220,10 @@ def _user_events(
     """The behaviors of ``n_users`` users (indices 0..n_users-1) as (user, seconds into the window,
     item index), sorted by (user, time)."""
     lengths = _user_lengths(cfg, n_users, rng)
-    interests = _make_interests(cfg, catalog, n_users, rng)
-    i_user, i_time, i_item = _interest_events(cfg, catalog, interests, lengths, rng)
-    s_user, s_time, s_item = _session_events(cfg, catalog, interests, lengths, rng)
-    n_so_far = np.bincount(np.concatenate([i_user, s_user]), minlength=n_users)
-    n_user, n_time, n_item = _noise_events(cfg, catalog, lengths, n_so_far, rng)
-    user = np.concatenate([i_user, s_user, n_user])
-    time = np.minimum(np.concatenate([i_time, s_time, n_time]), WINDOW - 1)
-    item = np.concatenate([i_item, s_item, n_item])
-    # One integer key (user, then millisecond) sorts much faster than a lexsort on floats.
-    order = np.argsort(user * (WINDOW * 1000) + (time * 1000).astype(np.int64), kind="stable")
-    return user[order], time[order], item[order]
+    user = np.repeat(np.arange(n_users), lengths)
+    chain = _category_chain(cfg, catalog, lengths, rng)
+    item = _items(cfg, catalog, chain, rng)
+    return user, _session_times(lengths, rng), item
 
 
 def _behavior_types(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -504,17 +479,14 @@ def _zipf_rank(n: np.ndarray, exponent: float, rng: np.random.Generator) -> np.n
 
 
 def _make_catalog(cfg: SynthScale, rng: np.random.Generator) -> _Catalog:
-    if cfg.n_categories < cfg.max_interest_categories * cfg.n_topics:
-        raise DmqnError("every topic needs at least max_interest_categories categories")
-    if cfg.n_topics <= cfg.max_interests:
-        raise DmqnError("sessions need topics outside the long-term interests: raise n_topics")
+    if cfg.n_categories < cfg.n_topics:
+        raise DmqnError("every topic needs a category: n_categories must be at least n_topics")
     if cfg.n_items < cfg.n_categories:
         raise DmqnError("every category needs at least one item")
 
-    topic_weight = np.arange(1, cfg.n_topics + 1) ** -0.8
+    topic_weight = np.arange(1, cfg.n_topics + 1) ** -_TOPIC_EXPONENT
     topic_weight /= topic_weight.sum()
-    spare = cfg.n_categories - cfg.max_interest_categories * cfg.n_topics
-    topic_n = cfg.max_interest_categories + rng.multinomial(spare, rng.dirichlet(np.full(cfg.n_topics, 2.0)))
+    topic_n = 1 + rng.multinomial(cfg.n_categories - cfg.n_topics, rng.dirichlet(np.full(cfg.n_topics, 2.0)))
     # Categories are numbered topic by topic, most popular first within each topic.
     first = np.concatenate([[0], np.cumsum(topic_n)[:-1]])
     rank_in_topic = np.arange(cfg.n_categories) - np.repeat(first, topic_n)
@@ -535,38 +507,36 @@ def _make_catalog(cfg: SynthScale, rng: np.random.Generator) -> _Catalog:
 
 
 def _popular_item(cfg: SynthScale, catalog: _Catalog, category: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    rank = _zipf_rank(catalog.category_n_items[category], cfg.zipf_exponent, rng)
+    rank = _zipf_rank(catalog.category_n_items[category], cfg.item_exponent, rng)
     return catalog.category_first_item[category] + rank
 
 
-def _popular_category(cfg: SynthScale, catalog: _Catalog, topic: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def _popular_category(cfg: SynthScale, catalog: _Catalog, n: int, rng: np.random.Generator) -> np.ndarray:
+    topic = rng.choice(cfg.n_topics, size=n, p=catalog.topic_weight)
     rank = _zipf_rank(catalog.topic_n_categories[topic], cfg.zipf_exponent, rng)
     return catalog.topic_categories[topic, rank]
 
 
+def _from_quantiles(table: tuple[float, ...], n: int, rng: np.random.Generator) -> np.ndarray:
+    """n draws from the distribution with these quantiles at QUANTILE_LEVELS (linear in between)."""
+    return np.interp(rng.random(n), QUANTILE_LEVELS, table)
+
+
+def _quantile_mean(table: tuple[float, ...]) -> float:
+    """The mean of _from_quantiles' distribution."""
+    levels, values = np.asarray(QUANTILE_LEVELS), np.asarray(table)
+    return float(np.sum(np.diff(levels) * (values[1:] + values[:-1]) / 2))
+
+
 def _user_lengths(cfg: SynthScale, n_users: int, rng: np.random.Generator) -> np.ndarray:
-    mu = np.log(cfg.mean_length) - cfg.length_sigma**2 / 2  # so that the mean is mean_length
-    raw = rng.lognormal(mu, cfg.length_sigma, n_users)
+    raw = _from_quantiles(LENGTH_QUANTILES, n_users, rng) * (cfg.mean_length / _quantile_mean(LENGTH_QUANTILES))
     return np.clip(np.round(raw), cfg.min_length, cfg.max_length).astype(np.int64)
 
 
-def _top_k_by_gumbel(log_weight: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    """Per row, k distinct columns sampled without replacement in proportion to exp(log_weight)."""
-    # Negated scores, computed in place (the matrix is users x topics on big scales); negation
-    # is exact, so the result is the same as ranking log_weight + gumbel in descending order.
-    negated = rng.gumbel(size=log_weight.shape)
-    negated += log_weight
-    np.negative(negated, out=negated)
-    top = np.argpartition(negated, k - 1, axis=1)[:, :k]
-    # Sorted by score, every prefix of a row is itself a weighted sample without replacement.
-    by_score = np.argsort(np.take_along_axis(negated, top, axis=1), axis=1, kind="stable")
-    return np.take_along_axis(top, by_score, axis=1)
-
-
 def _activity_clock(activity_time: np.ndarray) -> np.ndarray:
-    """Map evenly spread activity time (seconds) to wall-clock seconds with a day/night rhythm."""
+    """Map evenly spread activity time (seconds) to wall-clock seconds with the sample's daily rhythm."""
     hours = WINDOW // 3600
-    per_hour = np.resize(HOURLY_ACTIVITY, hours)
+    per_hour = np.resize(SESSION_START_BY_HOUR, hours)
     cdf = np.concatenate([[0.0], np.cumsum(per_hour)]) / per_hour.sum() * WINDOW
     return np.interp(activity_time, cdf, np.arange(hours + 1) * 3600.0)
 
@@ -585,97 +555,124 @@ def _segment_cumsum(values: np.ndarray, sizes: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-# the three sources of behaviors
+# the sequence of each user: categories, items, times
 
 
 @dataclass(frozen=True)
-class _Interests:
-    user: np.ndarray  # (n,) owner of each long-term interest
-    topic: np.ndarray  # (n,)
-    categories: np.ndarray  # (n, max_interest_categories) the first n_categories are used
-    n_categories: np.ndarray  # (n,)
+class _Chain:
+    category: np.ndarray  # per behavior
+    same: np.ndarray  # stays in the category of the behavior before it
+    opened: np.ndarray  # opens a category new to the user
+    opener: np.ndarray  # the behavior that opened this behavior's category (itself if it did)
+    position: np.ndarray  # in the user's history, from 0
 
 
-def _make_interests(cfg: SynthScale, catalog: _Catalog, n_users: int, rng: np.random.Generator) -> _Interests:
-    """Each user's long-term interests: distinct topics, each with a subset of its categories."""
-    n_interests = rng.integers(cfg.min_interests, cfg.max_interests + 1, n_users)
-    topic_scores = np.broadcast_to(np.log(catalog.topic_weight), (n_users, cfg.n_topics))
-    topics = _top_k_by_gumbel(topic_scores, cfg.max_interests, rng)
-    topic = topics[np.arange(cfg.max_interests) < n_interests[:, None]]
+def _category_chain(cfg: SynthScale, catalog: _Catalog, lengths: np.ndarray, rng: np.random.Generator) -> _Chain:
+    """Each behavior stays in the category before it, returns to one met d >= 2 behaviors back, or
+    opens a new one (module docstring)."""
+    position = _segment_offsets(lengths)
+    n = len(position)
+    same = (position > 0) & (rng.random(n) < SAME_CATEGORY)
+    a, b, c = NEW_CATEGORY
+    p_new = np.minimum(1.0, a * np.maximum(position, 1) ** -b * np.repeat(lengths, lengths) ** -c)
+    # A return needs a distance of at least 2: the second behavior stays or opens a category.
+    opened = ~same & ((position < 2) | (rng.random(n) < p_new))
+    back = np.flatnonzero(~same & ~opened)
+    source = np.arange(n)
+    source[same] -= 1
+    source[back] -= _power_law_distance(position[back], RETURN_LAG_EXPONENT, rng)
+    opener = _follow(source)
+    # A return lands on a category other than the one before it (landing on that one would be
+    # staying, counted in SAME_CATEGORY already): redraw the distance of those that did. The few
+    # that cannot (the third behavior after two in one category) stay.
+    for strict in [True] * _REDRAWS + [False] * _REDRAWS:
+        if strict:
+            clash = back[_next_occurrence(opener)[source[back]] < back]
+        else:
+            clash = back[opener[back] == opener[back - 1]]
+        if not len(clash):
+            continue
+        source[clash] = clash - _power_law_distance(position[clash], RETURN_LAG_EXPONENT, rng)
+        opener = _follow(source)
+    return _Chain(_opened_categories(cfg, catalog, opened, position, rng)[opener], same, opened, opener, position)
 
-    width = catalog.topic_categories.shape[1]
-    valid = np.arange(width) < catalog.topic_n_categories[topic][:, None]
-    rank_scores = np.where(valid, -cfg.zipf_exponent * np.log(np.arange(1.0, width + 1)), -np.inf)
-    ranks = _top_k_by_gumbel(rank_scores, cfg.max_interest_categories, rng)
-    return _Interests(
-        user=np.repeat(np.arange(n_users), n_interests),
-        topic=topic,
-        categories=catalog.topic_categories[topic[:, None], ranks],
-        n_categories=rng.integers(cfg.min_interest_categories, cfg.max_interest_categories + 1, len(topic)),
+
+_TOPIC_EXPONENT = 1.2  # of topic popularity, chosen with zipf_exponent (SynthScale)
+
+# Rounds of redrawing a return's distance or an opened category that broke the rule; each round
+# leaves a small fraction of the last one.
+_REDRAWS = 4
+
+
+def _follow(source: np.ndarray) -> np.ndarray:
+    """The end of each chain of ``source`` links (rows linking to themselves end one), by pointer
+    doubling: log2(longest chain) passes over the array instead of a Python loop per behavior."""
+    end = source
+    while True:
+        further = end[end]
+        if np.array_equal(further, end):
+            return end
+        end = further
+
+
+def _next_occurrence(opener: np.ndarray) -> np.ndarray:
+    """Per row, the next row with the same opener (len(opener) if none)."""
+    order = np.argsort(opener, kind="stable")
+    later = np.full(len(opener), len(opener))
+    same = opener[order[1:]] == opener[order[:-1]]
+    later[order[:-1][same]] = order[1:][same]
+    return later
+
+
+def _opened_categories(
+    cfg: SynthScale, catalog: _Catalog, opened: np.ndarray, position: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
+    """A popular category for every behavior that opens one, new to its user: a draw the user met
+    before is redrawn, so that different openers of a user have different categories."""
+    rows = np.flatnonzero(opened)
+    user_first = rows - position[rows]  # the user's first row identifies the user
+    category = np.zeros(len(opened), dtype=np.int64)
+    category[rows] = _popular_category(cfg, catalog, len(rows), rng)
+    for _ in range(_REDRAWS):
+        order = np.lexsort((position[rows], category[rows], user_first))
+        met = np.r_[False, (np.diff(user_first[order]) == 0) & (np.diff(category[rows][order]) == 0)]
+        again = rows[order[met]]
+        if not len(again):
+            break
+        category[again] = _popular_category(cfg, catalog, len(again), rng)
+    return category
+
+
+def _power_law_distance(longest: np.ndarray, exponent: float, rng: np.random.Generator) -> np.ndarray:
+    """Per entry, an integer d in [2, longest] with P(d) roughly proportional to d ** -exponent."""
+    # Inverse CDF of the continuous density x ** -exponent on [2, longest + 1).
+    low, high = 2.0 ** (1.0 - exponent), (longest + 1.0) ** (1.0 - exponent)
+    x = (low + rng.random(len(longest)) * (high - low)) ** (1.0 / (1.0 - exponent))
+    return np.minimum(x.astype(np.int64), longest)
+
+
+def _items(cfg: SynthScale, catalog: _Catalog, chain: _Chain, rng: np.random.Generator) -> np.ndarray:
+    """A popular item of each behavior's category, or (as often as in the sample) an item the user
+    met before in it."""
+    item = _popular_item(cfg, catalog, chain.category, rng)
+    (same_a, same_e), (return_a, return_e) = ITEM_REPEAT
+    k = np.maximum(chain.position, 1)
+    prob = np.where(
+        chain.opened, 0.0, np.minimum(1.0, np.where(chain.same, same_a * k**same_e, return_a * k**return_e))
     )
+    return _revisit_items(chain.opener, item, prob, rng)
 
 
-def _interest_events(
-    cfg: SynthScale, catalog: _Catalog, interests: _Interests, lengths: np.ndarray, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Quasi-periodic mini-bursts on each user's long-term interests, with item revisits."""
-    n = len(interests.user)
-    # Attention shares decide the number of visits, hence each interest's own revisit period.
-    share = rng.gamma(cfg.interest_share_shape, size=n) * interests.n_categories
-    share /= np.bincount(interests.user, weights=share)[interests.user]
-    burst_p = np.asarray(cfg.burst_sizes) / np.sum(cfg.burst_sizes)
-    mean_burst = float(np.dot(np.arange(1, len(burst_p) + 1), burst_p))
-    budget = lengths[interests.user] * (1.0 - cfg.session_share - cfg.noise_share)
-    expected_visits = np.maximum(share * budget / mean_burst, 1.0)
-    period = WINDOW / expected_visits
+def _revisit_items(group: np.ndarray, item: np.ndarray, prob: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Replace, with probability ``prob``, an item by one met earlier in the same group.
 
-    # A stationary renewal process with gamma gaps around the period: the window opens at a
-    # uniform point of a length-biased gap, so visits are as likely at the window's end as
-    # anywhere else (the last click must not be biased away from long-term interests).
-    # Twice the expected number of gaps plus a margin covers the window with certainty.
-    k = cfg.period_regularity
-    n_gaps = np.ceil(2 * expected_visits).astype(np.int64) + 10
-    gaps = rng.gamma(k, 1.0 / k, size=int(n_gaps.sum()))
-    first = np.cumsum(n_gaps) - n_gaps
-    gaps[first] = rng.gamma(k + 1, 1.0 / k, size=n) * rng.random(n)
-    visit_time = _segment_cumsum(gaps, n_gaps) * np.repeat(period, n_gaps)
-    inside = visit_time < WINDOW
-    visit_interest = np.repeat(np.arange(n), n_gaps)[inside]
-    visit_time = _activity_clock(visit_time[inside])
-
-    burst = 1 + rng.choice(len(burst_p), size=len(visit_time), p=burst_p)
-    interest = np.repeat(visit_interest, burst)
-    time = _burst_times(visit_time, burst, cfg.burst_gap_s, rng)
-    # The user works through the interest's categories in turn, so consecutive behaviors of an
-    # interest (within a visit too) are in different categories.
-    start = rng.integers(0, cfg.max_interest_categories, n)
-    turn = start[interest] + _segment_offsets(np.bincount(interest, minlength=n))
-    pick = turn % interests.n_categories[interest]
-    item = _popular_item(cfg, catalog, interests.categories[interest, pick], rng)
-    # Revisits stay within the category in turn, so they do not disturb the rotation.
-    slot = interest * cfg.max_interest_categories + pick
-    item = _revisit_items(slot, item, cfg.revisit_prob, rng)
-    return interests.user[interest], time, item
-
-
-def _burst_times(start: np.ndarray, sizes: np.ndarray, mean_gap: float, rng: np.random.Generator) -> np.ndarray:
-    """Times of the behaviors of bursts beginning at ``start``, exponential gaps inside a burst."""
-    gaps = rng.exponential(mean_gap, int(sizes.sum()))
-    gaps[_segment_offsets(sizes) == 0] = 0.0
-    return np.repeat(start, sizes) + _segment_cumsum(gaps, sizes)
-
-
-def _revisit_items(group: np.ndarray, item: np.ndarray, prob: float, rng: np.random.Generator) -> np.ndarray:
-    """Replace some items by an item met earlier in the same group.
-
-    Behaviors come in time order within a group (bar bursts overlapping the next visit), so a
-    stable sort by group keeps that order.
+    Rows come in history order within a group, so a stable sort by group keeps that order.
     """
     order = np.argsort(group, kind="stable")
     sizes = np.bincount(group, minlength=group.max() + 1)
     pos = _segment_offsets(sizes)
     # The first behavior of a group is always fresh, so every revisit has a candidate.
-    revisit = (pos > 0) & (rng.random(len(order)) < prob)
+    revisit = (pos > 0) & (rng.random(len(order)) < prob[order])
     fresh_rank = np.cumsum(~revisit) - ~revisit  # fresh behaviors strictly before each one
     group_first = np.repeat(np.cumsum(sizes) - sizes, sizes)
     n_candidates = fresh_rank - fresh_rank[group_first]
@@ -687,40 +684,32 @@ def _revisit_items(group: np.ndarray, item: np.ndarray, prob: float, rng: np.ran
     return out
 
 
-def _session_events(
-    cfg: SynthScale, catalog: _Catalog, interests: _Interests, lengths: np.ndarray, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Short bursts of many behaviors on a topic outside the user's long-term interests."""
-    mean_size = (cfg.min_session + cfg.max_session) / 2
-    n_sessions = rng.poisson(lengths * cfg.session_share / mean_size)
-    user = np.repeat(np.arange(len(lengths)), n_sessions)
-    member = np.zeros((len(lengths), cfg.n_topics), dtype=bool)
-    member[interests.user, interests.topic] = True
-    topic = rng.choice(cfg.n_topics, size=len(user), p=catalog.topic_weight)
-    # Redraw until no session falls on one of its user's long-term topics.
-    clash = np.flatnonzero(member[user, topic])
-    while len(clash):
-        topic[clash] = rng.choice(cfg.n_topics, size=len(clash), p=catalog.topic_weight)
-        clash = clash[member[user[clash], topic[clash]]]
+def _session_times(lengths: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Seconds into the window of every behavior, in sessions of the sample's sizes and gaps that
+    start at random points of the window; non-decreasing within each user."""
+    n_users = len(lengths)
+    # Twice the expected number of sessions, plus a margin: a user who still runs out (a vanishing
+    # few) has a longer last session.
+    n_drawn = np.ceil(2 * lengths / _quantile_mean(SESSION_SIZE_QUANTILES)).astype(np.int64) + 8
+    drawn = np.maximum(np.round(_from_quantiles(SESSION_SIZE_QUANTILES, int(n_drawn.sum()), rng)), 1)
+    first_row = _segment_cumsum(drawn.astype(np.int64), n_drawn) - drawn.astype(np.int64)
+    used = first_row < np.repeat(lengths, n_drawn)
+    n_sessions = np.add.reduceat(used, np.cumsum(n_drawn) - n_drawn).astype(np.int64)
+    starts = np.zeros(int(lengths.sum()), dtype=bool)
+    starts[np.repeat(np.cumsum(lengths) - lengths, n_sessions) + first_row[used]] = True
+    session = np.cumsum(starts) - 1
 
-    size = rng.integers(cfg.min_session, cfg.max_session + 1, len(user))
-    start = _activity_clock(rng.uniform(0, WINDOW, len(user)))
-    session = np.repeat(np.arange(len(user)), size)
-    time = _burst_times(start, size, cfg.session_gap_s, rng)
-    category = _popular_category(cfg, catalog, topic[session], rng)
-    return user[session], time, _popular_item(cfg, catalog, category, rng)
+    # The sessions' starts are the order statistics of uniform points in the window: cumulative
+    # exponential spacings, normalised by each user's total (one spacing more than sessions).
+    spacing = rng.exponential(size=int(n_sessions.sum()) + n_users)
+    cum = _segment_cumsum(spacing, n_sessions + 1)
+    total = cum[np.cumsum(n_sessions + 1) - 1]
+    keep = _segment_offsets(n_sessions + 1) < np.repeat(n_sessions, n_sessions + 1)
+    start = _activity_clock(cum[keep] / np.repeat(total, n_sessions + 1)[keep] * WINDOW)
 
-
-def _noise_events(
-    cfg: SynthScale, catalog: _Catalog, lengths: np.ndarray, n_so_far: np.ndarray, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Exploration: popular items from anywhere in the catalog, at random times.
-
-    Light users whose interests and sessions came out short are topped up to min_length.
-    """
-    n_noise = np.maximum(rng.poisson(lengths * cfg.noise_share), cfg.min_length - n_so_far)
-    user = np.repeat(np.arange(len(lengths)), n_noise)
-    topic = rng.choice(cfg.n_topics, size=len(user), p=catalog.topic_weight)
-    category = _popular_category(cfg, catalog, topic, rng)
-    time = _activity_clock(rng.uniform(0, WINDOW, len(user)))
-    return user, time, _popular_item(cfg, catalog, category, rng)
+    gap = _from_quantiles(SESSION_GAP_QUANTILES, len(starts), rng)
+    gap[starts] = 0.0
+    time = np.minimum(start[session] + _segment_cumsum(gap, np.bincount(session)), WINDOW - 1)
+    # A session that runs into the next one's start pushes it later: times never go back.
+    offset = np.repeat(np.arange(n_users) * 2.0 * WINDOW, lengths)
+    return np.maximum.accumulate(time + offset) - offset
