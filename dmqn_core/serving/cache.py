@@ -27,6 +27,10 @@ from dmqn_core.serving.state_codec import DTYPES, DecodedState, decode_state, en
 from dmqn_core.serving.state_store import StateStore, open_state_store
 from dmqn_core.workspace import Workspace
 
+# Candidates scored per call of DMQN.score (see ScoringModel.probabilities); above `dmqn serve`'s
+# default --max-items, so that one user's request is always one call.
+SCORE_CHUNK = 2048
+
 
 def model_version(run_id: str, checkpoint: Path) -> str:
     """run id + the first 12 hex digits of the checkpoint's sha256."""
@@ -185,12 +189,21 @@ class ScoringModel:
     def probabilities(
         self, states: list[DecodedState], index: np.ndarray, category: np.ndarray, state_index: np.ndarray
     ) -> np.ndarray:
-        """Click probabilities of candidates (index, category) against states[state_index[b]] -> (B,) float32."""
-        with torch.no_grad():
-            logits = self.model.score(
-                stack_states(states), torch.from_numpy(index), torch.from_numpy(category), torch.from_numpy(state_index)
-            )
-        return torch.sigmoid(logits).numpy()
+        """Click probabilities of candidates (index, category) against states[state_index[b]] -> (B,) float32.
+
+        At most SCORE_CHUNK candidates go through the model at a time: DMQN.score gives every candidate
+        its own copy of its user's clusters, (B, N, W, D) floats, 16 MB per 1,000 candidates at the
+        default N = 4, W = 32, D = 32, which a batch of many users would otherwise multiply into gigabytes.
+        """
+        state = stack_states(states)
+        index_t, category_t, rows_t = (torch.from_numpy(a) for a in (index, category, state_index))
+        out = np.empty(len(index), dtype=np.float32)
+        with torch.inference_mode():  # the arithmetic of no_grad, without its per-op version tracking
+            for begin in range(0, len(index), SCORE_CHUNK):
+                chunk = slice(begin, begin + SCORE_CHUNK)
+                logits = self.model.score(state, index_t[chunk], category_t[chunk], rows_t[chunk])
+                out[chunk] = torch.sigmoid(logits).numpy()
+        return out
 
     def popularity(self, index: np.ndarray) -> np.ndarray:
         """The history-free baseline's scores (sigmoid of log(1 + training popularity), the popularity
