@@ -51,6 +51,15 @@ def tune(
         help="Optuna database URL (sqlite:///FILE, postgresql://...) \\[default: WORKSPACE/tune/studies.db].",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the sampler and of every trial's run."),
+    search_space: str = typer.Option(
+        "default",
+        "--space",
+        help="default: the shared settings plus at most 3 of the model's own, the same breadth for every "
+        "model (for comparisons); full: every knob (DMQN's quantizer mechanics too), for studies of one model.",
+    ),
+    workers: int = typer.Option(
+        1, "--workers", help="Processes working on the study at once, this one included; they share the CPU threads."
+    ),
     config: Optional[Path] = ConfigOption,
     device: Optional[str] = DeviceOption,
     show: Optional[str] = typer.Option(
@@ -68,7 +77,10 @@ def tune(
 
     --trials counts the finished trials of the whole study: after Ctrl-C or a kill, the same command resumes.
 
-    Two processes may work on one study. --show STUDY prints its best settings and trials (--json for scripts).
+    --workers K runs K processes on the study, each with its share of the trials and of the threads. Processes
+    on several machines may share one study through one --storage URL (a database server): each runs the same
+    command and stops once the study has --trials finished trials (a trial running elsewhere at that moment
+    still finishes). --show STUDY prints its best settings and trials (--json for scripts).
     """
     ws = open_workspace(workspace)
     if show is not None:
@@ -95,6 +107,8 @@ def tune(
                 model_settings=model_settings,
                 train_settings=train_settings,
                 seed=seed,
+                search_space=search_space,
+                workers=workers,
             )
     if as_json:
         print_json(study_fields(result))

@@ -20,6 +20,7 @@ median of the earlier trials at that epoch. A pruned trial's run ends like an ea
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -46,6 +47,7 @@ HEARTBEAT_INTERVAL = 10
 GRACE_PERIOD = 60
 # The trials that count towards --trials: those that ended with a value.
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+MAX_WORKERS = 64
 
 
 @dataclass
@@ -93,7 +95,11 @@ def _storage(workspace: Workspace, url: str | None) -> optuna.storages.RDBStorag
             # The heartbeat is marked experimental since Optuna 2.9; it is what fails dead trials.
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(
-                connect_url, heartbeat_interval=HEARTBEAT_INTERVAL, grace_period=GRACE_PERIOD
+                connect_url,
+                heartbeat_interval=HEARTBEAT_INTERVAL,
+                grace_period=GRACE_PERIOD,
+                # Workers of one study write to one SQLite file: wait for its lock rather than fail at once.
+                engine_kwargs={"connect_args": {"timeout": 60}} if connect_url.startswith("sqlite") else None,
             )
     except Exception as exc:  # SQLAlchemy's errors (a bad URL, a missing driver) have no common base here
         # Scrubbed before it is cut short, so that no part of a password survives the cut.
@@ -114,20 +120,32 @@ def tune(
     model_settings: dict[str, Any] | None = None,
     train_settings: dict[str, Any] | None = None,
     seed: int = 0,
+    search_space: str = "default",
+    workers: int = 1,
+    max_new_trials: int | None = None,
 ) -> TuneResult:
     """Run the study until it has ``trials`` finished trials (or ``timeout`` seconds have passed:
     no trial starts after that, the running one ends); returns the study's summary.
 
     ``model_settings`` and ``train_settings`` are fixed for every trial and left out of the search.
     ``seed`` seeds the sampler (each call with the number of trials already in the study added, so
-    that a resumed study does not draw its first trials again) and every run.
+    that a resumed study does not draw its first trials again) and every run. ``search_space``:
+    "default" (the shared settings plus at most three of the model's own, as comparisons use) or
+    "full"; a study keeps the space it was made with.
+
+    ``workers`` > 1 runs that many processes on the study, this one included, each with its share
+    of the missing trials and of the CPU threads (torch's intra-op threads divided among them).
+    ``max_new_trials`` caps the trials this call runs (a worker's share).
     """
     progress = progress or NullProgress()
     if trials < 1:
         raise DmqnError(f"trials must be at least 1, got {trials}")
+    if not 1 <= workers <= MAX_WORKERS:
+        raise DmqnError(f"workers must be in 1 .. {MAX_WORKERS}, got {workers}")
+    space(model_name, search_space)  # an unknown model or space fails before any study is touched
     if timeout is not None and timeout <= 0:
         raise DmqnError(f"timeout must be a positive number of seconds, got {timeout}")
-    if not space(model_name):
+    if not space(model_name, search_space):
         raise DmqnError(f"model {model_name!r} has no settings to tune")
     data = PreparedSet.open(workspace.dataset_path(dataset))
     dataset_name = data.meta.get("name") or Path(data.path).name
@@ -145,9 +163,14 @@ def tune(
         )
     attrs, recorded = _read_study(the_study, rdb.url)
     with _stored(rdb.url):
-        _claim(the_study, attrs, dataset_name, data.fingerprint, model_name)
-    the_study.sampler = optuna.samplers.TPESampler(seed=seed + len(recorded))
+        _claim(the_study, attrs, dataset_name, data.fingerprint, model_name, search_space)
     missing = trials - _count_finished(recorded)
+    if max_new_trials is not None:
+        missing = min(missing, max_new_trials)
+    # Worker i runs shares[i] of the missing trials (the first ones one more), so that together they
+    # run exactly the missing ones; each samples with its own seed.
+    shares = [missing // workers + (i < missing % workers) for i in range(workers)]
+    the_study.sampler = optuna.samplers.TPESampler(seed=seed + len(recorded))
 
     started = time.monotonic()
     ran = 0
@@ -170,12 +193,15 @@ def tune(
 
     def run_trial(trial: optuna.Trial) -> tuple[TrainResult, bool]:
         """Train the trial's run; its result and whether the pruner stopped it."""
-        searched_model, searched_train = suggest(trial, model_name, fixed=set(fixed_model) | set(fixed_train))
+        searched_model, searched_train = suggest(
+            trial, model_name, fixed=set(fixed_model) | set(fixed_train), search_space=search_space
+        )
         run_model = {**searched_model, **fixed_model}
         run_train = {**searched_train, **fixed_train}
         # Recorded before training, so that a trial whose process dies still names its run.
         run_id = new_run_id()
         trial.set_user_attr("run_id", run_id)
+        trial.set_user_attr("process", os.getpid())  # which worker ran it (--workers)
         trial.set_user_attr("model_settings", run_model)
         trial.set_user_attr("train_settings", run_train)
         progress.log(f"trial {trial.number}: run {run_id}, {_describe(trial.params)}")
@@ -217,16 +243,120 @@ def tune(
         progress.start(f"study {study_name}", total=trials)
         progress.advance(trials - missing)  # the bar counts the study's finished trials
         verbosity = optuna.logging.get_verbosity()
+        helpers = _start_workers(
+            workers,
+            shares,
+            dict(
+                workspace=str(workspace.root),
+                dataset=dataset,
+                model_name=model_name,
+                trials=trials,
+                study=study_name,
+                epochs=epochs,
+                timeout=timeout,
+                storage=storage,
+                model_settings=model_settings,
+                # The runs keep the study's seed; each worker's sampler gets its own (_start_workers).
+                train_settings={"seed": seed, **(train_settings or {})},
+                seed=seed,
+                search_space=search_space,
+            ),
+        )
         try:
-            # A failed trial (a DmqnError, Ctrl-C) is recorded as failed and ends the study's call:
-            # the same settings would fail again, and the user asked to stop.
-            the_study.optimize(objective, n_trials=missing, timeout=timeout, callbacks=[after_trial])
+            if shares[0]:
+                # A failed trial (a DmqnError, Ctrl-C) is recorded as failed and ends the study's call:
+                # the same settings would fail again, and the user asked to stop.
+                the_study.optimize(objective, n_trials=shares[0], timeout=timeout, callbacks=[after_trial])
+            _join_workers(helpers)
         finally:
+            _stop_workers(helpers)
             optuna.logging.set_verbosity(verbosity)
             progress.stop()
     else:
         progress.log(f"study {study_name} already has {trials} finished trial(s); nothing to run")
     return _summary(the_study, rdb.url, ran)
+
+
+def _start_workers(workers: int, shares: list[int], arguments: dict[str, Any]) -> list[tuple[Any, Any]]:
+    """Processes 1 .. workers-1 of a study, each running its share of the trials; (process, its error pipe).
+
+    Spawned, not forked: a fork would copy torch's thread pools and this process's open store
+    connections. The threads are divided here, before any starts: each process, this one included,
+    keeps 1/workers of torch's intra-op threads.
+    """
+    if workers == 1:
+        return []
+    import multiprocessing
+
+    import torch
+
+    threads = max(1, torch.get_num_threads() // workers)
+    torch.set_num_threads(threads)
+    context = multiprocessing.get_context("spawn")
+    helpers = []
+    for index in range(1, workers):
+        if not shares[index]:
+            continue
+        receive, send = context.Pipe(duplex=False)
+        process = context.Process(
+            target=_worker_main,
+            args=({**arguments, "seed": arguments["seed"] + 7919 * index}, shares[index], threads, send),
+            name=f"dmqn-tune-worker-{index}",
+        )
+        process.start()
+        send.close()
+        helpers.append((process, receive))
+    return helpers
+
+
+def _worker_main(arguments: dict[str, Any], share: int, threads: int, errors: Any) -> None:
+    """Entry of a worker process: ``share`` trials of the study, its first error sent back in one line."""
+    import signal
+
+    import torch
+
+    # SIGTERM (the parent stopping, a scheduler's limit) ends the trial as Ctrl-C would: its run is
+    # marked interrupted and the trial failed, never left running.
+    signal.signal(signal.SIGTERM, _interrupt)
+    torch.set_num_threads(threads)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        tune(**{**arguments, "workspace": Workspace(arguments["workspace"])}, max_new_trials=share)
+    except KeyboardInterrupt:
+        errors.send("interrupted")
+    except DmqnError as exc:
+        errors.send(str(exc))
+    finally:
+        errors.close()
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _join_workers(helpers: list[tuple[Any, Any]]) -> None:
+    """Wait for the other workers; the first one's error as a DmqnError."""
+    problems = []
+    for process, receive in helpers:
+        process.join()
+        try:
+            message = receive.recv() if receive.poll() else None
+        except EOFError:  # closed without a message: the worker ran its share
+            message = None
+        if message is not None or process.exitcode:
+            problems.append(f"{process.name}: {message or f'exited with code {process.exitcode}'}")
+    if problems:
+        raise DmqnError(f"{len(problems)} worker(s) of the study failed; first: {problems[0]}")
+
+
+def _stop_workers(helpers: list[tuple[Any, Any]]) -> None:
+    """After an error or an interrupt here: stop the other workers as SIGTERM stops a trial, and wait."""
+    for process, _ in helpers:
+        if process.is_alive():
+            process.terminate()
+    for process, receive in helpers:
+        process.join()
+        receive.close()
 
 
 class _TrialLog(NullProgress):
@@ -282,7 +412,7 @@ def tuned_settings(workspace: Workspace, study: str, storage: str | None = None)
         raise _not_dmqn_study(the_study, url, f"it records no {', '.join(missing)}")
     model_name = attrs["model"]
     searched = _searched(best)
-    unknown = set(searched) - {param.name for param in space(model_name)}
+    unknown = set(searched) - {param.name for param in space(model_name, "full")}
     if unknown:
         raise _not_dmqn_study(
             the_study, url, f"trial {best.number} searched {', '.join(sorted(unknown))}, not settings of {model_name}"
@@ -328,7 +458,7 @@ def _read_study(study: optuna.Study, url: str) -> tuple[dict[str, Any], list[Fro
         directions = study.directions
     if directions != [StudyDirection.MAXIMIZE]:
         raise _not_dmqn_study(study, url, "it does not maximise one value")
-    for key in ("dataset", "fingerprint", "model"):
+    for key in ("dataset", "fingerprint", "model", "space"):
         if not isinstance(attrs.get(key, ""), str):
             raise _not_dmqn_study(study, url, f"its {key} is not a text")
     for trial in trials:
@@ -345,9 +475,11 @@ def _not_dmqn_study(study: optuna.Study, url: str, why: str) -> DmqnError:
     return DmqnError(f"study {study.study_name!r} in {redact_uri(url)} was not made by `dmqn tune`: {why}")
 
 
-def _claim(study: optuna.Study, attrs: dict[str, Any], dataset: str, fingerprint: str, model_name: str) -> None:
+def _claim(
+    study: optuna.Study, attrs: dict[str, Any], dataset: str, fingerprint: str, model_name: str, search_space: str
+) -> None:
     """Record what a new study is for; refuse an existing study made for something else."""
-    wanted = {"dataset": dataset, "fingerprint": fingerprint, "model": model_name}
+    wanted = {"dataset": dataset, "fingerprint": fingerprint, "model": model_name, "space": search_space}
     if not attrs:
         for key, value in wanted.items():
             study.set_user_attr(key, value)
@@ -358,6 +490,12 @@ def _claim(study: optuna.Study, attrs: dict[str, Any], dataset: str, fingerprint
         raise DmqnError(
             f"study {study.study_name!r} was made for data set {attrs.get('dataset')!r} "
             f"(fingerprint {attrs.get('fingerprint')}), not {dataset!r} (fingerprint {fingerprint}); "
+            "name another study with --study"
+        )
+    # Studies made before search spaces had names searched what is now "full".
+    if attrs.get("space", "full") != search_space:
+        raise DmqnError(
+            f"study {study.study_name!r} searches the {attrs.get('space', 'full')!r} space, not {search_space!r}; "
             "name another study with --study"
         )
 

@@ -227,7 +227,9 @@ def test_bench_json(ws):
             "n_parameters",
             "best_epochs",
             "failed",
+            "against",
         ]
+        assert row["against"] is None  # no --against
         assert row["runs"] == 2 and len(row["run_ids"]) == 2
         assert isinstance(row["auc_mean"], float) and isinstance(row["auc_std"], float)
 

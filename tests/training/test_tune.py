@@ -18,7 +18,7 @@ from dmqn_core.models.registry import build_model, model_names
 from dmqn_core.runs.store import RunStore
 from dmqn_core.training import tune as tune_module
 from dmqn_core.training.bench import describe_budget, run_bench
-from dmqn_core.training.search_spaces import SPACES, suggest
+from dmqn_core.training.search_spaces import DEFAULT_SPACES, FULL_SPACES, MAX_OWN, SHARED, suggest
 from dmqn_core.training.train import TrainConfig
 from dmqn_core.training.tune import show_study, tune
 from dmqn_core.workspace import Workspace
@@ -44,9 +44,49 @@ def small(ws: Workspace, model: str, trials: int, **kwargs) -> tune_module.TuneR
 
 
 def test_every_registered_model_has_a_search_space():
-    assert set(SPACES) == set(model_names())
+    assert set(DEFAULT_SPACES) == set(FULL_SPACES) == set(model_names())
     # The popularity scorer learns nothing: it is the only model without settings to search.
-    assert [name for name, params in SPACES.items() if not params] == ["pop"]
+    assert [name for name, params in DEFAULT_SPACES.items() if not params] == ["pop"]
+
+
+def test_the_default_spaces_search_equally_broadly():
+    """Every model searches the shared settings and at most MAX_OWN of its own by default; DMQN's quantizer
+    mechanics are searched only in the full space."""
+    for name, params in DEFAULT_SPACES.items():
+        own = [p.name for p in params if p not in SHARED]
+        assert len(own) <= MAX_OWN and (not params or set(SHARED) <= set(params)), name
+        assert set(params) <= set(FULL_SPACES[name]), name
+    assert [p.name for p in DEFAULT_SPACES["dmqn"] if p not in SHARED] == [
+        "codebook_size",
+        "n_codebooks",
+        "icim_layers",
+    ]
+    full_only = {p.name for p in FULL_SPACES["dmqn"]} - {p.name for p in DEFAULT_SPACES["dmqn"]}
+    assert {"tau", "assign_noise", "straight_through", "codebook_init", "dead_codeword_reset"} <= full_only
+
+
+def test_a_study_keeps_its_search_space(workspace):
+    study = "space-test"
+    small(workspace, "dmqn-simple", 1, study=study, search_space="full")
+    with pytest.raises(DmqnError, match="searches the 'full' space, not 'default'"):
+        small(workspace, "dmqn-simple", 2, study=study)
+    rows = show_study(workspace, study).trials
+    assert "tau" in rows[0].params  # the full space searched the temperature
+    with pytest.raises(DmqnError, match="unknown search space 'wide'"):
+        small(workspace, "dmqn-simple", 1, study="space-bad", search_space="wide")
+
+
+def test_workers_share_a_study_and_run_exactly_its_trials(workspace):
+    result = small(workspace, "din-short", 3, study="workers-test", workers=2)
+    assert result.finished == 3 and len(result.trials) == 3
+    study = optuna.load_study(study_name="workers-test", storage=tune_module.default_storage(workspace))
+    processes = {trial.user_attrs["process"] for trial in study.trials}
+    assert len(processes) == 2  # this process ran two trials, the other worker one
+    store = RunStore(workspace.store_path)
+    assert all(store.get_run(row.run_id).status == "finished" for row in result.trials)
+    assert {store.get_run(row.run_id).params["train"]["seed"] for row in result.trials} == {0}
+    with pytest.raises(DmqnError, match="workers must be in 1 .. 64, got 0"):
+        small(workspace, "din-short", 3, study="workers-test", workers=0)
 
 
 @pytest.mark.parametrize("model_name", [name for name in model_names() if name != "pop"])
@@ -149,7 +189,7 @@ def test_tune_command_tunes_and_shows(workspace, tmp_path):
     assert fields["model"] == "dmqn" and fields["finished_trials"] == 1
     (trial,) = fields["trials"]
     assert trial["run_id"] == fields["best_run_id"] and fields["best_model_settings"]["embed_dim"] == 8
-    assert {"lr", "codebook_size", "n_codebooks", "tau"} <= set(trial["params"])
+    assert {"lr", "codebook_size", "n_codebooks"} <= set(trial["params"]) and "tau" not in trial["params"]
 
 
 @pytest.mark.parametrize(
