@@ -342,7 +342,9 @@ def test_fingerprint_follows_source_and_protocol(ws: Workspace, tiny_log: Path, 
         return PreparedSet.open(prepare(source, "taobao", name, workspace=ws, **{**QUICK, **settings}).path).fingerprint
 
     base = fingerprint("a", seed=1)
-    assert len(base) == 64 and int(base, 16) >= 0
+    meta = PreparedSet.open(ws.data_dir / "a").meta
+    protocol = json.dumps(meta["protocol"], sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    assert base == hashlib.sha256(f"{meta['source']['sha256']}\n{protocol}".encode()).hexdigest()
     assert fingerprint("b", seed=1) == base  # another name and time, same source and protocol
     assert fingerprint("c", seed=2) != base
     assert fingerprint("d", seed=1, neg_ratio=2) != base

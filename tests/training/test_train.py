@@ -13,6 +13,7 @@ from dmqn_core.models.dmqn.mcqm import MultiCodebookQuantizer
 from dmqn_core.models.registry import model_names
 from dmqn_core.progress import NullProgress
 from dmqn_core.runs.store import RunStore
+from dmqn_core.training.evaluate import evaluate_run
 from dmqn_core.training.train import train
 
 MODEL = {"embed_dim": 8, "n_codebooks": 2, "codebook_size": 8}
@@ -108,7 +109,11 @@ def test_every_registered_model_trains_through_the_one_code_path(tiny_workspace,
     )
     record = RunStore(tiny_workspace.store_path).get_run(result.run_id)
     assert record.status == "finished" and record.model == model_name
-    assert 0.0 <= result.test["auc"] <= 1.0 and math.isfinite(result.test["logloss"])
+    # The test metrics are the best checkpoint's: evaluating the run again reproduces them.
+    _, again = evaluate_run(tiny_workspace, result.run_id, "test")
+    for name in ("auc", "gauc", "logloss"):
+        assert again[name] == pytest.approx(result.test[name], abs=1e-6) and record.test_auc == result.test["auc"]
+    assert math.isfinite(result.test["logloss"])
 
 
 def test_a_run_in_training_cannot_be_trained_by_a_second_process(tiny_workspace, tmp_path):
