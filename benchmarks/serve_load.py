@@ -196,14 +196,15 @@ def profile(ws: Workspace, run_id: str, source: str | None, bodies: list[bytes],
     torch.set_num_threads(1)  # as dmqn serve's default --threads
     service = ScoringService(ws, run_id, source)
     served = service.current
-    scoring, store = served.scoring, service.store()
+    scoring = served.scoring
     steps = {"parse": 0.0, "store": 0.0, "decode + candidates": 0.0, "CTAM + MLP": 0.0, "encode": 0.0, "total": 0.0}
     for i in range(-20, calls):
         body = bodies[i % len(bodies)]
         t0 = time.perf_counter()
         request = ScoreRequest.model_validate_json(body)
         t1 = time.perf_counter()
-        value = store.get(served.version, [request.user_id])[request.user_id]
+        user = request.user_id
+        value = service.read(lambda store, user=user: store.get(served.version, [user]))[user]
         t2 = time.perf_counter()
         state = scoring.decode(request.user_id, value)
         index, category = scoring.candidates(request.items, strict=False)

@@ -313,7 +313,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
             "serving run %s, version %s, states from %s",
             service.run_id,
             service.current.version,
-            service.describe_store(),
+            service.store_name,
         )
         watcher = asyncio.create_task(_watch(service, metrics, settings.watch)) if settings.watch else None
         try:

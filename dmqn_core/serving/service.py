@@ -11,10 +11,11 @@ connection each and keeps one code path).
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 
@@ -25,6 +26,7 @@ from dmqn_core.serving.state_store import StateStore
 from dmqn_core.workspace import Workspace
 
 Missing = Literal["error", "popularity"]
+T = TypeVar("T")
 
 
 class ServiceError(Exception):
@@ -103,11 +105,16 @@ class ScoringService:
         self.on_lookup: Callable[[int, int], None] = lambda found, absent: None  # metrics hooks
         self.on_store_error: Callable[[], None] = lambda: None
         self._store_errors = _store_errors()
+        self._down_until, self._down_reason = 0.0, ""  # see read()
         try:
             scoring = ScoringModel(workspace, run_id)
             self.run_id = scoring.run.run_id  # a service serves one run; RUN_ID None means the latest at start
             self._checkpoint = scoring.run.best_path
             self._seen = _file_identity(self._checkpoint)
+            try:  # named in messages by a description that needs no working connection (never with a password)
+                self.store_name = self.read(lambda store: store.describe())
+            except StoreUnavailable as exc:
+                raise DmqnError(exc.detail) from None
             self.current = Served(scoring, self._finished_manifest(scoring.version, startup=True))
         except BaseException:
             self.close()
@@ -115,43 +122,46 @@ class ScoringService:
 
     # ---- stores ----
 
-    def store(self) -> StateStore:
-        """This thread's store, opened on first use; a store that cannot be opened is a 503."""
+    def _store(self) -> StateStore:
+        """This thread's store, opened on first use."""
         store = getattr(self._local, "store", None)
         if store is None:
-            try:
-                store = state_store(self.workspace, self.source, timeout=self.store_timeout, retries=1)
-            except self._store_errors as exc:
-                self.on_store_error()
-                raise StoreUnavailable(str(exc)) from None
+            store = state_store(self.workspace, self.source, timeout=self.store_timeout, retries=1)
             with self._lock:
                 self._stores.append(store)
             self._local.store = store
         return store
 
-    def describe_store(self) -> str:
-        return self.store().describe()
+    def read(self, call: Callable[[StateStore], T]) -> T:
+        """call(this thread's store); a store that fails, or failed less than store_timeout seconds ago, is a 503.
 
-    def _manifest(self, version: str) -> dict | None:
+        After a failure the store is left alone for store_timeout seconds and requests answer 503 at once:
+        otherwise, with Redis hung, every request would wait out the timeouts of those queued before it
+        on the thread pool. The first request after the pause tries the store again.
+        """
+        if time.monotonic() < self._down_until:
+            raise StoreUnavailable(self._down_reason)
         try:
-            return self.store().manifest(version)
+            return call(self._store())
         except self._store_errors as exc:
+            self._down_reason = str(exc)
+            self._down_until = time.monotonic() + self.store_timeout
             self.on_store_error()
-            raise StoreUnavailable(str(exc)) from None
+            raise StoreUnavailable(self._down_reason) from None
 
     def _finished_manifest(self, version: str, startup: bool = False) -> dict:
         """The manifest of version's finished export; a DmqnError naming what is missing otherwise."""
         try:
-            manifest = self.store().manifest(version)
+            manifest = self.read(lambda store: store.manifest(version))
         except StoreUnavailable as exc:
             raise DmqnError(exc.detail) from None
         if manifest is None:
             raise DmqnError(
                 f"no exported states for run {self.run_id} at {'this' if startup else 'its new'} checkpoint "
-                f"(version {version}) in {self.store().describe()}; run `dmqn export-cache {self.run_id}`"
+                f"(version {version}) in {self.store_name}; run `dmqn export-cache {self.run_id}`"
             )
         if not manifest["complete"]:
-            raise DmqnError(f"the export of {version} to {self.store().describe()} has not finished")
+            raise DmqnError(f"the export of {version} to {self.store_name} has not finished")
         return manifest
 
     def close(self) -> None:
@@ -181,13 +191,11 @@ class ScoringService:
             if version == previous:
                 self._seen = identity
                 return ReloadResult(False, previous, previous, "the checkpoint's bytes are those served")
-            manifest = self._manifest(version)
+            manifest = self.read(lambda store: store.manifest(version))
             if manifest is None or not manifest["complete"]:
                 state = "has no exported states" if manifest is None else "is still being exported"
                 raise ServiceError(
-                    409,
-                    "reload_refused",
-                    f"version {version} {state} in {self.describe_store()}; still serving {previous}",
+                    409, "reload_refused", f"version {version} {state} in {self.store_name}; still serving {previous}"
                 )
             try:
                 scoring = ScoringModel(self.workspace, self.run_id)
@@ -204,10 +212,10 @@ class ScoringService:
     def ready(self) -> None:
         """Raise StoreUnavailable unless the store answers and still holds the served version's export."""
         served = self.current
-        manifest = self._manifest(served.version)
+        manifest = self.read(lambda store: store.manifest(served.version))
         if manifest is None or not manifest["complete"]:
             state = "no longer holds" if manifest is None else "is rewriting"
-            raise StoreUnavailable(f"{self.describe_store()} {state} the states of {served.version}")
+            raise StoreUnavailable(f"{self.store_name} {state} the states of {served.version}")
 
     # ---- scoring ----
 
@@ -220,11 +228,7 @@ class ScoringService:
         served = self.current  # read once: a reload during this request does not change what it uses
         scoring = served.scoring
         users = list(dict.fromkeys(user for user, _ in requests))
-        try:
-            values = self.store().get(served.version, users)
-        except self._store_errors as exc:
-            self.on_store_error()
-            raise StoreUnavailable(str(exc)) from None
+        values = self.read(lambda store: store.get(served.version, users))
         absent = [user for user in users if user not in values]
         self.on_lookup(len(values), len(absent))
         if absent and missing == "error":

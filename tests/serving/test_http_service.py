@@ -402,14 +402,19 @@ def test_redis_killed_under_load_answers_503_then_recovers(served, ids, tmp_path
             load.wait_for(lambda: load.count(503) >= 100, "503s while Redis is down")
             down = httpx.get(f"{s.url}/readyz", timeout=TIMEOUT)
             assert down.status_code == 503 and down.json()["error"] == "store_unavailable"
-            answered = load.count()
             with redis_server(tmp_path, port=port):
                 load.wait_for(lambda: httpx.get(f"{s.url}/readyz", timeout=TIMEOUT).status_code == 200, "readiness")
                 recovered = load.count(200)
-                load.wait_for(lambda: load.count() >= max(1000, answered + 300), "answers after the restart")
-                after = load.count(200) - recovered
+                load.wait_for(
+                    lambda: load.count(200) >= recovered + 300 and load.count() >= 1000, "300 answers after recovery"
+                )
+                text = httpx.get(f"{s.url}/metrics", timeout=TIMEOUT).text
+                store_errors = next(
+                    float(x.split()[-1]) for x in text.splitlines() if x.startswith("dmqn_store_errors_total")
+                )
         assert not load.failures, load.failures[:3]
-        assert load.count() >= 1000 and after >= 300
+        # After a failure the store is left alone for --store-timeout: most 503s never waited on Redis.
+        assert 0 < 2 * store_errors < load.count(503)
         for status, body in load.answers:
             assert status in (200, 503), (status, body)
             if status == 200:  # never a wrong answer
