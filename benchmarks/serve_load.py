@@ -68,16 +68,21 @@ def build_run(root: Path) -> tuple[Workspace, str]:
     return ws, train(ws, "tiny", "dmqn", train_settings={"seed": 0, "epochs": 1}).run_id
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of pid and of its children that are alive (the --workers processes)."""
-    total = 0.0
+def family(pid: int) -> list[int]:
+    """pid and its children (the processes of --workers W)."""
     pids = [pid]
     try:
         for task in os.listdir(f"/proc/{pid}/task"):
             pids += [int(c) for c in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
     except OSError:
         pass
-    for p in pids:
+    return pids
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of pid and of its children that are alive."""
+    total = 0.0
+    for p in family(pid):
         try:
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
@@ -87,10 +92,13 @@ def cpu_seconds(pid: int) -> float:
 
 
 def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    """The peak resident memory of pid and its children, summed (MB)."""
+    total = 0.0
+    for p in family(pid):
+        for line in Path(f"/proc/{p}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                total += int(line.split()[1]) / 1024
+    return total
 
 
 @contextmanager
@@ -312,7 +320,7 @@ def report(rows, profiles, peaks, model, load_before, load_after, args) -> None:
         "",
         f"model: {model}; {CANDIDATES} candidates per request; {args.seconds:g} s per row; "
         f"dmqn serve --workers {args.workers}; {args.client} client; {os.cpu_count()} CPUs",
-        "peak resident memory: server "
+        "peak resident memory (all processes of a server, summed): server "
         + ", ".join(f"{k} {v:,.0f} MB" for k, v in peaks.items())
         + f"; load generator {client_peak:,.0f} MB",
         "load average (1/5/15 min) before: "
