@@ -14,6 +14,8 @@ STRAIGHT_THROUGH = ("plain", "centred")
 CODEBOOK_INITS = ("random", "kmeans")
 # BehaviorEmbedding's initialisation (dmqn_core.nn.embedding); "scaled" is the default.
 EMBEDDING_INITS = ("scaled", "default")
+# The short-term signal beside a long-sequence module (dmqn_core.nn.short_term).
+SHORT_TERMS = ("din", "mean", "none")
 
 
 @dataclass
@@ -51,6 +53,12 @@ class ModelConfig:
     icim_layers: int = 1  # stacked HSTU layers (eq. 11-13); 0 = DMQN-simple (Table 3)
     icim_heads: int = 2
     short_len: int = 50  # most recent behaviors mean-pooled into the MLP input
+    # The short-term interest of DMQN, DMQN-simple, SIM, ETA, SDIM, TWIN and TWIN V2 (nn/short_term.py):
+    # "mean" = the mean of the short_len most recent behaviors in the MLP input; "din" = that and a DIN
+    # over them; "none" = neither. None = each model's own from before the setting existed (din for the
+    # baselines, mean for DMQN and DMQN-simple), so that earlier runs load unchanged. The DIN variants,
+    # DIEN and DSIN keep their own structure and ignore it.
+    short_term: str | None = None
     mlp_hidden: tuple[int, ...] = (200, 80)
     dropout: float = 0.0
     # Weight of the optional codebook-usage regulariser (anti-collapse, see quantizer.usage_loss).
@@ -126,6 +134,8 @@ class ModelConfig:
             raise ValueError(f"dien_aux_weight must be >= 0, got {self.dien_aux_weight}")
         if self.tau <= 0:
             raise ValueError(f"tau must be > 0, got {self.tau}")
+        if self.short_term is not None and self.short_term not in SHORT_TERMS:
+            raise ValueError(f"short_term must be one of {', '.join(SHORT_TERMS)}, got {self.short_term!r}")
         for name, choices in (
             ("assign_noise", ASSIGN_NOISES),
             ("tau_placement", TAU_PLACEMENTS),

@@ -2,32 +2,13 @@
 
 from __future__ import annotations
 
-import torch.nn as nn
 from torch import Tensor
 
 from dmqn_core.config import ModelConfig
 from dmqn_core.nn.embedding import BehaviorEmbedding
 from dmqn_core.nn.interest_model import Candidates, Histories, InterestModel
 from dmqn_core.nn.mlp import MLPHead
-from dmqn_core.nn.sequence import take_last
-from dmqn_core.nn.target_attention import ActivationUnit
-
-
-class ShortTermDIN(nn.Module):
-    """DIN's local activation unit over the `window` most recent behaviors (None = all): DIN itself, and
-    the short-term interest that SIM, ETA, SDIM, TWIN and TWIN V2 pair with their long-term module."""
-
-    def __init__(self, dim: int, window: int | None) -> None:
-        super().__init__()
-        self.window = window
-        self.attention = ActivationUnit(dim)
-
-    def forward(self, candidate: Tensor, behaviors: Tensor, mask: Tensor, hist_index: Tensor) -> Tensor:
-        """candidate (B, D); behaviors (H, L, D); mask (H, L); hist_index (B,) -> interest (B, D)."""
-        if self.window is not None:
-            behaviors, mask = take_last(behaviors, mask, self.window)  # (H, window, D)
-        interest, _ = self.attention(candidate, behaviors, mask, hist_index)
-        return interest
+from dmqn_core.nn.short_term import ShortTermDIN
 
 
 class DIN(InterestModel):

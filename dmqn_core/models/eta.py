@@ -22,15 +22,17 @@ Choices and simplifications, with reasons:
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor
 
 from dmqn_core.config import ModelConfig
-from dmqn_core.models.din import ShortTermDIN
 from dmqn_core.nn.embedding import BehaviorEmbedding
 from dmqn_core.nn.interest_model import Candidates, Histories, InterestModel
 from dmqn_core.nn.mlp import MLPHead
 from dmqn_core.nn.sequence import gather_rows
+from dmqn_core.nn.short_term import ShortTermDIN, with_short_term
 from dmqn_core.nn.target_attention import MultiHeadTargetAttention
 
 # Seed of the SimHash projection: fixed, so that every run and every checkpoint hashes alike.
@@ -66,16 +68,22 @@ def hamming_top_k(
 
 
 class ETA(InterestModel):
+    default_short_term: ClassVar[str] = "din"
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         D = config.embed_dim
-        self.config = config
+        self.config = config = self.with_resolved_short_term(config)
         self.embedding = BehaviorEmbedding(config)
         g = torch.Generator().manual_seed(SIMHASH_SEED)
         self.register_buffer("planes", torch.randn(D, config.simhash_bits, generator=g))  # (D, bits), not trained
         self.esu = MultiHeadTargetAttention(D, config.attention_heads)
-        self.short = ShortTermDIN(D, config.short_len)
-        self.head = MLPHead(D, 2, config.mlp_hidden, config.dropout)
+        # Created only with a DIN short-term interest (the default), in the place it always had: the
+        # same parameter names and initialisation as before the setting existed.
+        self.short = ShortTermDIN(D, config.short_len) if config.short_term == "din" else None
+        self.head = MLPHead(
+            D, 1 + (self.short is not None), config.mlp_hidden, config.dropout, recent=config.short_term != "none"
+        )
 
     def interests(self, histories: Histories, candidates: Candidates, hist_index: Tensor) -> Tensor:
         h, c, cfg = histories, candidates.embedded, self.config
@@ -86,5 +94,4 @@ class ETA(InterestModel):
                 hist_signature, h.mask, hist_index, simhash(c, self.planes), cfg.top_k
             )  # (B, k)
         long, _ = self.esu(c, gather_rows(h.embedded, hist_index, positions), valid)  # (B, D)
-        short = self.short(c, h.embedded, h.mask, hist_index)  # (B, D)
-        return torch.stack([long, short], dim=1)
+        return with_short_term(self.short, long.unsqueeze(1), c, h.embedded, h.mask, hist_index)  # (B, 1 or 2, D)

@@ -29,14 +29,16 @@ Choices and simplifications, with reasons:
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor
 
 from dmqn_core.config import ModelConfig
-from dmqn_core.models.din import ShortTermDIN
 from dmqn_core.nn.embedding import BehaviorEmbedding
 from dmqn_core.nn.interest_model import Candidates, Histories, InterestModel
 from dmqn_core.nn.mlp import MLPHead
+from dmqn_core.nn.short_term import ShortTermDIN, with_short_term
 
 # Seed of the hash projections: fixed, so that every run and every checkpoint hashes alike.
 SDIM_HASH_SEED = 2022
@@ -80,16 +82,22 @@ def sampled_interest(sums: Tensor, hist_index: Tensor, cand_buckets: Tensor) -> 
 
 
 class SDIM(InterestModel):
+    default_short_term: ClassVar[str] = "din"
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         D = config.embed_dim
-        self.config = config
+        self.config = config = self.with_resolved_short_term(config)
         self.embedding = BehaviorEmbedding(config)
         g = torch.Generator().manual_seed(SDIM_HASH_SEED)
         planes = torch.randn(D, config.sdim_rounds * config.sdim_bits, generator=g)
         self.register_buffer("planes", planes)  # (D, m * tau), not trained
-        self.short = ShortTermDIN(D, config.short_len)
-        self.head = MLPHead(D, 2, config.mlp_hidden, config.dropout)
+        # Created only with a DIN short-term interest (the default), in the place it always had: the
+        # same parameter names and initialisation as before the setting existed.
+        self.short = ShortTermDIN(D, config.short_len) if config.short_term == "din" else None
+        self.head = MLPHead(
+            D, 1 + (self.short is not None), config.mlp_hidden, config.dropout, recent=config.short_term != "none"
+        )
 
     def interests(self, histories: Histories, candidates: Candidates, hist_index: Tensor) -> Tensor:
         h, c, cfg = histories, candidates.embedded, self.config
@@ -101,5 +109,4 @@ class SDIM(InterestModel):
             cand_buckets = hash_buckets(c, self.planes, cfg.sdim_rounds)  # (B, m)
         sums = bucket_sums(h.embedded, hist_buckets, 2**cfg.sdim_bits)  # (H, m, 2^tau, D), once per history
         long = sampled_interest(sums, hist_index, cand_buckets)  # (B, D)
-        short = self.short(c, h.embedded, h.mask, hist_index)  # (B, D)
-        return torch.stack([long, short], dim=1)
+        return with_short_term(self.short, long.unsqueeze(1), c, h.embedded, h.mask, hist_index)  # (B, 1 or 2, D)

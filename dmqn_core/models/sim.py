@@ -22,16 +22,18 @@ Choices and simplifications, with reasons:
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn as nn
 from torch import Tensor
 
 from dmqn_core.config import ModelConfig
-from dmqn_core.models.din import ShortTermDIN
 from dmqn_core.nn.embedding import BEHAVIOR_INIT_STD, BehaviorEmbedding
 from dmqn_core.nn.interest_model import Candidates, Histories, InterestModel
 from dmqn_core.nn.mlp import MLPHead
 from dmqn_core.nn.sequence import TIME_BUCKETS, gather_rows, time_gaps
+from dmqn_core.nn.short_term import ShortTermDIN, with_short_term
 from dmqn_core.nn.target_attention import MultiHeadTargetAttention
 
 
@@ -63,16 +65,22 @@ def category_search(
 
 
 class SIM(InterestModel):
+    default_short_term: ClassVar[str] = "din"
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         D = config.embed_dim
-        self.config = config
+        self.config = config = self.with_resolved_short_term(config)
         self.embedding = BehaviorEmbedding(config)
         self.time = nn.Embedding(TIME_BUCKETS, D)  # the ESU's temporal embedding e_t, one per log2 gap bucket
         nn.init.normal_(self.time.weight, std=BEHAVIOR_INIT_STD)  # a small field seen often, like behavior types
         self.esu = MultiHeadTargetAttention(D, config.attention_heads)
-        self.short = ShortTermDIN(D, config.short_len)
-        self.head = MLPHead(D, 2, config.mlp_hidden, config.dropout)
+        # Created only with a DIN short-term interest (the default), in the place it always had: the
+        # same parameter names and initialisation as before the setting existed.
+        self.short = ShortTermDIN(D, config.short_len) if config.short_term == "din" else None
+        self.head = MLPHead(
+            D, 1 + (self.short is not None), config.mlp_hidden, config.dropout, recent=config.short_term != "none"
+        )
 
     def interests(self, histories: Histories, candidates: Candidates, hist_index: Tensor) -> Tensor:
         h, c, cfg = histories, candidates.embedded, self.config
@@ -83,5 +91,4 @@ class SIM(InterestModel):
             bucket = gather_rows(bucket.clamp(0, TIME_BUCKETS - 1), hist_index, positions)  # (B, k)
             z = z + self.time(bucket)
         long, _ = self.esu(c, z, valid)  # (B, D)
-        short = self.short(c, h.embedded, h.mask, hist_index)  # (B, D)
-        return torch.stack([long, short], dim=1)
+        return with_short_term(self.short, long.unsqueeze(1), c, h.embedded, h.mask, hist_index)  # (B, 1 or 2, D)

@@ -36,6 +36,7 @@ from torch import Tensor
 from dmqn_core.models.twin import TWIN, general_search_scores, top_k_search
 from dmqn_core.nn.interest_model import Candidates, Histories
 from dmqn_core.nn.sequence import gather_rows, time_gaps
+from dmqn_core.nn.short_term import with_short_term
 from dmqn_core.nn.target_attention import MultiHeadTargetAttention
 
 SPLIT_EXPONENT = 0.3  # TWIN V2: a cluster of n behaviors is split into floor(n^0.3) k-means clusters
@@ -266,5 +267,4 @@ class TWINV2(TWIN):
         long, _ = cluster_aware_attention(
             self.esu, c, picked, gather_rows(size, hist_index, index), valid, picked_bias
         )  # (B, D)
-        short = self.short(c, h.embedded, h.mask, hist_index)  # (B, D)
-        return torch.stack([long, short], dim=1)
+        return with_short_term(self.short, long.unsqueeze(1), c, h.embedded, h.mask, hist_index)  # (B, 1 or 2, D)

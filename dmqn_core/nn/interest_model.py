@@ -16,7 +16,7 @@ state (DMQN's UserState: codebook clusters) overrides encode_user and score toge
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
@@ -56,12 +56,20 @@ class InterestModel(nn.Module):
     # Whether the user state is a set of codebook clusters (MCQM), which evaluation counts per codeword;
     # registry.CODEBOOK_MODELS names the same models.
     has_codebooks: ClassVar[bool] = False
+    # The model's short-term interest when ModelConfig.short_term is None (nn/short_term.py): what it had
+    # before the setting existed, so that earlier runs load and score unchanged.
+    default_short_term: ClassVar[str] = "mean"
 
     def __init__(self) -> None:
         super().__init__()
         # The weighted auxiliary loss of the last training-mode forward; a model that has one sets it
         # in every forward, None when it does not apply (eval mode, zero weight).
         self._auxiliary: Tensor | None = None
+
+    def with_resolved_short_term(self, config: ModelConfig) -> ModelConfig:
+        """``config`` with short_term set to what this model uses (its default when None): the config
+        a run stores, so that it names the short-term interest the run trained with."""
+        return replace(config, short_term=config.short_term or self.default_short_term)
 
     def recent(self, e: Tensor, mask: Tensor) -> Tensor:
         """Mean of the last short_len real behaviors: (H, L, D), (H, L) -> (H, D).

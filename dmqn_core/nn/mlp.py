@@ -14,6 +14,7 @@ class MLPHead(nn.Module):
     MLP otherwise has to approximate from the concatenation; ``scalars`` carries per-interest
     match strengths (see ctam.py). ``products=False`` drops c * interests and c * recent, leaving
     the plain concatenation of eq. 1 (DMQN's ``mlp_products``; every baseline keeps them).
+    ``recent=False`` drops recent and c * recent (``short_term = "none"``).
     Activation: PReLU, as in DIN's MLP.
     """
 
@@ -25,12 +26,15 @@ class MLPHead(nn.Module):
         dropout: float = 0.0,
         n_scalars: int = 0,
         products: bool = True,
+        recent: bool = True,
     ) -> None:
         super().__init__()
         self.products = products
         self.n_scalars = n_scalars
+        self.recent = recent
         # c, interests, recent; the products add one D per interest and one for recent.
-        width = dim * (n_interests + 2) + (dim * (n_interests + 1) if products else 0) + n_scalars
+        n_recent = 1 if recent else 0
+        width = dim * (n_interests + 1 + n_recent) + (dim * (n_interests + n_recent) if products else 0) + n_scalars
         layers: list[nn.Module] = []
         for h in hidden:
             layers += [nn.Linear(width, h), nn.PReLU(h), nn.Dropout(dropout)]
@@ -39,20 +43,17 @@ class MLPHead(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, candidate: Tensor, interests: Tensor, recent: Tensor, scalars: Tensor | None = None) -> Tensor:
-        """candidate (B, D), interests (B, K, D), recent (B, D), scalars (B, S) -> (B,) logits."""
+        """candidate (B, D), interests (B, K, D), recent (B, D), scalars (B, S) -> (B,) logits.
+
+        ``recent`` is not read by a head built with ``recent=False``."""
         given = 0 if scalars is None else scalars.shape[-1]
         if given != self.n_scalars:  # a clearer error than the first Linear's shape mismatch
             raise ValueError(f"the head was built for {self.n_scalars} scalars, got {given}")
+        parts = [candidate, interests.flatten(1)]
         if self.products:
-            parts = [
-                candidate,
-                interests.flatten(1),
-                (candidate.unsqueeze(1) * interests).flatten(1),
-                recent,
-                candidate * recent,
-            ]
-        else:
-            parts = [candidate, interests.flatten(1), recent]
+            parts.append((candidate.unsqueeze(1) * interests).flatten(1))
+        if self.recent:
+            parts += [recent, candidate * recent] if self.products else [recent]
         if scalars is not None:
             parts.append(scalars)
         # input (B, (2K+3) D + S) with the products, (B, (K+2) D + S) without

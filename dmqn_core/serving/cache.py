@@ -155,7 +155,7 @@ class ScoringModel:
         self.model = self.run.model()
         self.vocabulary = self.run.vocabulary
         c = self.model.config
-        self._empty = _empty_state(c.n_codebooks, c.embed_dim)
+        self._empty = _empty_state(c.n_codebooks, c.embed_dim, with_short=c.short_term == "din")
         self._log_popularity: np.ndarray | None = None
 
     def candidates(self, item_ids: Iterable[int], strict: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -178,6 +178,12 @@ class ScoringModel:
             raise DmqnError(
                 f"the cached state of user {user_id} for {self.version} has {len(state.codewords)} codebooks of "
                 f"dimension {state.recent.shape[0]}; the model has {c.n_codebooks} of {c.embed_dim}"
+            )
+        if (state.short is not None) != (c.short_term == "din"):
+            raise DmqnError(
+                f"the cached state of user {user_id} for {self.version} "
+                f"{'holds' if state.short is not None else 'lacks'} the recent behaviors of a DIN short-term "
+                f"interest; the model's short_term is {c.short_term!r}"
             )
         return state
 
@@ -290,10 +296,11 @@ class CachedScorer:
         return self.scoring.probabilities([state], index, category, np.zeros(len(index), dtype=np.int64))
 
 
-def _empty_state(n_codebooks: int, dim: int) -> DecodedState:
+def _empty_state(n_codebooks: int, dim: int, with_short: bool) -> DecodedState:
     empty = np.zeros(0, dtype=np.int64)
     return DecodedState(
         np.zeros(dim, np.float32),
+        np.zeros((0, dim), np.float32) if with_short else None,
         [empty] * n_codebooks,
         [empty] * n_codebooks,
         [np.zeros((0, dim), np.float32)] * n_codebooks,

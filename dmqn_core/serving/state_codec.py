@@ -8,18 +8,22 @@ mean only (UserState.compact), and the ids let inspection tools name the cluster
 Layout, little-endian, no alignment padding::
 
     magic     4 bytes   b"DMQS"
-    version   uint8     1
+    version   uint8     1, or 2 for a model with short_term = "din"
     dtype     uint8     0 = float32, 1 = float16 (every float below)
     N         uint16    codebooks
     D         uint16    dimension
     recent    D floats  mean embedding of the most recent behaviors
+    version 2 only:
+      S       uint16    number of recent behaviors DIN reads (at most short_len)
+      short   S x D floats  their embeddings, oldest first
     then for each codebook n = 0 .. N-1:
       K         uint16       number of non-empty clusters
       codeword  K x uint16   their codeword ids, ascending
       size      K x uint32   behaviors assigned to each
       tokens    K x D floats ICIM output of each cluster, row by row
 
-A user with C non-empty clusters in all takes 10 + (D + C D) f + 2 N + 6 C bytes, f = 4 or 2.
+A user with C non-empty clusters in all takes 10 + (D + C D) f + 2 N + 6 C bytes, f = 4 or 2
+(version 2: 2 + S D f more).
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ import torch
 from dmqn_core.models.dmqn.model import UserState
 
 MAGIC = b"DMQS"
-VERSION = 1
+VERSION = 1  # the layout of a state without DIN short-term behaviors
+VERSION_WITH_SHORT = 2
 DTYPES = {"float32": (0, np.dtype("<f4")), "float16": (1, np.dtype("<f2"))}
 _HEADER = struct.Struct("<4sBBHH")
 
@@ -44,6 +49,7 @@ class DecodedState:
     """One user's state as stored: per codebook the non-empty clusters only."""
 
     recent: np.ndarray  # (D,) float32
+    short: np.ndarray | None  # (S, D) float32, oldest first; None for a version-1 state
     codewords: list[np.ndarray]  # N arrays (K_n,) int
     sizes: list[np.ndarray]  # N arrays (K_n,) int
     tokens: list[np.ndarray]  # N arrays (K_n, D) float32
@@ -59,9 +65,16 @@ def encode_states(state: UserState, dtype: str = "float32") -> list[bytes]:
     size = np.rint(state.cluster_size.detach().float().cpu().numpy()).astype("<u4")  # (H, N, W)
     recent = state.recent.detach().float().cpu().numpy()  # (H, D)
     H, N, W, D = clusters.shape
+    if state.short is not None:
+        short = state.short.detach().float().cpu().numpy()  # (H, S, D)
+        short_mask = state.short_mask.cpu().numpy()  # (H, S), left-aligned
     values = []
     for h in range(H):
-        parts = [_HEADER.pack(MAGIC, VERSION, code, N, D), recent[h].astype(np_dtype).tobytes()]
+        version = VERSION if state.short is None else VERSION_WITH_SHORT
+        parts = [_HEADER.pack(MAGIC, version, code, N, D), recent[h].astype(np_dtype).tobytes()]
+        if state.short is not None:
+            kept = short[h, short_mask[h]]  # (S, D)
+            parts += [struct.pack("<H", len(kept)), kept.astype(np_dtype).tobytes()]
         for n in range(N):
             ids = np.flatnonzero(mask[h, n])  # ascending codeword ids
             parts += [
@@ -79,8 +92,10 @@ def decode_state(value: bytes) -> DecodedState:
     if len(value) < _HEADER.size:
         raise ValueError("not a DMQN state: shorter than its header")
     magic, version, code, N, D = _HEADER.unpack_from(value, 0)
-    if magic != MAGIC or version != VERSION:
-        raise ValueError(f"not a version-{VERSION} DMQN state (magic {magic!r}, version {version})")
+    if magic != MAGIC or version not in (VERSION, VERSION_WITH_SHORT):
+        raise ValueError(
+            f"not a version-{VERSION} or -{VERSION_WITH_SHORT} DMQN state (magic {magic!r}, version {version})"
+        )
     np_dtype = next((t for c, t in DTYPES.values() if c == code), None)
     if np_dtype is None:
         raise ValueError(f"unknown float type code {code} in a DMQN state")
@@ -89,6 +104,12 @@ def decode_state(value: bytes) -> DecodedState:
         offset = _HEADER.size
         recent = np.frombuffer(value, np_dtype, D, offset).astype(np.float32)
         offset += D * f
+        short = None
+        if version == VERSION_WITH_SHORT:
+            (S,) = struct.unpack_from("<H", value, offset)
+            offset += 2
+            short = np.frombuffer(value, np_dtype, S * D, offset).astype(np.float32).reshape(S, D)
+            offset += S * D * f
         codewords, sizes, tokens = [], [], []
         for _ in range(N):
             (K,) = struct.unpack_from("<H", value, offset)
@@ -103,7 +124,7 @@ def decode_state(value: bytes) -> DecodedState:
         raise ValueError("truncated DMQN state") from None
     if offset != len(value):
         raise ValueError(f"DMQN state has {len(value) - offset} trailing bytes")
-    return DecodedState(recent, codewords, sizes, tokens)
+    return DecodedState(recent, short, codewords, sizes, tokens)
 
 
 def stack_states(states: Sequence[DecodedState], device: torch.device | str = "cpu") -> UserState:
@@ -118,9 +139,20 @@ def stack_states(states: Sequence[DecodedState], device: torch.device | str = "c
             k = len(s.codewords[n])
             clusters[h, n, :k], mask[h, n, :k], size[h, n, :k] = s.tokens[n], True, s.sizes[n]
     recent = np.stack([s.recent for s in states])
+    short = short_mask = None
+    if any(s.short is not None for s in states):
+        if any(s.short is None for s in states):
+            raise ValueError("states of one model version mix layouts with and without short-term behaviors")
+        S = max([1] + [len(s.short) for s in states])
+        short = np.zeros((H, S, D), np.float32)
+        short_mask = np.zeros((H, S), bool)
+        for h, s in enumerate(states):
+            short[h, : len(s.short)], short_mask[h, : len(s.short)] = s.short, True
     return UserState(
         torch.from_numpy(clusters).to(device),
         torch.from_numpy(mask).to(device),
         torch.from_numpy(size).to(device),
         torch.from_numpy(recent).to(device),
+        None if short is None else torch.from_numpy(short).to(device),
+        None if short_mask is None else torch.from_numpy(short_mask).to(device),
     )

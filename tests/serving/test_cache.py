@@ -293,3 +293,39 @@ def test_a_scorer_keeps_serving_while_an_export_writes(tiny_workspace, dmqn_run)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             scorer.score(late_user, [item])
+
+
+def test_a_din_short_term_dmqn_scores_from_its_cache_as_its_full_pass(tiny_workspace):
+    """short_term = "din": the cached state carries the recent behaviors (layout version 2), and `dmqn score`
+    reads them as the full forward pass does."""
+    run_id = train(
+        tiny_workspace,
+        "tiny",
+        "dmqn",
+        {"embed_dim": 8, "n_codebooks": 2, "codebook_size": 8, "short_term": "din"},
+        {"epochs": 1, "max_len": 60, "batch_size": 256, "seed": 4, "inspect_users": 0},
+    ).run_id
+    export_states(tiny_workspace, run_id, batch_size=64)
+    run = Run.open(tiny_workspace, run_id)
+    model, data = run.model(), run.data
+    assert model.config.short_term == "din"
+    scorer = CachedScorer(tiny_workspace, run_id)
+    items = np.arange(1, 6)
+    for user in (1, 2, 3):
+        item, category, behavior, _, mask = gather_histories(
+            data, np.array([user]), np.asarray(data.user_offsets[[user]]), run.max_len
+        )
+        with torch.no_grad():
+            full = torch.sigmoid(
+                model(
+                    torch.from_numpy(item),
+                    torch.from_numpy(category),
+                    torch.from_numpy(behavior),
+                    torch.from_numpy(mask),
+                    torch.zeros(len(items), dtype=torch.long),
+                    torch.from_numpy(items),
+                    torch.from_numpy(np.asarray(data.item_category[items], dtype=np.int64)),
+                )
+            ).numpy()
+        cached = scorer.score(int(data.raw_user(user)), data.raw_item(items).tolist())
+        assert np.abs(cached - full).max() <= 1e-5

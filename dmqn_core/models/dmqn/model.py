@@ -22,6 +22,8 @@ from dmqn_core.models.dmqn.mcqm import AssignmentStats, MultiCodebookQuantizer, 
 from dmqn_core.nn.embedding import BehaviorEmbedding
 from dmqn_core.nn.interest_model import InterestModel
 from dmqn_core.nn.mlp import MLPHead
+from dmqn_core.nn.sequence import take_last
+from dmqn_core.nn.short_term import ShortTermDIN, with_short_term
 
 
 @dataclass
@@ -32,6 +34,10 @@ class UserState:
     cluster_mask: Tensor  # (H, N, W) bool, True = non-empty cluster
     cluster_size: Tensor  # (H, N, W) float, number of behaviors assigned
     recent: Tensor  # (H, D) mean embedding of the last short_len behaviors
+    # short_term = "din" only: the last short_len behavior embeddings (H, S, D), left-aligned and
+    # chronological as histories are, and their mask (H, S); DIN reads them per candidate in score.
+    short: Tensor | None = None
+    short_mask: Tensor | None = None
 
     def index_select(self, idx: Tensor) -> UserState:
         """Rows idx (B,) of every field."""
@@ -40,6 +46,8 @@ class UserState:
             cluster_mask=self.cluster_mask.index_select(0, idx),
             cluster_size=self.cluster_size.index_select(0, idx),
             recent=self.recent.index_select(0, idx),
+            short=None if self.short is None else self.short.index_select(0, idx),
+            short_mask=None if self.short_mask is None else self.short_mask.index_select(0, idx),
         )
 
     def compact(self) -> UserState:
@@ -57,6 +65,8 @@ class UserState:
             cluster_mask=self.cluster_mask.gather(2, order),
             cluster_size=self.cluster_size.gather(2, order),
             recent=self.recent,
+            short=self.short,
+            short_mask=self.short_mask,
         )
 
 
@@ -83,8 +93,7 @@ class DMQN(InterestModel):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        c = config
-        self.config = config
+        self.config = c = config = self.with_resolved_short_term(config)
         self.embedding = BehaviorEmbedding(c)
         self.quantizer = MultiCodebookQuantizer(
             c.n_codebooks, c.codebook_size, c.embed_dim, c.tau, c.assign_noise, c.tau_placement, c.straight_through
@@ -93,15 +102,19 @@ class DMQN(InterestModel):
             c.icim_layers, c.n_codebooks, c.codebook_size, c.embed_dim, c.icim_heads, c.dropout
         )
         self.ctam = ClusterTargetAttention(c.n_codebooks, c.embed_dim, c.ctam_size_bias, c.ctam_identity_init)
-        # One match scalar per codebook (CTAM's log-normaliser) unless ctam_match_scalars is off.
+        # One match scalar per codebook (CTAM's log-normaliser) unless ctam_match_scalars is off; with
+        # short_term = "din" the DIN interest is one more input vector.
         self.head = MLPHead(
             c.embed_dim,
-            c.n_codebooks,
+            c.n_codebooks + (c.short_term == "din"),
             c.mlp_hidden,
             c.dropout,
             n_scalars=c.n_codebooks if c.ctam_match_scalars else 0,
             products=c.mlp_products,
+            recent=c.short_term != "none",
         )
+        # Created last, so that a "mean" DMQN (the default) initialises as it did before short_term existed.
+        self.short = ShortTermDIN(c.embed_dim, c.short_len) if c.short_term == "din" else None
 
     def encode_user(  # type: ignore[override]  # DMQN's state is UserState, not the baselines' Histories
         self,
@@ -118,7 +131,8 @@ class DMQN(InterestModel):
         # The usage regulariser, read by auxiliary_loss(); None after an eval forward.
         self._auxiliary = self.config.usage_loss_weight * usage_loss(q.mean_prob) if with_usage else None
         clusters = self.icim(q.clusters, q.cluster_mask)  # ICIM, eq. 11-13
-        return UserState(clusters, q.cluster_mask, q.cluster_size, self.recent(e, hist_mask))
+        short, short_mask = take_last(e, hist_mask, self.config.short_len) if self.short is not None else (None, None)
+        return UserState(clusters, q.cluster_mask, q.cluster_size, self.recent(e, hist_mask), short, short_mask)
 
     def score(  # type: ignore[override]  # a UserState, and optionally the CTAM weights
         self,
@@ -138,6 +152,9 @@ class DMQN(InterestModel):
         interest, match, weights = self.ctam(
             c, state.clusters, state.cluster_mask, state.cluster_size
         )  # (B, N, D), (B, N), (B, N, W)
+        if self.short is not None:  # state rows are the candidates' own now: row b for candidate b
+            rows = torch.arange(c.shape[0], device=c.device)
+            interest = with_short_term(self.short, interest, c, state.short, state.short_mask, rows)  # (B, N + 1, D)
         logits = self.head(c, interest, state.recent, match if self.config.ctam_match_scalars else None)  # (B,)
         if return_weights:
             return logits, weights
