@@ -33,6 +33,7 @@ from dmqn_cli.options import (
     MaxLenOption,
     MiddleLenOption,
     PatienceOption,
+    PrecisionOption,
     ShortLenOption,
     TopKOption,
     WeightDecayOption,
@@ -137,6 +138,7 @@ def bench(
     max_len: Optional[int] = MaxLenOption,
     patience: Optional[int] = PatienceOption,
     device: Optional[str] = DeviceOption,
+    precision: Optional[str] = PrecisionOption,
     inspect_users: Optional[int] = InspectUsersOption,
     embed_dim: Optional[int] = EmbedDimOption,
     short_len: Optional[int] = ShortLenOption,
@@ -193,6 +195,7 @@ def bench(
             "max_len": max_len,
             "patience": patience,
             "device": device,
+            "precision": precision,
             "inspect_users": inspect_users,
         },
     )

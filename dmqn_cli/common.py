@@ -33,6 +33,9 @@ JsonOption = typer.Option(
     False, "--json", help="Print JSON for scripts instead of tables; nothing else goes to stdout."
 )
 WideOption = typer.Option(False, "--wide", help="Show every column, however wide the table gets.")
+ComputeDeviceOption = typer.Option(
+    "auto", "--device", help="auto, cpu, cuda or cuda:N; auto is CUDA where torch sees a GPU, else the CPU."
+)
 
 F = TypeVar("F", bound=Callable)
 T = TypeVar("T")

@@ -8,7 +8,15 @@ from typing import Optional
 
 import typer
 
-from dmqn_cli.common import JsonOption, WorkspaceOption, console, handle_errors, open_workspace, print_json
+from dmqn_cli.common import (
+    ComputeDeviceOption,
+    JsonOption,
+    WorkspaceOption,
+    console,
+    handle_errors,
+    open_workspace,
+    print_json,
+)
 from dmqn_cli.progress import RichProgress
 from dmqn_cli.results import metrics_table, number
 from dmqn_core.training.evaluate import evaluate_run
@@ -27,7 +35,10 @@ def evaluate(
     batch_size: Optional[int] = typer.Option(
         None, "--batch-size", help="Samples per inference batch \\[default: the run's eval batch size]."
     ),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    device: str = ComputeDeviceOption,
+    precision: str = typer.Option(
+        "fp32", "--precision", help="fp32, as training evaluates, or bf16: the forward under bfloat16 autocast (CUDA)."
+    ),
     as_json: bool = JsonOption,
     workspace: Optional[Path] = WorkspaceOption,
 ) -> None:
@@ -38,7 +49,7 @@ def evaluate(
     """
     ws = open_workspace(workspace)
     with RichProgress() as progress:
-        run, metrics = evaluate_run(ws, run_id, split.value, batch_size, device, progress)
+        run, metrics = evaluate_run(ws, run_id, split.value, batch_size, device, progress, precision)
     if as_json:
         print_json(
             {

@@ -41,7 +41,20 @@ PatienceOption = typer.Option(
     help="Stop after this many epochs without a better validation AUC \\[default: 2].",
     rich_help_panel=TRAIN_PANEL,
 )
-DeviceOption = typer.Option(None, "--device", help="cpu or cuda \\[default: cpu].", rich_help_panel=TRAIN_PANEL)
+DeviceOption = typer.Option(
+    None,
+    "--device",
+    help="auto, cpu, cuda or cuda:N; auto is CUDA where torch sees a GPU, else the CPU, and the run records "
+    "the device it resolved to \\[default: auto].",
+    rich_help_panel=TRAIN_PANEL,
+)
+PrecisionOption = typer.Option(
+    None,
+    "--precision",
+    help="fp32, or bf16: the training forward under bfloat16 autocast (CUDA only); validation and test stay "
+    "fp32 \\[default: fp32].",
+    rich_help_panel=TRAIN_PANEL,
+)
 InspectUsersOption = typer.Option(
     None,
     "--inspect-users",

@@ -12,6 +12,7 @@ from rich.table import Column, Table
 from rich.text import Text
 
 from dmqn_cli.common import console, plain
+from dmqn_core.devices import describe
 from dmqn_core.training.train import TrainResult
 
 
@@ -98,7 +99,8 @@ def print_train_result(result: TrainResult) -> None:
             plain(
                 f": {result.model} on {result.dataset}, {result.n_parameters:,} parameters, "
                 f"best epoch {result.best_epoch}, valid AUC {fmt(result.best_valid_auc)}, "
-                f"{result.train_seconds:.0f} s of training"
+                f"{result.train_seconds:.0f} s of training on {describe(result.device)}"
+                + ("" if result.precision == "fp32" else f" ({result.precision} autocast)")
             ),
         )
     )

@@ -10,6 +10,7 @@ import typer
 from rich.text import Text
 
 from dmqn_cli.common import (
+    ComputeDeviceOption,
     JsonOption,
     WorkspaceOption,
     console,
@@ -67,6 +68,7 @@ def export_cache(
         "--ttl",
         help=f"Seconds before Redis expires the states, 1 to {MAX_TTL:,} (Redis only) \\[default: never].",
     ),
+    device: str = ComputeDeviceOption,
     workspace: Optional[Path] = WorkspaceOption,
 ) -> None:
     """Encode each user's whole history once (MCQM + ICIM) and store the state for cached scoring.
@@ -79,7 +81,7 @@ def export_cache(
     ws = open_workspace(workspace)
     user_ids = _read_users(users)
     with RichProgress() as progress:
-        result = export_states(ws, run_id, user_ids, dtype, batch_size, resume, progress, to=to, ttl=ttl)
+        result = export_states(ws, run_id, user_ids, dtype, batch_size, resume, progress, to=to, ttl=ttl, device=device)
     per_user = result.bytes / max(result.total_users, 1)
     console.print(
         plain(
@@ -102,6 +104,7 @@ def score(
         help="redis://\\[:PASSWORD@]host:port/db, or a SQLite file "
         "\\[default: WORKSPACE/cache/states.sqlite]; a password is never printed.",
     ),
+    device: str = ComputeDeviceOption,
     as_json: bool = JsonOption,
     workspace: Optional[Path] = WorkspaceOption,
 ) -> None:
@@ -112,7 +115,7 @@ def score(
     """
     item_ids = _read_items(items)
     with (
-        CachedScorer(open_workspace(workspace), run_id, source) as scorer,
+        CachedScorer(open_workspace(workspace), run_id, source, device) as scorer,
         warnings.catch_warnings(record=True) as caught,
     ):
         warnings.simplefilter("always")
@@ -167,6 +170,7 @@ def serve(
         None, "--token-file", help="File holding a bearer token that /v1 and /admin requests must send."
     ),
     threads: int = typer.Option(1, "--threads", min=1, help="Torch threads per worker."),
+    device: str = ComputeDeviceOption,
     access_log: bool = typer.Option(False, "--access-log", help="Log one line per request (never its headers)."),
     workspace: Optional[Path] = WorkspaceOption,
 ) -> None:
@@ -190,6 +194,7 @@ def serve(
         watch=watch,
         token_file=str(token_file) if token_file else None,
         threads=threads,
+        device=device,
     )
     run_server(settings, host, port, workers, access_log)
     err_console.print("stopped", highlight=False)

@@ -25,6 +25,7 @@ from dmqn_cli.options import (
     MaxLenOption,
     MiddleLenOption,
     PatienceOption,
+    PrecisionOption,
     ShortLenOption,
     StraightThroughOption,
     TauDecayOption,
@@ -66,6 +67,7 @@ def train(
         rich_help_panel=TRAIN_PANEL,
     ),
     device: Optional[str] = DeviceOption,
+    precision: Optional[str] = PrecisionOption,
     inspect_users: Optional[int] = InspectUsersOption,
     embed_dim: Optional[int] = EmbedDimOption,
     codebooks: Optional[int] = typer.Option(
@@ -112,8 +114,10 @@ def train(
     --config.
 
     Several processes: `torchrun --nproc-per-node N -m dmqn_cli train ...` trains with DistributedDataParallel
-    (gloo on the CPU, NCCL with --device cuda), each process on its part of every batch of --batch-size; rank 0
+    (gloo on the CPU, NCCL on CUDA), each process on its part of every batch of --batch-size; rank 0
     writes the run and prints progress.
+
+    A resumed run continues on the device it recorded; --device (auto included) moves it.
     """
     ws = open_workspace(workspace)
     model_settings, train_settings = collect_settings(
@@ -147,6 +151,7 @@ def train(
             "patience": patience,
             "seed": seed,
             "device": device,
+            "precision": precision,
             "inspect_users": inspect_users,
         },
     )

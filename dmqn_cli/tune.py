@@ -20,7 +20,7 @@ from dmqn_cli.common import (
     plain,
     print_json,
 )
-from dmqn_cli.options import ConfigOption, DeviceOption, EpochsOption, collect_settings
+from dmqn_cli.options import ConfigOption, DeviceOption, EpochsOption, PrecisionOption, collect_settings
 from dmqn_cli.progress import RichProgress
 from dmqn_cli.results import fitted_table, fmt, number
 from dmqn_core.errors import DmqnError
@@ -62,6 +62,7 @@ def tune(
     ),
     config: Optional[Path] = ConfigOption,
     device: Optional[str] = DeviceOption,
+    precision: Optional[str] = PrecisionOption,
     show: Optional[str] = typer.Option(
         None, "--show", help="Print the study STUDY (best settings, every trial) instead of tuning."
     ),
@@ -90,7 +91,7 @@ def tune(
             raise DmqnError("name a prepared data set (DATA) to tune on, or --show STUDY")
         if not model:
             raise DmqnError(f"name the model to tune with --model; known: {', '.join(model_names())}")
-        model_settings, train_settings = collect_settings(config, {}, {"device": device})
+        model_settings, train_settings = collect_settings(config, {}, {"device": device, "precision": precision})
         # Optuna logs every trial at INFO level; the progress bar and the table say it instead.
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         with RichProgress() as progress:

@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny synthetic log prepared once per test session; a real Redis server."""
+"""Shared fixtures: a tiny synthetic log prepared once per test session; a real Redis server; CPU tests kept
+on the CPU and tests marked ``cuda`` skipped where torch sees no GPU (docs/gpu.md)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,51 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch
 
 from dmqn_core.data.prep import prepare
 from dmqn_core.data.synth import write_log
 from dmqn_core.workspace import Workspace
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+# Whether this machine has a GPU, read before the fixture below hides it from the CPU tests.
+CUDA = torch.cuda.is_available()
+_is_available = torch.cuda.is_available
+_visible_devices = os.environ.get("CUDA_VISIBLE_DEVICES")
+if CUDA:
+    # Initialised now, this process keeps its GPUs when CUDA_VISIBLE_DEVICES hides them from the processes
+    # the CPU tests start.
+    torch.cuda.init()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device and torch sees none (on a GPU machine: pytest -m cuda)")
+    for item in items:
+        if item.get_closest_marker("cuda"):
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _cpu_tests_on_the_cpu() -> Iterator[None]:
+    """--device auto resolves to cpu in every test not marked cuda, also on a GPU machine, in this process and
+    in the processes the tests start: the CPU tests check the CPU path, and their exact comparisons hold there."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.cuda, "is_available", lambda: False)
+        patch.setenv("CUDA_VISIBLE_DEVICES", "")
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _gpu_for_cuda_tests(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    if request.node.get_closest_marker("cuda"):
+        monkeypatch.setattr(torch.cuda, "is_available", _is_available)
+        if _visible_devices is None:
+            monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+        else:
+            monkeypatch.setenv("CUDA_VISIBLE_DEVICES", _visible_devices)
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,7 @@ STAGES = {
     "workspace": 0,
     "progress": 0,
     "uris": 0,
+    "devices": 0,
     "data": 1,
     "nn": 2,
     "models": 3,

@@ -35,12 +35,19 @@ class Batch:
         return len(self.label)
 
     def to(self, device: torch.device | str) -> Batch:
+        device = torch.device(device)
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            if device.type != "cuda":
+                return t.to(device)
+            # A plain copy to a GPU waits for the GPU to finish the work queued before it; from pinned memory
+            # the copy is queued like a kernel, and the host goes on preparing the next step meanwhile.
+            return t.pin_memory().to(device, non_blocking=True)
+
         moved = {
-            f.name: (
-                getattr(self, f.name).to(device)
-                if isinstance(getattr(self, f.name), torch.Tensor)
-                else getattr(self, f.name)
-            )
+            f.name: move(getattr(self, f.name))
+            if isinstance(getattr(self, f.name), torch.Tensor)
+            else getattr(self, f.name)
             for f in fields(self)
         }
         return Batch(**moved)

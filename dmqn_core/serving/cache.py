@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from dmqn_core.data.batches import gather_histories
+from dmqn_core.devices import AUTO, resolve_device
 from dmqn_core.errors import DmqnError
 from dmqn_core.progress import NullProgress, Progress
 from dmqn_core.runs.run import Run, Vocabulary
@@ -52,15 +53,15 @@ class ExportResult:
         return self.users / max(self.seconds, 1e-9)
 
 
-def _servable_run(workspace: Workspace, run_id: str | None) -> tuple[Run, str]:
+def _servable_run(workspace: Workspace, run_id: str | None, device: str) -> tuple[Run, str]:
     """The run (the latest finished one when ``run_id`` is None), checked to have a cacheable user
-    state and weights, with the model version its states are stored under."""
+    state and weights (loaded on ``device``), with the model version its states are stored under."""
     run = Run.open(workspace, run_id)
     if not run.has_codebooks:
         raise DmqnError(
             f"run {run.run_id} trains {run.model_name!r}; only dmqn and dmqn-simple have a cacheable user state"
         )
-    run.model()  # loaded now: a run without weights, or with damaged ones, fails before any state is read
+    run.model(device)  # loaded now: a run without weights, or with damaged ones, fails before any state is read
     return run, model_version(run.run_id, run.best_path)
 
 
@@ -90,20 +91,23 @@ def export_states(
     progress: Progress | None = None,
     to: str | None = None,
     ttl: int | None = None,
+    device: str = AUTO,
 ) -> ExportResult:
     """Encode every user (or the given raw user ids) of a DMQN run and store the states.
 
     to: None (the workspace's embedded store), a SQLite file path or redis://host:port/db;
-    ttl: seconds before Redis forgets the states (Redis only).
+    ttl: seconds before Redis forgets the states (Redis only); device: where the histories are
+    encoded (auto: CUDA where torch sees a GPU), always in fp32.
     """
     if dtype not in DTYPES:
         raise DmqnError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if batch_size < 1:
         raise DmqnError(f"batch size must be at least 1, got {batch_size}")
     progress = progress or NullProgress()
+    device = resolve_device(device)
     store = state_store(workspace, to, ttl)
-    run, version = _servable_run(workspace, run_id)
-    model, data = run.model(), run.data
+    run, version = _servable_run(workspace, run_id, device)
+    model, data = run.model(device), run.data
     index = (
         np.arange(1, data.n_users + 1, dtype=np.int64)
         if users is None
@@ -133,9 +137,7 @@ def export_states(
         for begin in range(0, len(index), batch_size):
             chunk = slice(begin, begin + batch_size)
             item, category, behavior, _, mask = gather_histories(data, index[chunk], ends[chunk], run.max_len)
-            state = model.encode_user(
-                torch.from_numpy(item), torch.from_numpy(category), torch.from_numpy(behavior), torch.from_numpy(mask)
-            )
+            state = model.encode_user(*(torch.from_numpy(a).to(device) for a in (item, category, behavior, mask)))
             store.put(version, list(zip(raw[chunk].tolist(), encode_states(state, dtype))))
             progress.advance(1, users_per_s=(begin + len(raw[chunk])) / max(time.perf_counter() - started, 1e-9))
     progress.stop()
@@ -150,9 +152,10 @@ class ScoringModel:
     float32 arithmetic: decoded states stacked by ``stack_states``, then ``DMQN.score`` and a sigmoid.
     """
 
-    def __init__(self, workspace: Workspace, run_id: str | None = None) -> None:
-        self.run, self.version = _servable_run(workspace, run_id)
-        self.model = self.run.model()
+    def __init__(self, workspace: Workspace, run_id: str | None = None, device: str = AUTO) -> None:
+        self.device = resolve_device(device)
+        self.run, self.version = _servable_run(workspace, run_id, self.device)
+        self.model = self.run.model(self.device)
         self.vocabulary = self.run.vocabulary
         c = self.model.config
         self._empty = _empty_state(c.n_codebooks, c.embed_dim, with_short=c.short_term == "din")
@@ -201,14 +204,14 @@ class ScoringModel:
         its own copy of its user's clusters, (B, N, W, D) floats, 16 MB per 1,000 candidates at the
         default N = 4, W = 32, D = 32, which a batch of many users would otherwise multiply into gigabytes.
         """
-        state = stack_states(states)
-        index_t, category_t, rows_t = (torch.from_numpy(a) for a in (index, category, state_index))
+        state = stack_states(states, self.device)
+        index_t, category_t, rows_t = (torch.from_numpy(a).to(self.device) for a in (index, category, state_index))
         out = np.empty(len(index), dtype=np.float32)
         with torch.inference_mode():  # the arithmetic of no_grad, without its per-op version tracking
             for begin in range(0, len(index), SCORE_CHUNK):
                 chunk = slice(begin, begin + SCORE_CHUNK)
                 logits = self.model.score(state, index_t[chunk], category_t[chunk], rows_t[chunk])
-                out[chunk] = torch.sigmoid(logits).numpy()
+                out[chunk] = torch.sigmoid(logits).cpu().numpy()
         return out
 
     def popularity(self, index: np.ndarray) -> np.ndarray:
@@ -249,11 +252,14 @@ class CachedScorer:
 
     source: None (the workspace's embedded store), a SQLite file path or redis://host:port/db.
     The scorer holds its store open (one read-only SQLite connection or one Redis client).
+    device: where CTAM + MLP run (auto: CUDA where torch sees a GPU), in fp32.
     """
 
-    def __init__(self, workspace: Workspace, run_id: str | None = None, source: str | None = None) -> None:
+    def __init__(
+        self, workspace: Workspace, run_id: str | None = None, source: str | None = None, device: str = AUTO
+    ) -> None:
         # The run first: a run that cannot be served leaves no store connection open behind it.
-        self.scoring = ScoringModel(workspace, run_id)
+        self.scoring = ScoringModel(workspace, run_id, device)
         self.run, self.version = self.scoring.run, self.scoring.version
         self.model, self.vocabulary = self.scoring.model, self.scoring.vocabulary
         self.store = state_store(workspace, source)

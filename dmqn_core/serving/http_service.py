@@ -69,6 +69,7 @@ class ServeSettings:
     watch: float | None = None  # seconds between checks for a newer export; None: POST /admin/reload only
     token_file: str | None = None
     threads: int = 1  # torch threads per worker
+    device: str = "auto"  # where CTAM + MLP run (dmqn_core.devices)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -295,7 +296,9 @@ def create_app(settings: ServeSettings) -> FastAPI:
     unreachable store is a DmqnError before the server starts."""
     torch.set_num_threads(settings.threads)
     token = read_token(settings.token_file) if settings.token_file else None
-    service = ScoringService(Workspace(settings.workspace), settings.run_id, settings.source, settings.store_timeout)
+    service = ScoringService(
+        Workspace(settings.workspace), settings.run_id, settings.source, settings.store_timeout, settings.device
+    )
     metrics = Metrics()
 
     def count_lookups(found: int, absent: int) -> None:

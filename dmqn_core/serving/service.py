@@ -19,6 +19,7 @@ from typing import Literal, TypeVar
 
 import numpy as np
 
+from dmqn_core.devices import AUTO
 from dmqn_core.errors import DmqnError
 from dmqn_core.serving.cache import ScoringModel, model_version, state_store
 from dmqn_core.serving.state_codec import DecodedState
@@ -94,9 +95,14 @@ class ScoringService:
     """
 
     def __init__(
-        self, workspace: Workspace, run_id: str | None = None, source: str | None = None, store_timeout: float = 1.0
+        self,
+        workspace: Workspace,
+        run_id: str | None = None,
+        source: str | None = None,
+        store_timeout: float = 1.0,
+        device: str = AUTO,
     ) -> None:
-        self.workspace, self.source, self.store_timeout = workspace, source, store_timeout
+        self.workspace, self.source, self.store_timeout, self.device = workspace, source, store_timeout, device
         self._local = threading.local()
         self._stores: list[StateStore] = []
         self._lock = threading.Lock()  # guards _stores
@@ -107,7 +113,7 @@ class ScoringService:
         self._store_errors = _store_errors()
         self._down_until, self._down_reason = 0.0, ""  # see read()
         try:
-            scoring = ScoringModel(workspace, run_id)
+            scoring = ScoringModel(workspace, run_id, device)
             self.run_id = scoring.run.run_id  # a service serves one run; RUN_ID None means the latest at start
             self._checkpoint = scoring.run.best_path
             self._seen = _file_identity(self._checkpoint)
@@ -198,7 +204,7 @@ class ScoringService:
                     409, "reload_refused", f"version {version} {state} in {self.store_name}; still serving {previous}"
                 )
             try:
-                scoring = ScoringModel(self.workspace, self.run_id)
+                scoring = ScoringModel(self.workspace, self.run_id, self.device)
             except DmqnError as exc:
                 raise ServiceError(409, "reload_refused", f"{exc}; still serving {previous}") from None
             if scoring.version != version:

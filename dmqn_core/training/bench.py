@@ -134,6 +134,8 @@ def budget_of(data: PreparedSet, model_settings: dict[str, Any], train_settings:
 
     The seed varies per run and inspect_users only sets what is recorded for the inspector, not
     what is trained, so both are left out (and a bench named before inspect_users existed resumes).
+    The device is the resolved one (auto is no budget); the precision is kept only when it is not
+    fp32, so that a bench named before --precision existed keeps its name and resumes.
     """
     if "seed" in train_settings:
         raise DmqnError("a bench sets the seed of each run itself; use --seeds")
@@ -142,6 +144,8 @@ def budget_of(data: PreparedSet, model_settings: dict[str, Any], train_settings:
     train_values = asdict(train_config)
     train_values.pop("seed")
     train_values.pop("inspect_users")
+    if train_values["precision"] == "fp32":
+        train_values.pop("precision")
     return {"model": model, "train": train_values}
 
 
@@ -491,6 +495,8 @@ def describe_budget(budget: dict[str, Any], seeds: list[int]) -> str:
         f"without a better validation AUC; batch {t['batch_size']}; Adam lr {t['lr']} (constant), weight decay "
         f"{t['weight_decay']}; max_len {t['max_len']}; embedding dim {m['embed_dim']}; MLP {list(m['mlp_hidden'])}"
     )
+    if "precision" in t:  # fp32 is left out of the budget (budget_of)
+        text += f"; {t['precision']} autocast"
     for model, tuned in budget.get("tuned", {}).items():
         settings = ", ".join(
             f"{name} {value:.3g}" if isinstance(value, float) else f"{name} {value}"

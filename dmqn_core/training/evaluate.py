@@ -10,6 +10,7 @@ import torch
 
 from dmqn_core.data.batches import BatchLoader
 from dmqn_core.data.prepared import PreparedSet
+from dmqn_core.devices import AUTO, autocast, check_precision, resolve_device
 from dmqn_core.errors import DmqnError
 from dmqn_core.progress import NullProgress, Progress
 from dmqn_core.runs.run import Run
@@ -26,11 +27,13 @@ def predict(
     device: torch.device,
     progress: Progress | None = None,
     description: str = "predict",
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """Logits of every sample of the loader, with the codeword counts of DMQN-like models.
 
     Returns users, labels, logits, seconds and ``codeword_counts`` (N, W) summed over the
-    distinct histories (None for models without codebooks).
+    distinct histories (None for models without codebooks). ``precision`` bf16 runs the forward
+    under bf16 autocast (CUDA only, checked by the caller); training evaluates in fp32.
     """
     progress = progress or NullProgress()
     model.eval()
@@ -43,13 +46,15 @@ def predict(
     started = time.perf_counter()
     for batch in loader:
         batch = batch.to(device)
+        with autocast(device, precision):
+            if codebooks:
+                state = model.encode_user(batch.hist_item, batch.hist_category, batch.hist_behavior, batch.hist_mask)
+                out = model.score(state, batch.cand_item, batch.cand_category, batch.hist_index)
+            else:
+                out = model(**batch.model_inputs())
         if codebooks:
-            state = model.encode_user(batch.hist_item, batch.hist_category, batch.hist_behavior, batch.hist_mask)
-            out = model.score(state, batch.cand_item, batch.cand_category, batch.hist_index)
             batch_counts = state.cluster_size.sum(dim=0).double().cpu()  # (N, W)
             counts = batch_counts if counts is None else counts + batch_counts
-        else:
-            out = model(**batch.model_inputs())
         users.append(batch.user)
         labels.append(batch.label.cpu().numpy())
         logits.append(out.float().cpu().numpy())
@@ -74,10 +79,11 @@ def evaluate_split(
     max_len: int,
     device: torch.device,
     progress: Progress | None = None,
+    precision: str = "fp32",
 ) -> tuple[dict[str, float], np.ndarray | None]:
     """AUC, GAUC, logloss and samples/s of one split; plus codeword counts when the model has codebooks."""
     loader = BatchLoader(data, split, batch_size, max_len)
-    out = predict(model, loader, device, progress, description=f"{split} ")
+    out = predict(model, loader, device, progress, description=f"{split} ", precision=precision)
     metrics = ctr_metrics(out["users"], out["labels"], out["logits"])
     metrics["samples_per_s"] = len(out["labels"]) / max(out["seconds"], 1e-9)
     return metrics, out["codeword_counts"]
@@ -88,12 +94,19 @@ def evaluate_run(
     run_id: str | None = None,
     split: str = "test",
     batch_size: int | None = None,
-    device: str = "cpu",
+    device: str = AUTO,
     progress: Progress | None = None,
+    precision: str = "fp32",
 ) -> tuple[str, dict[str, float]]:
-    """Evaluate a run's best weights on a split, store the metrics (epoch NULL) and return them."""
+    """Evaluate a run's best weights on a split, store the metrics (epoch NULL) and return them.
+
+    ``device`` auto is this machine's (dmqn_core.devices), whatever the run trained on; ``precision`` bf16
+    evaluates under bf16 autocast on CUDA, fp32 (the default) as training evaluates.
+    """
     if split not in SPLITS:
         raise DmqnError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    device = resolve_device(device)
+    check_precision(precision, device)
     run = Run.open(workspace, run_id)
     metrics, _ = evaluate_split(
         run.model(device),
@@ -103,16 +116,18 @@ def evaluate_run(
         run.max_len,
         torch.device(device),
         progress,
+        precision,
     )
     run.store.log_metrics(run.run_id, split, metrics, epoch=None)
     return run.run_id, metrics
 
 
-def split_logits(run: Run, split: str = "test", device: str = "cpu", batch_size: int | None = None) -> np.ndarray:
+def split_logits(run: Run, split: str = "test", device: str = AUTO, batch_size: int | None = None) -> np.ndarray:
     """The logits of a run's best weights for every sample of a split, in the split's own order (so that
-    the logits of two runs on one prepared set pair up sample by sample)."""
+    the logits of two runs on one prepared set pair up sample by sample); in fp32."""
     if split not in SPLITS:
         raise DmqnError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    device = resolve_device(device)
     loader = BatchLoader(run.data, split, batch_size or int(run.train_settings["eval_batch_size"]), run.max_len)
     out = predict(run.model(device), loader, torch.device(device))
     logits = np.empty(loader.n_samples, dtype=np.float64)

@@ -34,6 +34,7 @@ import dmqn_core
 from dmqn_core.config import ModelConfig
 from dmqn_core.data.batches import BatchLoader
 from dmqn_core.data.prepared import PreparedSet
+from dmqn_core.devices import AUTO, autocast, check_device, check_precision, resolve_device
 from dmqn_core.errors import DmqnError, exception_summary
 from dmqn_core.models.dmqn.mcqm import CodebookUsage
 from dmqn_core.models.dmqn.model import QuantizerDiagnostics
@@ -63,6 +64,10 @@ DIAGNOSTIC_BATCHES = 4
 # The behaviors k-means initialises the codewords from, and dead codewords are reset onto (bounded cost).
 CODEBOOK_SAMPLE_BATCHES = 8
 CODEBOOK_SAMPLE_BEHAVIORS = 65_536
+# On CUDA the steps' losses are read back every this-many steps and at the end of the epoch: reading a
+# loss waits for the GPU to finish its step, and meanwhile the host could not queue the next one. The
+# CPU has nothing to wait for, and under torchrun the loss is all-reduced every step anyway: every step.
+CUDA_LOSS_READ_STEPS = 25
 
 
 @dataclass
@@ -75,7 +80,10 @@ class TrainConfig:
     max_len: int | None = None  # None: the prepared set's --max-len
     patience: int = 2  # epochs without a better validation AUC before stopping
     seed: int = 0
-    device: str = "cpu"
+    # auto: CUDA where torch sees a GPU, else the CPU (dmqn_core.devices); a run stores the resolved device.
+    device: str = AUTO
+    # fp32, or bf16: the training forward under bf16 autocast, on CUDA only; evaluation is always fp32.
+    precision: str = "fp32"
     # dmqn / dmqn-simple: users whose codeword assignments and attention are recorded at the end
     # of training for `dmqn inspect` and `dmqn report` (dmqn_core.runs.inspection); 0 records nothing.
     inspect_users: int = 300
@@ -175,6 +183,7 @@ def resolve_configs(
     train_config = TrainConfig.from_dict(train_settings)
     if train_config.max_len is None:
         train_config = dataclasses.replace(train_config, max_len=data.max_len)
+    train_config = dataclasses.replace(train_config, device=resolve_device(train_config.device))
     _validate(train_config)
     return model_config, train_config
 
@@ -194,10 +203,8 @@ def _validate(cfg: TrainConfig) -> None:
         raise DmqnError(f"lr must be a positive number, got {cfg.lr}")
     if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
         raise DmqnError(f"weight-decay must be 0 or a positive number, got {cfg.weight_decay}")
-    if cfg.device not in ("cpu", "cuda") and not cfg.device.startswith("cuda:"):
-        raise DmqnError(f"device must be cpu or cuda, got {cfg.device!r}")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise DmqnError("--device cuda was asked for but this torch build sees no CUDA device")
+    check_device(cfg.device)  # resolved by the caller: auto is no device to train on
+    check_precision(cfg.precision, cfg.device)
 
 
 @dataclass
@@ -211,6 +218,8 @@ class TrainResult:
     train_seconds: float
     n_parameters: int
     history: list[dict[str, float]] = field(default_factory=list)
+    device: str = "cpu"  # where it trained (rank 0's device under torchrun)
+    precision: str = "fp32"
 
 
 def count_parameters(model: torch.nn.Module) -> int:
@@ -357,6 +366,14 @@ def _plan_resume(
     if set(extra) - {"epochs", "device"}:
         raise DmqnError("a resumed run keeps its settings; only --epochs and --device may change")
     train_config = TrainConfig.from_dict({**run.train_settings, **extra})
+    # The recorded device is the resolved one: a resumed run continues where it trained unless --device
+    # says otherwise (--device auto resolves again, on this machine).
+    if "device" not in extra and train_config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise DmqnError(
+            f"run {run.run_id} trained on {train_config.device}, which this machine does not have; "
+            "pass --device cpu (or auto) to continue it here"
+        )
+    train_config = dataclasses.replace(train_config, device=resolve_device(train_config.device))
     _validate(train_config)
     _check_world_size(train_config, context)
     return _Plan(
@@ -440,7 +457,7 @@ def _train(
             "history": [],
         }
         if checkpoint is not None:
-            _restore(checkpoint, run_dir / CHECKPOINT, model, optimizer, state)
+            _restore(checkpoint, run_dir / CHECKPOINT, model, optimizer, state, device)
             progress.log(f"resuming run {run_id} after epoch {state['epoch']}")
         elif getattr(getattr(model, "config", None), "codebook_init", "random") == "kmeans":
             # Every rank reads the same unsharded batches with the same generator: the same codewords.
@@ -513,7 +530,16 @@ def _train(
                 # so that a resumed run continues exactly (one process restores its RNG state instead).
                 torch.manual_seed(_rank_seed(train_config.seed, context.rank, epoch))
             train_loss, samples_per_s, seconds = _train_epoch(
-                forward, loader, optimizer, device, progress, epoch, train_config.epochs, state, context
+                forward,
+                loader,
+                optimizer,
+                device,
+                progress,
+                epoch,
+                train_config.epochs,
+                state,
+                context,
+                train_config.precision,
             )
             valid, counts = _evaluate(model, data, "valid", train_config, device, progress, context)
             if main:
@@ -601,6 +627,8 @@ def _train(
         train_seconds=state["train_seconds"],
         n_parameters=n_parameters,
         history=state["history"],
+        device=str(device),
+        precision=train_config.precision,
     )
 
 
@@ -617,14 +645,18 @@ def _restore(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer | None,
     state: dict[str, Any],
+    device: torch.device,
 ) -> None:
-    """Continue from a checkpoint: weights, optimiser moments, counters and the RNG."""
+    """Continue from a checkpoint: weights, optimiser moments, counters and the RNG (the GPU's too when
+    the run trained on one and continues on one)."""
     restore_weights(model, checkpoint, path)
     try:
         if optimizer is not None and checkpoint["optimizer_state"]:
             optimizer.load_state_dict(checkpoint["optimizer_state"])
         state.update(checkpoint["train_state"])
         torch.set_rng_state(checkpoint["torch_rng"])
+        if device.type == "cuda" and "cuda_rng" in checkpoint:
+            torch.cuda.set_rng_state(checkpoint["cuda_rng"], device)
     except (ValueError, TypeError, RuntimeError, KeyError) as exc:
         raise DmqnError(f"checkpoint {path} is damaged or not this run's ({exception_summary(exc)})") from None
 
@@ -737,18 +769,20 @@ def _save_resume_checkpoint(
     train_config: TrainConfig,
     state: dict[str, Any],
 ) -> None:
-    save_checkpoint(
-        {
-            "model_state": model.state_dict(),
-            "optimizer_state": optimizer.state_dict(),
-            "train_state": dict(state),
-            "torch_rng": torch.get_rng_state(),
-            "model_name": model_name,
-            "model_config": model_config.to_dict(),
-            "train_config": asdict(train_config),
-        },
-        run_dir / CHECKPOINT,
-    )
+    checkpoint = {
+        "model_state": model.state_dict(),
+        "optimizer_state": optimizer.state_dict(),
+        "train_state": dict(state),
+        "torch_rng": torch.get_rng_state(),
+        "model_name": model_name,
+        "model_config": model_config.to_dict(),
+        "train_config": asdict(train_config),
+    }
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        # Dropout and DIEN's negative sampling draw on the GPU's generator; a CPU run's checkpoint stays as it was.
+        checkpoint["cuda_rng"] = torch.cuda.get_rng_state(device)
+    save_checkpoint(checkpoint, run_dir / CHECKPOINT)
 
 
 def _generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
@@ -895,6 +929,7 @@ def _train_epoch(
     epochs: int,
     state: dict[str, Any],
     context: distributed.Context = distributed.SINGLE,
+    precision: str = "fp32",
 ) -> tuple[float, float, float]:
     """One pass over the training split; returns mean loss, samples/s and seconds.
 
@@ -904,13 +939,38 @@ def _train_epoch(
     model.train()
     progress.start(f"epoch {epoch}/{epochs}", len(loader))
     total_loss, total_samples = 0.0, 0
+    read_every = CUDA_LOSS_READ_STEPS if device.type == "cuda" and not context.active else 1
+    unread: list[tuple[Tensor, int, int]] = []  # (loss, n, n_global) of the steps whose loss is not read yet
     started = time.perf_counter()
+
+    def read_losses() -> None:
+        nonlocal total_loss, total_samples
+        # One transfer for the unread steps; float32 values as float() would read them one by one.
+        values = torch.stack([loss for loss, _, _ in unread]).tolist()
+        first_step = state["step"] - len(unread) + 1
+        for i, (value, (_, n, n_global)) in enumerate(zip(values, unread)):
+            batch_loss = value * n
+            if context.active:
+                # Every rank sees the whole batch's loss: the same progress and the same divergence check.
+                (batch_loss,) = distributed.all_reduce_sum(context, [batch_loss if n else 0.0])
+                n = n_global
+            total_loss += batch_loss
+            total_samples += n
+            if not math.isfinite(batch_loss):
+                raise DmqnError(
+                    f"training diverged at step {first_step + i} (loss {batch_loss / n:.4g}); try a lower --lr"
+                )
+        elapsed = time.perf_counter() - started
+        progress.advance(len(unread), loss=total_loss / total_samples, samples_per_s=total_samples / max(elapsed, 1e-9))
+        unread.clear()
+
     for batch, n, n_global in loader.steps():
         batch = batch.to(device)
-        logits = model(**batch.model_inputs())
-        loss = F.binary_cross_entropy_with_logits(logits, batch.label)  # eq. 2
-        auxiliary = getattr(module, "auxiliary_loss", None)
-        objective = loss + auxiliary() if auxiliary is not None else loss
+        with autocast(device, precision):
+            logits = model(**batch.model_inputs())
+            loss = F.binary_cross_entropy_with_logits(logits, batch.label)  # eq. 2
+            auxiliary = getattr(module, "auxiliary_loss", None)
+            objective = loss + auxiliary() if auxiliary is not None else loss
         if context.active:
             # DDP averages the ranks' gradients: (1/W) Σ_r ∇(w_r·mean_r) with w_r = n_r·W/n is
             # Σ_r (n_r/n) ∇mean_r, the gradient of the mean over the whole batch of n samples, as
@@ -923,17 +983,11 @@ def _train_epoch(
         objective.backward()
         optimizer.step()
         state["step"] += 1
-        batch_loss = float(loss.detach()) * n
-        if context.active:
-            # Every rank sees the whole batch's loss: the same progress and the same divergence check.
-            (batch_loss,) = distributed.all_reduce_sum(context, [batch_loss if n else 0.0])
-            n = n_global
-        total_loss += batch_loss
-        total_samples += n
-        elapsed = time.perf_counter() - started
-        progress.advance(1, loss=total_loss / total_samples, samples_per_s=total_samples / max(elapsed, 1e-9))
-        if not math.isfinite(batch_loss):
-            raise DmqnError(f"training diverged at step {state['step']} (loss {batch_loss / n:.4g}); try a lower --lr")
+        unread.append((loss.detach(), n, n_global))
+        if len(unread) == read_every:
+            read_losses()
+    if unread:
+        read_losses()
     seconds = time.perf_counter() - started
     progress.stop()
     return total_loss / max(total_samples, 1), total_samples / max(seconds, 1e-9), seconds

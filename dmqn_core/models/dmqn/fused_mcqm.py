@@ -34,6 +34,9 @@ from torch.autograd.function import once_differentiable
 # Elements of one chunk's (rows, L, N, W) tensors: 512k float32 = 2 MB, small enough that the dozen
 # passes over a chunk (scores, noise, softmax, its backward) stay in the CPU's cache.
 CHUNK_ELEMENTS = 1 << 19
+# On a GPU a chunk is a dozen kernel launches, and small chunks leave it idle between them: 16M elements
+# (64 MB of float32 per tensor; the backward holds about four at once) bound the memory instead.
+CUDA_CHUNK_ELEMENTS = 1 << 24
 # The per-forward seed of the Gumbel noise.
 SEED_BOUND = 1 << 62
 # Elements of noise drawn from one private generator (256 kB of float32): small enough to spread one
@@ -43,9 +46,10 @@ NOISE_BLOCK = 1 << 16
 T = TypeVar("T")
 
 
-def chunk_rows(length: int, slots: int) -> int:
-    """Histories per chunk for histories of `length` behaviors and N W = `slots` codewords."""
-    return max(1, CHUNK_ELEMENTS // max(length * slots, 1))
+def chunk_rows(length: int, slots: int, device: torch.device) -> int:
+    """Histories per chunk for histories of `length` behaviors and N W = `slots` codewords, on `device`."""
+    elements = CUDA_CHUNK_ELEMENTS if device.type == "cuda" else CHUNK_ELEMENTS
+    return max(1, elements // max(length * slots, 1))
 
 
 def draw_seed() -> int:
@@ -94,17 +98,19 @@ def _threads() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="dmqn-mcqm")
 
 
-def map_chunks(work: Callable[[int, int], T], histories: int, rows: int) -> list[T]:
-    """work(h0, h1) for every chunk of `rows` histories, in chunk order, on torch's number of threads.
+def map_chunks(work: Callable[[int, int], T], histories: int, rows: int, device: torch.device) -> list[T]:
+    """work(h0, h1) for every chunk of `rows` histories, in chunk order; on the CPU on torch's number of threads.
 
     Each thread takes whole chunks and runs torch single-threaded inside them: a chunk's dozen small
     ops, each parallelised inside, would wait at a barrier per op for a second core, which on a
     loaded machine costs more than the op (measured: 2 torch threads slower than 1 on a busy 2-core
     machine). The results come back in chunk order, so sums over them do not depend on the threads.
+    On a GPU the chunks run one after the other: each only queues kernels, and threads would contend
+    for one stream (and torch.set_num_threads would change the CPU's threads for nothing).
     """
     chunks = [(h0, min(h0 + rows, histories)) for h0 in range(0, histories, rows)]
     threads = torch.get_num_threads()
-    workers = min(threads, len(chunks))
+    workers = min(threads, len(chunks)) if device.type == "cpu" else 1
     if workers <= 1:
         return [work(h0, h1) for h0, h1 in chunks]
     results: list[T] = [None] * len(chunks)  # type: ignore[list-item]
@@ -194,7 +200,7 @@ def argmax_codewords(e: Tensor, folded: Tensor) -> Tensor:
         # A NaN score matches no maximum (rank 0); clamping keeps its index in range, as argmax's would be.
         z[h0:h1] = (W - ranked.amax(dim=2).long()).clamp_(max=W - 1)  # (rows, N, L)
 
-    map_chunks(assign, H, chunk_rows(L, N * W))
+    map_chunks(assign, H, chunk_rows(L, N * W, e.device), e.device)
     return z
 
 
@@ -235,10 +241,13 @@ class FusedQuantize(torch.autograd.Function):
             return torch.einsum("hlnw,hl->nw", t.softmax(dim=-1), valid[h0:h1]) if with_usage else None
 
         # (N, W) per chunk, or None; nothing to do without noise or usage.
-        prob_sums = map_chunks(assign, H, chunk_rows(L, N * W)) if assign_noise != "none" or with_usage else []
+        rows = chunk_rows(L, N * W, e.device)
+        prob_sums = map_chunks(assign, H, rows, e.device) if assign_noise != "none" or with_usage else []
         slot = pool_slots(z, mask, W)
         clusters, size = pool_means(e, slot, W)  # (H, N, W, D), (H, N, W) eq. 9-10
-        n_real = float(max(int(mask.sum()), 1))
+        # Real behaviors of the batch, needed by the usage term only; a tensor, as reading it on the host
+        # would wait for a GPU. Exact in float32 below 2^24 behaviors, as float(int(...)) was.
+        n_real = mask.sum().clamp(min=1).to(e.dtype) if with_usage else None
         mean_prob = torch.stack(prob_sums).sum(dim=0) / n_real if with_usage else e.new_zeros(0)
         ctx.save_for_backward(e, folded, mask, slot, size, clusters)
         ctx.options = (tau, assign_noise, tau_placement, centred, with_usage, seed, n_real)
@@ -291,5 +300,5 @@ class FusedQuantize(torch.autograd.Function):
             de[h0:h1] += ds @ f
             return ds.reshape(-1, N * W).T @ e_c.reshape(-1, D)  # (N W, D) this chunk's part of dfolded
 
-        d_folded = torch.stack(map_chunks(grad, H, chunk_rows(L, N * W))).sum(dim=0)  # (N W, D)
+        d_folded = torch.stack(map_chunks(grad, H, chunk_rows(L, N * W, e.device), e.device)).sum(dim=0)  # (N W, D)
         return de, d_folded.view(N, W, D), None, None, None, None, None, None, None

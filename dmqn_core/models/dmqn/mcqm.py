@@ -133,7 +133,15 @@ class MultiCodebookQuantizer(nn.Module):
         return noisy_logits(scores, gumbel, self.tau, self.tau_placement)
 
     def forward(self, e: Tensor, mask: Tensor, with_usage: bool = False) -> QuantizerOutput:
-        """e (H, L, D), zero at padding; mask (H, L) bool, True = real behavior."""
+        """e (H, L, D), zero at padding; mask (H, L) bool, True = real behavior.
+
+        Always in fp32: under bf16 autocast (--precision bf16) a behavior's codeword, an argmax over scores
+        rounded to 8 bits, would hinge on near-ties, and the fused path's backward recomputes the forward's
+        scores, which must come out the same; ICIM, CTAM and the MLP after it compute in bf16.
+        """
+        if torch.is_autocast_enabled(e.device.type):
+            with torch.autocast(e.device.type, enabled=False):
+                return self.forward(e.float(), mask, with_usage)
         W = self.codebooks.shape[1]
         if not self.training:
             # Inference: the noise-free argmax (eq. 7-8) and a scatter-add mean of the assigned e (eq. 9-10).
