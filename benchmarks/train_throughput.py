@@ -27,6 +27,11 @@ timing goes into a test.
     python benchmarks/train_throughput.py --models dmqn,din-full --lengths 1000 --steps 20 --out tp.json
     python benchmarks/train_throughput.py --models dmqn,din-full --lengths 1000,5000 --reference
     python benchmarks/train_throughput.py --threads 1
+    python benchmarks/train_throughput.py --device cuda --models dmqn,din-full --lengths 1000,5000
+
+With --device cuda the steps run on the GPU (timed between torch.cuda.synchronize() calls) and each
+configuration also reports its peak CUDA memory, torch.cuda.max_memory_allocated (tensors only, not the
+allocator's cache or the CUDA context).
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ import torch
 import torch.nn.functional as F
 
 from dmqn_core.config import ModelConfig
+from dmqn_core.devices import check_device, describe
+from dmqn_core.errors import DmqnError
 from dmqn_core.models.registry import build_model
 
 MODELS = ("din-short", "din-full", "sim", "eta", "twin", "dmqn-simple", "dmqn")
@@ -102,32 +109,44 @@ def matmul_flops(model_name: str, histories: int, length: int, config: ModelConf
     return per_matmul * (6 if model_name == REFERENCE else 5)
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the GPU's queued work, so that a clock read after it counts that work (nothing on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def quantizer_speed(model: torch.nn.Module, model_name: str, batch: dict[str, torch.Tensor], steps: int) -> dict:
     """MCQM forward + backward alone on the batch's embedded histories: achieved matmul GFLOP/s next to
-    the GFLOP/s of one dense (n, n) x (n, n) torch.matmul of the same total FLOPs, in this process."""
+    the GFLOP/s of one dense (n, n) x (n, n) torch.matmul of the same total FLOPs, in this process, on the
+    batch's device."""
     config = model.config
     mask = batch["hist_mask"]
+    device = mask.device
     with torch.no_grad():
         e = model.embedding.behaviors(batch["hist_item"], batch["hist_category"], batch["hist_behavior"], mask)
     e.requires_grad_(True)
     H, L, _ = e.shape
-    grad = torch.randn(H, config.n_codebooks, config.codebook_size, config.embed_dim)
+    grad = torch.randn(H, config.n_codebooks, config.codebook_size, config.embed_dim, device=device)
 
     def fwd_bwd() -> None:
         (model.quantizer(e, mask).clusters * grad).sum().backward()
 
     fwd_bwd()
+    synchronize(device)
     started = time.perf_counter()
     for _ in range(steps):
         fwd_bwd()
+    synchronize(device)
     seconds = (time.perf_counter() - started) / steps
     flops = matmul_flops(model_name, H, L, config)
     n = round((flops / 2) ** (1 / 3))
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     torch.matmul(a, b)
+    synchronize(device)
     started = time.perf_counter()
     for _ in range(steps):
         torch.matmul(a, b)
+    synchronize(device)
     matmul_seconds = (time.perf_counter() - started) / steps
     return {
         "mcqm_seconds": seconds,
@@ -138,14 +157,16 @@ def quantizer_speed(model: torch.nn.Module, model_name: str, batch: dict[str, to
 
 
 def measure(
-    model_name: str, length: int, batch_size: int, warmup: int, steps: int, threads: int, seed: int
+    model_name: str, length: int, batch_size: int, warmup: int, steps: int, threads: int, seed: int, device: str
 ) -> dict[str, float]:
     """Train `warmup` untimed then `steps` timed steps in this process, then time `steps` inference steps.
 
     Returns samples/s of wall-clock time, samples per CPU-second of this process (all its threads;
     what the steps cost whatever else the machine runs), both for training and inference, the peak
-    resident memory (MB) of training, and for dmqn the MCQM GFLOP/s (quantizer_speed).
+    resident memory (MB) of training, on CUDA the peak CUDA memory (MB) of training, and for dmqn the
+    MCQM GFLOP/s (quantizer_speed).
     """
+    target = torch.device(device)
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -153,10 +174,13 @@ def measure(
     popularity = 1.0 / np.arange(1, N_ITEMS) ** 0.8  # Zipf-like, over ids 1..N_ITEMS-1
     popularity /= popularity.sum()
     item_category = np.concatenate([[0], rng.integers(1, N_CATEGORIES, size=N_ITEMS - 1)])  # (n_items,)
-    batches = [make_batch(rng, item_category, popularity, batch_size, length) for _ in range(2)]
-    labels = torch.tensor([1.0, 0.0]).repeat(batch_size // 2)  # (B,)
+    batches = [
+        {name: t.to(target) for name, t in make_batch(rng, item_category, popularity, batch_size, length).items()}
+        for _ in range(2)
+    ]
+    labels = torch.tensor([1.0, 0.0], device=target).repeat(batch_size // 2)  # (B,)
 
-    model = build(model_name, config).train()
+    model = build(model_name, config).to(target).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
 
     def step(batch: dict[str, torch.Tensor]) -> None:
@@ -169,13 +193,18 @@ def measure(
     def timed(run: Callable[[dict[str, torch.Tensor]], object]) -> tuple[float, float]:
         for i in range(warmup):
             run(batches[i % len(batches)])
+        synchronize(target)
         started, started_cpu = time.perf_counter(), time.process_time()
         for i in range(steps):
             run(batches[i % len(batches)])
+        synchronize(target)
         return time.perf_counter() - started, time.process_time() - started_cpu
 
+    if target.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(target)
     seconds, cpu_seconds = timed(step)
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux; training's peak
+    peak_cuda = torch.cuda.max_memory_allocated(target) if target.type == "cuda" else None
     model.eval()  # what dmqn_core.training.evaluate does: eval mode, no autograd
     with torch.no_grad():
         infer_seconds, infer_cpu_seconds = timed(lambda batch: model(**batch))
@@ -188,6 +217,8 @@ def measure(
         "infer_samples_per_s": steps * batch_size / infer_seconds,
         "infer_samples_per_cpu_s": steps * batch_size / infer_cpu_seconds,
     }
+    if peak_cuda is not None:
+        result["peak_cuda_mb"] = peak_cuda / 2**20
     if model_name in ("dmqn", REFERENCE):
         result.update(quantizer_speed(model.train(), model_name, batches[0], steps))
     return result
@@ -211,6 +242,8 @@ def run_child(model_name: str, length: int, args: argparse.Namespace) -> dict[st
         str(args.threads),
         "--seed",
         str(args.seed),
+        "--device",
+        args.device,
     ]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
@@ -260,13 +293,21 @@ def main() -> None:
         help="torch threads [default: every core this process may use]",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N [default: cpu]")
     parser.add_argument("--out", help="also write the results as JSON to this file")
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "L"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.child:
         result = measure(
-            args.child[0], int(args.child[1]), args.batch_size, args.warmup, args.steps, args.threads, args.seed
+            args.child[0],
+            int(args.child[1]),
+            args.batch_size,
+            args.warmup,
+            args.steps,
+            args.threads,
+            args.seed,
+            args.device,
         )
         print(json.dumps(result))
         return
@@ -275,7 +316,14 @@ def main() -> None:
     lengths = [int(x) for x in args.lengths.split(",") if x]
     if args.batch_size < 2 or args.batch_size % 2:
         parser.error("--batch-size must be even (a positive and a negative per history)")
+    if args.device != "cpu":
+        try:
+            check_device(args.device)
+        except DmqnError as exc:
+            parser.error(str(exc))
     machine = f"{cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {args.threads} threads"
+    if args.device != "cpu":
+        machine += f", {describe(args.device)}"
     print(
         f"{machine}; batch {args.batch_size}, {args.warmup} warm-up + {args.steps} timed steps; "
         f"load average at start {load_average()}",
@@ -292,9 +340,10 @@ def main() -> None:
                 if "mcqm_gflops" in result
                 else ""
             )
+            cuda_peak = f", {result['peak_cuda_mb']:,.0f} MB CUDA peak" if "peak_cuda_mb" in result else ""
             print(
                 f"  L={length:>5} {model_name:<14} train {result['samples_per_s']:>8,.1f}/s "
-                f"{result['samples_per_cpu_s']:>8,.1f} per CPU s {result['peak_mb']:>7,.0f} MB peak; "
+                f"{result['samples_per_cpu_s']:>8,.1f} per CPU s {result['peak_mb']:>7,.0f} MB peak{cuda_peak}; "
                 f"infer {result['infer_samples_per_s']:>8,.1f}/s {result['infer_samples_per_cpu_s']:>8,.1f} per CPU s"
                 f"{mcqm}   (load {load_average()})",
                 flush=True,
@@ -329,6 +378,13 @@ def main() -> None:
     print("| --- | " + " | ".join("---:" for _ in lengths) + " |")
     for model_name in models:
         print(f"| {model_name} | " + " | ".join(f"{median(model_name, n, 'peak_mb'):,.0f}" for n in lengths) + " |")
+    if args.device != "cpu":
+        print("\nPeak CUDA memory of training (MB, torch.cuda.max_memory_allocated):")
+        print("| model | " + " | ".join(f"L={n}" for n in lengths) + " |")
+        print("| --- | " + " | ".join("---:" for _ in lengths) + " |")
+        for model_name in models:
+            cells = " | ".join(f"{median(model_name, n, 'peak_cuda_mb'):,.0f}" for n in lengths)
+            print(f"| {model_name} | {cells} |")
     quantizers = [m for m in ("dmqn", REFERENCE) if m in models]
     if quantizers:
         print("\nMCQM forward + backward alone (matmul GFLOP/s; dense torch.matmul of the same FLOPs):")
@@ -360,6 +416,7 @@ def main() -> None:
             "steps": args.steps,
             "threads": args.threads,
             "seed": args.seed,
+            "device": args.device,
             "load_average_end": load_average(),
             "runs": [{"model": m, "L": n, **r} for (m, n), rs in runs.items() for r in rs],
             "ratio_to_din_full": {

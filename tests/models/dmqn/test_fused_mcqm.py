@@ -33,10 +33,11 @@ def run(q: MultiCodebookQuantizer, e: torch.Tensor, mask: torch.Tensor, with_usa
     e = e.detach().clone().requires_grad_(True)
     torch.manual_seed(11)
     out = q(e, mask, with_usage=with_usage)
-    generator = torch.Generator().manual_seed(12)
-    loss = (out.clusters * torch.randn(out.clusters.shape, generator=generator, dtype=e.dtype)).sum()
+    generator = torch.Generator().manual_seed(12)  # on the CPU: the same loss on every device
+    loss = (out.clusters * torch.randn(out.clusters.shape, generator=generator, dtype=e.dtype).to(e.device)).sum()
     if with_usage:
-        loss = loss + (out.mean_prob * torch.randn(out.mean_prob.shape, generator=generator, dtype=e.dtype)).sum()
+        weights = torch.randn(out.mean_prob.shape, generator=generator, dtype=e.dtype).to(e.device)
+        loss = loss + (out.mean_prob * weights).sum()
     loss.backward()
     return {
         "clusters": out.clusters.detach(),
@@ -50,7 +51,12 @@ def run(q: MultiCodebookQuantizer, e: torch.Tensor, mask: torch.Tensor, with_usa
 
 
 def quantizer_and_inputs(
-    assign_noise: str, tau_placement: str, straight_through: str, codebook_size: int, dtype: torch.dtype
+    assign_noise: str,
+    tau_placement: str,
+    straight_through: str,
+    codebook_size: int,
+    dtype: torch.dtype,
+    device: str = "cpu",
 ) -> tuple[MultiCodebookQuantizer, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
     N, D = 3, 6
@@ -61,7 +67,7 @@ def quantizer_and_inputs(
     L = max(LENGTHS)
     mask = torch.arange(L)[None] < torch.tensor(LENGTHS)[:, None]  # (H, L)
     e = torch.randn(len(LENGTHS), L, D, dtype=dtype) * mask[..., None]  # zero at padding, as the contract says
-    return q, e, mask
+    return q.to(device), e.to(device), mask.to(device)
 
 
 def assert_same(fused: dict, reference: dict, relative: float) -> None:
@@ -195,3 +201,60 @@ def test_argmax_codewords_takes_the_first_maximal_codeword(monkeypatch: pytest.M
         assert (scores == scores.amax(dim=-1, keepdim=True)).sum(dim=-1).max() > 1  # ties were there to break
     e[0, 3, 0] = float("nan")
     assert fused_mcqm.argmax_codewords(e, folded).max() < codebook_size  # a NaN score still gives a codeword
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("chunk_elements", [100, fused_mcqm.CUDA_CHUNK_ELEMENTS])  # 1 history per chunk, or all
+@pytest.mark.parametrize(("assign_noise", "tau_placement", "straight_through", "with_usage"), OPTIONS)
+def test_fused_training_path_equals_the_reference_on_cuda(
+    monkeypatch: pytest.MonkeyPatch,
+    assign_noise: str,
+    tau_placement: str,
+    straight_through: str,
+    with_usage: bool,
+    chunk_elements: int,
+):
+    """The CPU test above on the GPU: there both paths draw their noise from torch's CUDA generators (one per
+    history and block, seeded alike) and the chunks run one after the other; the same float32 bound (1e-5 of
+    the largest magnitude, for reordered sums of at most 455 terms) and the float64 bound 1e-10."""
+    monkeypatch.setattr(fused_mcqm, "CUDA_CHUNK_ELEMENTS", chunk_elements)
+    for dtype, relative in ((torch.float32, 1e-5), (torch.float64, 1e-10)):
+        q, e, mask = quantizer_and_inputs(assign_noise, tau_placement, straight_through, 7, dtype, "cuda")
+        fused, reference = run(q, e, mask, with_usage, True), run(q, e, mask, with_usage, False)
+        assert_same(fused, reference, relative)
+        assert fused["e.grad"][mask.logical_not()].abs().max() == 0
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("straight_through", ["plain", "centred"])
+def test_the_fused_path_on_cuda_equals_the_cpu(monkeypatch: pytest.MonkeyPatch, straight_through: str):
+    """Without noise (the default: CPU and CUDA draw Gumbel noise from different generators) the fused path gives
+    the CPU's values and gradients. In float64, 1e-10: no float32 near-tie can make the devices' argmax differ.
+    On the GPU no chunk goes to the thread pool and torch's CPU threads are left alone."""
+    monkeypatch.setattr(fused_mcqm, "CHUNK_ELEMENTS", 300)  # several chunks on the CPU, on both threads
+    for with_usage in (False, True):
+        cpu = run(*quantizer_and_inputs("none", "after_noise", straight_through, 7, torch.float64), with_usage, True)
+        with monkeypatch.context() as cpu_only:
+
+            def refuse(*args: object) -> None:
+                raise AssertionError("the CUDA path used the CPU's thread pool or set torch's threads")
+
+            cpu_only.setattr(fused_mcqm, "_threads", refuse)
+            cpu_only.setattr(torch, "set_num_threads", refuse)
+            q, e, mask = quantizer_and_inputs("none", "after_noise", straight_through, 7, torch.float64, "cuda")
+            cuda = run(q, e, mask, with_usage, True)
+        assert_same({k: None if v is None else v.cpu() for k, v in cuda.items()}, cpu, 1e-10)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("codebook_size", [1, 5, 32, 300])
+def test_argmax_codewords_takes_the_first_maximal_codeword_on_cuda(codebook_size: int):
+    """The float trick of argmax_codewords (s - max >= 0 times a rank, then amax) on the GPU: exact scores of
+    small integers, frequent ties, the first maximal codeword as torch's argmax; a NaN still gives a codeword."""
+    generator = torch.Generator().manual_seed(5)
+    e = torch.randint(-2, 3, (6, 40, 4), generator=generator).float()
+    folded = torch.randint(-1, 2, (3, codebook_size, 4), generator=generator).float()
+    scores = torch.einsum("hld,nwd->hnlw", e.double(), folded.double())  # (H, N, L, W), exact
+    assert torch.equal(fused_mcqm.argmax_codewords(e.cuda(), folded.cuda()).cpu(), scores.argmax(dim=-1))
+    e[0, 3, 0] = float("nan")
+    assert fused_mcqm.argmax_codewords(e.cuda(), folded.cuda()).max() < codebook_size
