@@ -11,12 +11,14 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from dmqn_core.data.prep import prepare
 from dmqn_core.data.synth import write_log
+from dmqn_core.training.train import train
 from dmqn_core.workspace import Workspace
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -60,14 +62,27 @@ def _gpu_for_cuda_tests(request: pytest.FixtureRequest, monkeypatch: pytest.Monk
             monkeypatch.setenv("CUDA_VISIBLE_DEVICES", _visible_devices)
 
 
-@pytest.fixture(scope="session")
-def tiny_workspace(tmp_path_factory) -> Workspace:
-    """A workspace holding the prepared set 'tiny' (synthetic, 200 users, histories up to 200)."""
-    ws = Workspace(tmp_path_factory.mktemp("ws")).ensure()
+def tiny_set_workspace(root: Path) -> Workspace:
+    """A workspace at ``root`` holding the prepared set 'tiny' (synthetic, 200 users, histories up to 200),
+    from the log ``root/tiny.csv``: for tests that change their workspace, each gets its own."""
+    ws = Workspace(root).ensure()
     log = ws.root / "tiny.csv"
     write_log(log, "tiny", seed=3)
     prepare(log, "taobao", "tiny", workspace=ws, max_len=200, train_targets=5, seed=3)
     return ws
+
+
+def small_dmqn_run(ws: Workspace, **train_settings: Any) -> str:
+    """A one-epoch DMQN run (D = 8, 2 codebooks of 8) on the workspace's 'tiny' set, seed 4: what the
+    serving tests serve; ``train_settings`` add to its [train] table."""
+    settings = {"epochs": 1, "max_len": 60, "batch_size": 256, "seed": 4, **train_settings}
+    return train(ws, "tiny", "dmqn", {"embed_dim": 8, "n_codebooks": 2, "codebook_size": 8}, settings).run_id
+
+
+@pytest.fixture(scope="session")
+def tiny_workspace(tmp_path_factory) -> Workspace:
+    """A workspace holding the prepared set 'tiny', shared by the session's tests that only add runs to it."""
+    return tiny_set_workspace(tmp_path_factory.mktemp("ws"))
 
 
 @contextmanager

@@ -15,13 +15,13 @@ from pathlib import Path
 import duckdb
 import pytest
 import torch
+from conftest import tiny_set_workspace
 from typer.testing import CliRunner
 
 from dmqn_cli.main import app
 from dmqn_cli.progress import RichProgress
 from dmqn_core.data.prep import TAOBAO_TIME_RANGE, prepare
 from dmqn_core.data.prepared import PreparedSet
-from dmqn_core.data.synth import write_log
 from dmqn_core.errors import DmqnError, has_unsafe_characters, printable
 from dmqn_core.runs.store import RunStore
 from dmqn_core.training.train import _out_of_memory, read_config_file, train
@@ -46,11 +46,7 @@ def one_line_error(result) -> str:
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory) -> Workspace:
-    ws = Workspace(tmp_path_factory.mktemp("hardening") / "ws").ensure()
-    log = ws.root / "tiny.csv"
-    write_log(log, "tiny", seed=3)
-    prepare(log, "taobao", "tiny", workspace=ws, max_len=200, train_targets=5, seed=3)
-    return ws
+    return tiny_set_workspace(tmp_path_factory.mktemp("hardening") / "ws")
 
 
 def run_dirs(ws: Workspace) -> list[str]:

@@ -24,13 +24,12 @@ from pathlib import Path
 import duckdb
 import optuna
 import pytest
+from conftest import tiny_set_workspace
 from optuna.distributions import FloatDistribution
 from typer.testing import CliRunner
 
 from dmqn_cli.main import app
-from dmqn_core.data.prep import prepare
 from dmqn_core.data.prepared import PreparedSet
-from dmqn_core.data.synth import write_log
 from dmqn_core.errors import DmqnError
 from dmqn_core.runs.store import RUN_LOCK, RunStore
 from dmqn_core.training import tune as tune_module
@@ -44,11 +43,7 @@ NOT_A_STORE = "is not a dmqn run store"
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Workspace:
     """A workspace with the synthetic set 'tiny' (as tests/conftest.py's); tests copy its data/ into their own."""
-    ws = Workspace(tmp_path_factory.mktemp("prepared")).ensure()
-    log = ws.root / "tiny.csv"
-    write_log(log, "tiny", seed=3)
-    prepare(log, "taobao", "tiny", workspace=ws, max_len=200, train_targets=5, seed=3)
-    return ws
+    return tiny_set_workspace(tmp_path_factory.mktemp("prepared"))
 
 
 def workspace_with_data(prepared: Workspace, root: Path) -> Workspace:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_set_workspace
 from typer.testing import CliRunner
 
 import dmqn_core.training.train as train_module
@@ -41,15 +42,6 @@ SMALL = {"embed_dim": 8, "mlp_hidden": [16]}
 QUICK = {"epochs": 1, "max_len": 50, "batch_size": 256, "inspect_users": 0}
 
 
-def prepared_workspace(root: Path) -> Workspace:
-    """A workspace of its own with the synthetic set 'tiny' (as tests/conftest.py's), from the log tiny.csv."""
-    ws = Workspace(root).ensure()
-    log = ws.root / "tiny.csv"
-    write_log(log, "tiny", seed=3)
-    prepare(log, "taobao", "tiny", workspace=ws, max_len=200, train_targets=5, seed=3)
-    return ws
-
-
 def run_entries(ws: Workspace) -> list[str]:
     return sorted(p.name for p in ws.runs_dir.iterdir()) if ws.runs_dir.exists() else []
 
@@ -60,7 +52,7 @@ def trained(tmp_path_factory) -> tuple[Workspace, str, str]:
 
     Tests may replace the runs' checkpoint files but must put the originals back.
     """
-    ws = prepared_workspace(tmp_path_factory.mktemp("trained"))
+    ws = tiny_set_workspace(tmp_path_factory.mktemp("trained"))
     finished = train(ws, "tiny", "din-short", SMALL, QUICK).run_id
     interrupted = train(ws, "tiny", "din-short", SMALL, QUICK).run_id
     RunStore(ws.store_path).update_run(interrupted, status="interrupted")  # resumable, checkpoint after epoch 1
@@ -171,7 +163,7 @@ def test_a_damaged_checkpoint_is_one_line_for_eval_and_resume(trained, kind):
 
 # -- item 8: a run refuses a data set prepared again under its name ----------------------------
 def test_a_run_refuses_a_data_set_prepared_again_under_its_name(tmp_path):
-    ws = prepared_workspace(tmp_path / "ws")
+    ws = tiny_set_workspace(tmp_path / "ws")
     store = RunStore(ws.store_path)
     finished = train(ws, "tiny", "din-short", SMALL, QUICK).run_id
     interrupted = train(ws, "tiny", "din-short", SMALL, QUICK).run_id
@@ -192,7 +184,7 @@ def test_a_run_refuses_a_data_set_prepared_again_under_its_name(tmp_path):
 
 
 def test_a_run_recorded_without_a_fingerprint_compares_protocol_and_vocabularies(tmp_path):
-    ws = prepared_workspace(tmp_path / "ws")
+    ws = tiny_set_workspace(tmp_path / "ws")
     store = RunStore(ws.store_path)
     run = train(ws, "tiny", "din-short", SMALL, QUICK).run_id
     params = store.get_run(run).params
@@ -217,7 +209,7 @@ def test_a_run_recorded_without_a_fingerprint_compares_protocol_and_vocabularies
 # -- items 9 and 11: refused settings leave nothing behind --------------------------------------
 @pytest.fixture(scope="module")
 def prepared_once(tmp_path_factory) -> Workspace:
-    return prepared_workspace(tmp_path_factory.mktemp("prepared"))
+    return tiny_set_workspace(tmp_path_factory.mktemp("prepared"))
 
 
 @pytest.fixture
@@ -289,7 +281,7 @@ def test_toml_values_of_the_wrong_type_are_one_line_from_the_command_line(refusi
 
 # -- item 9: a run that fails after it started is marked failed --------------------------------
 def test_a_run_that_fails_between_its_record_and_its_first_epoch_is_marked_failed(tmp_path, monkeypatch):
-    ws = prepared_workspace(tmp_path / "ws")
+    ws = tiny_set_workspace(tmp_path / "ws")
 
     def loader_fails(*args, **kwargs):
         raise RuntimeError("the loader broke")
@@ -302,7 +294,7 @@ def test_a_run_that_fails_between_its_record_and_its_first_epoch_is_marked_faile
 
 
 def test_a_new_run_the_store_cannot_record_leaves_no_directory(tmp_path, monkeypatch):
-    ws = prepared_workspace(tmp_path / "ws")
+    ws = tiny_set_workspace(tmp_path / "ws")
 
     def store_refuses(self, **kwargs):
         raise DmqnError(f"cannot use run store {self.path}: Permission denied")
@@ -315,7 +307,7 @@ def test_a_new_run_the_store_cannot_record_leaves_no_directory(tmp_path, monkeyp
 
 # -- item 11: a workspace that turns read-only in training -------------------------------------
 def test_a_workspace_that_turns_read_only_fails_the_run_with_its_own_error(tmp_path, monkeypatch):
-    ws = prepared_workspace(tmp_path / "ws")
+    ws = tiny_set_workspace(tmp_path / "ws")
 
     def read_only(path, data):
         raise PermissionError(13, "Permission denied", str(path))
@@ -339,7 +331,7 @@ def test_a_workspace_that_turns_read_only_fails_the_run_with_its_own_error(tmp_p
 
 # -- item 11: a damaged run store is one line naming the file ----------------------------------
 def test_a_damaged_run_store_is_one_line_naming_the_file(tmp_path):
-    ws = prepared_workspace(tmp_path / "ws")
+    ws = tiny_set_workspace(tmp_path / "ws")
     store = RunStore(ws.store_path)
     run = store.create_run(
         model="pop", dataset="tiny", dataset_path=str(ws.dataset_path("tiny")), params={}, seed=0, n_parameters=0
@@ -365,7 +357,7 @@ def test_a_damaged_run_store_is_one_line_naming_the_file(tmp_path):
 
 # -- item 10: a run killed with SIGKILL reads dead, is not "the latest run", and resumes --------
 def test_a_run_killed_with_sigkill_reads_dead_and_resumes(tmp_path):
-    ws = prepared_workspace(tmp_path / "ws")
+    ws = tiny_set_workspace(tmp_path / "ws")
     command = [
         sys.executable,
         "-m",
@@ -420,7 +412,7 @@ def test_a_run_killed_with_sigkill_reads_dead_and_resumes(tmp_path):
 
 def test_commands_without_a_run_id_take_the_latest_finished_run(tmp_path):
     """eval, export-cache, score (Run.open) and report, inspect (RunInspector)."""
-    ws = prepared_workspace(tmp_path / "ws")
+    ws = tiny_set_workspace(tmp_path / "ws")
     store = RunStore(ws.store_path)
     finished = train(ws, "tiny", "dmqn-simple", {**SMALL, "n_codebooks": 2, "codebook_size": 8}, QUICK).run_id
     record = store.get_run(finished)
@@ -444,7 +436,7 @@ def test_a_bench_name_must_be_a_plain_name(refusing_workspace, name):
 
 
 def test_a_plain_bench_name_is_accepted(tmp_path):
-    ws = prepared_workspace(tmp_path / "ws")
+    ws = tiny_set_workspace(tmp_path / "ws")
     report = run_bench(ws, "tiny", ["pop"], [0], {}, {"max_len": 50}, name="v1.2_final-A")
     assert report.directory == ws.root / "benches" / "v1.2_final-A" and (report.directory / "table2.md").exists()
 

@@ -9,19 +9,16 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from conftest import free_port, redis_server
+from conftest import free_port, redis_server, small_dmqn_run, tiny_set_workspace
 from typer.testing import CliRunner
 
 from dmqn_cli.common import handle_errors
 from dmqn_cli.main import app
-from dmqn_core.data.prep import prepare
-from dmqn_core.data.synth import write_log
 from dmqn_core.errors import DmqnError
 from dmqn_core.runs.inspection import RunInspector
 from dmqn_core.runs.run import Run
 from dmqn_core.serving.cache import CachedScorer, export_states
 from dmqn_core.serving.state_store import EmbeddedStateStore, RedisStateStore
-from dmqn_core.training.train import train
 from dmqn_core.uris import redact_uri
 from dmqn_core.workspace import Workspace
 
@@ -33,18 +30,8 @@ BELOW_INT64 = str(-(2**63) - 1)
 @pytest.fixture(scope="module")
 def served(tmp_path_factory) -> tuple[Workspace, str]:
     """A workspace of its own with a small DMQN run (five users recorded for the inspector)."""
-    ws = Workspace(tmp_path_factory.mktemp("served")).ensure()
-    log = ws.root / "tiny.csv"
-    write_log(log, "tiny", seed=3)
-    prepare(log, "taobao", "tiny", workspace=ws, max_len=200, train_targets=5, seed=3)
-    run = train(
-        ws,
-        "tiny",
-        "dmqn",
-        {"embed_dim": 8, "n_codebooks": 2, "codebook_size": 8},
-        {"epochs": 1, "max_len": 60, "batch_size": 256, "seed": 4, "inspect_users": 5},
-    )
-    return ws, run.run_id
+    ws = tiny_set_workspace(tmp_path_factory.mktemp("served"))
+    return ws, small_dmqn_run(ws, inspect_users=5)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 
 import numpy as np
 import pytest
+from conftest import tiny_set_workspace
 from typer.testing import CliRunner
 
 from dmqn_cli.main import app
@@ -35,10 +36,7 @@ TRAIN = {"epochs": 1, "max_len": 60, "batch_size": 256, "seed": 4, "inspect_user
 def served(tmp_path_factory) -> tuple[Workspace, str, str]:
     """A workspace of this module's own (its tests move the prepared set away) with a dmqn run whose
     states are exported, and a pop run. Tests that move or replace the set put it back."""
-    ws = Workspace(tmp_path_factory.mktemp("run")).ensure()
-    log = ws.root / "tiny.csv"
-    write_log(log, "tiny", seed=3)
-    prepare(log, "taobao", "tiny", workspace=ws, max_len=200, train_targets=5, seed=3)
+    ws = tiny_set_workspace(tmp_path_factory.mktemp("run"))
     dmqn = train(ws, "tiny", "dmqn", MODEL, TRAIN).run_id
     pop = train(ws, "tiny", "pop", train_settings={"seed": 0}).run_id
     export_states(ws, dmqn)

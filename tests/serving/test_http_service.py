@@ -22,15 +22,12 @@ import numpy as np
 import pytest
 import redis
 import torch
-from conftest import free_port, redis_server
+from conftest import free_port, redis_server, small_dmqn_run, tiny_set_workspace
 from typer.testing import CliRunner
 
 from dmqn_cli.main import app
-from dmqn_core.data.prep import prepare
-from dmqn_core.data.synth import write_log
 from dmqn_core.runs.run import Run
 from dmqn_core.serving.cache import CachedScorer, export_states, state_store
-from dmqn_core.training.train import train
 from dmqn_core.workspace import Workspace
 
 TIMEOUT = httpx.Timeout(60.0)  # generous: the machine may be loaded; a hung request still fails the test
@@ -86,19 +83,10 @@ def serving(ws: Workspace, run_id: str, log: Path, *args: str) -> Iterator[Serve
 @pytest.fixture(scope="module")
 def served(tmp_path_factory) -> tuple[Workspace, str]:
     """A workspace of its own (the reload test rewrites its checkpoint) with a small DMQN run, exported."""
-    ws = Workspace(tmp_path_factory.mktemp("served")).ensure()
-    log = ws.root / "tiny.csv"
-    write_log(log, "tiny", seed=3)
-    prepare(log, "taobao", "tiny", workspace=ws, max_len=200, train_targets=5, seed=3)
-    run = train(
-        ws,
-        "tiny",
-        "dmqn",
-        {"embed_dim": 8, "n_codebooks": 2, "codebook_size": 8},
-        {"epochs": 1, "max_len": 60, "batch_size": 256, "seed": 4},
-    )
-    export_states(ws, run.run_id)
-    return ws, run.run_id
+    ws = tiny_set_workspace(tmp_path_factory.mktemp("served"))
+    run_id = small_dmqn_run(ws)
+    export_states(ws, run_id)
+    return ws, run_id
 
 
 @pytest.fixture(scope="module")
