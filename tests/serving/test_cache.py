@@ -30,10 +30,31 @@ def dmqn_run(tiny_workspace):
     return result.run_id
 
 
+def full_pass_probabilities(run: Run, user: int, items: np.ndarray) -> np.ndarray:
+    """Click probabilities of ``items`` (indices) for ``user`` (index) from the run's full forward pass over
+    the user's whole history: what a cached score must equal."""
+    data = run.data
+    item, category, behavior, _, mask = gather_histories(
+        data, np.array([user]), np.asarray(data.user_offsets[[user]]), run.max_len
+    )
+    with torch.no_grad():
+        return torch.sigmoid(
+            run.model()(
+                torch.from_numpy(item),
+                torch.from_numpy(category),
+                torch.from_numpy(behavior),
+                torch.from_numpy(mask),
+                torch.zeros(len(items), dtype=torch.long),
+                torch.from_numpy(items),
+                torch.from_numpy(np.asarray(data.item_category[items], dtype=np.int64)),
+            )
+        ).numpy()
+
+
 def test_cached_scores_equal_the_full_forward_pass(tiny_workspace, dmqn_run):
     result = export_states(tiny_workspace, dmqn_run, batch_size=64)
     run = Run.open(tiny_workspace, dmqn_run)
-    model, data = run.model(), run.data
+    data = run.data
     assert result.total_users == data.n_users and result.bytes > 0
     scorer = CachedScorer(tiny_workspace, dmqn_run)
     rng = np.random.default_rng(0)
@@ -41,21 +62,7 @@ def test_cached_scores_equal_the_full_forward_pass(tiny_workspace, dmqn_run):
     items = rng.choice(np.arange(1, data.n_items + 1), size=5, replace=False)
     raw_items = data.raw_item(items)
     for user in users:
-        item, category, behavior, _, mask = gather_histories(
-            data, np.array([user]), np.asarray(data.user_offsets[[user]]), run.max_len
-        )
-        with torch.no_grad():
-            full = torch.sigmoid(
-                model(
-                    torch.from_numpy(item),
-                    torch.from_numpy(category),
-                    torch.from_numpy(behavior),
-                    torch.from_numpy(mask),
-                    torch.zeros(len(items), dtype=torch.long),
-                    torch.from_numpy(items),
-                    torch.from_numpy(np.asarray(data.item_category[items], dtype=np.int64)),
-                )
-            ).numpy()
+        full = full_pass_probabilities(run, int(user), items)
         cached = scorer.score(int(data.raw_user(user)), raw_items.tolist())
         assert np.abs(cached - full).max() <= 1e-5
     scorer.close()
@@ -312,20 +319,6 @@ def test_a_din_short_term_dmqn_scores_from_its_cache_as_its_full_pass(tiny_works
     scorer = CachedScorer(tiny_workspace, run_id)
     items = np.arange(1, 6)
     for user in (1, 2, 3):
-        item, category, behavior, _, mask = gather_histories(
-            data, np.array([user]), np.asarray(data.user_offsets[[user]]), run.max_len
-        )
-        with torch.no_grad():
-            full = torch.sigmoid(
-                model(
-                    torch.from_numpy(item),
-                    torch.from_numpy(category),
-                    torch.from_numpy(behavior),
-                    torch.from_numpy(mask),
-                    torch.zeros(len(items), dtype=torch.long),
-                    torch.from_numpy(items),
-                    torch.from_numpy(np.asarray(data.item_category[items], dtype=np.int64)),
-                )
-            ).numpy()
+        full = full_pass_probabilities(run, user, items)
         cached = scorer.score(int(data.raw_user(user)), data.raw_item(items).tolist())
         assert np.abs(cached - full).max() <= 1e-5
