@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from dmqn_core.data.prepared import PreparedSet
@@ -288,15 +289,12 @@ def compare_rows(
     if not by_model[against].run_ids:
         return
     test = data.split("test")
-    cache: dict[str, Any] = {}
 
-    def logits(run_id: str) -> Any:
-        if run_id not in cache:
-            run = Run.open(workspace, run_id)
-            if run.data.fingerprint != data.fingerprint:
-                raise DmqnError(f"run {run_id} was trained on another data set than the bench's {data.path}")
-            cache[run_id] = split_logits(run, "test", device)
-        return cache[run_id]
+    def logits(run_id: str) -> np.ndarray:
+        run = Run.open(workspace, run_id)
+        if run.data.fingerprint != data.fingerprint:
+            raise DmqnError(f"run {run_id} was trained on another data set than the bench's {data.path}")
+        return split_logits(run, "test", device)
 
     reference = [logits(run_id) for run_id in by_model[against].run_ids]
     others = [row for row in rows if row.model != against and row.run_ids]

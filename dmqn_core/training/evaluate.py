@@ -103,8 +103,7 @@ def evaluate_run(
     ``device`` auto is this machine's (dmqn_core.devices), whatever the run trained on; ``precision`` bf16
     evaluates under bf16 autocast on CUDA, fp32 (the default) as training evaluates.
     """
-    if split not in SPLITS:
-        raise DmqnError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    _check_split(split)
     device = resolve_device(device)
     check_precision(precision, device)
     run = Run.open(workspace, run_id)
@@ -125,11 +124,15 @@ def evaluate_run(
 def split_logits(run: Run, split: str = "test", device: str = AUTO, batch_size: int | None = None) -> np.ndarray:
     """The logits of a run's best weights for every sample of a split, in the split's own order (so that
     the logits of two runs on one prepared set pair up sample by sample); in fp32."""
-    if split not in SPLITS:
-        raise DmqnError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    _check_split(split)
     device = resolve_device(device)
     loader = BatchLoader(run.data, split, batch_size or int(run.train_settings["eval_batch_size"]), run.max_len)
     out = predict(run.model(device), loader, torch.device(device))
     logits = np.empty(loader.n_samples, dtype=np.float64)
     logits[loader.sample_order()] = out["logits"]
     return logits
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise DmqnError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")

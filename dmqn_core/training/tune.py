@@ -164,7 +164,8 @@ def tune(
     attrs, recorded = _read_study(the_study, rdb.url)
     with _stored(rdb.url):
         _claim(the_study, attrs, dataset_name, data.fingerprint, model_name, search_space)
-    missing = trials - _count_finished(recorded)
+    finished = _count_finished(recorded)
+    missing = trials - finished
     if max_new_trials is not None:
         missing = min(missing, max_new_trials)
     # Worker i runs shares[i] of the missing trials (the first ones one more), so that together they
@@ -241,9 +242,9 @@ def tune(
 
     if missing > 0:
         progress.start(f"study {study_name}", total=trials)
-        progress.advance(trials - missing)  # the bar counts the study's finished trials
+        progress.advance(finished)  # the bar counts the study's finished trials
         verbosity = optuna.logging.get_verbosity()
-        helpers = _start_workers(
+        with _other_workers(
             workers,
             shares,
             dict(
@@ -261,52 +262,63 @@ def tune(
                 seed=seed,
                 search_space=search_space,
             ),
-        )
-        try:
-            if shares[0]:
-                # A failed trial (a DmqnError, Ctrl-C) is recorded as failed and ends the study's call:
-                # the same settings would fail again, and the user asked to stop.
-                the_study.optimize(objective, n_trials=shares[0], timeout=timeout, callbacks=[after_trial])
-            _join_workers(helpers)
-        finally:
-            _stop_workers(helpers)
-            optuna.logging.set_verbosity(verbosity)
-            progress.stop()
+        ) as helpers:
+            try:
+                if shares[0]:
+                    # A failed trial (a DmqnError, Ctrl-C) is recorded as failed and ends the study's call:
+                    # the same settings would fail again, and the user asked to stop.
+                    the_study.optimize(objective, n_trials=shares[0], timeout=timeout, callbacks=[after_trial])
+                _join_workers(helpers)
+            finally:
+                optuna.logging.set_verbosity(verbosity)
+                progress.stop()
     else:
         progress.log(f"study {study_name} already has {trials} finished trial(s); nothing to run")
     return _summary(the_study, rdb.url, ran)
 
 
-def _start_workers(workers: int, shares: list[int], arguments: dict[str, Any]) -> list[tuple[Any, Any]]:
-    """Processes 1 .. workers-1 of a study, each running its share of the trials; (process, its error pipe).
+@contextmanager
+def _other_workers(workers: int, shares: list[int], arguments: dict[str, Any]) -> Iterator[list[tuple[Any, Any]]]:
+    """Processes 1 .. workers-1 of a study, each running its share of the trials: yields (process, its error
+    pipe) of each; on leaving, the ones still running are stopped as SIGTERM stops a trial, and waited for.
 
     Spawned, not forked: a fork would copy torch's thread pools and this process's open store
-    connections. The threads are divided here, before any starts: each process, this one included,
-    keeps 1/workers of torch's intra-op threads.
+    connections. Meanwhile each process, this one included, keeps 1/workers of torch's intra-op threads.
     """
     if workers == 1:
-        return []
+        yield []
+        return
     import multiprocessing
 
     import torch
 
-    threads = max(1, torch.get_num_threads() // workers)
+    previous = torch.get_num_threads()
+    threads = max(1, previous // workers)
     torch.set_num_threads(threads)
     context = multiprocessing.get_context("spawn")
-    helpers = []
-    for index in range(1, workers):
-        if not shares[index]:
-            continue
-        receive, send = context.Pipe(duplex=False)
-        process = context.Process(
-            target=_worker_main,
-            args=({**arguments, "seed": arguments["seed"] + 7919 * index}, shares[index], threads, send),
-            name=f"dmqn-tune-worker-{index}",
-        )
-        process.start()
-        send.close()
-        helpers.append((process, receive))
-    return helpers
+    helpers: list[tuple[Any, Any]] = []
+    try:
+        for index in range(1, workers):
+            if not shares[index]:
+                continue
+            receive, send = context.Pipe(duplex=False)
+            process = context.Process(
+                target=_worker_main,
+                args=({**arguments, "seed": arguments["seed"] + 7919 * index}, shares[index], threads, send),
+                name=f"dmqn-tune-worker-{index}",
+            )
+            process.start()
+            send.close()
+            helpers.append((process, receive))
+        yield helpers
+    finally:
+        for process, _ in helpers:
+            if process.is_alive():
+                process.terminate()
+        for process, receive in helpers:
+            process.join()
+            receive.close()
+        torch.set_num_threads(previous)
 
 
 def _worker_main(arguments: dict[str, Any], share: int, threads: int, errors: Any) -> None:
@@ -347,16 +359,6 @@ def _join_workers(helpers: list[tuple[Any, Any]]) -> None:
             problems.append(f"{process.name}: {message or f'exited with code {process.exitcode}'}")
     if problems:
         raise DmqnError(f"{len(problems)} worker(s) of the study failed; first: {problems[0]}")
-
-
-def _stop_workers(helpers: list[tuple[Any, Any]]) -> None:
-    """After an error or an interrupt here: stop the other workers as SIGTERM stops a trial, and wait."""
-    for process, _ in helpers:
-        if process.is_alive():
-            process.terminate()
-    for process, receive in helpers:
-        process.join()
-        receive.close()
 
 
 class _TrialLog(NullProgress):
