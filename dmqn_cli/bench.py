@@ -23,6 +23,7 @@ from dmqn_cli.common import (
 )
 from dmqn_cli.options import (
     BatchSizeOption,
+    BehaviorTimeOption,
     ConfigOption,
     DeviceOption,
     DropoutOption,
@@ -30,11 +31,13 @@ from dmqn_cli.options import (
     EpochsOption,
     InspectUsersOption,
     LrOption,
+    MatchFeaturesOption,
     MaxLenOption,
     MiddleLenOption,
     PatienceOption,
     PrecisionOption,
     ShortLenOption,
+    ShortTermOption,
     TopKOption,
     WeightDecayOption,
     collect_settings,
@@ -142,6 +145,9 @@ def bench(
     inspect_users: Optional[int] = InspectUsersOption,
     embed_dim: Optional[int] = EmbedDimOption,
     short_len: Optional[int] = ShortLenOption,
+    short_term: Optional[str] = ShortTermOption,
+    match_features: Optional[bool] = MatchFeaturesOption,
+    behavior_time: Optional[bool] = BehaviorTimeOption,
     middle_len: Optional[int] = MiddleLenOption,
     top_k: Optional[int] = TopKOption,
     dropout: Optional[float] = DropoutOption,
@@ -186,7 +192,16 @@ def bench(
     model_list = resolve_models(models)
     model_settings, train_settings = collect_settings(
         config,
-        {"embed_dim": embed_dim, "short_len": short_len, "middle_len": middle_len, "top_k": top_k, "dropout": dropout},
+        {
+            "embed_dim": embed_dim,
+            "short_len": short_len,
+            "short_term": short_term,
+            "match_features": match_features,
+            "behavior_time": behavior_time,
+            "middle_len": middle_len,
+            "top_k": top_k,
+            "dropout": dropout,
+        },
         {
             "epochs": epochs,
             "batch_size": batch_size,

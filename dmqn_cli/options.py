@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import typer
 
-from dmqn_core.config import ASSIGN_NOISES, CODEBOOK_INITS, STRAIGHT_THROUGH, TAU_PLACEMENTS
+from dmqn_core.config import ASSIGN_NOISES, CODEBOOK_INITS, SHORT_TERMS, STRAIGHT_THROUGH, TAU_PLACEMENTS
 from dmqn_core.training.train import read_config_file
 
 MODEL_PANEL = "Model"
@@ -79,6 +79,28 @@ TopKOption = typer.Option(
     None,
     "--top-k",
     help="Behaviors (TWIN V2: clusters) kept by the retrieval of SIM, ETA, TWIN, TWIN V2 \\[default: 50].",
+    rich_help_panel=MODEL_PANEL,
+)
+ShortTermOption = typer.Option(
+    None,
+    "--short-term",
+    help=f"Short-term interest of dmqn, dmqn-simple, sim, eta, sdim, twin, twin-v2: {', '.join(SHORT_TERMS)} "
+    "(din: a DIN over the --short-len most recent behaviors and their mean; mean: their mean only) "
+    "\\[default: each model's own, din for the baselines, mean for dmqn].",
+    rich_help_panel=MODEL_PANEL,
+)
+MatchFeaturesOption = typer.Option(
+    None,
+    "--match-features/--no-match-features",
+    help="Give every model the candidate's category and item counts in the history, the time since the "
+    "latest of each and its popularity before the sample, as MLP inputs \\[default: no].",
+    rich_help_panel=MODEL_PANEL,
+)
+BehaviorTimeOption = typer.Option(
+    None,
+    "--behavior-time/--no-behavior-time",
+    help="dmqn/dmqn-simple: add a time-gap embedding to every behavior before quantizing, as SIM and TWIN "
+    "have \\[default: no].",
     rich_help_panel=MODEL_PANEL,
 )
 DropoutOption = typer.Option(

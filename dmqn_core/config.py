@@ -59,6 +59,14 @@ class ModelConfig:
     # baselines, mean for DMQN and DMQN-simple), so that earlier runs load unchanged. The DIN variants,
     # DIEN and DSIN keep their own structure and ignore it.
     short_term: str | None = None
+    # Target-match features for every model (nn/match_features.py): counts of the candidate's category and
+    # item in the history (all, recent), the gap since the latest of each, and the candidate's popularity
+    # before the sample's time, as seven MLP inputs. Off by default so that earlier runs load unchanged.
+    match_features: bool = False
+    # DMQN and DMQN-simple: add SIM's and TWIN's time-gap embedding (log2 buckets of the gap to the
+    # history's latest behavior) to every behavior before MCQM, so that clusters can tell old interests
+    # from recent ones. The baselines that have it (SIM, TWIN, TWIN V2) always do; the others ignore it.
+    behavior_time: bool = False
     mlp_hidden: tuple[int, ...] = (200, 80)
     dropout: float = 0.0
     # Weight of the optional codebook-usage regulariser (anti-collapse, see quantizer.usage_loss).

@@ -30,6 +30,9 @@ class Batch:
     label: torch.Tensor  # (B,) float
     user: np.ndarray  # (B,) user index, for GAUC
     sample: np.ndarray  # (B,) position of each sample in its split
+    # (B,) long: the candidates' behaviors before the sample's time (PreparedSet.popularity_before), made
+    # only for a model with match features (BatchLoader's popularity).
+    cand_popularity: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.label)
@@ -63,6 +66,7 @@ class Batch:
             "hist_index": self.hist_index,
             "cand_item": self.cand_item,
             "cand_category": self.cand_category,
+            "cand_popularity": self.cand_popularity,
         }
 
 
@@ -99,6 +103,9 @@ class BatchLoader:
     ``seed`` and the epoch, so runs are reproducible and a resumed run sees the same order.
     Samples that share a history (a positive and its negatives) stay next to each other.
 
+    ``popularity``: batches carry the candidates' popularity before the sample's time, which match
+    features read (its index costs one sort of the behaviors, so only such a model asks for it).
+
     ``shard=(rank, world_size)``: every rank cuts the same global batches (the batches of one
     process with the same seed and batch size) and takes its part of each one (``shard_of``).
     Iterating yields this rank's parts; ``steps`` yields one item per global batch on every
@@ -114,8 +121,10 @@ class BatchLoader:
         shuffle: bool = False,
         seed: int = 0,
         shard: tuple[int, int] = (0, 1),
+        popularity: bool = False,
     ) -> None:
         self.data = data
+        self.popularity = popularity
         self.samples = data.split(split)
         self.batch_size = batch_size
         self.max_len = max_len
@@ -211,6 +220,8 @@ class BatchLoader:
         ends = np.asarray(s.hist_end[idx], dtype=np.int64)
         unique_ends, first, hist_index = np.unique(ends, return_index=True, return_inverse=True)
         item, category, behavior, timestamp, mask = gather_histories(self.data, users[first], unique_ends, self.max_len)
+        cand_item = np.asarray(s.item[idx], dtype=np.int64)
+        popularity = self.data.popularity_before(cand_item, s.timestamp[idx]) if self.popularity else None
         return Batch(
             hist_item=torch.from_numpy(item),
             hist_category=torch.from_numpy(category),
@@ -218,11 +229,12 @@ class BatchLoader:
             hist_timestamp=torch.from_numpy(timestamp),
             hist_mask=torch.from_numpy(mask),
             hist_index=torch.from_numpy(hist_index.astype(np.int64)),
-            cand_item=torch.from_numpy(np.asarray(s.item[idx], dtype=np.int64)),
+            cand_item=torch.from_numpy(cand_item),
             cand_category=torch.from_numpy(np.asarray(s.category[idx], dtype=np.int64)),
             label=torch.from_numpy(np.asarray(s.label[idx], dtype=np.float32)),
             user=users,
             sample=np.asarray(idx, dtype=np.int64),
+            cand_popularity=None if popularity is None else torch.from_numpy(popularity),
         )
 
 

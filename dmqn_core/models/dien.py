@@ -30,6 +30,7 @@ from torch import Tensor
 from dmqn_core.config import ModelConfig
 from dmqn_core.nn.embedding import BehaviorEmbedding
 from dmqn_core.nn.interest_model import Candidates, Histories, InterestModel
+from dmqn_core.nn.match_features import match_width
 from dmqn_core.nn.mlp import MLPHead
 from dmqn_core.nn.sequence import masked_softmax, take_last
 
@@ -102,7 +103,8 @@ class DIEN(InterestModel):
         self.extractor = nn.GRU(D, D, batch_first=True)
         self.attention = nn.Linear(D, D, bias=False)  # W of a_t = softmax(h_t W c)
         self.evolution = AUGRUCell(D, D)
-        self.head = MLPHead(D, 1, config.mlp_hidden, config.dropout)
+        self.head = MLPHead(D, 1, config.mlp_hidden, config.dropout, n_scalars=match_width(config))
+        self.match = self.match_module()
 
     def extract(self, e: Tensor, hist_mask: Tensor, hist_item: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Interest extractor over the last short_len behaviors.

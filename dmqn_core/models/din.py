@@ -7,6 +7,7 @@ from torch import Tensor
 from dmqn_core.config import ModelConfig
 from dmqn_core.nn.embedding import BehaviorEmbedding
 from dmqn_core.nn.interest_model import Candidates, Histories, InterestModel
+from dmqn_core.nn.match_features import match_width
 from dmqn_core.nn.mlp import MLPHead
 from dmqn_core.nn.short_term import ShortTermDIN
 
@@ -19,7 +20,8 @@ class DIN(InterestModel):
         self.config = config
         self.embedding = BehaviorEmbedding(config)
         self.interest = ShortTermDIN(config.embed_dim, window)
-        self.head = MLPHead(config.embed_dim, 1, config.mlp_hidden, config.dropout)
+        self.head = MLPHead(config.embed_dim, 1, config.mlp_hidden, config.dropout, n_scalars=match_width(config))
+        self.match = self.match_module()
 
     def interests(self, histories: Histories, candidates: Candidates, hist_index: Tensor) -> Tensor:
         h, c = histories, candidates.embedded

@@ -32,6 +32,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from dmqn_core.config import ModelConfig
 from dmqn_core.nn.embedding import BehaviorEmbedding
 from dmqn_core.nn.interest_model import Candidates, Histories, InterestModel
+from dmqn_core.nn.match_features import match_width
 from dmqn_core.nn.mlp import MLPHead
 from dmqn_core.nn.sequence import masked_softmax
 
@@ -134,7 +135,8 @@ class DSIN(InterestModel):
         self.interaction = nn.LSTM(D, D, batch_first=True, bidirectional=True)
         self.activate_interest = nn.Linear(D, D, bias=False)  # W^I
         self.activate_hidden = nn.Linear(D, D, bias=False)  # W^H
-        self.head = MLPHead(D, 2, config.mlp_hidden, config.dropout)
+        self.head = MLPHead(D, 2, config.mlp_hidden, config.dropout, n_scalars=match_width(config))
+        self.match = self.match_module()
 
     def interact(self, interests: Tensor, session_mask: Tensor) -> Tensor:
         """Bi-LSTM over the existing sessions: I (H, S, D), mask (H, S) -> H_k (H, S, D), zero for missing sessions.

@@ -41,6 +41,7 @@ class PopularityModel(nn.Module):
         cand_item: Tensor,
         cand_category: Tensor,
         hist_timestamp: Tensor | None = None,
+        cand_popularity: Tensor | None = None,
     ) -> Tensor:
         """Same signature as DMQN.forward; only cand_item is used -> (B,) logits."""
         return self.log_popularity[cand_item]

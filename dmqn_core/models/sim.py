@@ -31,8 +31,9 @@ from torch import Tensor
 from dmqn_core.config import ModelConfig
 from dmqn_core.nn.embedding import BEHAVIOR_INIT_STD, BehaviorEmbedding
 from dmqn_core.nn.interest_model import Candidates, Histories, InterestModel
+from dmqn_core.nn.match_features import match_width
 from dmqn_core.nn.mlp import MLPHead
-from dmqn_core.nn.sequence import TIME_BUCKETS, gather_rows, time_gaps
+from dmqn_core.nn.sequence import TIME_BUCKETS, gather_rows, time_buckets
 from dmqn_core.nn.short_term import ShortTermDIN, with_short_term
 from dmqn_core.nn.target_attention import MultiHeadTargetAttention
 
@@ -79,16 +80,21 @@ class SIM(InterestModel):
         # same parameter names and initialisation as before the setting existed.
         self.short = ShortTermDIN(D, config.short_len) if config.short_term == "din" else None
         self.head = MLPHead(
-            D, 1 + (self.short is not None), config.mlp_hidden, config.dropout, recent=config.short_term != "none"
+            D,
+            1 + (self.short is not None),
+            config.mlp_hidden,
+            config.dropout,
+            n_scalars=match_width(config),
+            recent=config.short_term != "none",
         )
+        self.match = self.match_module()
 
     def interests(self, histories: Histories, candidates: Candidates, hist_index: Tensor) -> Tensor:
         h, c, cfg = histories, candidates.embedded, self.config
         positions, valid = category_search(h.category, h.mask, hist_index, candidates.category, cfg.top_k)  # (B, k)
         z = gather_rows(h.embedded, hist_index, positions)  # (B, k, D)
         if h.timestamp is not None:
-            bucket = torch.log2(1.0 + time_gaps(h.timestamp, h.mask)).floor().long()  # (H, L)
-            bucket = gather_rows(bucket.clamp(0, TIME_BUCKETS - 1), hist_index, positions)  # (B, k)
+            bucket = gather_rows(time_buckets(h.timestamp, h.mask), hist_index, positions)  # (B, k)
             z = z + self.time(bucket)
         long, _ = self.esu(c, z, valid)  # (B, D)
         return with_short_term(self.short, long.unsqueeze(1), c, h.embedded, h.mask, hist_index)  # (B, 1 or 2, D)

@@ -65,6 +65,12 @@ def time_gaps(timestamp: Tensor, mask: Tensor) -> Tensor:
     return ((now - timestamp).clamp(min=0) * mask).to(torch.float32)
 
 
+def time_buckets(timestamp: Tensor, mask: Tensor) -> Tensor:
+    """floor(log2(1 + gap)) of every behavior's gap to the history's most recent one: (H, L) -> (H, L) long
+    in [0, TIME_BUCKETS), the index of SIM's and DMQN's (``behavior_time``) time-gap embeddings."""
+    return torch.log2(1.0 + time_gaps(timestamp, mask)).floor().long().clamp(0, TIME_BUCKETS - 1)
+
+
 def masked_softmax(logits: Tensor, mask: Tensor) -> Tensor:
     """Softmax over the last dim restricted to mask; all-zero for a row without any True."""
     has_any = mask.any(dim=-1, keepdim=True)

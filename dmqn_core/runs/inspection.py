@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from dmqn_core.config import ModelConfig
 from dmqn_core.data.batches import gather_histories
 from dmqn_core.data.prepared import PreparedSet
 from dmqn_core.errors import DmqnError
@@ -141,6 +142,15 @@ def candidate_histories(data: PreparedSet, users: np.ndarray) -> dict[int, tuple
     return out
 
 
+def _popularity(
+    data: PreparedSet, item: np.ndarray, timestamp: np.ndarray, config: ModelConfig, device: torch.device
+) -> torch.Tensor | None:
+    """The candidates' popularity before their samples' time, for a model with match features (else None)."""
+    if not config.match_features:
+        return None
+    return torch.from_numpy(data.popularity_before(item, timestamp)).to(device)
+
+
 @torch.no_grad()
 def compute_inspections(
     model: DMQN, data: PreparedSet, run_id: str, users: np.ndarray, max_len: int
@@ -155,7 +165,7 @@ def compute_inspections(
         end, samples = histories[user]
         item, category, behavior, timestamp, mask = gather_histories(data, np.array([user]), np.array([end]), max_len)
         length = int(mask.sum())
-        hist = [torch.from_numpy(a).to(device) for a in (item, category, behavior, mask)]
+        hist = [torch.from_numpy(a).to(device) for a in (item, category, behavior, mask, timestamp)]
         codeword = model.codeword_assignments(*hist)[0, :, :length].cpu().numpy().astype(np.int64)  # (N, L)
         cand_item = np.asarray(test.item[samples], dtype=np.int64)
         cand_category = np.asarray(test.category[samples], dtype=np.int64)
@@ -167,6 +177,7 @@ def compute_inspections(
                 torch.from_numpy(cand_item).to(device),
                 torch.from_numpy(cand_category).to(device),
                 torch.zeros(n, dtype=torch.long, device=device),
+                _popularity(data, cand_item, test.timestamp[samples], config, device),
                 return_weights=True,
             )
             score = torch.sigmoid(logits).cpu().numpy().astype(np.float64)

@@ -136,8 +136,9 @@ def export_states(
     with torch.no_grad():
         for begin in range(0, len(index), batch_size):
             chunk = slice(begin, begin + batch_size)
-            item, category, behavior, _, mask = gather_histories(data, index[chunk], ends[chunk], run.max_len)
-            state = model.encode_user(*(torch.from_numpy(a).to(device) for a in (item, category, behavior, mask)))
+            histories = gather_histories(data, index[chunk], ends[chunk], run.max_len)
+            item, category, behavior, timestamp, mask = (torch.from_numpy(a).to(device) for a in histories)
+            state = model.encode_user(item, category, behavior, mask, timestamp)
             store.put(version, list(zip(raw[chunk].tolist(), encode_states(state, dtype))))
             progress.advance(1, users_per_s=(begin + len(raw[chunk])) / max(time.perf_counter() - started, 1e-9))
     progress.stop()
@@ -158,7 +159,9 @@ class ScoringModel:
         self.model = self.run.model(self.device)
         self.vocabulary = self.run.vocabulary
         c = self.model.config
-        self._empty = _empty_state(c.n_codebooks, c.embed_dim, with_short=c.short_term == "din")
+        self._empty = _empty_state(
+            c.n_codebooks, c.embed_dim, with_short=c.short_term == "din", with_match=c.match_features
+        )
         self._log_popularity: np.ndarray | None = None
 
     def candidates(self, item_ids: Iterable[int], strict: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -188,6 +191,12 @@ class ScoringModel:
                 f"{'holds' if state.short is not None else 'lacks'} the recent behaviors of a DIN short-term "
                 f"interest; the model's short_term is {c.short_term!r}"
             )
+        if (state.match is not None) != c.match_features:
+            raise DmqnError(
+                f"the cached state of user {user_id} for {self.version} "
+                f"{'holds' if state.match is not None else 'lacks'} a match table; the model's match_features "
+                f"is {'on' if c.match_features else 'off'}"
+            )
         return state
 
     @property
@@ -206,11 +215,15 @@ class ScoringModel:
         """
         state = stack_states(states, self.device)
         index_t, category_t, rows_t = (torch.from_numpy(a).to(self.device) for a in (index, category, state_index))
+        # Match features read the candidates' popularity now: their behaviors in the whole set.
+        popularity = torch.from_numpy(np.asarray(self.vocabulary.item_popularity[index], dtype=np.int64)).to(
+            self.device
+        )
         out = np.empty(len(index), dtype=np.float32)
         with torch.inference_mode():  # the arithmetic of no_grad, without its per-op version tracking
             for begin in range(0, len(index), SCORE_CHUNK):
                 chunk = slice(begin, begin + SCORE_CHUNK)
-                logits = self.model.score(state, index_t[chunk], category_t[chunk], rows_t[chunk])
+                logits = self.model.score(state, index_t[chunk], category_t[chunk], rows_t[chunk], popularity[chunk])
                 out[chunk] = torch.sigmoid(logits).cpu().numpy()
         return out
 
@@ -302,12 +315,14 @@ class CachedScorer:
         return self.scoring.probabilities([state], index, category, np.zeros(len(index), dtype=np.int64))
 
 
-def _empty_state(n_codebooks: int, dim: int, with_short: bool) -> DecodedState:
+def _empty_state(n_codebooks: int, dim: int, with_short: bool, with_match: bool) -> DecodedState:
     empty = np.zeros(0, dtype=np.int64)
+    no_features = np.zeros((0, 3), np.float32)
     return DecodedState(
         np.zeros(dim, np.float32),
         np.zeros((0, dim), np.float32) if with_short else None,
         [empty] * n_codebooks,
         [empty] * n_codebooks,
         [np.zeros((0, dim), np.float32)] * n_codebooks,
+        (empty, no_features, empty, no_features) if with_match else None,
     )

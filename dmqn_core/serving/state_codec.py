@@ -8,14 +8,21 @@ mean only (UserState.compact), and the ids let inspection tools name the cluster
 Layout, little-endian, no alignment padding::
 
     magic     4 bytes   b"DMQS"
-    version   uint8     1, or 2 for a model with short_term = "din"
-    dtype     uint8     0 = float32, 1 = float16 (every float below)
+    version   uint8     1; 2 for a model with short_term = "din"; 3 for one with match_features
+    dtype     uint8     0 = float32, 1 = float16 (every float below but the match features)
     N         uint16    codebooks
     D         uint16    dimension
+    version 3 only:
+      flags   uint8     bit 0: the short-term behaviors follow recent; bit 1: the match table follows them
     recent    D floats  mean embedding of the most recent behaviors
-    version 2 only:
+    version 2, and version 3 with flag bit 0:
       S       uint16    number of recent behaviors DIN reads (at most short_len)
       short   S x D floats  their embeddings, oldest first
+    version 3 with flag bit 1 (nn/match_features.py), for the categories, then the items:
+      U        uint32        distinct keys in the history
+      keys     U x int32     their indices, ascending
+      features U x 3 float32 log1p count, log1p recent count, log1p gap / 10 (always float32, so that
+                             scoring from the cache equals evaluation bit for bit)
     then for each codebook n = 0 .. N-1:
       K         uint16       number of non-empty clusters
       codeword  K x uint16   their codeword ids, ascending
@@ -23,7 +30,7 @@ Layout, little-endian, no alignment padding::
       tokens    K x D floats ICIM output of each cluster, row by row
 
 A user with C non-empty clusters in all takes 10 + (D + C D) f + 2 N + 6 C bytes, f = 4 or 2
-(version 2: 2 + S D f more).
+(version 2: 2 + S D f more; version 3: 1 byte of flags, and 8 + 16 (U + V) with U categories and V items).
 """
 
 from __future__ import annotations
@@ -36,10 +43,13 @@ import numpy as np
 import torch
 
 from dmqn_core.models.dmqn.model import UserState
+from dmqn_core.nn.match_features import MatchTable
 
 MAGIC = b"DMQS"
 VERSION = 1  # the layout of a state without DIN short-term behaviors
 VERSION_WITH_SHORT = 2
+VERSION_WITH_FLAGS = 3  # the layout of a state with match features
+FLAG_SHORT, FLAG_MATCH = 1, 2
 DTYPES = {"float32": (0, np.dtype("<f4")), "float16": (1, np.dtype("<f2"))}
 _HEADER = struct.Struct("<4sBBHH")
 
@@ -53,6 +63,8 @@ class DecodedState:
     codewords: list[np.ndarray]  # N arrays (K_n,) int
     sizes: list[np.ndarray]  # N arrays (K_n,) int
     tokens: list[np.ndarray]  # N arrays (K_n, D) float32
+    # match_features: (category keys (U,), their features (U, 3), item keys (V,), their features (V, 3)); else None
+    match: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
 
 
 def encode_states(state: UserState, dtype: str = "float32") -> list[bytes]:
@@ -68,13 +80,30 @@ def encode_states(state: UserState, dtype: str = "float32") -> list[bytes]:
     if state.short is not None:
         short = state.short.detach().float().cpu().numpy()  # (H, S, D)
         short_mask = state.short_mask.cpu().numpy()  # (H, S), left-aligned
+    if state.match is not None:
+        tables = [
+            (state.match.category.cpu().numpy(), state.match.category_features.detach().float().cpu().numpy()),
+            (state.match.item.cpu().numpy(), state.match.item_features.detach().float().cpu().numpy()),
+        ]
+    flags = (FLAG_SHORT if state.short is not None else 0) | (FLAG_MATCH if state.match is not None else 0)
     values = []
     for h in range(H):
-        version = VERSION if state.short is None else VERSION_WITH_SHORT
-        parts = [_HEADER.pack(MAGIC, version, code, N, D), recent[h].astype(np_dtype).tobytes()]
+        if state.match is not None:
+            parts = [_HEADER.pack(MAGIC, VERSION_WITH_FLAGS, code, N, D), struct.pack("<B", flags)]
+        else:
+            parts = [_HEADER.pack(MAGIC, VERSION if state.short is None else VERSION_WITH_SHORT, code, N, D)]
+        parts.append(recent[h].astype(np_dtype).tobytes())
         if state.short is not None:
             kept = short[h, short_mask[h]]  # (S, D)
             parts += [struct.pack("<H", len(kept)), kept.astype(np_dtype).tobytes()]
+        if state.match is not None:
+            for keys, features in tables:
+                real = keys[h] >= 0  # (U,) the row's distinct keys come first
+                parts += [
+                    struct.pack("<I", int(real.sum())),
+                    keys[h, real].astype("<i4").tobytes(),
+                    features[h, real].astype("<f4").tobytes(),
+                ]
         for n in range(N):
             ids = np.flatnonzero(mask[h, n])  # ascending codeword ids
             parts += [
@@ -88,28 +117,48 @@ def encode_states(state: UserState, dtype: str = "float32") -> list[bytes]:
 
 
 def decode_state(value: bytes) -> DecodedState:
-    """Parse one value; ValueError if it is not a complete version-1 state."""
+    """Parse one value; ValueError if it is not a complete state of a known version."""
     if len(value) < _HEADER.size:
         raise ValueError("not a DMQN state: shorter than its header")
     magic, version, code, N, D = _HEADER.unpack_from(value, 0)
-    if magic != MAGIC or version not in (VERSION, VERSION_WITH_SHORT):
+    if magic != MAGIC or version not in (VERSION, VERSION_WITH_SHORT, VERSION_WITH_FLAGS):
         raise ValueError(
-            f"not a version-{VERSION} or -{VERSION_WITH_SHORT} DMQN state (magic {magic!r}, version {version})"
+            f"not a version-{VERSION}, -{VERSION_WITH_SHORT} or -{VERSION_WITH_FLAGS} DMQN state "
+            f"(magic {magic!r}, version {version})"
         )
     np_dtype = next((t for c, t in DTYPES.values() if c == code), None)
     if np_dtype is None:
         raise ValueError(f"unknown float type code {code} in a DMQN state")
     f = np_dtype.itemsize
+    offset = _HEADER.size
+    flags = FLAG_SHORT if version == VERSION_WITH_SHORT else 0
+    if version == VERSION_WITH_FLAGS:
+        if len(value) <= offset:
+            raise ValueError("truncated DMQN state")
+        flags = value[offset]
+        offset += 1
+        if flags & ~(FLAG_SHORT | FLAG_MATCH):
+            raise ValueError(f"unknown flags {flags:#x} in a DMQN state")
     try:
-        offset = _HEADER.size
         recent = np.frombuffer(value, np_dtype, D, offset).astype(np.float32)
         offset += D * f
         short = None
-        if version == VERSION_WITH_SHORT:
+        if flags & FLAG_SHORT:
             (S,) = struct.unpack_from("<H", value, offset)
             offset += 2
             short = np.frombuffer(value, np_dtype, S * D, offset).astype(np.float32).reshape(S, D)
             offset += S * D * f
+        match = None
+        if flags & FLAG_MATCH:
+            parts = []
+            for _ in range(2):
+                (U,) = struct.unpack_from("<I", value, offset)
+                offset += 4
+                parts.append(np.frombuffer(value, "<i4", U, offset).astype(np.int64))
+                offset += 4 * U
+                parts.append(np.frombuffer(value, "<f4", U * 3, offset).reshape(U, 3).astype(np.float32))
+                offset += 12 * U
+            match = (parts[0], parts[1], parts[2], parts[3])
         codewords, sizes, tokens = [], [], []
         for _ in range(N):
             (K,) = struct.unpack_from("<H", value, offset)
@@ -124,7 +173,7 @@ def decode_state(value: bytes) -> DecodedState:
         raise ValueError("truncated DMQN state") from None
     if offset != len(value):
         raise ValueError(f"DMQN state has {len(value) - offset} trailing bytes")
-    return DecodedState(recent, short, codewords, sizes, tokens)
+    return DecodedState(recent, short, codewords, sizes, tokens, match)
 
 
 def stack_states(states: Sequence[DecodedState], device: torch.device | str = "cpu") -> UserState:
@@ -155,4 +204,23 @@ def stack_states(states: Sequence[DecodedState], device: torch.device | str = "c
         torch.from_numpy(recent).to(device),
         None if short is None else torch.from_numpy(short).to(device),
         None if short_mask is None else torch.from_numpy(short_mask).to(device),
+        _stack_match(states, device),
     )
+
+
+def _stack_match(states: Sequence[DecodedState], device: torch.device | str) -> MatchTable | None:
+    """The states' match tables as one MatchTable, keys padded with -1 (None when the states have none)."""
+    matches = [s.match for s in states if s.match is not None]
+    if not matches:
+        return None
+    if len(matches) != len(states):
+        raise ValueError("states of one model version mix layouts with and without match tables")
+    padded = []
+    for part in (0, 2):  # categories, items
+        width = max([1] + [len(m[part]) for m in matches])
+        keys = np.full((len(matches), width), -1, np.int64)
+        features = np.zeros((len(matches), width, 3), np.float32)
+        for h, m in enumerate(matches):
+            keys[h, : len(m[part])], features[h, : len(m[part])] = m[part], m[part + 1]
+        padded += [torch.from_numpy(keys).to(device), torch.from_numpy(features).to(device)]
+    return MatchTable(*padded)

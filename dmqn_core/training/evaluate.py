@@ -48,8 +48,10 @@ def predict(
         batch = batch.to(device)
         with autocast(device, precision):
             if codebooks:
-                state = model.encode_user(batch.hist_item, batch.hist_category, batch.hist_behavior, batch.hist_mask)
-                out = model.score(state, batch.cand_item, batch.cand_category, batch.hist_index)
+                state = model.encode_user(
+                    batch.hist_item, batch.hist_category, batch.hist_behavior, batch.hist_mask, batch.hist_timestamp
+                )
+                out = model.score(state, batch.cand_item, batch.cand_category, batch.hist_index, batch.cand_popularity)
             else:
                 out = model(**batch.model_inputs())
         if codebooks:
@@ -82,7 +84,7 @@ def evaluate_split(
     precision: str = "fp32",
 ) -> tuple[dict[str, float], np.ndarray | None]:
     """AUC, GAUC, logloss and samples/s of one split; plus codeword counts when the model has codebooks."""
-    loader = BatchLoader(data, split, batch_size, max_len)
+    loader = BatchLoader(data, split, batch_size, max_len, popularity=model.config.match_features)
     out = predict(model, loader, device, progress, description=f"{split} ", precision=precision)
     metrics = ctr_metrics(out["users"], out["labels"], out["logits"])
     metrics["samples_per_s"] = len(out["labels"]) / max(out["seconds"], 1e-9)
@@ -126,8 +128,15 @@ def split_logits(run: Run, split: str = "test", device: str = AUTO, batch_size: 
     the logits of two runs on one prepared set pair up sample by sample); in fp32."""
     _check_split(split)
     device = resolve_device(device)
-    loader = BatchLoader(run.data, split, batch_size or int(run.train_settings["eval_batch_size"]), run.max_len)
-    out = predict(run.model(device), loader, torch.device(device))
+    model = run.model(device)
+    loader = BatchLoader(
+        run.data,
+        split,
+        batch_size or int(run.train_settings["eval_batch_size"]),
+        run.max_len,
+        popularity=model.config.match_features,
+    )
+    out = predict(model, loader, torch.device(device))
     logits = np.empty(loader.n_samples, dtype=np.float64)
     logits[loader.sample_order()] = out["logits"]
     return logits

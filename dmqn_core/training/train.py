@@ -511,6 +511,7 @@ def _train(
             shuffle=True,
             seed=train_config.seed,
             shard=(context.rank, context.world_size),
+            popularity=model_config.match_features,
         )
         if optimizer is None:
             # Nothing to learn (the popularity scorer): one validation pass picks the "best epoch".
@@ -808,7 +809,9 @@ def _sample_behaviors(
     parts, total = [], 0
     for batch in itertools.islice(loader, CODEBOOK_SAMPLE_BATCHES):
         batch = batch.to(device)
-        e = model.embedding.behaviors(batch.hist_item, batch.hist_category, batch.hist_behavior, batch.hist_mask)
+        e = model.behaviors(
+            batch.hist_item, batch.hist_category, batch.hist_behavior, batch.hist_mask, batch.hist_timestamp
+        )
         parts.append(e[batch.hist_mask])  # (M_b, D) real behaviors only
         total += parts[-1].shape[0]
         if total >= CODEBOOK_SAMPLE_BEHAVIORS:
@@ -874,7 +877,7 @@ def _quantizer_diagnostics(
     for batch in itertools.islice(loader, DIAGNOSTIC_BATCHES):
         batch = batch.to(device)
         part = model.quantizer_diagnostics(
-            batch.hist_item, batch.hist_category, batch.hist_behavior, batch.hist_mask, generator
+            batch.hist_item, batch.hist_category, batch.hist_behavior, batch.hist_mask, generator, batch.hist_timestamp
         )
         total = part if total is None else total + part
     return total
@@ -898,7 +901,12 @@ def _evaluate(
     if not context.active:
         return evaluate_split(model, data, split, train_config.eval_batch_size, train_config.max_len, device, progress)
     loader = BatchLoader(
-        data, split, train_config.eval_batch_size, train_config.max_len, shard=(context.rank, context.world_size)
+        data,
+        split,
+        train_config.eval_batch_size,
+        train_config.max_len,
+        shard=(context.rank, context.world_size),
+        popularity=model.config.match_features,
     )
     out = predict(model, loader, device, progress, description=f"{split} ")
     parts = distributed.gather(

@@ -32,9 +32,10 @@ def dmqn_run(tiny_workspace):
 
 def full_pass_probabilities(run: Run, user: int, items: np.ndarray) -> np.ndarray:
     """Click probabilities of ``items`` (indices) for ``user`` (index) from the run's full forward pass over
-    the user's whole history: what a cached score must equal."""
+    the user's whole history, with the items' popularity in the whole set (what serving reads now): what a
+    cached score must equal."""
     data = run.data
-    item, category, behavior, _, mask = gather_histories(
+    item, category, behavior, timestamp, mask = gather_histories(
         data, np.array([user]), np.asarray(data.user_offsets[[user]]), run.max_len
     )
     with torch.no_grad():
@@ -47,6 +48,8 @@ def full_pass_probabilities(run: Run, user: int, items: np.ndarray) -> np.ndarra
                 torch.zeros(len(items), dtype=torch.long),
                 torch.from_numpy(items),
                 torch.from_numpy(np.asarray(data.item_category[items], dtype=np.int64)),
+                torch.from_numpy(timestamp),
+                torch.from_numpy(np.asarray(data.item_popularity[items], dtype=np.int64)),
             )
         ).numpy()
 
@@ -195,28 +198,10 @@ def test_float16_states_keep_the_test_auc_within_0_001(tiny_workspace, dmqn_run)
 # ---- Redis (a real server, see conftest.redis_url) ----
 
 
-def _full_forward_scores(model, data, max_len: int, user: int, items: np.ndarray) -> np.ndarray:
-    item, category, behavior, _, mask = gather_histories(
-        data, np.array([user]), np.asarray(data.user_offsets[[user]]), max_len
-    )
-    with torch.no_grad():
-        return torch.sigmoid(
-            model(
-                torch.from_numpy(item),
-                torch.from_numpy(category),
-                torch.from_numpy(behavior),
-                torch.from_numpy(mask),
-                torch.zeros(len(items), dtype=torch.long),
-                torch.from_numpy(items),
-                torch.from_numpy(np.asarray(data.item_category[items], dtype=np.int64)),
-            )
-        ).numpy()
-
-
 def test_redis_keys_manifest_and_exact_scores(tiny_workspace, dmqn_run, redis_url):
     store = RedisStateStore(redis_url)
     run = Run.open(tiny_workspace, dmqn_run)
-    model, data = run.model(), run.data
+    data = run.data
     result = export_states(tiny_workspace, dmqn_run, batch_size=50, to=redis_url)
     assert result.store == redis_url and result.total_users == result.users == data.n_users
     keys = {k.decode() for k in store.client.scan_iter(match=f"dmqn:{result.version}:*")}
@@ -235,7 +220,7 @@ def test_redis_keys_manifest_and_exact_scores(tiny_workspace, dmqn_run, redis_ur
     with CachedScorer(tiny_workspace, dmqn_run, source=redis_url) as scorer:
         for user in (1, 2, data.n_users):
             cached = scorer.score(int(data.raw_user(user)), data.raw_item(items).tolist())
-            full = _full_forward_scores(model, data, run.max_len, user, items)
+            full = full_pass_probabilities(run, user, items)
             assert np.abs(cached - full).max() <= 1e-5
     store.clear(result.version)
     assert store.users(result.version) == set() and store.manifest(result.version) is None
@@ -322,3 +307,25 @@ def test_a_din_short_term_dmqn_scores_from_its_cache_as_its_full_pass(tiny_works
         full = full_pass_probabilities(run, user, items)
         cached = scorer.score(int(data.raw_user(user)), data.raw_item(items).tolist())
         assert np.abs(cached - full).max() <= 1e-5
+
+
+def test_a_match_feature_dmqn_scores_from_its_cache_as_its_full_pass(tiny_workspace):
+    """match_features and behavior_time: the cached state carries the match table (layout version 3), the
+    scorer adds the items' popularity, and `dmqn score` equals the full forward pass."""
+    run_id = train(
+        tiny_workspace,
+        "tiny",
+        "dmqn",
+        {"embed_dim": 8, "n_codebooks": 2, "codebook_size": 8, "match_features": True, "behavior_time": True},
+        {"epochs": 1, "max_len": 60, "batch_size": 256, "seed": 4, "inspect_users": 2},
+    ).run_id
+    export_states(tiny_workspace, run_id, batch_size=64)
+    run = Run.open(tiny_workspace, run_id)
+    data = run.data
+    assert run.model().config.match_features and run.model().match is not None
+    items = np.arange(1, 9)
+    with CachedScorer(tiny_workspace, run_id) as scorer:
+        for user in (1, 2, data.n_users):
+            full = full_pass_probabilities(run, user, items)
+            cached = scorer.score(int(data.raw_user(user)), data.raw_item(items).tolist())
+            assert np.abs(cached - full).max() <= 1e-5

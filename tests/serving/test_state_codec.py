@@ -84,3 +84,40 @@ def test_corrupt_values_are_refused():
         decode_state(value + b"\0")
     with pytest.raises(ValueError, match="dtype"):
         encode_states(model.encode_user(*(b[k] for k in HISTORY)), "int8")
+
+
+@pytest.mark.parametrize("short_term", ["mean", "din"])
+def test_a_match_table_state_is_version_3_and_scores_exactly(short_term):
+    """match_features (with behavior_time): the table travels in float32 whatever the dtype, so scores from
+    decoded states equal the forward pass; the flags say which optional parts follow."""
+    config = ModelConfig(
+        **{**CONFIG.to_dict(), "match_features": True, "behavior_time": True, "short_term": short_term}
+    )
+    torch.manual_seed(0)
+    model = DMQN(config).eval()
+    b = random_batch(config, seed=3)
+    popularity = torch.arange(len(b["cand_item"])) * 7
+    with torch.no_grad():
+        expected = model(**b, cand_popularity=popularity)
+        state = model.encode_user(*(b[k] for k in HISTORY), b["hist_timestamp"])
+        values = encode_states(state, "float32")
+        decoded = [decode_state(v) for v in values]
+        got = model.score(stack_states(decoded), b["cand_item"], b["cand_category"], b["hist_index"], popularity)
+    assert float((got - expected).abs().max()) <= 1e-5
+    flags = struct.unpack_from("<B", values[0], 10)[0]
+    assert struct.unpack_from("<4sB", values[0], 0) == (b"DMQS", 3) and flags == (3 if short_term == "din" else 2)
+    for h, d in enumerate(decoded):
+        real = state.match.item[h] >= 0
+        assert np.array_equal(d.match[2], state.match.item[h, real].numpy())
+        assert np.array_equal(d.match[3], state.match.item_features[h, real].numpy())
+    assert len(decoded[1].match[0]) == 0  # history 1 is empty
+    half = [decode_state(v) for v in encode_states(state, "float16")]
+    assert all(np.array_equal(h.match[1], d.match[1]) for h, d in zip(half, decoded))
+    with pytest.raises(ValueError, match="mix layouts"):
+        stack_states(
+            [decoded[0], decode_state(encode_states(DMQN(CONFIG).eval().encode_user(*(b[k] for k in HISTORY)))[0])]
+        )
+    bad = bytearray(values[0])
+    bad[10] |= 0x80
+    with pytest.raises(ValueError, match="flags"):
+        decode_state(bytes(bad))

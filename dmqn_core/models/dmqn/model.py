@@ -13,16 +13,18 @@ from typing import ClassVar
 
 import numpy as np
 import torch
+import torch.nn as nn
 from torch import Tensor
 
 from dmqn_core.config import ModelConfig
 from dmqn_core.models.dmqn.ctam import ClusterTargetAttention
 from dmqn_core.models.dmqn.icim import ClusterInteraction
 from dmqn_core.models.dmqn.mcqm import AssignmentStats, MultiCodebookQuantizer, usage_loss
-from dmqn_core.nn.embedding import BehaviorEmbedding
+from dmqn_core.nn.embedding import BEHAVIOR_INIT_STD, BehaviorEmbedding
 from dmqn_core.nn.interest_model import InterestModel
+from dmqn_core.nn.match_features import MatchTable, match_width
 from dmqn_core.nn.mlp import MLPHead
-from dmqn_core.nn.sequence import take_last
+from dmqn_core.nn.sequence import TIME_BUCKETS, take_last, time_buckets
 from dmqn_core.nn.short_term import ShortTermDIN, with_short_term
 
 
@@ -38,6 +40,8 @@ class UserState:
     # chronological as histories are, and their mask (H, S); DIN reads them per candidate in score.
     short: Tensor | None = None
     short_mask: Tensor | None = None
+    # match_features only: the histories' distinct categories and items with their features (nn/match_features.py).
+    match: MatchTable | None = None
 
     def index_select(self, idx: Tensor) -> UserState:
         """Rows idx (B,) of every field."""
@@ -48,6 +52,7 @@ class UserState:
             recent=self.recent.index_select(0, idx),
             short=None if self.short is None else self.short.index_select(0, idx),
             short_mask=None if self.short_mask is None else self.short_mask.index_select(0, idx),
+            match=None if self.match is None else self.match.index_select(idx),
         )
 
     def compact(self) -> UserState:
@@ -67,6 +72,7 @@ class UserState:
             recent=self.recent,
             short=self.short,
             short_mask=self.short_mask,
+            match=self.match,
         )
 
 
@@ -109,12 +115,18 @@ class DMQN(InterestModel):
             c.n_codebooks + (c.short_term == "din"),
             c.mlp_hidden,
             c.dropout,
-            n_scalars=c.n_codebooks if c.ctam_match_scalars else 0,
+            n_scalars=(c.n_codebooks if c.ctam_match_scalars else 0) + match_width(c),
             products=c.mlp_products,
             recent=c.short_term != "none",
         )
-        # Created last, so that a "mean" DMQN (the default) initialises as it did before short_term existed.
+        # Created last, so that a "mean" DMQN (the default) initialises as it did before short_term,
+        # match_features and behavior_time existed.
         self.short = ShortTermDIN(c.embed_dim, c.short_len) if c.short_term == "din" else None
+        self.match = self.match_module()
+        self.time = None
+        if c.behavior_time:
+            self.time = nn.Embedding(TIME_BUCKETS, c.embed_dim)  # SIM's e_t, added to every behavior
+            nn.init.normal_(self.time.weight, std=BEHAVIOR_INIT_STD)
 
     def encode_user(  # type: ignore[override]  # DMQN's state is UserState, not the baselines' Histories
         self,
@@ -124,15 +136,34 @@ class DMQN(InterestModel):
         hist_mask: Tensor,
         hist_timestamp: Tensor | None = None,
     ) -> UserState:
-        """(H, L) ids and mask (True = real, left-aligned) -> UserState of H users; timestamps are not used."""
-        e = self.embedding.behaviors(hist_item, hist_category, hist_behavior, hist_mask)  # (H, L, D)
+        """(H, L) ids and mask (True = real, left-aligned) -> UserState of H users; the timestamps are read
+        by behavior_time and match_features only."""
+        e = self.behaviors(hist_item, hist_category, hist_behavior, hist_mask, hist_timestamp)  # (H, L, D)
         with_usage = self.training and self.config.usage_loss_weight > 0
         q = self.quantizer(e, hist_mask, with_usage=with_usage)  # MCQM, eq. 3-10
         # The usage regulariser, read by auxiliary_loss(); None after an eval forward.
         self._auxiliary = self.config.usage_loss_weight * usage_loss(q.mean_prob) if with_usage else None
         clusters = self.icim(q.clusters, q.cluster_mask)  # ICIM, eq. 11-13
         short, short_mask = take_last(e, hist_mask, self.config.short_len) if self.short is not None else (None, None)
-        return UserState(clusters, q.cluster_mask, q.cluster_size, self.recent(e, hist_mask), short, short_mask)
+        match = self.match_table(hist_item, hist_category, hist_mask, hist_timestamp)
+        return UserState(clusters, q.cluster_mask, q.cluster_size, self.recent(e, hist_mask), short, short_mask, match)
+
+    def behaviors(
+        self,
+        hist_item: Tensor,
+        hist_category: Tensor,
+        hist_behavior: Tensor,
+        hist_mask: Tensor,
+        hist_timestamp: Tensor | None,
+    ) -> Tensor:
+        """The behavior embeddings MCQM quantizes (H, L, D): BehaviorEmbedding's, plus the time-gap embedding
+        with behavior_time."""
+        e = self.embedding.behaviors(hist_item, hist_category, hist_behavior, hist_mask)  # (H, L, D)
+        if self.time is None:
+            return e
+        if hist_timestamp is None:
+            raise ValueError("behavior_time needs the histories' timestamps")
+        return e + self.time(time_buckets(hist_timestamp, hist_mask)) * hist_mask.unsqueeze(-1).to(e.dtype)
 
     def score(  # type: ignore[override]  # a UserState, and optionally the CTAM weights
         self,
@@ -140,11 +171,13 @@ class DMQN(InterestModel):
         cand_item: Tensor,
         cand_category: Tensor,
         state_index: Tensor | None = None,
+        cand_popularity: Tensor | None = None,
         return_weights: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """CTAM + MLP: (B,) candidates against state rows state_index (B,) (None = row b) -> (B,) logits.
 
-        With return_weights also the CTAM attention weights (B, N, W).
+        cand_popularity (B,) is read by match features only. With return_weights also the CTAM attention
+        weights (B, N, W).
         """
         if state_index is not None:
             state = state.index_select(state_index)
@@ -155,17 +188,26 @@ class DMQN(InterestModel):
         if self.short is not None:  # state rows are the candidates' own now: row b for candidate b
             rows = torch.arange(c.shape[0], device=c.device)
             interest = with_short_term(self.short, interest, c, state.short, state.short_mask, rows)  # (B, N + 1, D)
-        logits = self.head(c, interest, state.recent, match if self.config.ctam_match_scalars else None)  # (B,)
+        scalars = [match] if self.config.ctam_match_scalars else []  # (B, N)
+        target_match = self.match_scalars(state.match, cand_item, cand_category, cand_popularity, None)
+        if target_match is not None:
+            scalars.append(target_match)  # (B, WIDTH)
+        logits = self.head(c, interest, state.recent, torch.cat(scalars, dim=1) if scalars else None)  # (B,)
         if return_weights:
             return logits, weights
         return logits
 
     @torch.no_grad()
     def codeword_assignments(
-        self, hist_item: Tensor, hist_category: Tensor, hist_behavior: Tensor, hist_mask: Tensor
+        self,
+        hist_item: Tensor,
+        hist_category: Tensor,
+        hist_behavior: Tensor,
+        hist_mask: Tensor,
+        hist_timestamp: Tensor | None = None,
     ) -> Tensor:
         """(H, N, L) long: the inference-path (noise-free argmax) codeword of every behavior, -1 at padding."""
-        e = self.embedding.behaviors(hist_item, hist_category, hist_behavior, hist_mask)
+        e = self.behaviors(hist_item, hist_category, hist_behavior, hist_mask, hist_timestamp)
         return self.quantizer.assign(e, hist_mask)
 
     def set_epoch(self, epoch: int) -> None:
@@ -180,6 +222,7 @@ class DMQN(InterestModel):
         hist_behavior: Tensor,
         hist_mask: Tensor,
         generator: torch.Generator | None = None,
+        hist_timestamp: Tensor | None = None,
     ) -> QuantizerDiagnostics:
         """MCQM's assignment agreement and margins, and ICIM's per-layer change, on (H, L) histories.
 
@@ -188,7 +231,7 @@ class DMQN(InterestModel):
         """
         if self.training:
             raise RuntimeError("quantizer_diagnostics measures the inference path; call model.eval() first")
-        e = self.embedding.behaviors(hist_item, hist_category, hist_behavior, hist_mask)  # (H, L, D)
+        e = self.behaviors(hist_item, hist_category, hist_behavior, hist_mask, hist_timestamp)  # (H, L, D)
         q = self.quantizer(e, hist_mask)
         return QuantizerDiagnostics(
             assignment=self.quantizer.agreement(e, hist_mask, generator),
