@@ -32,7 +32,7 @@ class ModelConfig:
     # How MCQM picks a behavior's codeword while training (inference always takes the noise-free argmax):
     # "gumbel" = argmax of scores + Gumbel noise (eq. 6-7, the paper's); "none" = argmax of the scores (plain
     # straight-through). "none" is the default: it had the best mean validation AUC over MovieLens 100K and
-    # the synthetic `small` set (README "The training-path assignment"), and trains on the clusters that
+    # the synthetic `small` set (docs/model.md "The training-path assignment"), and trains on the clusters that
     # evaluation, the cache and `dmqn inspect` use.
     assign_noise: str = "none"
     # Where tau acts: "after_noise" = (s + g) / tau as eq. 6 writes it, so tau only shapes the gradient;
@@ -73,7 +73,7 @@ class ModelConfig:
     usage_loss_weight: float = 0.0
     # Add log(cluster size) to the CTAM logits (see attention.ClusterTargetAttention).
     ctam_size_bias: bool = True
-    # ---- the project's other additions beyond the paper (README "The paper's plain model"); all off
+    # ---- the project's other additions beyond the paper (docs/model.md "The paper's plain model"); all off
     # (False, "default") gives the paper's plain DMQN (examples/dmqn-paper.toml) ----
     # Give the MLP CTAM's log-normaliser per codebook (a soft count of matching behaviors, see ctam.py).
     ctam_match_scalars: bool = True

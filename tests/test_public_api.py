@@ -1,4 +1,4 @@
-"""The library API of dmqn_core: every exported name resolves, and the README's example runs."""
+"""The library API of dmqn_core: every exported name resolves, and docs/architecture.md's example (Python API) runs."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def test_importing_the_package_loads_no_stage():
     )
 
 
-def test_the_readme_example_trains_evaluates_and_scores(tmp_path):
+def test_the_api_example_trains_evaluates_and_scores(tmp_path):
     from dmqn_core import CachedScorer, Run, Workspace, evaluate, export_states, prepare, train, write_log
 
     ws = Workspace(tmp_path / "ws").ensure()

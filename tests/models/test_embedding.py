@@ -30,7 +30,7 @@ def test_each_table_starts_at_its_stated_std_with_a_zero_padding_row(embedding_i
         assert abs(real.mean().item()) < 0.03 * std
 
 
-def test_the_scaled_stds_are_the_readme_s():
+def test_the_scaled_stds_are_the_documented_ones():  # docs/model.md, "Where the paper is silent"
     assert (ITEM_INIT_STD, CATEGORY_INIT_STD, BEHAVIOR_INIT_STD) == (0.005, 0.15, 0.05)
 
 

@@ -14,7 +14,7 @@ from dmqn_core.training.train import read_config_file, train
 from dmqn_core.workspace import Workspace
 
 PAPER_TOML = Path(__file__).parents[3] / "examples" / "dmqn-paper.toml"
-# The switches of README "The paper's plain model", each with its default and its paper value.
+# The switches of docs/model.md "The paper's plain model", each with its default and its paper value.
 SWITCHES = {
     "ctam_size_bias": (True, False),
     "ctam_match_scalars": (True, False),
@@ -70,7 +70,7 @@ def test_the_paper_config_trains_one_tiny_epoch(tiny_workspace, tmp_path):
 
 def test_the_ablation_configs_change_one_switch_each():
     """examples/ablation: plain.toml is the paper's model with the noise-free assignment; plus-X turns one
-    switch back on over it, minus-X turns one off over the defaults (README "Ablation")."""
+    switch back on over it, minus-X turns one off over the defaults (docs/model.md "Ablation of the additions")."""
     folder = PAPER_TOML.parent / "ablation"
     plain = {**{key: off for key, (_, off) in SWITCHES.items()}, "assign_noise": "none"}
     names = {key: key.removeprefix("ctam_").replace("_", "-") for key in SWITCHES}
