@@ -24,6 +24,7 @@ from dmqn_cli.common import (
 from dmqn_cli.options import (
     BatchSizeOption,
     BehaviorTimeOption,
+    ClusterCategoriesOption,
     ConfigOption,
     DeviceOption,
     DropoutOption,
@@ -148,6 +149,7 @@ def bench(
     short_term: Optional[str] = ShortTermOption,
     match_features: Optional[bool] = MatchFeaturesOption,
     behavior_time: Optional[bool] = BehaviorTimeOption,
+    cluster_categories: Optional[int] = ClusterCategoriesOption,
     middle_len: Optional[int] = MiddleLenOption,
     top_k: Optional[int] = TopKOption,
     dropout: Optional[float] = DropoutOption,
@@ -198,6 +200,7 @@ def bench(
             "short_term": short_term,
             "match_features": match_features,
             "behavior_time": behavior_time,
+            "cluster_categories": cluster_categories,
             "middle_len": middle_len,
             "top_k": top_k,
             "dropout": dropout,

@@ -103,6 +103,15 @@ BehaviorTimeOption = typer.Option(
     "have \\[default: no].",
     rich_help_panel=MODEL_PANEL,
 )
+ClusterCategoriesOption = typer.Option(
+    None,
+    "--cluster-categories",
+    min=0,
+    max=255,
+    help="dmqn/dmqn-simple: categories every cluster keeps (its most frequent); CTAM adds the candidate "
+    "category's share of a cluster to its attention and gives it to the MLP; 0 = off \\[default: 0].",
+    rich_help_panel=MODEL_PANEL,
+)
 DropoutOption = typer.Option(
     None, "--dropout", help="Dropout in the MLP head \\[default: 0].", rich_help_panel=MODEL_PANEL
 )

@@ -14,6 +14,7 @@ from dmqn_cli.options import (
     AssignNoiseOption,
     BatchSizeOption,
     BehaviorTimeOption,
+    ClusterCategoriesOption,
     CodebookInitOption,
     ConfigOption,
     DeadCodewordResetOption,
@@ -102,6 +103,7 @@ def train(
     short_term: Optional[str] = ShortTermOption,
     match_features: Optional[bool] = MatchFeaturesOption,
     behavior_time: Optional[bool] = BehaviorTimeOption,
+    cluster_categories: Optional[int] = ClusterCategoriesOption,
     middle_len: Optional[int] = MiddleLenOption,
     top_k: Optional[int] = TopKOption,
     usage_loss_weight: Optional[float] = typer.Option(
@@ -146,6 +148,7 @@ def train(
             "short_term": short_term,
             "match_features": match_features,
             "behavior_time": behavior_time,
+            "cluster_categories": cluster_categories,
             "middle_len": middle_len,
             "top_k": top_k,
             "usage_loss_weight": usage_loss_weight,

@@ -73,6 +73,10 @@ class ModelConfig:
     usage_loss_weight: float = 0.0
     # Add log(cluster size) to the CTAM logits (see attention.ClusterTargetAttention).
     ctam_size_bias: bool = True
+    # DMQN's exact category matching (models/dmqn/cluster_categories.py): every cluster keeps its T most
+    # frequent categories with their shares; CTAM adds the candidate category's share to its logits and
+    # gives the MLP its attention-pooled share per codebook. 0 = off (the paper's CTAM).
+    cluster_categories: int = 0
     # ---- the project's other additions beyond the paper (docs/model.md "The paper's plain model"); all off
     # (False, "default") gives the paper's plain DMQN (examples/dmqn-paper.toml) ----
     # Give the MLP CTAM's log-normaliser per codebook (a soft count of matching behaviors, see ctam.py).
@@ -128,6 +132,8 @@ class ModelConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.cluster_categories <= 255:
+            raise ValueError(f"cluster_categories must be in [0, 255], got {self.cluster_categories}")
         if self.icim_layers < 0:
             raise ValueError(f"icim_layers must be >= 0, got {self.icim_layers}")
         if self.embed_dim % self.icim_heads:

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dmqn_core.config import ModelConfig
 from dmqn_core.data.batches import gather_histories
 from dmqn_core.devices import AUTO, resolve_device
 from dmqn_core.errors import DmqnError
@@ -159,9 +160,7 @@ class ScoringModel:
         self.model = self.run.model(self.device)
         self.vocabulary = self.run.vocabulary
         c = self.model.config
-        self._empty = _empty_state(
-            c.n_codebooks, c.embed_dim, with_short=c.short_term == "din", with_match=c.match_features
-        )
+        self._empty = _empty_state(c)
         self._log_popularity: np.ndarray | None = None
 
     def candidates(self, item_ids: Iterable[int], strict: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -196,6 +195,12 @@ class ScoringModel:
                 f"the cached state of user {user_id} for {self.version} "
                 f"{'holds' if state.match is not None else 'lacks'} a match table; the model's match_features "
                 f"is {'on' if c.match_features else 'off'}"
+            )
+        if (state.categories is not None) != (c.cluster_categories > 0):
+            raise DmqnError(
+                f"the cached state of user {user_id} for {self.version} "
+                f"{'holds' if state.categories is not None else 'lacks'} the clusters' categories; the model's "
+                f"cluster_categories is {c.cluster_categories}"
             )
         return state
 
@@ -315,14 +320,18 @@ class CachedScorer:
         return self.scoring.probabilities([state], index, category, np.zeros(len(index), dtype=np.int64))
 
 
-def _empty_state(n_codebooks: int, dim: int, with_short: bool, with_match: bool) -> DecodedState:
+def _empty_state(c: ModelConfig) -> DecodedState:
+    """The state of a user without history under model config c: no clusters, zero recent mean."""
     empty = np.zeros(0, dtype=np.int64)
     no_features = np.zeros((0, 3), np.float32)
+    T = c.cluster_categories
     return DecodedState(
-        np.zeros(dim, np.float32),
-        np.zeros((0, dim), np.float32) if with_short else None,
-        [empty] * n_codebooks,
-        [empty] * n_codebooks,
-        [np.zeros((0, dim), np.float32)] * n_codebooks,
-        (empty, no_features, empty, no_features) if with_match else None,
+        np.zeros(c.embed_dim, np.float32),
+        np.zeros((0, c.embed_dim), np.float32) if c.short_term == "din" else None,
+        [empty] * c.n_codebooks,
+        [empty] * c.n_codebooks,
+        [np.zeros((0, c.embed_dim), np.float32)] * c.n_codebooks,
+        (empty, no_features, empty, no_features) if c.match_features else None,
+        [np.zeros((0, T), np.int64)] * c.n_codebooks if T else None,
+        [np.zeros((0, T), np.float32)] * c.n_codebooks if T else None,
     )

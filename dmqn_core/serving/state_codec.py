@@ -13,7 +13,9 @@ Layout, little-endian, no alignment padding::
     N         uint16    codebooks
     D         uint16    dimension
     version 3 only:
-      flags   uint8     bit 0: the short-term behaviors follow recent; bit 1: the match table follows them
+      flags   uint8     bit 0: the short-term behaviors follow recent; bit 1: the match table follows them;
+                        bit 2: every cluster carries its top categories (cluster_categories)
+      T       uint8     with flag bit 2 only: categories kept per cluster
     recent    D floats  mean embedding of the most recent behaviors
     version 2, and version 3 with flag bit 0:
       S       uint16    number of recent behaviors DIN reads (at most short_len)
@@ -28,6 +30,9 @@ Layout, little-endian, no alignment padding::
       codeword  K x uint16   their codeword ids, ascending
       size      K x uint32   behaviors assigned to each
       tokens    K x D floats ICIM output of each cluster, row by row
+      with flag bit 2 only:
+      category  K x T int32  each cluster's most frequent categories, 0 where it has fewer
+      share     K x T float32  their shares of the cluster (always float32)
 
 A user with C non-empty clusters in all takes 10 + (D + C D) f + 2 N + 6 C bytes, f = 4 or 2
 (version 2: 2 + S D f more; version 3: 1 byte of flags, and 8 + 16 (U + V) with U categories and V items).
@@ -49,7 +54,7 @@ MAGIC = b"DMQS"
 VERSION = 1  # the layout of a state without DIN short-term behaviors
 VERSION_WITH_SHORT = 2
 VERSION_WITH_FLAGS = 3  # the layout of a state with match features
-FLAG_SHORT, FLAG_MATCH = 1, 2
+FLAG_SHORT, FLAG_MATCH, FLAG_CATEGORIES = 1, 2, 4
 DTYPES = {"float32": (0, np.dtype("<f4")), "float16": (1, np.dtype("<f2"))}
 _HEADER = struct.Struct("<4sBBHH")
 
@@ -65,6 +70,9 @@ class DecodedState:
     tokens: list[np.ndarray]  # N arrays (K_n, D) float32
     # match_features: (category keys (U,), their features (U, 3), item keys (V,), their features (V, 3)); else None
     match: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
+    # cluster_categories: N arrays (K_n, T) int of the clusters' top categories, and N (K_n, T) float32 shares
+    categories: list[np.ndarray] | None = None
+    shares: list[np.ndarray] | None = None
 
 
 def encode_states(state: UserState, dtype: str = "float32") -> list[bytes]:
@@ -85,11 +93,21 @@ def encode_states(state: UserState, dtype: str = "float32") -> list[bytes]:
             (state.match.category.cpu().numpy(), state.match.category_features.detach().float().cpu().numpy()),
             (state.match.item.cpu().numpy(), state.match.item_features.detach().float().cpu().numpy()),
         ]
-    flags = (FLAG_SHORT if state.short is not None else 0) | (FLAG_MATCH if state.match is not None else 0)
+    with_categories = state.category is not None and state.category_share is not None
+    if with_categories:
+        top = state.category.cpu().numpy().astype("<i4")  # (H, N, W, T)
+        share = state.category_share.detach().float().cpu().numpy().astype("<f4")  # (H, N, W, T)
+    flags = (
+        (FLAG_SHORT if state.short is not None else 0)
+        | (FLAG_MATCH if state.match is not None else 0)
+        | (FLAG_CATEGORIES if with_categories else 0)
+    )
     values = []
     for h in range(H):
-        if state.match is not None:
+        if flags & (FLAG_MATCH | FLAG_CATEGORIES):
             parts = [_HEADER.pack(MAGIC, VERSION_WITH_FLAGS, code, N, D), struct.pack("<B", flags)]
+            if with_categories:
+                parts.append(struct.pack("<B", top.shape[-1]))
         else:
             parts = [_HEADER.pack(MAGIC, VERSION if state.short is None else VERSION_WITH_SHORT, code, N, D)]
         parts.append(recent[h].astype(np_dtype).tobytes())
@@ -112,6 +130,8 @@ def encode_states(state: UserState, dtype: str = "float32") -> list[bytes]:
                 size[h, n, ids].tobytes(),
                 clusters[h, n, ids].astype(np_dtype).tobytes(),
             ]
+            if with_categories:
+                parts += [top[h, n, ids].tobytes(), share[h, n, ids].tobytes()]
         values.append(b"".join(parts))
     return values
 
@@ -137,8 +157,14 @@ def decode_state(value: bytes) -> DecodedState:
             raise ValueError("truncated DMQN state")
         flags = value[offset]
         offset += 1
-        if flags & ~(FLAG_SHORT | FLAG_MATCH):
+        if flags & ~(FLAG_SHORT | FLAG_MATCH | FLAG_CATEGORIES):
             raise ValueError(f"unknown flags {flags:#x} in a DMQN state")
+    top = 0
+    if flags & FLAG_CATEGORIES:
+        if len(value) <= offset:
+            raise ValueError("truncated DMQN state")
+        top = value[offset]
+        offset += 1
     try:
         recent = np.frombuffer(value, np_dtype, D, offset).astype(np.float32)
         offset += D * f
@@ -160,6 +186,8 @@ def decode_state(value: bytes) -> DecodedState:
                 offset += 12 * U
             match = (parts[0], parts[1], parts[2], parts[3])
         codewords, sizes, tokens = [], [], []
+        categories: list[np.ndarray] | None = [] if flags & FLAG_CATEGORIES else None
+        shares: list[np.ndarray] | None = [] if flags & FLAG_CATEGORIES else None
         for _ in range(N):
             (K,) = struct.unpack_from("<H", value, offset)
             offset += 2
@@ -169,11 +197,16 @@ def decode_state(value: bytes) -> DecodedState:
             offset += 4 * K
             tokens.append(np.frombuffer(value, np_dtype, K * D, offset).astype(np.float32).reshape(K, D))
             offset += K * D * f
+            if categories is not None and shares is not None:
+                categories.append(np.frombuffer(value, "<i4", K * top, offset).astype(np.int64).reshape(K, top))
+                offset += 4 * K * top
+                shares.append(np.frombuffer(value, "<f4", K * top, offset).astype(np.float32).reshape(K, top))
+                offset += 4 * K * top
     except (ValueError, struct.error):
         raise ValueError("truncated DMQN state") from None
     if offset != len(value):
         raise ValueError(f"DMQN state has {len(value) - offset} trailing bytes")
-    return DecodedState(recent, short, codewords, sizes, tokens, match)
+    return DecodedState(recent, short, codewords, sizes, tokens, match, categories, shares)
 
 
 def stack_states(states: Sequence[DecodedState], device: torch.device | str = "cpu") -> UserState:
@@ -205,7 +238,29 @@ def stack_states(states: Sequence[DecodedState], device: torch.device | str = "c
         None if short is None else torch.from_numpy(short).to(device),
         None if short_mask is None else torch.from_numpy(short_mask).to(device),
         _stack_match(states, device),
+        *_stack_categories(states, K, device),
     )
+
+
+def _stack_categories(
+    states: Sequence[DecodedState], width: int, device: torch.device | str
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The clusters' top categories and shares of the states, (H, N, width, T) each, as stack_states lays out
+    the clusters (None, None when the states have none)."""
+    tables = [(s.categories, s.shares) for s in states if s.categories is not None and s.shares is not None]
+    if not tables:
+        return None, None
+    if len(tables) != len(states):
+        raise ValueError("states of one model version mix layouts with and without cluster categories")
+    N = len(states[0].codewords)
+    T = max(c.shape[1] for categories, _ in tables for c in categories)
+    category = np.zeros((len(states), N, width, T), np.int64)
+    share = np.zeros((len(states), N, width, T), np.float32)
+    for h, (categories, shares) in enumerate(tables):
+        for n in range(N):
+            k = len(categories[n])
+            category[h, n, :k], share[h, n, :k] = categories[n], shares[n]
+    return torch.from_numpy(category).to(device), torch.from_numpy(share).to(device)
 
 
 def _stack_match(states: Sequence[DecodedState], device: torch.device | str) -> MatchTable | None:

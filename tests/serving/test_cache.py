@@ -310,13 +310,21 @@ def test_a_din_short_term_dmqn_scores_from_its_cache_as_its_full_pass(tiny_works
 
 
 def test_a_match_feature_dmqn_scores_from_its_cache_as_its_full_pass(tiny_workspace):
-    """match_features and behavior_time: the cached state carries the match table (layout version 3), the
-    scorer adds the items' popularity, and `dmqn score` equals the full forward pass."""
+    """match_features, behavior_time and cluster_categories: the cached state carries the match table and the
+    clusters' categories (layout version 3), the scorer adds the items' popularity, and `dmqn score` equals
+    the full forward pass."""
     run_id = train(
         tiny_workspace,
         "tiny",
         "dmqn",
-        {"embed_dim": 8, "n_codebooks": 2, "codebook_size": 8, "match_features": True, "behavior_time": True},
+        {
+            "embed_dim": 8,
+            "n_codebooks": 2,
+            "codebook_size": 8,
+            "match_features": True,
+            "behavior_time": True,
+            "cluster_categories": 3,
+        },
         {"epochs": 1, "max_len": 60, "batch_size": 256, "seed": 4, "inspect_users": 2},
     ).run_id
     export_states(tiny_workspace, run_id, batch_size=64)

@@ -86,12 +86,18 @@ def test_corrupt_values_are_refused():
         encode_states(model.encode_user(*(b[k] for k in HISTORY)), "int8")
 
 
-@pytest.mark.parametrize("short_term", ["mean", "din"])
-def test_a_match_table_state_is_version_3_and_scores_exactly(short_term):
-    """match_features (with behavior_time): the table travels in float32 whatever the dtype, so scores from
-    decoded states equal the forward pass; the flags say which optional parts follow."""
+@pytest.mark.parametrize(("short_term", "cluster_categories"), [("mean", 0), ("din", 3)])
+def test_a_match_table_state_is_version_3_and_scores_exactly(short_term, cluster_categories):
+    """match_features (with behavior_time) and cluster_categories: the tables travel in float32 whatever the
+    dtype, so scores from decoded states equal the forward pass; the flags say which optional parts follow."""
     config = ModelConfig(
-        **{**CONFIG.to_dict(), "match_features": True, "behavior_time": True, "short_term": short_term}
+        **{
+            **CONFIG.to_dict(),
+            "match_features": True,
+            "behavior_time": True,
+            "short_term": short_term,
+            "cluster_categories": cluster_categories,
+        }
     )
     torch.manual_seed(0)
     model = DMQN(config).eval()
@@ -105,12 +111,20 @@ def test_a_match_table_state_is_version_3_and_scores_exactly(short_term):
         got = model.score(stack_states(decoded), b["cand_item"], b["cand_category"], b["hist_index"], popularity)
     assert float((got - expected).abs().max()) <= 1e-5
     flags = struct.unpack_from("<B", values[0], 10)[0]
-    assert struct.unpack_from("<4sB", values[0], 0) == (b"DMQS", 3) and flags == (3 if short_term == "din" else 2)
+    assert struct.unpack_from("<4sB", values[0], 0) == (b"DMQS", 3) and flags == (7 if short_term == "din" else 2)
     for h, d in enumerate(decoded):
         real = state.match.item[h] >= 0
         assert np.array_equal(d.match[2], state.match.item[h, real].numpy())
         assert np.array_equal(d.match[3], state.match.item_features[h, real].numpy())
     assert len(decoded[1].match[0]) == 0  # history 1 is empty
+    if cluster_categories:
+        assert values[0][11] == cluster_categories  # T follows the flags
+        for n in range(config.n_codebooks):
+            ids = decoded[0].codewords[n]
+            assert np.array_equal(decoded[0].categories[n], state.category[0, n, ids].numpy())
+            assert np.array_equal(decoded[0].shares[n], state.category_share[0, n, ids].numpy())
+    else:
+        assert decoded[0].categories is None
     half = [decode_state(v) for v in encode_states(state, "float16")]
     assert all(np.array_equal(h.match[1], d.match[1]) for h, d in zip(half, decoded))
     with pytest.raises(ValueError, match="mix layouts"):

@@ -16,10 +16,20 @@ from torch import Tensor
 
 
 class ClusterTargetAttention(nn.Module):
-    def __init__(self, n_codebooks: int, dim: int, size_bias: bool = True, identity_init: bool = True) -> None:
+    def __init__(
+        self,
+        n_codebooks: int,
+        dim: int,
+        size_bias: bool = True,
+        identity_init: bool = True,
+        share_bias: bool = False,
+    ) -> None:
         super().__init__()
         N, D = n_codebooks, dim
         self.size_bias = size_bias
+        # cluster_categories: a learned weight per codebook of the candidate category's share of a cluster
+        # in its logit. It starts at 1: a cluster made only of the candidate's category counts e times more.
+        self.share_weight = nn.Parameter(torch.ones(N)) if share_bias else None
         # Per-codebook projections: each codebook's clusters live in their own ICIM output space.
         self.wq = nn.Parameter(torch.empty(N, D, D))
         self.wk = nn.Parameter(torch.empty(N, D, D))
@@ -45,8 +55,10 @@ class ClusterTargetAttention(nn.Module):
         clusters: Tensor,
         cluster_mask: Tensor,
         cluster_size: Tensor,
+        category_share: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """candidate (B, D); clusters (B, N, W, D); cluster_mask (B, N, W) bool; cluster_size (B, N, W).
+        """candidate (B, D); clusters (B, N, W, D); cluster_mask (B, N, W) bool; cluster_size (B, N, W);
+        category_share (B, N, W): the candidate category's share of every cluster (with share_bias only).
 
         Returns the interest vectors (B, N, D), the match strength (B, N) and the attention weights
         (B, N, W), which sum to 1 over the non-empty clusters and are 0 at empty ones. W may be
@@ -70,6 +82,10 @@ class ClusterTargetAttention(nn.Module):
             # attending over all behaviors with each behavior keyed by its cluster, so a cluster of
             # 300 clicks outweighs a stray one, as it would under full target attention (DIN Full).
             logits = logits + cluster_size.clamp(min=1.0).log()
+        if self.share_weight is not None:
+            if category_share is None:
+                raise ValueError("this CTAM reads the clusters' category shares; none were given")
+            logits = logits + self.share_weight.view(1, -1, 1) * category_share
         logits = logits.masked_fill(~cluster_mask, float("-inf"))
         # A user with no non-empty cluster in a codebook (empty history) would softmax over all -inf
         # and get NaN; give such rows finite logits and zero their weights afterwards instead.

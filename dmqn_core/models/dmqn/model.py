@@ -17,6 +17,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from dmqn_core.config import ModelConfig
+from dmqn_core.models.dmqn.cluster_categories import candidate_share, top_categories
 from dmqn_core.models.dmqn.ctam import ClusterTargetAttention
 from dmqn_core.models.dmqn.icim import ClusterInteraction
 from dmqn_core.models.dmqn.mcqm import AssignmentStats, MultiCodebookQuantizer, usage_loss
@@ -42,6 +43,10 @@ class UserState:
     short_mask: Tensor | None = None
     # match_features only: the histories' distinct categories and items with their features (nn/match_features.py).
     match: MatchTable | None = None
+    # cluster_categories = T only: each cluster's T most frequent categories (H, N, W, T) long, 0 = none, and
+    # their shares of the cluster (H, N, W, T) float (cluster_categories.py).
+    category: Tensor | None = None
+    category_share: Tensor | None = None
 
     def index_select(self, idx: Tensor) -> UserState:
         """Rows idx (B,) of every field."""
@@ -53,6 +58,8 @@ class UserState:
             short=None if self.short is None else self.short.index_select(0, idx),
             short_mask=None if self.short_mask is None else self.short_mask.index_select(0, idx),
             match=None if self.match is None else self.match.index_select(idx),
+            category=None if self.category is None else self.category.index_select(0, idx),
+            category_share=None if self.category_share is None else self.category_share.index_select(0, idx),
         )
 
     def compact(self) -> UserState:
@@ -73,7 +80,14 @@ class UserState:
             short=self.short,
             short_mask=self.short_mask,
             match=self.match,
+            category=None if self.category is None else _gather_clusters(self.category, order),
+            category_share=None if self.category_share is None else _gather_clusters(self.category_share, order),
         )
+
+
+def _gather_clusters(x: Tensor, order: Tensor) -> Tensor:
+    """x (H, N, W, T) at clusters order (H, N, W') -> (H, N, W', T)."""
+    return x.gather(2, order.unsqueeze(-1).expand(*order.shape, x.shape[-1]))
 
 
 @dataclass
@@ -107,7 +121,9 @@ class DMQN(InterestModel):
         self.icim = ClusterInteraction(
             c.icim_layers, c.n_codebooks, c.codebook_size, c.embed_dim, c.icim_heads, c.dropout
         )
-        self.ctam = ClusterTargetAttention(c.n_codebooks, c.embed_dim, c.ctam_size_bias, c.ctam_identity_init)
+        self.ctam = ClusterTargetAttention(
+            c.n_codebooks, c.embed_dim, c.ctam_size_bias, c.ctam_identity_init, share_bias=c.cluster_categories > 0
+        )
         # One match scalar per codebook (CTAM's log-normaliser) unless ctam_match_scalars is off; with
         # short_term = "din" the DIN interest is one more input vector.
         self.head = MLPHead(
@@ -115,7 +131,9 @@ class DMQN(InterestModel):
             c.n_codebooks + (c.short_term == "din"),
             c.mlp_hidden,
             c.dropout,
-            n_scalars=(c.n_codebooks if c.ctam_match_scalars else 0) + match_width(c),
+            n_scalars=(c.n_codebooks if c.ctam_match_scalars else 0)
+            + (c.n_codebooks if c.cluster_categories else 0)
+            + match_width(c),
             products=c.mlp_products,
             recent=c.short_term != "none",
         )
@@ -146,7 +164,23 @@ class DMQN(InterestModel):
         clusters = self.icim(q.clusters, q.cluster_mask)  # ICIM, eq. 11-13
         short, short_mask = take_last(e, hist_mask, self.config.short_len) if self.short is not None else (None, None)
         match = self.match_table(hist_item, hist_category, hist_mask, hist_timestamp)
-        return UserState(clusters, q.cluster_mask, q.cluster_size, self.recent(e, hist_mask), short, short_mask, match)
+        category = share = None
+        if self.config.cluster_categories:
+            codeword = self.quantizer.assign(e.detach(), hist_mask)  # (H, N, L) the inference-path clusters
+            category, share = top_categories(
+                codeword, hist_category, self.config.codebook_size, self.config.cluster_categories
+            )  # (H, N, W, T) each
+        return UserState(
+            clusters,
+            q.cluster_mask,
+            q.cluster_size,
+            self.recent(e, hist_mask),
+            short,
+            short_mask,
+            match,
+            category,
+            share,
+        )
 
     def behaviors(
         self,
@@ -182,13 +216,18 @@ class DMQN(InterestModel):
         if state_index is not None:
             state = state.index_select(state_index)
         c = self.embedding.candidate(cand_item, cand_category)  # (B, D)
+        share = None
+        if state.category is not None and state.category_share is not None:
+            share = candidate_share(state.category, state.category_share, cand_category)  # (B, N, W)
         interest, match, weights = self.ctam(
-            c, state.clusters, state.cluster_mask, state.cluster_size
+            c, state.clusters, state.cluster_mask, state.cluster_size, share
         )  # (B, N, D), (B, N), (B, N, W)
         if self.short is not None:  # state rows are the candidates' own now: row b for candidate b
             rows = torch.arange(c.shape[0], device=c.device)
             interest = with_short_term(self.short, interest, c, state.short, state.short_mask, rows)  # (B, N + 1, D)
         scalars = [match] if self.config.ctam_match_scalars else []  # (B, N)
+        if share is not None:
+            scalars.append((weights * share).sum(dim=-1))  # (B, N) the attended clusters' share of the category
         target_match = self.match_scalars(state.match, cand_item, cand_category, cand_popularity, None)
         if target_match is not None:
             scalars.append(target_match)  # (B, WIDTH)
