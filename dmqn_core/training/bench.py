@@ -493,6 +493,9 @@ def describe_budget(budget: dict[str, Any], seeds: list[int]) -> str:
         f"without a better validation AUC; batch {t['batch_size']}; Adam lr {t['lr']} (constant), weight decay "
         f"{t['weight_decay']}; max_len {t['max_len']}; embedding dim {m['embed_dim']}; MLP {list(m['mlp_hidden'])}"
     )
+    # Signals every model gets alike (issue 19); .get: benches registered before the settings existed.
+    short_term = m.get("short_term") or "each model's own"
+    text += f"; short-term {short_term}; match features {'on' if m.get('match_features') else 'off'}"
     if "precision" in t:  # fp32 is left out of the budget (budget_of)
         text += f"; {t['precision']} autocast"
     for model, tuned in budget.get("tuned", {}).items():

@@ -230,3 +230,14 @@ def test_against_must_name_a_model_of_the_bench(tiny_workspace):
     )
     assert result.exit_code == 1 and result.output.startswith("error: --against 'dmqn'")
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_the_budget_line_names_the_signals_every_model_gets():
+    from dmqn_core.training.bench import describe_budget
+
+    train = {"epochs": 8, "patience": 2, "batch_size": 256, "lr": 1e-3, "weight_decay": 0.0, "max_len": 100}
+    model = {"embed_dim": 32, "mlp_hidden": [200, 80]}
+    before = describe_budget({"train": train, "model": model}, [0])  # a bench registered before the settings
+    assert "short-term each model's own; match features off" in before
+    now = describe_budget({"train": train, "model": {**model, "short_term": "din", "match_features": True}}, [0, 1])
+    assert "short-term din; match features on" in now
