@@ -16,8 +16,9 @@ Each (model, L) runs in a fresh subprocess, so the peak memory is that configura
 dmqn and din-full alternate (dmqn, din-full, dmqn, din-full, ... `--repeats` times each) before
 the other models at the same L, so their ratio is measured side by side under the same machine
 load; the ratio printed is the median of the per-pair ratios. `--reference` adds dmqn-reference
-(DMQN training with MCQM's reference path, MultiCodebookQuantizer(fused=False)) to each
-alternating round, so that the fused quantizer's gain is measured side by side too. Warm-up steps are not timed.
+(DMQN whose quantizer trains through mcqm_reference, the plain PyTorch of eq. 3-10, on the same noise)
+to each alternating round, so that the fused quantizer's gain is measured side by side too. Warm-up
+steps are not timed.
 On a machine shared with other work, wall-clock samples/s moves with the load; samples per
 CPU-second (process CPU time, all threads) measures what the steps themselves cost, and with
 `--threads 1` it is close to what an idle core would give. Nothing here runs in CI, and no
@@ -54,6 +55,9 @@ import torch.nn.functional as F
 from dmqn_core.config import ModelConfig
 from dmqn_core.devices import check_device, describe
 from dmqn_core.errors import DmqnError
+from dmqn_core.models.dmqn import mcqm_reference
+from dmqn_core.models.dmqn.fused_mcqm import draw_seed, fill_gumbel
+from dmqn_core.models.dmqn.mcqm import QuantizerOutput
 from dmqn_core.models.registry import build_model
 
 MODELS = ("din-short", "din-full", "sim", "eta", "twin", "dmqn-simple", "dmqn")
@@ -90,23 +94,51 @@ def make_batch(
 
 
 def build(model_name: str, config: ModelConfig) -> torch.nn.Module:
-    """The registry's model; dmqn-reference is dmqn whose quantizer trains on the reference path."""
+    """The registry's model; dmqn-reference is dmqn whose quantizer trains through mcqm_reference."""
     if model_name != REFERENCE:
         return build_model(model_name, config)
     model = build_model("dmqn", config)
-    model.quantizer.fused = False
+    quantizer = model.quantizer
+    fused_forward = quantizer.forward
+
+    def reference_forward(e: torch.Tensor, mask: torch.Tensor, with_usage: bool = False) -> QuantizerOutput:
+        if not quantizer.training:
+            return fused_forward(e, mask, with_usage)  # inference is dmqn's
+        H, L, _ = e.shape
+        N, W, _ = quantizer.codebooks.shape
+        # The noise a fused forward would draw: one seed from the global generator, fill_gumbel over the batch.
+        gumbel = None if quantizer.assign_noise == "none" else fill_gumbel(e.new_empty(H, L, N, W), draw_seed(), 0)
+        out = mcqm_reference.quantize(
+            e,
+            mask,
+            quantizer.codebooks,
+            quantizer.proj,
+            tau=quantizer.tau,
+            assign_noise=quantizer.assign_noise,
+            tau_placement=quantizer.tau_placement,
+            straight_through=quantizer.straight_through,
+            gumbel=gumbel,
+        )
+        size = out.cluster_size
+        return QuantizerOutput(out.clusters, size > 0, size, out.mean_prob if with_usage else None)
+
+    quantizer.forward = reference_forward
     return model
 
 
 def matmul_flops(model_name: str, histories: int, length: int, config: ModelConfig) -> float:
-    """FLOPs of the matmuls of one MCQM forward + backward, each 2 M D N W for M = H L behaviors.
+    """FLOPs of the matmuls of one MCQM forward + backward, for M = H L behaviors.
 
-    fused: forward scores; backward recomputed scores, dp = e G^T, ds @ folded, ds^T e (5); the
-    scatter-add pooling and its gather are no matmul and not counted. reference: scores and the
-    one-hot pooling forward; backward d(one-hot), de of the pooling, de and dfolded of the scores (6).
+    fused (5 x 2 M D N W): forward scores; backward recomputed scores, dp = e G^T, ds @ folded,
+    ds^T e; the scatter-add pooling and its gather are no matmul and not counted. reference: the
+    projection h = e W_2 (2 M N D^2) and its two gradients, the scores h c^T and the one-hot
+    pooling forward (2 M D N W each) and four backward matmuls of that size: d(one-hot), de of the
+    pooling, dh and dc of the scores.
     """
-    per_matmul = 2.0 * histories * length * config.embed_dim * config.n_codebooks * config.codebook_size
-    return per_matmul * (6 if model_name == REFERENCE else 5)
+    M, D, N, W = histories * length, config.embed_dim, config.n_codebooks, config.codebook_size
+    if model_name == REFERENCE:
+        return 6 * 2.0 * M * D * N * W + 3 * 2.0 * M * N * D * D
+    return 5 * 2.0 * M * D * N * W
 
 
 def synchronize(device: torch.device) -> None:

@@ -1,14 +1,14 @@
 """MCQM's fused path (section 2.2, eq. 4-10): assignment and pooling in chunks of histories, no (H, L, N, W) kept.
 
-The reference path (MultiCodebookQuantizer with fused=False) materialises the scores, the noise, the
+Written plainly (mcqm_reference.py), the training path materialises the scores, the noise, the
 logits, the softmax, the one-hot assignment and the straight-through sum, each (H, L, N, W): at
 L = 1000 and N W = 128 that is 16M floats apiece, written and read several times per step, and
 autograd keeps most of them for the backward. Here the forward walks over chunks of histories and
 keeps only the codeword z (H, N, L) of every behavior; the backward recomputes scores, noise and
 softmax chunk by chunk. Pooling is a scatter-add, O(L N D) instead of the one-hot matmul's O(L N W D).
 
-The gradient is the reference's, written out (per history, codebook n, codeword k; r_k the cluster
-mean, n_k its size, G_k = dL/dr_k / max(n_k, 1)):
+The gradient is the straight-through estimator's, written out (per history, codebook n, codeword k;
+r_k the cluster mean, n_k its size, G_k = dL/dr_k / max(n_k, 1)):
   pooling (eq. 9-10)     de_l += G_{z_l}                      (real behaviors only)
   straight-through       dp_lk = G_k · e_l          ("plain")
                          dp_lk = G_k · (e_l - r_k)  ("centred", r_k detached)
@@ -52,9 +52,12 @@ def chunk_rows(length: int, slots: int, device: torch.device) -> int:
     return max(1, elements // max(length * slots, 1))
 
 
-def draw_seed() -> int:
-    """One seed per training forward from torch's global generator (so torch.manual_seed reproduces the noise)."""
-    return int(torch.randint(SEED_BOUND, (1,)).item())
+def draw_seed(generator: torch.Generator | None = None) -> int:
+    """The seed of one draw of fill_gumbel: per training forward from torch's global generator (so torch.manual_seed
+    reproduces the noise), or from ``generator``."""
+    if generator is None:
+        return int(torch.randint(SEED_BOUND, (1,)).item())
+    return int(torch.randint(SEED_BOUND, (1,), generator=generator, device=generator.device).item())
 
 
 def fill_gumbel(out: Tensor, seed: int, first_row: int) -> Tensor:
@@ -63,8 +66,9 @@ def fill_gumbel(out: Tensor, seed: int, first_row: int) -> Tensor:
     Each block of NOISE_BLOCK elements of a history's noise comes from a private generator seeded by
     (seed, history, block): the noise of a history depends on the seed and its row only, not on how
     rows are chunked, so the fused backward regenerates exactly what the forward drew without storing
-    it, and the reference path, drawing with the same function, sees the same noise. g = -log(-log(u)),
-    u ~ U(0, 1) in place; u = 0 gives -inf, a codeword not chosen. On CPU the uniforms come from
+    it, and one call over the whole batch gives the noise of every chunk (what the tests hand
+    mcqm_reference). It is MCQM's one Gumbel sampler: the diagnostics draw their noise here too.
+    g = -log(-log(u)), u ~ U(0, 1) in place; u = 0 gives -inf, a codeword not chosen. On CPU the uniforms come from
     numpy's SFC64, which fills float32 about 1.6x faster than torch's mt19937 and releases the GIL,
     so the blocks are filled on torch's number of threads (the noise is drawn twice per step, forward
     and backward, and is the largest single cost of the fused path).

@@ -49,7 +49,9 @@ class MultiCodebookQuantizer(nn.Module):
     straight_through: "plain" back-propagates e_l / n_k into the assignment probability of behavior l
         and codeword k (the gradient of the mean pool with the counts held fixed); "centred" uses
         (e_l - r_k) / n_k, the change of the cluster mean r_k if behavior l joined it.
-    fused: train with FusedQuantize (default) or with the reference path (tests, benchmarks).
+
+    Training runs through FusedQuantize (fused_mcqm.py); mcqm_reference.py is the plain PyTorch of the
+    same equations that tests compare it with.
     """
 
     def __init__(
@@ -61,7 +63,6 @@ class MultiCodebookQuantizer(nn.Module):
         assign_noise: str = "gumbel",
         tau_placement: str = "after_noise",
         straight_through: str = "plain",
-        fused: bool = True,
     ) -> None:
         super().__init__()
         N, W, D = n_codebooks, codebook_size, dim
@@ -76,9 +77,6 @@ class MultiCodebookQuantizer(nn.Module):
         self.assign_noise = assign_noise
         self.tau_placement = tau_placement
         self.straight_through = straight_through
-        # The training path: FusedQuantize (chunked, recomputing backward) or the reference written with
-        # whole (H, L, N, W) tensors; the same values and gradients (tests/models/dmqn/test_fused_mcqm.py).
-        self.fused = fused
         # eq. 3: C = [c_1, ..., c_N], c_j in R^{W x D}
         self.codebooks = nn.Parameter(torch.empty(N, W, D))
         # eq. 4: one projection W_2^{c_j} in R^{D x D} per codebook, batched; no bias, as in eq. 4.
@@ -120,16 +118,16 @@ class MultiCodebookQuantizer(nn.Module):
         return z.masked_fill(~mask.unsqueeze(1), -1)
 
     def training_logits(self, scores: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """eq. 6 as the options sample it: (..., W) scores -> (..., W) logits whose argmax is the training codeword.
+        """eq. 6 as the options sample it: (H, ..., W) scores -> (H, ..., W) logits, argmax = the training codeword.
 
-        generator: where the Gumbel noise comes from (None: torch's global generator); the diagnostics
-        pass their own so that measuring leaves the training's random stream alone. (Training itself
-        draws its noise per history row, see fused_mcqm.fill_gumbel.)
+        The noise is the training forward's own (fused_mcqm.fill_gumbel, row h of scores drawing history
+        h's noise) under one seed from ``generator`` (None: torch's global generator): on (H, L, N, W)
+        scores, the codewords a training step with that seed would draw. The diagnostics pass their own
+        generator so that measuring leaves the training's random stream alone.
         """
         gumbel = None
         if self.assign_noise == "gumbel":
-            # Gumbel(0, 1) noise g = -log(-log(u)), u ~ U(0, 1), in place.
-            gumbel = torch.empty_like(scores).uniform_(generator=generator).log_().neg_().log_().neg_()
+            gumbel = fill_gumbel(torch.empty_like(scores), draw_seed(generator), 0)
         return noisy_logits(scores, gumbel, self.tau, self.tau_placement)
 
     def forward(self, e: Tensor, mask: Tensor, with_usage: bool = False) -> QuantizerOutput:
@@ -147,10 +145,8 @@ class MultiCodebookQuantizer(nn.Module):
             # Inference: the noise-free argmax (eq. 7-8) and a scatter-add mean of the assigned e (eq. 9-10).
             clusters, size = pool_means(e, pool_slots(argmax_codewords(e, self.folded_codebooks()), mask, W), W)
             return QuantizerOutput(clusters=clusters, cluster_mask=size > 0, cluster_size=size, mean_prob=None)
-        # One seed per forward from the global generator; both paths draw each history's noise from it.
+        # One seed per forward from the global generator; forward and backward draw each history's noise from it.
         seed = draw_seed() if self.assign_noise == "gumbel" else 0
-        if not self.fused:
-            return self._reference_forward(e, mask, with_usage, seed)
         clusters, size, mean_prob = FusedQuantize.apply(
             e,
             self.folded_codebooks(),
@@ -165,47 +161,6 @@ class MultiCodebookQuantizer(nn.Module):
         return QuantizerOutput(
             clusters=clusters, cluster_mask=size > 0, cluster_size=size, mean_prob=mean_prob if with_usage else None
         )
-
-    def _reference_forward(self, e: Tensor, mask: Tensor, with_usage: bool, seed: int) -> QuantizerOutput:
-        """The training path written with whole (H, L, N, W) tensors: what FusedQuantize computes, kept for tests
-        and benchmarks (fused=False)."""
-        scores = self.scores(e)  # (H, L, N, W)
-        valid = mask[:, :, None, None].to(scores.dtype)  # (H, L, 1, 1)
-        gumbel = None if self.assign_noise == "none" else fill_gumbel(torch.empty_like(scores), seed, 0)
-        logits = noisy_logits(scores, gumbel, self.tau, self.tau_placement)  # (H, L, N, W)
-        prob = logits.softmax(dim=-1)  # (H, L, N, W) eq. 6
-        # eq. 7: argmax of prob == argmax of the noisy logits; without noise, the inference codeword as
-        # FusedQuantize (and eval) compute it, so that a near-tie cannot round to another codeword.
-        if gumbel is None:
-            z = argmax_codewords(e, self.folded_codebooks()).transpose(1, 2).unsqueeze(-1)  # (H, L, N, 1)
-        else:
-            z = logits.argmax(dim=-1, keepdim=True)  # (H, L, N, 1)
-        del logits
-        # Scattering the mask value (1 or 0) gives padding an all-zero row: no assignment.
-        hard = torch.zeros_like(prob).scatter_(-1, z, valid.expand_as(z))  # (H, L, N, W)
-        # Straight-through: the forward value is exactly `hard` (prob - prob.detach() is exactly
-        # 0, unlike hard - prob.detach() + prob), the gradient is that of prob, so the codebooks
-        # and projections learn. At padding e = 0, so the soft term carries no gradient there.
-        soft = prob - prob.detach()  # (H, L, N, W), exactly 0
-        y = hard + soft
-        mean_prob = None
-        if with_usage:
-            n_real = mask.sum().clamp(min=1).to(prob.dtype)
-            mean_prob = torch.einsum("hlnw,hl->nw", prob, mask.to(prob.dtype)) / n_real  # (N, W)
-
-        # eq. 9-10: r_k = mean of the ORIGINAL embeddings e_i with z_i = k (not of the projected h:
-        # the projection only serves the assignment, e lives in the space the candidate lives in).
-        H, L, N, W = y.shape
-        size = hard.sum(dim=1)  # (H, N, W) hard counts, no gradient
-        summed = (y.reshape(H, L, N * W).transpose(1, 2) @ e).unflatten(1, (N, W))  # (H, N, W, D)
-        clusters = summed / size.clamp(min=1.0).unsqueeze(-1)  # empty codewords stay exactly 0
-        if self.straight_through == "centred":
-            # Subtract r_k (detached) times the same exactly-zero soft weights: the forward value is
-            # unchanged, the gradient into prob_lk becomes (e_l - r_k) / n_k instead of e_l / n_k, so a
-            # behavior already at its cluster's mean no longer pushes the assignment toward that cluster.
-            pulled = (soft * valid).sum(dim=1) / size.clamp(min=1.0)  # (H, N, W), exactly 0; padding excluded
-            clusters = clusters - pulled.unsqueeze(-1) * clusters.detach()
-        return QuantizerOutput(clusters=clusters, cluster_mask=size > 0, cluster_size=size, mean_prob=mean_prob)
 
     @torch.no_grad()
     def set_folded_codebooks(self, folded: Tensor, rows: Tensor | None = None) -> None:
@@ -289,9 +244,11 @@ class MultiCodebookQuantizer(nn.Module):
         the gap between the best and the second-best score (eq. 5), the noise it would take to
         change the inference codeword. Sums over the real behaviors, per codebook.
         """
-        scores = self.scores(e)[mask]  # (M, N, W) real behaviors only
+        scores = self.scores(e)  # (H, L, N, W)
+        # Noise for the whole (H, L, N, W), padding included, so that history h draws what training would.
+        training = self.training_logits(scores, generator)[mask].argmax(dim=-1)  # (M, N)
+        scores = scores[mask]  # (M, N, W) real behaviors only
         inference = scores.argmax(dim=-1)  # (M, N)
-        training = self.training_logits(scores, generator).argmax(dim=-1)  # (M, N)
         if scores.shape[-1] > 1:
             top2 = scores.topk(2, dim=-1).values  # (M, N, 2)
             margin = (top2[..., 0] - top2[..., 1]).sum(dim=0)  # (N,)

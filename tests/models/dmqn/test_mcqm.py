@@ -164,12 +164,26 @@ def test_agreement_replays_the_gumbel_draw_and_leaves_the_global_generator_alone
     stats = q.agreement(e, mask, torch.Generator().manual_seed(9))
     assert torch.equal(torch.get_rng_state(), before)
     with torch.no_grad():
-        s = q.scores(e)[mask]  # (10, 2, 4)
-        u = torch.empty_like(s).uniform_(generator=torch.Generator().manual_seed(9))
-        noisy = (s - torch.log(-torch.log(u))).argmax(-1)
+        s = q.scores(e)  # (2, 6, 2, 4)
+        # Training's sampler: one seed from the generator, then history h's noise from fill_gumbel.
+        gumbel = fill_gumbel(torch.empty_like(s), draw_seed(torch.Generator().manual_seed(9)), 0)
+        noisy = (s + gumbel).argmax(-1)[mask]  # (10, 2)
     assert stats.behaviors == 10
-    assert stats.agreeing.tolist() == (noisy == s.argmax(-1)).sum(0).tolist()
+    assert stats.agreeing.tolist() == (noisy == s[mask].argmax(-1)).sum(0).tolist()
     assert 0 < stats.agreeing.sum() < 20  # small scores against the noise: some disagree, some agree
+
+
+@pytest.mark.parametrize("tau_placement", ["after_noise", "before_noise"])
+def test_the_diagnostics_draw_the_codewords_a_training_step_with_the_same_seed_draws(tau_placement: str):
+    torch.manual_seed(6)
+    q = MultiCodebookQuantizer(2, 5, 3, tau=0.5, tau_placement=tau_placement)
+    e = torch.randn(3, 8, 3) * 0.3
+    mask = torch.arange(8)[None] < torch.tensor([[8], [5], [1]])
+    with torch.no_grad():
+        z = q.training_logits(q.scores(e), torch.Generator().manual_seed(4)).argmax(-1)  # (H, L, N)
+        torch.manual_seed(4)  # the global generator in the state of that generator: the same seed
+        size = q.train()(e * mask[..., None], mask).cluster_size  # (H, N, W)
+    assert torch.equal(size, (torch.nn.functional.one_hot(z, 5) * mask[..., None, None]).sum(1).float())
 
 
 def test_tau_after_the_noise_leaves_the_sampled_codeword_unchanged_before_the_noise_anneals_it():
