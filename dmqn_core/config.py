@@ -18,6 +18,16 @@ EMBEDDING_INITS = ("scaled", "default")
 SHORT_TERMS = ("din", "mean", "none")
 
 
+# Settings added after runs were first stored, with the value that builds the model those runs trained (what
+# a stored config without the key means), whatever today's default is.
+SETTINGS_ADDED_LATER: dict[str, Any] = {
+    "short_term": None,
+    "match_features": False,
+    "behavior_time": False,
+    "cluster_categories": 0,
+}
+
+
 @dataclass
 class ModelConfig:
     # Vocabulary sizes INCLUDING index 0, which is padding in every table.
@@ -180,11 +190,13 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """A stored config (a run's). A key it lacks was added after the run was made: it takes the value
+        that reproduces the model of then (SETTINGS_ADDED_LATER), not today's default."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown ModelConfig keys: {', '.join(unknown)}")
-        return cls(**d)
+        return cls(**{**SETTINGS_ADDED_LATER, **d})
 
     def tau_at(self, epoch: int) -> float:
         """The temperature of training epoch ``epoch`` (1 = the first) under the tau schedule."""

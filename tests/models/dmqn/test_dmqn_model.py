@@ -164,6 +164,22 @@ def test_config_round_trips_through_json():
         replace(CONFIG, icim_heads=3)
 
 
+def test_a_stored_config_without_the_later_settings_builds_the_model_of_then():
+    """A run stored before short_term, match_features, behavior_time and cluster_categories existed loads with
+    them as they were then (off), whatever today's defaults are."""
+    from dmqn_core.config import SETTINGS_ADDED_LATER
+
+    stored = {k: v for k, v in json.loads(json.dumps(CONFIG.to_dict())).items() if k not in SETTINGS_ADDED_LATER}
+    loaded = ModelConfig.from_dict(stored)
+    assert (loaded.short_term, loaded.match_features, loaded.behavior_time, loaded.cluster_categories) == (
+        None,
+        False,
+        False,
+        0,
+    )
+    assert ModelConfig.from_dict({**stored, "match_features": True}).match_features
+
+
 @pytest.mark.parametrize("n_scalars", [0, 3])
 @pytest.mark.parametrize("products", [True, False])
 def test_mlp_head_input_width(n_scalars: int, products: bool):
