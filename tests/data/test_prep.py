@@ -12,8 +12,8 @@ import typer
 from typer.testing import CliRunner
 
 from dmqn_cli.prep import prep
-from dmqn_core.data import prep as prep_module
 from dmqn_core.data.prep import TAOBAO_TIME_RANGE, prepare
+from dmqn_core.data.prep import pipeline as prep_pipeline
 from dmqn_core.data.prepared import SPLITS, PreparedSet, list_prepared
 from dmqn_core.errors import DmqnError
 from dmqn_core.workspace import Workspace
@@ -221,13 +221,13 @@ def test_missing_source_and_existing_set(ws: Workspace, tmp_path: Path) -> None:
 
 def test_killed_writer_publishes_nothing(ws: Workspace, tmp_path: Path, monkeypatch) -> None:
     log = synthetic_log(tmp_path / "log.csv")
-    original = prep_module._Job._write
+    original = prep_pipeline.write_set
 
-    def dying_write(self, con, names):
-        original(self, con, names)
+    def dying_write(ctx, names):
+        original(ctx, names)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(prep_module._Job, "_write", dying_write)
+    monkeypatch.setattr(prep_pipeline, "write_set", dying_write)
     with pytest.raises(KeyboardInterrupt):
         prepare(log, "taobao", "k", workspace=ws, min_behaviors=5)
     assert leftovers(ws) == []
