@@ -63,7 +63,10 @@ def prep(
         20, help="Training targets per user: the clicks just before the validation targets."
     ),
     valid_targets: int = typer.Option(
-        1, help="Validation targets per user: the clicks just before the test target (the last click)."
+        5,
+        help="Validation targets per user: the clicks just before the test target (the last click). 5 gives "
+        "the Taobao 84k sample and MovieLens 100K at least 3,000 validation positives, so that model "
+        "selection by validation AUC is not decided by a few hundred users.",
     ),
     min_behaviors: int = typer.Option(20, help="Users with fewer valid behaviors are dropped."),
     time_range: Optional[str] = typer.Option(

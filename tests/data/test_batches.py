@@ -35,8 +35,8 @@ def test_batches_hold_each_samples_history_left_aligned(tiny_workspace):
 
 def test_positive_and_negative_share_one_history_row(tiny_workspace):
     data = PreparedSet.open(tiny_workspace.dataset_path("tiny"))
-    batch = next(iter(BatchLoader(data, "valid", batch_size=1000, max_len=100)))
-    # neg_ratio 1: every history is used by exactly two samples.
+    batch = next(iter(BatchLoader(data, "test", batch_size=1000, max_len=100)))
+    # neg_ratio 1 and one test target per user: every history is used by exactly two samples.
     assert batch.hist_item.shape[0] * 2 == len(batch)
     assert np.bincount(batch.hist_index.numpy()).tolist() == [2] * batch.hist_item.shape[0]
 

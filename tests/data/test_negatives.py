@@ -91,12 +91,14 @@ DEFAULT_PROTOCOL_DIGESTS = {
 }
 
 
-def test_the_default_protocol_writes_the_same_bytes_as_before(ws: Workspace, log: Path) -> None:
-    result = prepare(log, "taobao", "hand", workspace=ws, **HAND)
+def test_the_protocol_of_before_writes_the_same_bytes_as_before(ws: Workspace, log: Path) -> None:
+    """Popularity negatives and one validation target (the defaults until --valid-targets 5 became one)."""
+    result = prepare(log, "taobao", "hand", workspace=ws, valid_targets=1, **HAND)
     assert set_digest(result.path) == DEFAULT_PROTOCOL_DIGESTS["hand"]
     assert result.meta["protocol"]["negatives"] == "popularity" and result.meta["protocol"]["valid_targets"] == 1
+    assert prepare(log, "taobao", "five", workspace=ws, **HAND).meta["protocol"]["valid_targets"] == 5  # the default
     if TAOBAO_HEAD.is_file():
-        head = prepare(TAOBAO_HEAD, "taobao", "head", workspace=ws, min_behaviors=5, seed=1)
+        head = prepare(TAOBAO_HEAD, "taobao", "head", workspace=ws, min_behaviors=5, seed=1, valid_targets=1)
         assert set_digest(head.path) == DEFAULT_PROTOCOL_DIGESTS["head"]
 
 
@@ -144,7 +146,7 @@ def test_uniform_negatives_ignore_popularity_and_each_protocol_is_reproducible(w
 
 
 def test_valid_targets_takes_the_clicks_before_the_test_click(ws: Workspace, log: Path) -> None:
-    one = PreparedSet.open(prepare(log, "taobao", "k1", workspace=ws, neg_ratio=0, **HAND).path)
+    one = PreparedSet.open(prepare(log, "taobao", "k1", workspace=ws, neg_ratio=0, valid_targets=1, **HAND).path)
     three = PreparedSet.open(prepare(log, "taobao", "k3", workspace=ws, neg_ratio=0, valid_targets=3, **HAND).path)
     assert three.meta["protocol"]["valid_targets"] == 3
 

@@ -145,12 +145,14 @@ def test_history_is_strictly_earlier_with_equal_timestamps(ws: Workspace, tmp_pa
     rows = [f"1,{10 + k},1,pv,{t + (k // 2) * 10}" for k in range(12)]  # pairs share a timestamp
     log = tmp_path / "ties.csv"
     log.write_text("\n".join(rows) + "\n")
-    ps = PreparedSet.open(prepare(log, "taobao", "ties", workspace=ws, min_behaviors=1, neg_ratio=0).path)
+    ps = PreparedSet.open(
+        prepare(log, "taobao", "ties", workspace=ws, min_behaviors=1, neg_ratio=0, valid_targets=1).path
+    )
     for name in SPLITS:
         s = ps.split(name)
         assert np.all(ps.beh_timestamp[s.hist_end - 1] < s.timestamp)
         assert np.all(ps.beh_timestamp[s.hist_end] == s.timestamp)
-    assert len(ps.split("train")) == 12 - 2 - 2  # the first two clicks have no history
+    assert len(ps.split("train")) == 12 - 2 - 2  # the first two clicks have no history; 1 test, 1 valid
 
 
 def test_max_len_cuts_history_at_read_time(ws: Workspace, tmp_path: Path) -> None:

@@ -61,7 +61,7 @@ def prepare(
     neg_ratio: int = 1,
     negatives: str = "popularity",
     train_targets: int = 20,
-    valid_targets: int = 1,
+    valid_targets: int = 5,
     min_behaviors: int = 20,
     time_range: TimeRange = "default",
     columns: dict[str, str] | None = None,
