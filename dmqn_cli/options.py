@@ -86,21 +86,21 @@ ShortTermOption = typer.Option(
     "--short-term",
     help=f"Short-term interest of dmqn, dmqn-simple, sim, eta, sdim, twin, twin-v2: {', '.join(SHORT_TERMS)} "
     "(din: a DIN over the --short-len most recent behaviors and their mean; mean: their mean only) "
-    "\\[default: each model's own, din for the baselines, mean for dmqn].",
+    "\\[default: din].",
     rich_help_panel=MODEL_PANEL,
 )
 MatchFeaturesOption = typer.Option(
     None,
     "--match-features/--no-match-features",
     help="Give every model the candidate's category and item counts in the history, the time since the "
-    "latest of each and its popularity before the sample, as MLP inputs \\[default: no].",
+    "latest of each and its popularity before the sample, as MLP inputs \\[default: yes].",
     rich_help_panel=MODEL_PANEL,
 )
 BehaviorTimeOption = typer.Option(
     None,
     "--behavior-time/--no-behavior-time",
     help="dmqn/dmqn-simple: add a time-gap embedding to every behavior before quantizing, as SIM and TWIN "
-    "have \\[default: no].",
+    "have \\[default: yes].",
     rich_help_panel=MODEL_PANEL,
 )
 ClusterCategoriesOption = typer.Option(
@@ -109,7 +109,7 @@ ClusterCategoriesOption = typer.Option(
     min=0,
     max=255,
     help="dmqn/dmqn-simple: categories every cluster keeps (its most frequent); CTAM adds the candidate "
-    "category's share of a cluster to its attention and gives it to the MLP; 0 = off \\[default: 0].",
+    "category's share of a cluster to its attention and gives it to the MLP; 0 = off \\[default: 4].",
     rich_help_panel=MODEL_PANEL,
 )
 DropoutOption = typer.Option(

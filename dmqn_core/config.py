@@ -64,19 +64,22 @@ class ModelConfig:
     icim_heads: int = 2
     short_len: int = 50  # most recent behaviors mean-pooled into the MLP input
     # The short-term interest of DMQN, DMQN-simple, SIM, ETA, SDIM, TWIN and TWIN V2 (nn/short_term.py):
-    # "mean" = the mean of the short_len most recent behaviors in the MLP input; "din" = that and a DIN
-    # over them; "none" = neither. None = each model's own from before the setting existed (din for the
-    # baselines, mean for DMQN and DMQN-simple), so that earlier runs load unchanged. The DIN variants,
-    # DIEN and DSIN keep their own structure and ignore it.
-    short_term: str | None = None
+    # "din" = a DIN over the short_len most recent behaviors and their mean in the MLP input; "mean" = the
+    # mean only; "none" = neither. "din" for every model: it is what the baselines had, and it was DMQN's
+    # better choice on both real sets (docs/experiments.md). None = each model's own from before the
+    # setting existed (din for the baselines, mean for DMQN and DMQN-simple): what a run stored before it
+    # reads as. The DIN variants, DIEN and DSIN keep their own structure and ignore it.
+    short_term: str | None = "din"
     # Target-match features for every model (nn/match_features.py): counts of the candidate's category and
     # item in the history (all, recent), the gap since the latest of each, and the candidate's popularity
-    # before the sample's time, as seven MLP inputs. Off by default so that earlier runs load unchanged.
-    match_features: bool = False
+    # before the sample's time, as seven MLP inputs. On: every model gets the signal that SIM's exact
+    # search reads, so a comparison measures the interest modules (docs/experiments.md).
+    match_features: bool = True
     # DMQN and DMQN-simple: add SIM's and TWIN's time-gap embedding (log2 buckets of the gap to the
     # history's latest behavior) to every behavior before MCQM, so that clusters can tell old interests
     # from recent ones. The baselines that have it (SIM, TWIN, TWIN V2) always do; the others ignore it.
-    behavior_time: bool = False
+    # On: +0.005 test AUC [+0.003, +0.007] for DMQN on the Taobao 84k sample (docs/experiments.md).
+    behavior_time: bool = True
     mlp_hidden: tuple[int, ...] = (200, 80)
     dropout: float = 0.0
     # Weight of the optional codebook-usage regulariser (anti-collapse, see quantizer.usage_loss).
@@ -85,8 +88,9 @@ class ModelConfig:
     ctam_size_bias: bool = True
     # DMQN's exact category matching (models/dmqn/cluster_categories.py): every cluster keeps its T most
     # frequent categories with their shares; CTAM adds the candidate category's share to its logits and
-    # gives the MLP its attention-pooled share per codebook. 0 = off (the paper's CTAM).
-    cluster_categories: int = 0
+    # gives the MLP its attention-pooled share per codebook. 0 = off (the paper's CTAM). 4: +0.008 test AUC
+    # [+0.006, +0.009] for DMQN on the Taobao 84k sample, +0.024 without match features (docs/experiments.md).
+    cluster_categories: int = 4
     # ---- the project's other additions beyond the paper (docs/model.md "The paper's plain model"); all off
     # (False, "default") gives the paper's plain DMQN (examples/dmqn-paper.toml) ----
     # Give the MLP CTAM's log-normaliser per codebook (a soft count of matching behaviors, see ctam.py).

@@ -10,7 +10,10 @@ from model_batches import random_batch
 from dmqn_core.config import ModelConfig
 from dmqn_core.models.dien import DIEN, AUGRUCell, auxiliary_next_behavior_loss
 
-CONFIG = ModelConfig(n_items=60, n_categories=8, n_behavior_types=4, embed_dim=8, short_len=6, mlp_hidden=(16, 8))
+# DIEN's own mechanism alone; match features have their own tests.
+CONFIG = ModelConfig(
+    n_items=60, n_categories=8, n_behavior_types=4, embed_dim=8, short_len=6, mlp_hidden=(16, 8), match_features=False
+)
 
 
 def model(seed: int = 0, config: ModelConfig = CONFIG) -> DIEN:

@@ -13,7 +13,14 @@ from dmqn_core.nn.sequence import last_positions, recent_mean, take_last
 from dmqn_core.nn.target_attention import ActivationUnit, MultiHeadTargetAttention
 
 CONFIG = ModelConfig(
-    n_items=40, n_categories=6, n_behavior_types=3, embed_dim=8, short_len=3, middle_len=5, mlp_hidden=(16,)
+    n_items=40,
+    n_categories=6,
+    n_behavior_types=3,
+    embed_dim=8,
+    short_len=3,
+    middle_len=5,
+    mlp_hidden=(16,),
+    match_features=False,  # DIN's own mechanism alone; match features have their own tests
 )
 
 

@@ -18,6 +18,12 @@ CONFIG = ModelConfig(
     session_gap=100,
     max_sessions=3,
     session_len=4,
+    # The model's own mechanism alone; match features, the DIN short term, the time embedding and the clusters'
+    # categories have their own tests.
+    match_features=False,
+    short_term=None,
+    behavior_time=False,
+    cluster_categories=0,
 )
 
 

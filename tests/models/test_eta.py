@@ -18,6 +18,12 @@ CONFIG = ModelConfig(
     short_len=2,
     simhash_bits=6,
     mlp_hidden=(16, 8),
+    # The model's own mechanism alone; match features, the DIN short term, the time embedding and the clusters'
+    # categories have their own tests.
+    match_features=False,
+    short_term=None,
+    behavior_time=False,
+    cluster_categories=0,
 )
 
 

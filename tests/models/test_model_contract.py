@@ -43,6 +43,12 @@ CONFIG = ModelConfig(
     session_len=4,
     mlp_hidden=(16,),
     usage_loss_weight=0.1,  # > 0: DMQN's auxiliary loss is not trivially zero
+    # The model's own mechanism alone; match features, the DIN short term, the time embedding and the clusters'
+    # categories have their own tests.
+    match_features=False,
+    short_term=None,
+    behavior_time=False,
+    cluster_categories=0,
 )
 MODELS = [name for name in model_names() if name != "pop"]
 NEEDS_TIMESTAMPS = {"dsin"}  # sessions are cut by time

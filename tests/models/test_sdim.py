@@ -17,6 +17,12 @@ CONFIG = ModelConfig(
     sdim_rounds=5,
     sdim_bits=2,
     mlp_hidden=(16, 8),
+    # The model's own mechanism alone; match features, the DIN short term, the time embedding and the clusters'
+    # categories have their own tests.
+    match_features=False,
+    short_term=None,
+    behavior_time=False,
+    cluster_categories=0,
 )
 
 

@@ -17,10 +17,14 @@ LONG_SEQUENCE_MODELS = ("sim", "eta", "sdim", "twin", "twin-v2", "dmqn", "dmqn-s
 BASELINES_WITH_DIN = ("sim", "eta", "sdim", "twin", "twin-v2")
 
 
+# The short term alone; the other shared inputs and DMQN's additions have their own tests.
+OTHERS_OFF = {"match_features": False, "behavior_time": False, "cluster_categories": 0}
+
+
 def config(short_term: str | None, **settings) -> ModelConfig:
     return ModelConfig(
         n_items=60, n_categories=9, n_behavior_types=5, embed_dim=8, n_codebooks=2, codebook_size=4,
-        short_len=5, short_term=short_term, **settings,
+        short_len=5, short_term=short_term, **{**OTHERS_OFF, **settings},
     )  # fmt: skip
 
 

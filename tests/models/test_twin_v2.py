@@ -19,6 +19,12 @@ CONFIG = ModelConfig(
     top_k=4,
     cluster_max_size=3,
     mlp_hidden=(16, 8),
+    # The model's own mechanism alone; match features, the DIN short term, the time embedding and the clusters'
+    # categories have their own tests.
+    match_features=False,
+    short_term=None,
+    behavior_time=False,
+    cluster_categories=0,
 )
 
 

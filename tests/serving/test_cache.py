@@ -177,16 +177,19 @@ def test_float16_states_keep_the_test_auc_within_0_001(tiny_workspace, dmqn_run)
 
     run = Run.open(tiny_workspace, dmqn_run)
     model, data = run.model(), run.data
-    loader = BatchLoader(data, "test", 512, run.max_len)
+    loader = BatchLoader(data, "test", 512, run.max_len, popularity=model.config.match_features)
     scores = {"float32": [], "float16": []}
     labels, forward = [], []
     with torch.no_grad():
         for batch in loader:
-            state = model.encode_user(batch.hist_item, batch.hist_category, batch.hist_behavior, batch.hist_mask)
-            forward.append(model.score(state, batch.cand_item, batch.cand_category, batch.hist_index))
+            state = model.encode_user(
+                batch.hist_item, batch.hist_category, batch.hist_behavior, batch.hist_mask, batch.hist_timestamp
+            )
+            candidates = (batch.cand_item, batch.cand_category, batch.hist_index, batch.cand_popularity)
+            forward.append(model.score(state, *candidates))
             for dtype in scores:
                 cached = stack_states([decode_state(v) for v in encode_states(state, dtype)])
-                scores[dtype].append(model.score(cached, batch.cand_item, batch.cand_category, batch.hist_index))
+                scores[dtype].append(model.score(cached, *candidates))
             labels.append(batch.label)
     y = torch.cat(labels).numpy()
     full, exact, half = (torch.cat(s).numpy() for s in (forward, scores["float32"], scores["float16"]))

@@ -24,6 +24,10 @@ CONFIG = ModelConfig(
     short_len=5,
     mlp_hidden=(16,),
     cluster_categories=2,
+    # The mechanism alone; match features, the DIN short term and the time embedding have their own tests.
+    match_features=False,
+    short_term=None,
+    behavior_time=False,
 )
 HISTORY = ("hist_item", "hist_category", "hist_behavior", "hist_mask")
 

@@ -25,6 +25,12 @@ CONFIG = ModelConfig(
     icim_heads=2,
     short_len=5,
     mlp_hidden=(16, 8),
+    # The model's own mechanism alone; match features, the DIN short term, the time embedding and the clusters'
+    # categories have their own tests.
+    match_features=False,
+    short_term=None,
+    behavior_time=False,
+    cluster_categories=0,
 )
 
 

@@ -21,10 +21,19 @@ SWITCHES = {
     "mlp_products": (True, False),
     "ctam_identity_init": (True, False),
     "embedding_init": ("scaled", "default"),
+    "behavior_time": (True, False),
+    "cluster_categories": (4, 0),
 }
 # MCQM as eq. 6-7 train it: the default ("none", chosen by validation AUC) differs from the paper here.
 PAPER_ASSIGNMENT = {"assign_noise": ("none", "gumbel"), "tau_placement": ("after_noise", "after_noise")}
-SMALL = {"n_items": 60, "n_categories": 8, "n_behavior_types": 4, "embed_dim": 8, "n_codebooks": 3}
+SMALL = {
+    "n_items": 60,
+    "n_categories": 8,
+    "n_behavior_types": 4,
+    "embed_dim": 8,
+    "n_codebooks": 3,
+    "match_features": False,  # the inputs every model shares are not the paper config's business
+}
 
 
 def paper_settings() -> dict:
@@ -45,7 +54,8 @@ def test_the_paper_model_is_built_plain():
     torch.manual_seed(0)
     m = DMQN(config).eval()
     K, D = config.n_codebooks, config.embed_dim
-    assert m.head.n_scalars == 0 and m.head.net[0].in_features == D * (K + 2)  # [c, interests, recent]
+    # [c, K interests, the DIN short-term interest, recent]: the short term is an input every model shares
+    assert m.head.n_scalars == 0 and m.head.net[0].in_features == D * (K + 3)
     assert not m.ctam.size_bias
     assert not torch.allclose(m.ctam.wq[0], m.ctam.wq[0].diagonal().mean() * torch.eye(D))
     assert abs(m.embedding.item.weight[1:].std().item() - 1.0) < 0.3  # N(0, 1), not 0.005
