@@ -313,12 +313,14 @@ def test_a_log_concatenated_to_itself_gives_the_same_set(ws: Workspace, tiny_log
     assert twice.meta["counts"]["rows_used"] == once.meta["counts"]["rows_used"]
     a, b = set_arrays(once.path), set_arrays(twice.path)
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
-    # The bug this guards against: each user's validation target the very row of the test target.
+    # The bug this guards against: a user's validation target the very row of the test target.
     ps = PreparedSet.open(twice.path)
     valid, test = ps.split("valid"), ps.split("test")
     v, t = valid.label == 1, test.label == 1
-    assert np.array_equal(valid.user[v], test.user[t])
-    assert not np.any((valid.item[v] == test.item[t]) & (valid.timestamp[v] == test.timestamp[t]))
+    test_target = dict(zip(test.user[t].tolist(), zip(test.item[t].tolist(), test.timestamp[t].tolist())))
+    validation = list(zip(valid.user[v].tolist(), valid.item[v].tolist(), valid.timestamp[v].tolist()))
+    assert set(test_target) == {user for user, _, _ in validation}
+    assert not any(test_target[user] == (item, ts) for user, item, ts in validation)
 
     # Three copies are two thirds duplicates: not "more than half the rows are invalid", nor --strict's.
     tripled = tmp_path / "tripled.csv"
