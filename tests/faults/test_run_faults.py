@@ -240,6 +240,10 @@ REFUSED = {
     "mlp text": ("din-short", {"mlp_hidden": "16"}, {}, r"\[model\] setting mlp_hidden must be a list of integers"),
     "mlp bools": ("din-short", {"mlp_hidden": [16, True]}, {}, r"mlp_hidden must be a list of integers"),
     "size bias 1": ("dmqn", {"ctam_size_bias": 1}, {}, r"\[model\] setting ctam_size_bias must be true or false"),
+    "short term": ("sim", {"short_term": "lstm"}, {}, "invalid model setting: short_term must be one of din, mean"),
+    "match 1": ("sim", {"match_features": 1}, {}, r"\[model\] setting match_features must be true or false"),
+    "time text": ("dmqn", {"behavior_time": "yes"}, {}, r"\[model\] setting behavior_time must be true or false"),
+    "categories 256": ("dmqn", {"cluster_categories": 256}, {}, "cluster_categories must be in \\[0, 255\\]"),
     "unknown model": ("nope", {}, {}, "unknown model 'nope'"),
     "bad run id": ("din-short", {}, {}, "run id '../escape' is not a plain name"),
 }
@@ -272,10 +276,17 @@ def test_toml_values_of_the_wrong_type_are_one_line_from_the_command_line(refusi
         ["--tau", "0"],
         ["--codebooks", "0"],
         ["--dropout", "1.5"],
+        ["--short-term", "lstm"],
     ):
         result = CliRunner().invoke(app, ["train", "tiny", *args, "-w", str(refusing_workspace.root)])
         assert result.exit_code == 1 and "error:" in result.output, (args, result.output)
         assert "Traceback" not in result.output and isinstance(result.exception, SystemExit), args
+    assert run_entries(refusing_workspace) == []
+    # Typer's own range check: a usage error (exit code 2), no run either.
+    result = CliRunner().invoke(
+        app, ["train", "tiny", "--cluster-categories", "300", "-w", str(refusing_workspace.root)]
+    )
+    assert result.exit_code == 2 and "Traceback" not in result.output
     assert run_entries(refusing_workspace) == []
 
 
