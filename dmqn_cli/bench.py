@@ -21,28 +21,7 @@ from dmqn_cli.common import (
     plain,
     print_json,
 )
-from dmqn_cli.options import (
-    BatchSizeOption,
-    BehaviorTimeOption,
-    ClusterCategoriesOption,
-    ConfigOption,
-    DeviceOption,
-    DropoutOption,
-    EmbedDimOption,
-    EpochsOption,
-    InspectUsersOption,
-    LrOption,
-    MatchFeaturesOption,
-    MaxLenOption,
-    MiddleLenOption,
-    PatienceOption,
-    PrecisionOption,
-    ShortLenOption,
-    ShortTermOption,
-    TopKOption,
-    WeightDecayOption,
-    collect_settings,
-)
+from dmqn_cli.options import SETTING_OPTIONS, ConfigOption, SettingFlags, collect_settings, setting_flags
 from dmqn_cli.progress import RichProgress
 from dmqn_cli.results import fitted_table, number
 from dmqn_core.training.bench import (
@@ -125,6 +104,7 @@ def _bench_json(report: BenchReport, seeds: list[int]) -> dict[str, Any]:
 
 
 @handle_errors
+@setting_flags("bench")
 def bench(
     data: str = typer.Argument(..., help="Prepared data set: a NAME inside the workspace or a path (see `dmqn prep`)."),
     models: str = typer.Option("all", "--models", help=f"Comma-separated models, or 'all' ({', '.join(ALL_MODELS)})."),
@@ -135,24 +115,7 @@ def bench(
         help="Bench name \\[default: the data set plus a hash of the budget, so the same command resumes].",
     ),
     config: Optional[Path] = ConfigOption,
-    epochs: Optional[int] = EpochsOption,
-    batch_size: Optional[int] = BatchSizeOption,
-    lr: Optional[float] = LrOption,
-    weight_decay: Optional[float] = WeightDecayOption,
-    max_len: Optional[int] = MaxLenOption,
-    patience: Optional[int] = PatienceOption,
-    device: Optional[str] = DeviceOption,
-    precision: Optional[str] = PrecisionOption,
-    inspect_users: Optional[int] = InspectUsersOption,
-    embed_dim: Optional[int] = EmbedDimOption,
-    short_len: Optional[int] = ShortLenOption,
-    short_term: Optional[str] = ShortTermOption,
-    match_features: Optional[bool] = MatchFeaturesOption,
-    behavior_time: Optional[bool] = BehaviorTimeOption,
-    cluster_categories: Optional[int] = ClusterCategoriesOption,
-    middle_len: Optional[int] = MiddleLenOption,
-    top_k: Optional[int] = TopKOption,
-    dropout: Optional[float] = DropoutOption,
+    flags: SettingFlags = SETTING_OPTIONS,
     tuned: Optional[str] = typer.Option(
         None,
         "--tuned",
@@ -192,31 +155,7 @@ def bench(
     """
     ws = open_workspace(workspace)
     model_list = resolve_models(models)
-    model_settings, train_settings = collect_settings(
-        config,
-        {
-            "embed_dim": embed_dim,
-            "short_len": short_len,
-            "short_term": short_term,
-            "match_features": match_features,
-            "behavior_time": behavior_time,
-            "cluster_categories": cluster_categories,
-            "middle_len": middle_len,
-            "top_k": top_k,
-            "dropout": dropout,
-        },
-        {
-            "epochs": epochs,
-            "batch_size": batch_size,
-            "lr": lr,
-            "weight_decay": weight_decay,
-            "max_len": max_len,
-            "patience": patience,
-            "device": device,
-            "precision": precision,
-            "inspect_users": inspect_users,
-        },
-    )
+    model_settings, train_settings = collect_settings(config, flags)
     if "seed" in train_settings:
         raise typer.BadParameter("a seed in the train table of --config does not apply to a bench; use --seeds")
     seed_list = list(range(seeds))

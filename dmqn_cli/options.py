@@ -1,17 +1,36 @@
-"""Model and training options shared by `dmqn train` and `dmqn bench`, and how they become settings."""
+"""The flags of the settings, made from their declarations (dmqn_core.declaration), and how they become settings.
+
+``setting_flags(command)`` gives a command an option for every setting of ModelConfig and TrainConfig whose
+declaration offers a flag on that command, in the Model and Training panels of `--help`. Typer reads a
+command's options from its signature, so the decorator writes one (``__signature__``, which inspect.signature
+and so Typer honour) with the generated options where the command's SettingFlags parameter was, and hands
+the command the values given as one SettingFlags.
+"""
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, TypeVar, get_args
 
 import typer
+from rich.markup import escape
 
-from dmqn_core.config import ASSIGN_NOISES, CODEBOOK_INITS, SHORT_TERMS, STRAIGHT_THROUGH, TAU_PLACEMENTS
-from dmqn_core.training.train import read_config_file
+from dmqn_core.config import ModelConfig
+from dmqn_core.declaration import Declared, declared
+from dmqn_core.training.train import TrainConfig, read_config_file
 
 MODEL_PANEL = "Model"
 TRAIN_PANEL = "Training"
+# The tables of a --config file, with the panel of their flags: the training settings come first in `--help`.
+_TABLES = (("train", TrainConfig, TRAIN_PANEL), ("model", ModelConfig, MODEL_PANEL))
+# The types a flag can have (a tuple, mlp_hidden, is set in a --config file).
+_FLAG_TYPES = (bool, int, float, str)
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 ConfigOption = typer.Option(
     None,
@@ -19,160 +38,87 @@ ConfigOption = typer.Option(
     "-c",
     help="TOML file with \\[model] and \\[train] tables; flags override it (see examples/dmqn.toml).",
 )
-EpochsOption = typer.Option(
-    None, "--epochs", help="Maximum number of epochs \\[default: 8].", rich_help_panel=TRAIN_PANEL
-)
-BatchSizeOption = typer.Option(
-    None, "--batch-size", help="Training samples per batch \\[default: 256].", rich_help_panel=TRAIN_PANEL
-)
-LrOption = typer.Option(None, "--lr", help="Adam learning rate \\[default: 0.001].", rich_help_panel=TRAIN_PANEL)
-WeightDecayOption = typer.Option(
-    None, "--weight-decay", help="Adam weight decay \\[default: 0].", rich_help_panel=TRAIN_PANEL
-)
-MaxLenOption = typer.Option(
-    None,
-    "--max-len",
-    help="Most recent behaviors kept per history \\[default: the data set's --max-len].",
-    rich_help_panel=TRAIN_PANEL,
-)
-PatienceOption = typer.Option(
-    None,
-    "--patience",
-    help="Stop after this many epochs without a better validation AUC \\[default: 2].",
-    rich_help_panel=TRAIN_PANEL,
-)
-DeviceOption = typer.Option(
-    None,
-    "--device",
-    help="auto, cpu, cuda or cuda:N; auto is CUDA where torch sees a GPU, else the CPU, and the run records "
-    "the device it resolved to \\[default: auto].",
-    rich_help_panel=TRAIN_PANEL,
-)
-PrecisionOption = typer.Option(
-    None,
-    "--precision",
-    help="fp32, or bf16: the training forward under bfloat16 autocast (CUDA only); validation and test stay "
-    "fp32 \\[default: fp32].",
-    rich_help_panel=TRAIN_PANEL,
-)
-InspectUsersOption = typer.Option(
-    None,
-    "--inspect-users",
-    min=0,
-    help="dmqn/dmqn-simple: users whose codeword assignments and attention are recorded at the end for "
-    "`dmqn inspect` and `dmqn report`; 0 records nothing \\[default: 300].",
-    rich_help_panel=TRAIN_PANEL,
-)
-EmbedDimOption = typer.Option(
-    None, "--embed-dim", help="Embedding and codeword dimension D \\[default: 32].", rich_help_panel=MODEL_PANEL
-)
-ShortLenOption = typer.Option(
-    None,
-    "--short-len",
-    help="Recent behaviors of the short-term features (DIN short, the MLP's recent mean) \\[default: 50].",
-    rich_help_panel=MODEL_PANEL,
-)
-MiddleLenOption = typer.Option(
-    None, "--middle-len", help="Behaviors seen by din-middle \\[default: 200].", rich_help_panel=MODEL_PANEL
-)
-TopKOption = typer.Option(
-    None,
-    "--top-k",
-    help="Behaviors (TWIN V2: clusters) kept by the retrieval of SIM, ETA, TWIN, TWIN V2 \\[default: 50].",
-    rich_help_panel=MODEL_PANEL,
-)
-ShortTermOption = typer.Option(
-    None,
-    "--short-term",
-    help=f"Short-term interest of dmqn, dmqn-simple, sim, eta, sdim, twin, twin-v2: {', '.join(SHORT_TERMS)} "
-    "(din: a DIN over the --short-len most recent behaviors and their mean; mean: their mean only) "
-    "\\[default: din].",
-    rich_help_panel=MODEL_PANEL,
-)
-MatchFeaturesOption = typer.Option(
-    None,
-    "--match-features/--no-match-features",
-    help="Give every model the candidate's category and item counts in the history, the time since the "
-    "latest of each and its popularity before the sample, as MLP inputs \\[default: yes].",
-    rich_help_panel=MODEL_PANEL,
-)
-BehaviorTimeOption = typer.Option(
-    None,
-    "--behavior-time/--no-behavior-time",
-    help="dmqn/dmqn-simple: add a time-gap embedding to every behavior before quantizing, as SIM and TWIN "
-    "have \\[default: yes].",
-    rich_help_panel=MODEL_PANEL,
-)
-ClusterCategoriesOption = typer.Option(
-    None,
-    "--cluster-categories",
-    min=0,
-    max=255,
-    help="dmqn/dmqn-simple: categories every cluster keeps (its most frequent); CTAM adds the candidate "
-    "category's share of a cluster to its attention and gives it to the MLP; 0 = off \\[default: 4].",
-    rich_help_panel=MODEL_PANEL,
-)
-DropoutOption = typer.Option(
-    None, "--dropout", help="Dropout in the MLP head \\[default: 0].", rich_help_panel=MODEL_PANEL
-)
-
-AssignNoiseOption = typer.Option(
-    None,
-    "--assign-noise",
-    help=f"How MCQM picks a behavior's codeword while training: {' or '.join(ASSIGN_NOISES)}; gumbel samples "
-    "argmax(scores + Gumbel noise) as eq. 6-7 do, none takes the argmax of the scores, as inference does "
-    "\\[default: none].",
-    rich_help_panel=MODEL_PANEL,
-)
-TauPlacementOption = typer.Option(
-    None,
-    "--tau-placement",
-    help=f"Where tau acts: {' or '.join(TAU_PLACEMENTS)}; after_noise divides the noisy logits, (s + g) / tau "
-    "(the sampled codeword ignores tau), before_noise samples from softmax(s / tau) \\[default: after_noise].",
-    rich_help_panel=MODEL_PANEL,
-)
-TauDecayOption = typer.Option(
-    None,
-    "--tau-decay",
-    help="Epoch e trains at max(tau-min, tau · tau-decay^(e-1)); below 1 with --tau-placement before_noise "
-    "anneals toward the argmax \\[default: 1.0].",
-    rich_help_panel=MODEL_PANEL,
-)
-TauMinOption = typer.Option(
-    None,
-    "--tau-min",
-    help="Lowest temperature of the --tau-decay schedule; needed (> 0) when tau-decay < 1 \\[default: 0].",
-    rich_help_panel=MODEL_PANEL,
-)
-StraightThroughOption = typer.Option(
-    None,
-    "--straight-through",
-    help=f"Gradient of a cluster mean into the assignment: {' or '.join(STRAIGHT_THROUGH)}; plain e_l / n_k, "
-    "centred (e_l - r_k) / n_k \\[default: plain].",
-    rich_help_panel=MODEL_PANEL,
-)
-
-CodebookInitOption = typer.Option(
-    None,
-    "--codebook-init",
-    help=f"Codewords at the start of a new run: {' or '.join(CODEBOOK_INITS)} (spherical k-means of the first "
-    "training batches' behavior embeddings, per codebook) \\[default: random].",
-    rich_help_panel=MODEL_PANEL,
-)
-DeadCodewordResetOption = typer.Option(
-    None,
-    "--dead-codeword-reset/--no-dead-codeword-reset",
-    help="After each epoch, move codewords no validation behavior was assigned to onto behaviors of the "
-    "busiest clusters \\[default: no].",
-    rich_help_panel=MODEL_PANEL,
-)
 
 
-def collect_settings(
-    config: Optional[Path], model_flags: dict[str, Any], train_flags: dict[str, Any]
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Settings of a --config file, overridden by the flags that were given (None = not given)."""
+@dataclass(frozen=True)
+class SettingFlags:
+    """The settings given as flags, by table; a flag not given is absent."""
+
+    model: dict[str, Any]
+    train: dict[str, Any]
+
+
+# The default of a command's SettingFlags parameter: where setting_flags puts the options.
+SETTING_OPTIONS: Any = SettingFlags({}, {})
+
+
+def flagged(command: str) -> list[tuple[str, Declared]]:
+    """(table, declared setting) of every setting with a flag on ``command``, in the order of `--help`."""
+    return [
+        (table, item)
+        for table, cls, _ in _TABLES
+        for item in declared(cls)
+        if item.setting.flag is not None and command in item.setting.commands
+    ]
+
+
+def setting_flags(command: str) -> Callable[[F], F]:
+    """Decorator of the function of ``command``: its parameter ``NAME: SettingFlags = SETTING_OPTIONS`` becomes
+    the options of the settings with a flag on ``command``, and the function gets the values given in NAME."""
+    panels = {table: panel for table, _, panel in _TABLES}
+    options = flagged(command)
+
+    def decorate(func: F) -> F:
+        signature = inspect.signature(func)
+        (placeholder,) = [p.name for p in signature.parameters.values() if p.default is SETTING_OPTIONS]
+        own = [p for p in signature.parameters.values() if p.name != placeholder]
+        clash = {p.name for p in own} & {item.name for _, item in options}
+        if clash:
+            raise TypeError(f"{func.__name__}: parameters {sorted(clash)} are names of settings")
+        generated = [_parameter(item, panels[table]) for table, item in options]
+        at = list(signature.parameters).index(placeholder)
+
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            given: dict[str, dict[str, Any]] = {table: {} for table, _, _ in _TABLES}
+            for table, item in options:
+                value = kwargs.pop(item.name, None)
+                if value is not None:
+                    given[table][item.name] = value
+            return func(*args, **kwargs, **{placeholder: SettingFlags(**given)})
+
+        parameters = [*own[:at], *generated, *own[at:]]
+        wrapper.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
+        # Typer evaluates the annotations too: those of the signature it gets, not the placeholder's.
+        wrapper.__annotations__ = {p.name: p.annotation for p in parameters} | {"return": signature.return_annotation}
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+def _parameter(item: Declared, panel: str) -> inspect.Parameter:
+    """The Typer option of one setting: given or not (None), as its declaration describes it."""
+    s = item.setting
+    flag_type = next((t for t in _FLAG_TYPES if t is item.hint or t in get_args(item.hint)), None)
+    if flag_type is None or s.flag is None:
+        raise TypeError(f"setting {item.name}: no flag for a {item.hint!r}")
+    declarations = f"{s.flag}/--no-{s.flag.removeprefix('--')}" if flag_type is bool else s.flag
+    bounds = {"min": s.low, "max": s.high} if s.bounds_on_flag else {}
+    option = typer.Option(None, declarations, help=_help(item), rich_help_panel=panel, **bounds)
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD  # as the command's own, among which it goes
+    return inspect.Parameter(item.name, kind, default=option, annotation=Optional[flag_type])
+
+
+def _help(item: Declared) -> str:
+    """The declaration's help with the default, as Rich markup (a '[' of the text is no markup)."""
+    default = item.setting.default_text
+    if default is None:
+        value = item.default
+        default = ("yes" if value else "no") if isinstance(value, bool) else str(value)
+    return f"{escape(item.setting.help.removesuffix('.'))} \\[default: {escape(default)}]."
+
+
+def collect_settings(config: Optional[Path], flags: SettingFlags) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(model settings, train settings) of a --config file, overridden by the flags that were given."""
     model_settings, train_settings = read_config_file(config) if config else ({}, {})
-    model_settings.update({k: v for k, v in model_flags.items() if v is not None})
-    train_settings.update({k: v for k, v in train_flags.items() if v is not None})
-    return model_settings, train_settings
+    return {**model_settings, **flags.model}, {**train_settings, **flags.train}

@@ -8,37 +8,7 @@ from typing import Optional
 import typer
 
 from dmqn_cli.common import WorkspaceOption, console, handle_errors, open_workspace
-from dmqn_cli.options import (
-    MODEL_PANEL,
-    TRAIN_PANEL,
-    AssignNoiseOption,
-    BatchSizeOption,
-    BehaviorTimeOption,
-    ClusterCategoriesOption,
-    CodebookInitOption,
-    ConfigOption,
-    DeadCodewordResetOption,
-    DeviceOption,
-    DropoutOption,
-    EmbedDimOption,
-    EpochsOption,
-    InspectUsersOption,
-    LrOption,
-    MatchFeaturesOption,
-    MaxLenOption,
-    MiddleLenOption,
-    PatienceOption,
-    PrecisionOption,
-    ShortLenOption,
-    ShortTermOption,
-    StraightThroughOption,
-    TauDecayOption,
-    TauMinOption,
-    TauPlacementOption,
-    TopKOption,
-    WeightDecayOption,
-    collect_settings,
-)
+from dmqn_cli.options import SETTING_OPTIONS, ConfigOption, SettingFlags, collect_settings, setting_flags
 from dmqn_cli.progress import RichProgress
 from dmqn_cli.results import print_train_result
 from dmqn_core.models.registry import model_names
@@ -47,6 +17,7 @@ from dmqn_core.training.train import train as train_model
 
 
 @handle_errors
+@setting_flags("train")
 def train(
     data: Optional[str] = typer.Argument(
         None, help="Prepared data set: a NAME inside the workspace or a path (see `dmqn prep`)."
@@ -58,61 +29,7 @@ def train(
         "--resume",
         help="Continue the run RUN_ID (interrupted, failed or dead: see `dmqn runs`) from its last checkpoint.",
     ),
-    epochs: Optional[int] = EpochsOption,
-    batch_size: Optional[int] = BatchSizeOption,
-    lr: Optional[float] = LrOption,
-    weight_decay: Optional[float] = WeightDecayOption,
-    max_len: Optional[int] = MaxLenOption,
-    patience: Optional[int] = PatienceOption,
-    seed: Optional[int] = typer.Option(
-        None,
-        "--seed",
-        help="Seed of initialisation, shuffling and Gumbel noise \\[default: 0].",
-        rich_help_panel=TRAIN_PANEL,
-    ),
-    device: Optional[str] = DeviceOption,
-    precision: Optional[str] = PrecisionOption,
-    inspect_users: Optional[int] = InspectUsersOption,
-    embed_dim: Optional[int] = EmbedDimOption,
-    codebooks: Optional[int] = typer.Option(
-        None, "--codebooks", help="Number of codebooks N \\[default: 4].", rich_help_panel=MODEL_PANEL
-    ),
-    codebook_size: Optional[int] = typer.Option(
-        None, "--codebook-size", help="Codewords per codebook W \\[default: 32].", rich_help_panel=MODEL_PANEL
-    ),
-    tau: Optional[float] = typer.Option(
-        None,
-        "--tau",
-        help="Gumbel-softmax temperature (eq. 6) of the first epoch \\[default: 1.0].",
-        rich_help_panel=MODEL_PANEL,
-    ),
-    assign_noise: Optional[str] = AssignNoiseOption,
-    tau_placement: Optional[str] = TauPlacementOption,
-    tau_decay: Optional[float] = TauDecayOption,
-    tau_min: Optional[float] = TauMinOption,
-    straight_through: Optional[str] = StraightThroughOption,
-    codebook_init: Optional[str] = CodebookInitOption,
-    dead_codeword_reset: Optional[bool] = DeadCodewordResetOption,
-    icim_layers: Optional[int] = typer.Option(
-        None, "--icim-layers", help="HSTU layers in ICIM; 0 is DMQN-simple \\[default: 1].", rich_help_panel=MODEL_PANEL
-    ),
-    icim_heads: Optional[int] = typer.Option(
-        None, "--icim-heads", help="Attention heads of each HSTU layer \\[default: 2].", rich_help_panel=MODEL_PANEL
-    ),
-    short_len: Optional[int] = ShortLenOption,
-    short_term: Optional[str] = ShortTermOption,
-    match_features: Optional[bool] = MatchFeaturesOption,
-    behavior_time: Optional[bool] = BehaviorTimeOption,
-    cluster_categories: Optional[int] = ClusterCategoriesOption,
-    middle_len: Optional[int] = MiddleLenOption,
-    top_k: Optional[int] = TopKOption,
-    usage_loss_weight: Optional[float] = typer.Option(
-        None,
-        "--usage-loss-weight",
-        help="Weight of the codebook-usage (anti-collapse) regulariser \\[default: 0].",
-        rich_help_panel=MODEL_PANEL,
-    ),
-    dropout: Optional[float] = DropoutOption,
+    flags: SettingFlags = SETTING_OPTIONS,
     workspace: Optional[Path] = WorkspaceOption,
 ) -> None:
     """Train a model on a prepared data set; checkpoints and metrics go to the workspace.
@@ -128,45 +45,7 @@ def train(
     A resumed run continues on the device it recorded; --device (auto included) moves it.
     """
     ws = open_workspace(workspace)
-    model_settings, train_settings = collect_settings(
-        config,
-        {
-            "embed_dim": embed_dim,
-            "n_codebooks": codebooks,
-            "codebook_size": codebook_size,
-            "tau": tau,
-            "assign_noise": assign_noise,
-            "tau_placement": tau_placement,
-            "tau_decay": tau_decay,
-            "tau_min": tau_min,
-            "straight_through": straight_through,
-            "codebook_init": codebook_init,
-            "dead_codeword_reset": dead_codeword_reset,
-            "icim_layers": icim_layers,
-            "icim_heads": icim_heads,
-            "short_len": short_len,
-            "short_term": short_term,
-            "match_features": match_features,
-            "behavior_time": behavior_time,
-            "cluster_categories": cluster_categories,
-            "middle_len": middle_len,
-            "top_k": top_k,
-            "usage_loss_weight": usage_loss_weight,
-            "dropout": dropout,
-        },
-        {
-            "epochs": epochs,
-            "batch_size": batch_size,
-            "lr": lr,
-            "weight_decay": weight_decay,
-            "max_len": max_len,
-            "patience": patience,
-            "seed": seed,
-            "device": device,
-            "precision": precision,
-            "inspect_users": inspect_users,
-        },
-    )
+    model_settings, train_settings = collect_settings(config, flags)
     if resume and (data or config or model_settings):
         raise typer.BadParameter(
             "--resume continues a run with its own data and settings; pass only --epochs/--device with it"

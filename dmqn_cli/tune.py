@@ -20,7 +20,7 @@ from dmqn_cli.common import (
     plain,
     print_json,
 )
-from dmqn_cli.options import ConfigOption, DeviceOption, EpochsOption, PrecisionOption, collect_settings
+from dmqn_cli.options import SETTING_OPTIONS, ConfigOption, SettingFlags, collect_settings, setting_flags
 from dmqn_cli.progress import RichProgress
 from dmqn_cli.results import fitted_table, fmt, number
 from dmqn_core.errors import DmqnError
@@ -30,6 +30,7 @@ from dmqn_core.training.tune import tune as run_study
 
 
 @handle_errors
+@setting_flags("tune")
 def tune(
     data: Optional[str] = typer.Argument(
         None, help="Prepared data set: a NAME inside the workspace or a path (see `dmqn prep`)."
@@ -41,7 +42,6 @@ def tune(
     study: Optional[str] = typer.Option(
         None, "--study", help="Study name \\[default: DATA-MODEL]; a study tunes one model on one data set."
     ),
-    epochs: Optional[int] = EpochsOption,
     timeout: Optional[float] = typer.Option(
         None, "--timeout", help="Start no trial after this many seconds (the running one finishes)."
     ),
@@ -61,8 +61,7 @@ def tune(
         1, "--workers", help="Processes working on the study at once, this one included; they share the CPU threads."
     ),
     config: Optional[Path] = ConfigOption,
-    device: Optional[str] = DeviceOption,
-    precision: Optional[str] = PrecisionOption,
+    flags: SettingFlags = SETTING_OPTIONS,
     show: Optional[str] = typer.Option(
         None, "--show", help="Print the study STUDY (best settings, every trial) instead of tuning."
     ),
@@ -91,7 +90,7 @@ def tune(
             raise DmqnError("name a prepared data set (DATA) to tune on, or --show STUDY")
         if not model:
             raise DmqnError(f"name the model to tune with --model; known: {', '.join(model_names())}")
-        model_settings, train_settings = collect_settings(config, {}, {"device": device, "precision": precision})
+        model_settings, train_settings = collect_settings(config, flags)
         # Optuna logs every trial at INFO level; the progress bar and the table say it instead.
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         with RichProgress() as progress:
@@ -101,7 +100,6 @@ def tune(
                 model,
                 trials,
                 study=study,
-                epochs=epochs,
                 timeout=timeout,
                 storage=storage,
                 progress=progress,

@@ -18,6 +18,7 @@ CORE = ROOT / "dmqn_core"
 STAGES = {
     "errors": 0,
     "config": 0,
+    "declaration": 0,
     "workspace": 0,
     "progress": 0,
     "uris": 0,

@@ -3,7 +3,8 @@
 Each model searches the settings every trained model shares (learning rate, weight decay, dropout,
 embedding size) and its own knobs (DMQN's codebooks, the two-stage models' top-k, ...). The names
 are those of ``ModelConfig`` ([model]) and ``TrainConfig`` ([train]), so that a trial's settings
-go to ``train()`` as they are.
+go to ``train()`` as they are. A setting's search range is declared with the setting (its ``search``,
+dmqn_core.declaration); this module says which settings each model searches.
 
 Two spaces per model. ``default`` is the one comparisons use: the shared settings plus at most
 MAX_OWN of the model's own, so that under one trial budget no model gets a wider search (TPE with a
@@ -19,66 +20,60 @@ from typing import Any
 
 import optuna
 
+from dmqn_core.config import ModelConfig
+from dmqn_core.declaration import Between, OneOf, declared
 from dmqn_core.errors import DmqnError
+from dmqn_core.training.train import TrainConfig
 
 MODEL = "model"
 TRAIN = "train"
 
 
 @dataclass(frozen=True)
-class Float:
-    """A number in [low, high], searched on a log scale if ``log``; ``or_zero``: 0 is a choice too."""
+class Param:
+    """A searched setting: its table, its name and the search range its declaration gives."""
 
     section: str
     name: str
-    low: float
-    high: float
-    log: bool = False
-    # A log scale cannot hold 0, and "no weight decay" is the baseline worth trying: a yes/no
-    # parameter (use_NAME) decides first, the log-scale value is searched only when it says yes.
-    or_zero: bool = False
+    search: Between | OneOf
 
-    def suggest(self, trial: optuna.Trial) -> float:
-        if self.or_zero and not trial.suggest_categorical(f"use_{self.name}", [False, True]):
+    def suggest(self, trial: optuna.Trial) -> Any:
+        search = self.search
+        if isinstance(search, OneOf):
+            return trial.suggest_categorical(self.name, list(search.choices))
+        if search.or_zero and not trial.suggest_categorical(f"use_{self.name}", [False, True]):
             return 0.0
-        return trial.suggest_float(self.name, self.low, self.high, log=self.log)
+        return trial.suggest_float(self.name, search.low, search.high, log=search.log)
 
 
-@dataclass(frozen=True)
-class Choice:
-    """One of a few values (sizes that only make sense as powers of two, lengths, counts, modes)."""
-
-    section: str
-    name: str
-    choices: tuple[int, ...] | tuple[str, ...]
-
-    def suggest(self, trial: optuna.Trial) -> int | str:
-        return trial.suggest_categorical(self.name, list(self.choices))
+_SEARCHABLE = {
+    item.name: Param(section, item.name, item.setting.search)
+    for section, cls in ((MODEL, ModelConfig), (TRAIN, TrainConfig))
+    for item in declared(cls)
+    if item.setting.search is not None
+}
 
 
-Param = Float | Choice
+def _params(*names: str) -> tuple[Param, ...]:
+    return tuple(_SEARCHABLE[name] for name in names)
+
 
 # What every model with weights searches.
-SHARED: tuple[Param, ...] = (
-    Float(TRAIN, "lr", 1e-4, 1e-2, log=True),
-    Float(TRAIN, "weight_decay", 1e-8, 1e-3, log=True, or_zero=True),
-    Float(MODEL, "dropout", 0.0, 0.5),
-    Choice(MODEL, "embed_dim", (16, 32, 64)),
-)
+SHARED = _params("lr", "weight_decay", "dropout", "embed_dim")
 
-_TOP_K = Choice(MODEL, "top_k", (20, 50, 100))
-_CODEBOOKS = (
-    Choice(MODEL, "codebook_size", (16, 32, 64)),  # W
-    Choice(MODEL, "n_codebooks", (2, 4, 8)),  # N
-    Float(MODEL, "tau", 0.1, 2.0, log=True),  # Gumbel-softmax temperature (eq. 6)
-    # How the training path assigns codewords (dmqn_core.models.dmqn.mcqm): the paper's noisy
-    # sampling or the plain argmax, tau where the noise sees it or not, and the straight-through form.
-    Choice(MODEL, "assign_noise", ("gumbel", "none")),
-    Choice(MODEL, "tau_placement", ("after_noise", "before_noise")),
-    Choice(MODEL, "straight_through", ("plain", "centred")),
-    # Where the codewords start and whether unused ones are moved back among the behaviors (mcqm.py).
-    Choice(MODEL, "codebook_init", ("random", "kmeans")),
-    Choice(MODEL, "dead_codeword_reset", (False, True)),
+_TOP_K = _params("top_k")
+# The codebooks' sizes, the Gumbel-softmax temperature (eq. 6), how the training path assigns codewords
+# (dmqn_core.models.dmqn.mcqm: the paper's noisy sampling or the plain argmax, tau where the noise sees it
+# or not, the straight-through form), where the codewords start and whether unused ones are moved back.
+_CODEBOOKS = _params(
+    "codebook_size",
+    "n_codebooks",
+    "tau",
+    "assign_noise",
+    "tau_placement",
+    "straight_through",
+    "codebook_init",
+    "dead_codeword_reset",
 )
 
 SEARCH_SPACES = ("default", "full")
@@ -88,17 +83,17 @@ MAX_OWN = 3  # settings of its own a model searches in the default space, beside
 FULL_SPACES: dict[str, tuple[Param, ...]] = {
     # Counts items in the training set: nothing it does depends on a setting.
     "pop": (),
-    "din-short": (*SHARED, Choice(MODEL, "short_len", (20, 50, 100))),
-    "din-middle": (*SHARED, Choice(MODEL, "middle_len", (100, 200, 500))),
+    "din-short": (*SHARED, *_params("short_len")),
+    "din-middle": (*SHARED, *_params("middle_len")),
     "din-full": SHARED,
-    "dien": (*SHARED, Float(MODEL, "dien_aux_weight", 0.1, 2.0, log=True)),
-    "dsin": (*SHARED, Choice(MODEL, "max_sessions", (3, 5, 10)), Choice(MODEL, "session_len", (5, 10, 20))),
-    "sim": (*SHARED, _TOP_K),
-    "eta": (*SHARED, _TOP_K, Choice(MODEL, "simhash_bits", (16, 32, 64))),
-    "sdim": (*SHARED, Choice(MODEL, "sdim_rounds", (16, 32, 48, 64)), Choice(MODEL, "sdim_bits", (2, 3, 4))),
-    "twin": (*SHARED, _TOP_K),
-    "twin-v2": (*SHARED, _TOP_K, Choice(MODEL, "cluster_max_size", (8, 16, 32))),
-    "dmqn": (*SHARED, *_CODEBOOKS, Choice(MODEL, "icim_layers", (1, 2))),
+    "dien": (*SHARED, *_params("dien_aux_weight")),
+    "dsin": (*SHARED, *_params("max_sessions", "session_len")),
+    "sim": (*SHARED, *_TOP_K),
+    "eta": (*SHARED, *_TOP_K, *_params("simhash_bits")),
+    "sdim": (*SHARED, *_params("sdim_rounds", "sdim_bits")),
+    "twin": (*SHARED, *_TOP_K),
+    "twin-v2": (*SHARED, *_TOP_K, *_params("cluster_max_size")),
+    "dmqn": (*SHARED, *_CODEBOOKS, *_params("icim_layers")),
     # The registry fixes icim_layers = 0 for the ablation.
     "dmqn-simple": (*SHARED, *_CODEBOOKS),
 }

@@ -34,6 +34,7 @@ import dmqn_core
 from dmqn_core.config import ModelConfig
 from dmqn_core.data.batches import BatchLoader
 from dmqn_core.data.prepared import PreparedSet
+from dmqn_core.declaration import COMMANDS, TRAIN_AND_BENCH, Between, check_declared, declared, setting
 from dmqn_core.devices import AUTO, autocast, check_device, check_precision, resolve_device
 from dmqn_core.errors import DmqnError, exception_summary
 from dmqn_core.models.dmqn.mcqm import CodebookUsage
@@ -72,21 +73,100 @@ CUDA_LOSS_READ_STEPS = 25
 
 @dataclass
 class TrainConfig:
-    epochs: int = 8
-    batch_size: int = 256
-    eval_batch_size: int = 1024
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    max_len: int | None = None  # None: the prepared set's --max-len
-    patience: int = 2  # epochs without a better validation AUC before stopping
-    seed: int = 0
-    # auto: CUDA where torch sees a GPU, else the CPU (dmqn_core.devices); a run stores the resolved device.
-    device: str = AUTO
-    # fp32, or bf16: the training forward under bf16 autocast, on CUDA only; evaluation is always fp32.
-    precision: str = "fp32"
-    # dmqn / dmqn-simple: users whose codeword assignments and attention are recorded at the end
-    # of training for `dmqn inspect` and `dmqn report` (dmqn_core.runs.inspection); 0 records nothing.
-    inspect_users: int = 300
+    # Each field is a setting declared once (dmqn_core.declaration); "at least 1" and the like are the
+    # words their messages have always used.
+    epochs: int = setting(
+        8,
+        help="Maximum number of epochs.",
+        flag="--epochs",
+        commands=COMMANDS,
+        low=1,
+        expect="at least 1",
+    )
+    batch_size: int = setting(
+        256,
+        help="Training samples per batch.",
+        flag="--batch-size",
+        commands=TRAIN_AND_BENCH,
+        low=1,
+        expect="at least 1",
+    )
+    eval_batch_size: int = setting(
+        1024, help="Samples per batch of validation and test.", flag=None, low=1, expect="at least 1"
+    )
+    lr: float = setting(
+        1e-3,
+        help="Adam learning rate.",
+        flag="--lr",
+        commands=TRAIN_AND_BENCH,
+        low=0,
+        low_open=True,
+        expect="a positive number",
+        search=Between(1e-4, 1e-2, log=True),
+    )
+    weight_decay: float = setting(
+        0.0,
+        help="Adam weight decay.",
+        flag="--weight-decay",
+        commands=TRAIN_AND_BENCH,
+        low=0,
+        expect="0 or a positive number",
+        search=Between(1e-8, 1e-3, log=True, or_zero=True),
+    )
+    # None: the prepared set's --max-len.
+    max_len: int | None = setting(
+        None,
+        help="Most recent behaviors kept per history.",
+        flag="--max-len",
+        commands=TRAIN_AND_BENCH,
+        low=1,
+        expect="at least 1",
+        default_text="the data set's --max-len",
+    )
+    # 0 would stop every run after its first epoch, whatever its validation AUC.
+    patience: int = setting(
+        2,
+        help="Stop after this many epochs without a better validation AUC.",
+        flag="--patience",
+        commands=TRAIN_AND_BENCH,
+        low=1,
+        expect="at least 1",
+    )
+    # NumPy's generators take seeds >= 0, the run store keeps them as BIGINT. A bench seeds its runs itself.
+    seed: int = setting(
+        0,
+        help="Seed of initialisation, shuffling and Gumbel noise.",
+        flag="--seed",
+        low=0,
+        high=2**63 - 1,
+        expect="in 0 .. 2^63-1",
+    )
+    # dmqn_core.devices checks it (check_device) once resolved; a run stores the resolved device.
+    device: str = setting(
+        AUTO,
+        help="auto, cpu, cuda or cuda:N; auto is CUDA where torch sees a GPU, else the CPU, and the run records "
+        "the device it resolved to.",
+        flag="--device",
+        commands=COMMANDS,
+    )
+    # Evaluation is always fp32. Checked with the device it needs (check_precision).
+    precision: str = setting(
+        "fp32",
+        help="fp32, or bf16: the training forward under bfloat16 autocast (CUDA only); validation and test stay fp32.",
+        flag="--precision",
+        commands=COMMANDS,
+    )
+    # For dmqn_core.runs.inspection.
+    inspect_users: int = setting(
+        300,
+        help="dmqn/dmqn-simple: users whose codeword assignments and attention are recorded at the end for "
+        "`dmqn inspect` and `dmqn report`; 0 records nothing.",
+        flag="--inspect-users",
+        commands=TRAIN_AND_BENCH,
+        low=0,
+        expect="0 or more",
+        bounds_on_flag=True,
+    )
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -167,7 +247,7 @@ def resolve_configs(
     data: PreparedSet, model_settings: dict[str, Any], train_settings: dict[str, Any]
 ) -> tuple[ModelConfig, TrainConfig]:
     """Defaults, overridden by the given settings; vocabulary sizes come from the data."""
-    vocab_fields = {"n_items", "n_categories", "n_behavior_types"}
+    vocab_fields = {item.name for item in declared(ModelConfig) if item.setting.from_data}
     given = _checked(ModelConfig, model_settings, "model")
     if vocab_fields & set(given):
         raise DmqnError(f"{', '.join(sorted(vocab_fields & set(given)))} come(s) from the data set and cannot be set")
@@ -189,20 +269,7 @@ def resolve_configs(
 
 
 def _validate(cfg: TrainConfig) -> None:
-    # patience 0 would stop every run after its first epoch, whatever its validation AUC.
-    for name in ("epochs", "batch_size", "eval_batch_size", "max_len", "patience"):
-        if getattr(cfg, name) < 1:
-            raise DmqnError(f"{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.inspect_users < 0:
-        raise DmqnError(f"inspect-users must be 0 or more, got {cfg.inspect_users}")
-    # NumPy's generators take seeds >= 0, the run store keeps them as BIGINT.
-    if not 0 <= cfg.seed < 2**63:
-        raise DmqnError(f"seed must be in 0 .. 2^63-1, got {cfg.seed}")
-    # Written as `not (... and ...)`: NaN fails every comparison, so `lr <= 0` would let it through.
-    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
-        raise DmqnError(f"lr must be a positive number, got {cfg.lr}")
-    if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
-        raise DmqnError(f"weight-decay must be 0 or a positive number, got {cfg.weight_decay}")
+    check_declared(cfg, DmqnError, dashed=True)
     check_device(cfg.device)  # resolved by the caller: auto is no device to train on
     check_precision(cfg.precision, cfg.device)
 
