@@ -153,7 +153,7 @@ def test_scores_are_the_test_predictions(tiny_workspace, run_id):
     inspector = RunInspector(tiny_workspace, run_id)
     run = Run.open(tiny_workspace, run_id)
     model, data = run.model(), run.data
-    loader = BatchLoader(data, "test", 1024, run.max_len)
+    loader = BatchLoader(data, "test", 1024, run.max_len, popularity=model.config.match_features)
     probability = np.zeros(len(data.split("test")))
     with torch.no_grad():
         for batch in loader:
@@ -189,9 +189,11 @@ def test_codebooks_are_folded_into_the_behavior_space(tiny_workspace, run_id):
     user = inspector.sampled_users()[0]
     index = data.user_index([user])
     end, _ = candidate_histories(data, index)[int(index[0])]
-    item, category, behavior, _, mask = gather_histories(data, index, np.array([end]), run.max_len)
-    with torch.no_grad():
-        e = model.embedding.behaviors(*(torch.from_numpy(a) for a in (item, category, behavior, mask)))[0].numpy()
+    histories = gather_histories(data, index, np.array([end]), run.max_len)
+    item, category, behavior, timestamp, mask = (torch.from_numpy(a) for a in histories)
+    with torch.no_grad():  # what MCQM quantizes: the time-gap embedding included (behavior_time)
+        e = model.behaviors(item, category, behavior, mask, timestamp)[0].numpy()
+    mask = mask.numpy()
     assigned = np.einsum("ld,nwd->nlw", e[mask[0]], codebooks).argmax(axis=-1)
     assert np.array_equal(assigned, inspector.user(user).codeword)
     items, categories, vectors = inspector.item_embeddings()
