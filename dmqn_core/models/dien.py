@@ -29,7 +29,7 @@ from torch import Tensor
 
 from dmqn_core.config import ModelConfig
 from dmqn_core.nn.embedding import BehaviorEmbedding
-from dmqn_core.nn.interest_model import Candidates, Histories, InterestModel
+from dmqn_core.nn.history_model import Candidates, Histories, HistoryModel
 from dmqn_core.nn.match_features import match_width
 from dmqn_core.nn.mlp import MLPHead
 from dmqn_core.nn.sequence import masked_softmax, take_last
@@ -92,7 +92,7 @@ def auxiliary_next_behavior_loss(states: Tensor, behaviors: Tensor, items: Tenso
     return (loss * w).sum() / w.sum().clamp(min=1.0)
 
 
-class DIEN(InterestModel):
+class DIEN(HistoryModel):
     """GRU interest extractor + auxiliary loss, AUGRU interest evolution, over the last short_len behaviors."""
 
     def __init__(self, config: ModelConfig) -> None:

@@ -6,13 +6,13 @@ from torch import Tensor
 
 from dmqn_core.config import ModelConfig
 from dmqn_core.nn.embedding import BehaviorEmbedding
-from dmqn_core.nn.interest_model import Candidates, Histories, InterestModel
+from dmqn_core.nn.history_model import Candidates, Histories, HistoryModel
 from dmqn_core.nn.match_features import match_width
 from dmqn_core.nn.mlp import MLPHead
 from dmqn_core.nn.short_term import ShortTermDIN
 
 
-class DIN(InterestModel):
+class DIN(HistoryModel):
     """Local activation unit over the `window` most recent behaviors (None = the whole history)."""
 
     def __init__(self, config: ModelConfig, window: int | None) -> None:

@@ -31,7 +31,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from dmqn_core.config import ModelConfig
 from dmqn_core.nn.embedding import BehaviorEmbedding
-from dmqn_core.nn.interest_model import Candidates, Histories, InterestModel
+from dmqn_core.nn.history_model import Candidates, Histories, HistoryModel
 from dmqn_core.nn.match_features import match_width
 from dmqn_core.nn.mlp import MLPHead
 from dmqn_core.nn.sequence import masked_softmax
@@ -121,7 +121,7 @@ class SessionInterestExtractor(nn.Module):
         return q.new_zeros(H * S, D).index_copy(0, index, pooled).view(H, S, D)
 
 
-class DSIN(InterestModel):
+class DSIN(HistoryModel):
     """Session division, session self-attention, Bi-LSTM over sessions, target attention over both."""
 
     def __init__(self, config: ModelConfig) -> None:

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from dmqn_core.config import ModelConfig
 from dmqn_core.nn.embedding import BehaviorEmbedding
-from dmqn_core.nn.interest_model import Candidates, Histories, InterestModel
+from dmqn_core.nn.history_model import Candidates, Histories, HistoryModel
 from dmqn_core.nn.match_features import match_width
 from dmqn_core.nn.mlp import MLPHead
 from dmqn_core.nn.sequence import gather_rows
@@ -68,7 +68,7 @@ def hamming_top_k(
     return chosen * valid, valid
 
 
-class ETA(InterestModel):
+class ETA(HistoryModel):
     default_short_term: ClassVar[str] = "din"
 
     def __init__(self, config: ModelConfig) -> None:

@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 import torch
-import torch.nn as nn
 from torch import Tensor
 
 from dmqn_core.config import ModelConfig
+from dmqn_core.nn.interest_model import InterestModel
 
 
-class PopularityModel(nn.Module):
+class PopularityModel(InterestModel[None]):
     """Ranks candidates by how often they occur in the training data; nothing to train.
 
-    log1p keeps the logit finite for unseen items (popularity 0) and monotone in popularity,
-    which is all AUC looks at.
+    It reads no history, so its user state is None. log1p keeps the logit finite for unseen items
+    (popularity 0) and monotone in popularity, which is all AUC looks at.
     """
 
-    trainable = False
+    trainable: ClassVar[bool] = False
+    log_popularity: Tensor  # (n_items,) buffer
 
     def __init__(self, config: ModelConfig, item_popularity: np.ndarray | Tensor) -> None:
         super().__init__()
@@ -31,20 +34,23 @@ class PopularityModel(nn.Module):
         self.config = config
         self.register_buffer("log_popularity", pop.log1p())  # (n_items,)
 
-    def forward(
+    def encode_user(
         self,
         hist_item: Tensor,
         hist_category: Tensor,
         hist_behavior: Tensor,
         hist_mask: Tensor,
-        hist_index: Tensor,
+        hist_timestamp: Tensor | None = None,
+    ) -> None:
+        return None
+
+    def score(
+        self,
+        state: None,
         cand_item: Tensor,
         cand_category: Tensor,
-        hist_timestamp: Tensor | None = None,
+        state_index: Tensor | None = None,
         cand_popularity: Tensor | None = None,
     ) -> Tensor:
-        """Same signature as DMQN.forward; only cand_item is used -> (B,) logits."""
+        """Only cand_item is read -> (B,) logits."""
         return self.log_popularity[cand_item]
-
-    def auxiliary_loss(self) -> Tensor:
-        return torch.zeros((), device=self.log_popularity.device)

@@ -1,20 +1,19 @@
 """Model registry: build_model(name, config) for every model the toolkit trains.
 
-Every model takes ModelConfig and implements forward(hist_item, hist_category, hist_behavior,
-hist_mask, hist_index, cand_item, cand_category, hist_timestamp=None) -> (B,) logits and
-auxiliary_loss(). Sequence models are InterestModels (nn/interest_model.py): they share
-BehaviorEmbedding, the short-term mean and MLPHead, split at the candidate into encode_user and
-score, and differ only in their sequence module; to add one, write its module and register a
-builder in MODEL_BUILDERS (and its name in CODEBOOK_MODELS if its class sets has_codebooks).
+Every model is an InterestModel (nn/interest_model.py): encode_user (histories -> a state), score
+(state, candidates -> logits), forward = score(encode_user(...)), and the typed capabilities that
+training and evaluation read. The sequence models share BehaviorEmbedding, the short-term mean and
+MLPHead (nn/sequence_model.py) and differ only in their sequence module; to add one, write its
+module and register it in MODELS.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
-import torch.nn as nn
 from torch import Tensor
 
 from dmqn_core.config import ModelConfig
@@ -28,53 +27,69 @@ from dmqn_core.models.sdim import SDIM
 from dmqn_core.models.sim import SIM
 from dmqn_core.models.twin import TWIN
 from dmqn_core.models.twin_v2 import TWINV2
+from dmqn_core.nn.interest_model import InterestModel
 
-Builder = Callable[[ModelConfig, "np.ndarray | Tensor | None"], nn.Module]
+Builder = Callable[[ModelConfig, "np.ndarray | Tensor | None"], InterestModel[Any]]
 
 
-def _build_pop(config: ModelConfig, item_popularity: np.ndarray | Tensor | None) -> nn.Module:
+@dataclass(frozen=True)
+class ModelEntry:
+    """A registered model: its class, which states its capabilities (has_codebooks, trainable) without
+    building it, and how to build it from a config and the training-set item popularity."""
+
+    cls: type[InterestModel[Any]]
+    build: Builder
+
+
+def _plain(cls: type[InterestModel[Any]]) -> ModelEntry:
+    """A model its class builds from the config alone."""
+    return ModelEntry(cls, lambda config, _: cls(config))
+
+
+def _build_pop(config: ModelConfig, item_popularity: np.ndarray | Tensor | None) -> InterestModel[Any]:
     if item_popularity is None:
         raise ValueError("model 'pop' needs item_popularity (training-set count of every item id)")
     return PopularityModel(config, item_popularity)
 
 
-MODEL_BUILDERS: dict[str, Builder] = {
-    "pop": _build_pop,
-    "din-short": lambda config, _: DIN(config, window=config.short_len),
-    "din-middle": lambda config, _: DIN(config, window=config.middle_len),
-    "din-full": lambda config, _: DIN(config, window=None),
-    "dien": lambda config, _: DIEN(config),
-    "dsin": lambda config, _: DSIN(config),
-    "sim": lambda config, _: SIM(config),
-    "eta": lambda config, _: ETA(config),
-    "sdim": lambda config, _: SDIM(config),
-    "twin": lambda config, _: TWIN(config),
-    "twin-v2": lambda config, _: TWINV2(config),
-    "dmqn": lambda config, _: DMQN(config),
+MODELS: dict[str, ModelEntry] = {
+    "pop": ModelEntry(PopularityModel, _build_pop),
+    "din-short": ModelEntry(DIN, lambda config, _: DIN(config, window=config.short_len)),
+    "din-middle": ModelEntry(DIN, lambda config, _: DIN(config, window=config.middle_len)),
+    "din-full": ModelEntry(DIN, lambda config, _: DIN(config, window=None)),
+    "dien": _plain(DIEN),
+    "dsin": _plain(DSIN),
+    "sim": _plain(SIM),
+    "eta": _plain(ETA),
+    "sdim": _plain(SDIM),
+    "twin": _plain(TWIN),
+    "twin-v2": _plain(TWINV2),
+    "dmqn": _plain(DMQN),
     # Table 3 ablation: no ICIM, target attention directly on the cluster means.
-    "dmqn-simple": lambda config, _: DMQN(replace(config, icim_layers=0)),
+    "dmqn-simple": ModelEntry(DMQN, lambda config, _: DMQN(replace(config, icim_layers=0))),
 }
 
 
-# Models whose user state is a set of codebook clusters (MCQM): the ones `dmqn export-cache`,
-# `dmqn inspect` and `dmqn report` work on, and whose codeword use training records. By name, so
-# that it is known without building the model; their classes say has_codebooks = True.
-CODEBOOK_MODELS = frozenset({"dmqn", "dmqn-simple"})
-
-
 def model_names() -> list[str]:
-    return list(MODEL_BUILDERS)
+    return list(MODELS)
 
 
 def has_codebooks(name: str) -> bool:
-    """Whether model NAME quantizes histories into codebook clusters (DMQN and its ablation)."""
-    return name in CODEBOOK_MODELS
+    """Whether model NAME quantizes histories into codebook clusters (DMQN and its ablation), as its class
+    says: what `dmqn export-cache`, `dmqn inspect` and `dmqn report` work on, known without building it."""
+    entry = MODELS.get(name)  # a run of a model this version does not know has none
+    return entry is not None and entry.cls.has_codebooks
 
 
-def build_model(name: str, config: ModelConfig, item_popularity: np.ndarray | Tensor | None = None) -> nn.Module:
+def build_model(
+    name: str, config: ModelConfig, item_popularity: np.ndarray | Tensor | None = None
+) -> InterestModel[Any]:
     """A fresh model NAME; item_popularity (n_items,) is needed by 'pop' only."""
+    return _lookup(name).build(config, item_popularity)
+
+
+def _lookup(name: str) -> ModelEntry:
     try:
-        builder = MODEL_BUILDERS[name]
+        return MODELS[name]
     except KeyError:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODEL_BUILDERS)}") from None
-    return builder(config, item_popularity)
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODELS)}") from None

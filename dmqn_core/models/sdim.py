@@ -36,7 +36,7 @@ from torch import Tensor
 
 from dmqn_core.config import ModelConfig
 from dmqn_core.nn.embedding import BehaviorEmbedding
-from dmqn_core.nn.interest_model import Candidates, Histories, InterestModel
+from dmqn_core.nn.history_model import Candidates, Histories, HistoryModel
 from dmqn_core.nn.match_features import match_width
 from dmqn_core.nn.mlp import MLPHead
 from dmqn_core.nn.short_term import ShortTermDIN, with_short_term
@@ -82,7 +82,7 @@ def sampled_interest(sums: Tensor, hist_index: Tensor, cand_buckets: Tensor) -> 
     return (pooled / torch.where(norm > 0, norm, torch.ones_like(norm))).mean(dim=1)
 
 
-class SDIM(InterestModel):
+class SDIM(HistoryModel):
     default_short_term: ClassVar[str] = "din"
 
     def __init__(self, config: ModelConfig) -> None:

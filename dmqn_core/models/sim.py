@@ -30,7 +30,7 @@ from torch import Tensor
 
 from dmqn_core.config import ModelConfig
 from dmqn_core.nn.embedding import BEHAVIOR_INIT_STD, BehaviorEmbedding
-from dmqn_core.nn.interest_model import Candidates, Histories, InterestModel
+from dmqn_core.nn.history_model import Candidates, Histories, HistoryModel
 from dmqn_core.nn.match_features import match_width
 from dmqn_core.nn.mlp import MLPHead
 from dmqn_core.nn.sequence import TIME_BUCKETS, gather_rows, time_buckets
@@ -65,7 +65,7 @@ def category_search(
     return positions[:, :k], valid
 
 
-class SIM(InterestModel):
+class SIM(HistoryModel):
     default_short_term: ClassVar[str] = "din"
 
     def __init__(self, config: ModelConfig) -> None:

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from dmqn_core.config import ModelConfig
 from dmqn_core.nn.embedding import BehaviorEmbedding
-from dmqn_core.nn.interest_model import Candidates, Histories, InterestModel
+from dmqn_core.nn.history_model import Candidates, Histories, HistoryModel
 from dmqn_core.nn.match_features import match_width
 from dmqn_core.nn.mlp import MLPHead
 from dmqn_core.nn.sequence import TIME_BUCKETS, gather_rows, time_gaps
@@ -102,7 +102,7 @@ def general_search(
         return top_k_search(scores, k)
 
 
-class TWIN(InterestModel):
+class TWIN(HistoryModel):
     default_short_term: ClassVar[str] = "din"
 
     def __init__(self, config: ModelConfig) -> None:

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from dmqn_core.models.twin import TWIN, general_search_scores, top_k_search
-from dmqn_core.nn.interest_model import Candidates, Histories
+from dmqn_core.nn.history_model import Candidates, Histories
 from dmqn_core.nn.sequence import gather_rows, time_gaps
 from dmqn_core.nn.short_term import with_short_term
 from dmqn_core.nn.target_attention import MultiHeadTargetAttention

@@ -172,13 +172,12 @@ def compute_inspections(
         n = len(samples)
         if n:
             state = model.encode_user(*hist)
-            logits, weights = model.score(
+            logits, weights = model.score_with_weights(
                 state,
                 torch.from_numpy(cand_item).to(device),
                 torch.from_numpy(cand_category).to(device),
                 torch.zeros(n, dtype=torch.long, device=device),
                 _popularity(data, cand_item, test.timestamp[samples], config, device),
-                return_weights=True,
             )
             score = torch.sigmoid(logits).cpu().numpy().astype(np.float64)
             attention = weights.cpu().numpy().astype(np.float64)

@@ -1,9 +1,9 @@
-"""The forward contract every sequence model of the registry keeps (dmqn_core.models.registry).
+"""The contract every model of the registry keeps (dmqn_core.models.registry, nn/interest_model.py).
 
 forward(hist_item, hist_category, hist_behavior, hist_mask, hist_index, cand_item, cand_category,
 hist_timestamp=None) -> (B,) logits, the same as score(encode_user(...)), and auxiliary_loss().
-Each check runs on every model but 'pop' (no sequence); what one model does with the sequence is
-tested in its own file.
+Most checks run on every model but 'pop' (no sequence; it has its own test here); what one model
+does with the sequence is tested in its own file.
 """
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ import torch.nn.functional as F
 from model_batches import random_batch
 
 from dmqn_core.config import ModelConfig
+from dmqn_core.models.dmqn.model import DMQN
 from dmqn_core.models.registry import build_model, has_codebooks, model_names
 from dmqn_core.nn.interest_model import InterestModel
+from dmqn_core.nn.sequence_model import SequenceModel
 
 # Small enough for < 2 s a case, and at L = 36 every window and retrieval cuts: short_len, middle_len,
 # top_k behaviors (TWIN V2: clusters of <= cluster_max_size), max_sessions x session_len.
@@ -157,11 +159,37 @@ def test_eval_is_deterministic(name):
         assert torch.equal(m(**b), m(**b))
 
 
-def test_every_sequence_model_is_an_interest_model_and_says_whether_it_has_codebooks():
+def test_every_model_keeps_the_contract_and_its_class_says_what_it_can():
     for name in model_names():
         m = build_model(name, CONFIG, item_popularity=np.ones(CONFIG.n_items))
-        assert isinstance(m, InterestModel) == (name != "pop"), name
-        assert getattr(m, "has_codebooks", False) == has_codebooks(name), name
+        assert isinstance(m, InterestModel), name
+        assert isinstance(m, SequenceModel) == (name != "pop"), name
+        assert m.trainable == (name != "pop"), name
+        # One source, the class: the registry reads it without building the model, and a model that says it
+        # has codebooks has DMQN's codebook methods (training's codebook hooks call them).
+        assert m.has_codebooks == has_codebooks(name) == isinstance(m, DMQN), name
+
+
+def test_the_popularity_model_keeps_the_contract_with_no_state():
+    m = build_model("pop", CONFIG, item_popularity=np.arange(CONFIG.n_items, dtype=np.float64))
+    b = random_batch(CONFIG, seed=10)
+    state = m.encode_user(*[b[k] for k in HISTORY_KEYS])
+    assert state is None and m.codeword_counts(state) is None
+    logits = m.score(state, b["cand_item"], b["cand_category"], b["hist_index"])
+    assert torch.equal(logits, torch.log1p(b["cand_item"].float())) and torch.equal(m(**b), logits)
+    assert float(m.auxiliary_loss()) == 0.0
+
+
+@pytest.mark.parametrize("name", ["dmqn", "dmqn-simple"])
+def test_a_codebook_models_codeword_counts_are_its_states_cluster_sizes(name):
+    m = make(name, seed=11).eval()
+    b = random_batch(CONFIG, seed=11)
+    with torch.no_grad():
+        state = m.encode_user(*[b[k] for k in HISTORY_KEYS])
+    counts = m.codeword_counts(state)
+    assert counts.shape == (CONFIG.n_codebooks, CONFIG.codebook_size)
+    # Every real behavior is assigned once per codebook.
+    assert torch.equal(counts.sum(dim=1), torch.full((CONFIG.n_codebooks,), float(b["hist_mask"].sum())))
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -1,15 +1,15 @@
 """DMQN, the Deep Multiple Quantization Network (SIGIR '25), Figure 1: MCQM -> ICIM -> CTAM -> MLP.
 
-An InterestModel whose user state is its codebook clusters (UserState) rather than the embedded
+A SequenceModel whose user state is its codebook clusters (UserState) rather than the embedded
 histories: encode_user (MCQM + ICIM + the pooled recent history) depends on the history only and
 can be computed once per user and cached (section 2.5); score (CTAM + MLP) is the per-candidate
-part. forward, the recent-history mean and auxiliary_loss are InterestModel's.
+part. forward, the recent-history mean and auxiliary_loss are SequenceModel's.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar, TypeGuard
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ from dmqn_core.nn.interest_model import InterestModel
 from dmqn_core.nn.match_features import MatchTable, match_width
 from dmqn_core.nn.mlp import MLPHead
 from dmqn_core.nn.sequence import TIME_BUCKETS, take_last, time_buckets
+from dmqn_core.nn.sequence_model import SequenceModel
 from dmqn_core.nn.short_term import ShortTermDIN, with_short_term
 
 
@@ -108,7 +109,7 @@ class QuantizerDiagnostics:
             return np.sqrt(change / size)
 
 
-class DMQN(InterestModel):
+class DMQN(SequenceModel[UserState]):
     has_codebooks: ClassVar[bool] = True
 
     def __init__(self, config: ModelConfig) -> None:
@@ -146,7 +147,7 @@ class DMQN(InterestModel):
             self.time = nn.Embedding(TIME_BUCKETS, c.embed_dim)  # SIM's e_t, added to every behavior
             nn.init.normal_(self.time.weight, std=BEHAVIOR_INIT_STD)
 
-    def encode_user(  # type: ignore[override]  # DMQN's state is UserState, not the baselines' Histories
+    def encode_user(
         self,
         hist_item: Tensor,
         hist_category: Tensor,
@@ -199,20 +200,29 @@ class DMQN(InterestModel):
             raise ValueError("behavior_time needs the histories' timestamps")
         return e + self.time(time_buckets(hist_timestamp, hist_mask)) * hist_mask.unsqueeze(-1).to(e.dtype)
 
-    def score(  # type: ignore[override]  # a UserState, and optionally the CTAM weights
+    def score(
         self,
         state: UserState,
         cand_item: Tensor,
         cand_category: Tensor,
         state_index: Tensor | None = None,
         cand_popularity: Tensor | None = None,
-        return_weights: bool = False,
-    ) -> Tensor | tuple[Tensor, Tensor]:
+    ) -> Tensor:
         """CTAM + MLP: (B,) candidates against state rows state_index (B,) (None = row b) -> (B,) logits.
 
-        cand_popularity (B,) is read by match features only. With return_weights also the CTAM attention
-        weights (B, N, W).
+        cand_popularity (B,) is read by match features only.
         """
+        return self.score_with_weights(state, cand_item, cand_category, state_index, cand_popularity)[0]
+
+    def score_with_weights(
+        self,
+        state: UserState,
+        cand_item: Tensor,
+        cand_category: Tensor,
+        state_index: Tensor | None = None,
+        cand_popularity: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """score's (B,) logits and the CTAM attention weights (B, N, W) of each candidate over the clusters."""
         if state_index is not None:
             state = state.index_select(state_index)
         c = self.embedding.candidate(cand_item, cand_category)  # (B, D)
@@ -232,9 +242,10 @@ class DMQN(InterestModel):
         if target_match is not None:
             scalars.append(target_match)  # (B, WIDTH)
         logits = self.head(c, interest, state.recent, torch.cat(scalars, dim=1) if scalars else None)  # (B,)
-        if return_weights:
-            return logits, weights
-        return logits
+        return logits, weights
+
+    def codeword_counts(self, state: UserState) -> Tensor:
+        return state.cluster_size.sum(dim=0)  # (N, W)
 
     @torch.no_grad()
     def codeword_assignments(
@@ -276,3 +287,9 @@ class DMQN(InterestModel):
             assignment=self.quantizer.agreement(e, hist_mask, generator),
             icim_sums=self.icim.layer_change(q.clusters, q.cluster_mask),
         )
+
+
+def is_codebook_model(model: InterestModel[Any]) -> TypeGuard[DMQN]:
+    """Whether the model's class says it has codebooks (InterestModel.has_codebooks); DMQN is the one class
+    that does (tests/models/test_model_contract.py), so such a model has DMQN's codebook methods."""
+    return model.has_codebooks

@@ -71,11 +71,11 @@ def test_dmqn_attends_to_the_clusters_holding_the_candidates_category():
     with torch.no_grad():
         state = model.encode_user(*(b[k] for k in HISTORY))
         assert state.category is not None and state.category.shape[-1] == 2
-        logits, weights = model.score(state, b["cand_item"], b["cand_category"], b["hist_index"], return_weights=True)
+        logits, weights = model.score_with_weights(state, b["cand_item"], b["cand_category"], b["hist_index"])
         compact = model.score(state.compact(), b["cand_item"], b["cand_category"], b["hist_index"])
         assert (compact - logits).abs().max() <= 1e-5
         model.ctam.share_weight.fill_(5.0)
-        _, stronger = model.score(state, b["cand_item"], b["cand_category"], b["hist_index"], return_weights=True)
+        _, stronger = model.score_with_weights(state, b["cand_item"], b["cand_category"], b["hist_index"])
     share = candidate_share(
         state.category.index_select(0, b["hist_index"]),
         state.category_share.index_select(0, b["hist_index"]),
