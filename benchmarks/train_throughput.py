@@ -216,7 +216,7 @@ def measure(
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
 
     def step(batch: dict[str, torch.Tensor]) -> None:
-        # What dmqn_core.training.train._train_epoch does per batch (eq. 2 + the model's auxiliary loss).
+        # What dmqn_core.training.trainer.Trainer.train_epoch does per batch (eq. 2 + the model's auxiliary loss).
         loss = F.binary_cross_entropy_with_logits(model(**batch), labels) + model.auxiliary_loss()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

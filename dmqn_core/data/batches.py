@@ -97,19 +97,19 @@ def gather_histories(
 
 
 class BatchLoader:
-    """Iterates over one split of a prepared set in batches of ``batch_size`` samples.
+    """Cuts one split of a prepared set into batches of ``batch_size`` samples, one epoch at a time.
 
-    With ``shuffle`` the order changes every epoch (``set_epoch``) but stays a function of
-    ``seed`` and the epoch, so runs are reproducible and a resumed run sees the same order.
-    Samples that share a history (a positive and its negatives) stay next to each other.
+    ``epoch(n)`` plans epoch n's batches once and hands them over (EpochBatches): the training loop
+    reads them, it never calls back into the loader. With ``shuffle`` the order changes with the
+    epoch but stays a function of ``seed`` and the epoch, so runs are reproducible and a resumed run
+    sees the same order. Samples that share a history (a positive and its negatives) stay next to
+    each other. Iterating the loader itself yields epoch 0's batches (an unshuffled split's order).
 
     ``popularity``: batches carry the candidates' popularity before the sample's time, which match
     features read (its index costs one sort of the behaviors, so only such a model asks for it).
 
     ``shard=(rank, world_size)``: every rank cuts the same global batches (the batches of one
     process with the same seed and batch size) and takes its part of each one (``shard_of``).
-    Iterating yields this rank's parts; ``steps`` yields one item per global batch on every
-    rank, as multi-process training needs.
     """
 
     def __init__(
@@ -130,7 +130,6 @@ class BatchLoader:
         self.max_len = max_len
         self.shuffle = shuffle
         self.seed = seed
-        self.epoch = 0
         self.rank, self.world_size = shard
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"shard {shard}: the rank must be in [0, world_size)")
@@ -148,14 +147,16 @@ class BatchLoader:
         else:
             self.group_length = np.zeros(0, dtype=np.int64)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def epoch(self, epoch: int = 0) -> EpochBatches:
+        """The batches of epoch ``epoch`` (its order when shuffled), planned once."""
+        indices = self._batch_indices(epoch)
+        return EpochBatches(self, indices, [self.shard_of(idx) for idx in indices])
 
-    def __len__(self) -> int:
-        return len(self.batch_indices()) if self.shuffle else (self.n_samples + self.batch_size - 1) // self.batch_size
+    def __iter__(self) -> Iterator[Batch]:
+        return iter(self.epoch())
 
-    def batch_indices(self) -> list[np.ndarray]:
-        """The sample indices of every batch of the current epoch, in order.
+    def _batch_indices(self, epoch: int) -> list[np.ndarray]:
+        """The sample indices of every global batch of ``epoch``, in order.
 
         Shuffled training batches are drawn from length buckets: the groups are shuffled, then
         sorted by history length inside windows of 50 batches, cut into batches, and the batches
@@ -167,7 +168,7 @@ class BatchLoader:
         if not self.shuffle:
             order = np.concatenate(self.groups)
             return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        rng = np.random.default_rng([self.seed, self.epoch])
+        rng = np.random.default_rng([self.seed, epoch])
         permutation = rng.permutation(len(self.groups))
         groups = [self.groups[i] for i in permutation]
         lengths = self.group_length[permutation]
@@ -187,32 +188,6 @@ class BatchLoader:
             return idx
         bounds = [0, *shard_cuts(np.asarray(self.samples.hist_end[idx]), self.world_size), len(idx)]
         return idx[bounds[self.rank] : bounds[self.rank + 1]]
-
-    def sample_order(self) -> np.ndarray:
-        """This rank's samples in the order iteration yields them."""
-        parts = [self.shard_of(idx) for idx in self.batch_indices()]
-        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-
-    def __iter__(self) -> Iterator[Batch]:
-        for idx in self.batch_indices():
-            part = self.shard_of(idx)
-            if len(part):
-                yield self.make_batch(part)
-
-    def steps(self) -> Iterator[tuple[Batch, int, int]]:
-        """One training step per global batch, on every rank: (this rank's batch, its samples, the global batch's).
-
-        A rank whose part is empty (only a global batch smaller than the number of ranks, at the
-        end of a length window) gets a stand-in, the global batch's first sample, counted as 0
-        samples: it still runs the step, so it takes part in that step's gradient all-reduce,
-        and its loss weight of 0 keeps the stand-in out of the gradient.
-        """
-        for idx in self.batch_indices():
-            part = self.shard_of(idx)
-            if len(part):
-                yield self.make_batch(part), len(part), len(idx)
-            else:
-                yield self.make_batch(idx[:1]), 0, len(idx)
 
     def make_batch(self, idx: np.ndarray) -> Batch:
         s = self.samples
@@ -236,6 +211,55 @@ class BatchLoader:
             sample=np.asarray(idx, dtype=np.int64),
             cand_popularity=None if popularity is None else torch.from_numpy(popularity),
         )
+
+
+@dataclass(frozen=True)
+class EpochBatches:
+    """One epoch's batches as a BatchLoader planned them, cut once: the global batches and this rank's parts.
+
+    Iterating yields this rank's batches (the parts that are not empty); ``steps`` yields one item per
+    global batch on every rank, as multi-process training needs.
+    """
+
+    loader: BatchLoader
+    indices: list[np.ndarray]  # the sample indices of every global batch, in order
+    parts: list[np.ndarray]  # this rank's part of each (all of it for one process)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self) -> Iterator[Batch]:
+        for part in self.parts:
+            if len(part):
+                yield self.loader.make_batch(part)
+
+    def steps(self) -> Iterator[tuple[Batch, int, int]]:
+        """One training step per global batch, on every rank: (this rank's batch, its samples, the global batch's).
+
+        A rank whose part is empty (only a global batch smaller than the number of ranks, at the
+        end of a length window) gets a stand-in, the global batch's first sample, counted as 0
+        samples: it still runs the step, so it takes part in that step's gradient all-reduce,
+        and its loss weight of 0 keeps the stand-in out of the gradient.
+        """
+        for idx, part in zip(self.indices, self.parts):
+            if len(part):
+                yield self.loader.make_batch(part), len(part), len(idx)
+            else:
+                yield self.loader.make_batch(idx[:1]), 0, len(idx)
+
+    def sample_order(self) -> np.ndarray:
+        """This rank's samples in the order iteration yields them."""
+        return np.concatenate(self.parts) if self.parts else np.zeros(0, dtype=np.int64)
+
+    def positions(self) -> np.ndarray:
+        """(n_samples,) each sample's place in one process's order of this epoch: what puts the ranks'
+        parts back together."""
+        position = np.empty(self.loader.n_samples, dtype=np.int64)
+        begin = 0
+        for idx in self.indices:
+            position[idx] = np.arange(begin, begin + len(idx))
+            begin += len(idx)
+        return position
 
 
 def shard_cuts(hist_ends: np.ndarray, world_size: int) -> list[int]:

@@ -8,12 +8,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from dmqn_core.data.batches import BatchLoader
+from dmqn_core.data.batches import BatchLoader, EpochBatches
 from dmqn_core.data.prepared import PreparedSet
 from dmqn_core.devices import AUTO, autocast, check_precision, resolve_device
 from dmqn_core.errors import DmqnError
+from dmqn_core.nn.interest_model import InterestModel
 from dmqn_core.progress import NullProgress, Progress
 from dmqn_core.runs.run import Run
+from dmqn_core.training import distributed
 from dmqn_core.training.metrics import ctr_metrics
 from dmqn_core.workspace import Workspace
 
@@ -22,14 +24,14 @@ SPLITS = ("train", "valid", "test")
 
 @torch.no_grad()
 def predict(
-    model: torch.nn.Module,
-    loader: BatchLoader,
+    model: InterestModel[Any],
+    batches: EpochBatches,
     device: torch.device,
     progress: Progress | None = None,
     description: str = "predict",
     precision: str = "fp32",
 ) -> dict[str, Any]:
-    """Logits of every sample of the loader, with the codeword counts of DMQN-like models.
+    """Logits of every sample of the batches (this rank's part of them), with the model's codeword counts.
 
     Returns users, labels, logits, seconds and ``codeword_counts`` (N, W) summed over the
     distinct histories (None for models without codebooks). ``precision`` bf16 runs the forward
@@ -39,23 +41,18 @@ def predict(
     model.eval()
     users, labels, logits = [], [], []
     counts = None
-    # Every sequence model has encode_user and score; only a codebook state has clusters to count.
-    # getattr: PopularityModel is no InterestModel.
-    codebooks = getattr(model, "has_codebooks", False)
-    progress.start(description, len(loader))
+    progress.start(description, len(batches))
     started = time.perf_counter()
-    for batch in loader:
+    for batch in batches:
         batch = batch.to(device)
         with autocast(device, precision):
-            if codebooks:
-                state = model.encode_user(
-                    batch.hist_item, batch.hist_category, batch.hist_behavior, batch.hist_mask, batch.hist_timestamp
-                )
-                out = model.score(state, batch.cand_item, batch.cand_category, batch.hist_index, batch.cand_popularity)
-            else:
-                out = model(**batch.model_inputs())
-        if codebooks:
-            batch_counts = state.cluster_size.sum(dim=0).double().cpu()  # (N, W)
+            state = model.encode_user(
+                batch.hist_item, batch.hist_category, batch.hist_behavior, batch.hist_mask, batch.hist_timestamp
+            )
+            out = model.score(state, batch.cand_item, batch.cand_category, batch.hist_index, batch.cand_popularity)
+        batch_counts = model.codeword_counts(state)
+        if batch_counts is not None:
+            batch_counts = batch_counts.double().cpu()
             counts = batch_counts if counts is None else counts + batch_counts
         users.append(batch.user)
         labels.append(batch.label.cpu().numpy())
@@ -74,7 +71,7 @@ def predict(
 
 
 def evaluate_split(
-    model: torch.nn.Module,
+    model: InterestModel[Any],
     data: PreparedSet,
     split: str,
     batch_size: int,
@@ -82,13 +79,36 @@ def evaluate_split(
     device: torch.device,
     progress: Progress | None = None,
     precision: str = "fp32",
+    context: distributed.Context = distributed.SINGLE,
 ) -> tuple[dict[str, float], np.ndarray | None]:
-    """AUC, GAUC, logloss and samples/s of one split; plus codeword counts when the model has codebooks."""
-    loader = BatchLoader(data, split, batch_size, max_len, popularity=model.config.match_features)
-    out = predict(model, loader, device, progress, description=f"{split} ", precision=precision)
-    metrics = ctr_metrics(out["users"], out["labels"], out["logits"])
-    metrics["samples_per_s"] = len(out["labels"]) / max(out["seconds"], 1e-9)
-    return metrics, out["codeword_counts"]
+    """AUC, GAUC, logloss and samples/s of one split; plus codeword counts when the model has codebooks.
+
+    Under torchrun (``context``) every rank predicts its part of every batch; rank 0 gathers the
+    logits, puts them back in one process's order and computes the metrics: the same metrics from
+    the same logits. The other ranks get an empty dict and None.
+    """
+    loader = BatchLoader(
+        data,
+        split,
+        batch_size,
+        max_len,
+        shard=(context.rank, context.world_size),
+        popularity=model.config.match_features,
+    )
+    batches = loader.epoch()
+    out = predict(model, batches, device, progress, description=f"{split} ", precision=precision)
+    parts = distributed.gather(
+        context,
+        (batches.sample_order(), out["users"], out["labels"], out["logits"], out["codeword_counts"], out["seconds"]),
+    )
+    if parts is None:
+        return {}, None
+    place = np.argsort(batches.positions()[np.concatenate([p[0] for p in parts])], kind="stable")
+    users, labels, logits = (np.concatenate([p[i] for p in parts])[place] for i in (1, 2, 3))
+    metrics = ctr_metrics(users, labels, logits)
+    metrics["samples_per_s"] = len(labels) / max(max(p[5] for p in parts), 1e-9)
+    counts = [p[4] for p in parts if p[4] is not None]
+    return metrics, (np.sum(counts, axis=0) if counts else None)
 
 
 def evaluate_run(
@@ -136,9 +156,10 @@ def split_logits(run: Run, split: str = "test", device: str = AUTO, batch_size: 
         run.max_len,
         popularity=model.config.match_features,
     )
-    out = predict(model, loader, torch.device(device))
+    batches = loader.epoch()
+    out = predict(model, batches, torch.device(device))
     logits = np.empty(loader.n_samples, dtype=np.float64)
-    logits[loader.sample_order()] = out["logits"]
+    logits[batches.sample_order()] = out["logits"]
     return logits
 
 

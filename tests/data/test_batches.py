@@ -45,15 +45,14 @@ def test_shuffle_is_a_function_of_seed_and_epoch(tiny_workspace):
     data = PreparedSet.open(tiny_workspace.dataset_path("tiny"))
     a = BatchLoader(data, "train", 32, 50, shuffle=True, seed=1)
     b = BatchLoader(data, "train", 32, 50, shuffle=True, seed=1)
-    assert np.array_equal(a.sample_order(), b.sample_order())
-    a.set_epoch(1)
-    assert not np.array_equal(a.sample_order(), b.sample_order())
-    assert sorted(a.sample_order()) == list(range(len(data.split("train"))))
+    assert np.array_equal(a.epoch(1).sample_order(), b.epoch(1).sample_order())
+    assert not np.array_equal(a.epoch(1).sample_order(), b.epoch(0).sample_order())
+    assert sorted(a.epoch(1).sample_order()) == list(range(len(data.split("train"))))
 
 
 def test_shards_partition_the_samples(tiny_workspace):
     data = PreparedSet.open(tiny_workspace.dataset_path("tiny"))
-    parts = [BatchLoader(data, "train", 32, 50, shard=(r, 2)).sample_order() for r in range(2)]
+    parts = [BatchLoader(data, "train", 32, 50, shard=(r, 2)).epoch().sample_order() for r in range(2)]
     assert sorted(np.concatenate(parts)) == list(range(len(data.split("train"))))
 
 
@@ -76,24 +75,25 @@ def test_ranks_split_the_one_process_batches(tiny_workspace):
     data = PreparedSet.open(tiny_workspace.dataset_path("tiny"))
     one = BatchLoader(data, "train", 64, 50, shuffle=True, seed=3)
     ranks = [BatchLoader(data, "train", 64, 50, shuffle=True, seed=3, shard=(r, 2)) for r in range(2)]
-    for loader in (one, *ranks):
-        loader.set_epoch(2)
-    steps = [list(loader.steps()) for loader in ranks]
-    assert len(steps[0]) == len(steps[1]) == len(one)  # every rank takes every step
+    steps = [list(loader.epoch(2).steps()) for loader in ranks]
+    assert len(steps[0]) == len(steps[1]) == len(one.epoch(2))  # every rank takes every step
     ends = data.split("train").hist_end
-    for batch, (first, n0, total0), (second, n1, total1) in zip(one.batch_indices(), *steps):
+    for batch, (first, n0, total0), (second, n1, total1) in zip(one.epoch(2).indices, *steps):
         assert total0 == total1 == len(batch) == n0 + n1 and n0 > 0 and n1 > 0
         assert np.array_equal(np.concatenate([first.sample, second.sample]), batch)
         # No history is encoded by both ranks.
         assert not set(np.asarray(ends[first.sample]).tolist()) & set(np.asarray(ends[second.sample]).tolist())
-    assert sorted(np.concatenate([r.sample_order() for r in ranks])) == list(range(len(data.split("train"))))
+    assert sorted(np.concatenate([r.epoch(2).sample_order() for r in ranks])) == list(range(len(data.split("train"))))
+    # Each sample's place in one process's order, which puts the ranks' parts back together.
+    order = one.epoch(2).sample_order()
+    assert np.array_equal(one.epoch(2).positions()[order], np.arange(len(order)))
 
 
 def test_a_rank_without_samples_gets_a_stand_in_step(tiny_workspace):
     data = PreparedSet.open(tiny_workspace.dataset_path("tiny"))
     # A batch of 3 samples over 4 ranks: rank 3 has none but still steps, counted as 0 samples.
     loaders = [BatchLoader(data, "valid", 3, 50, shard=(r, 4)) for r in range(4)]
-    first_steps = [next(loader.steps()) for loader in loaders]
+    first_steps = [next(loader.epoch().steps()) for loader in loaders]
     assert [n for _, n, _ in first_steps] == [1, 1, 1, 0]
     assert all(total == 3 for _, _, total in first_steps)
     assert all(len(batch) == 1 for batch, _, _ in first_steps)

@@ -23,7 +23,7 @@ import torch
 from conftest import tiny_set_workspace
 from typer.testing import CliRunner
 
-import dmqn_core.training.train as train_module
+import dmqn_core.training.trainer as trainer_module
 from dmqn_cli.main import app
 from dmqn_core.data.prep import prepare
 from dmqn_core.data.prepared import PreparedSet
@@ -297,7 +297,7 @@ def test_a_run_that_fails_between_its_record_and_its_first_epoch_is_marked_faile
     def loader_fails(*args, **kwargs):
         raise RuntimeError("the loader broke")
 
-    monkeypatch.setattr(train_module, "BatchLoader", loader_fails)
+    monkeypatch.setattr(trainer_module, "BatchLoader", loader_fails)
     with pytest.raises(RuntimeError, match="the loader broke"):
         train(ws, "tiny", "din-short", SMALL, QUICK)
     (record,) = RunStore(ws.store_path).list_runs()

@@ -8,12 +8,12 @@ import statistics
 import pytest
 from typer.testing import CliRunner
 
-import dmqn_core.training.train as train_module
 from dmqn_cli.main import app
 from dmqn_core.errors import DmqnError
 from dmqn_core.models.registry import model_names
 from dmqn_core.runs.store import RunStore
 from dmqn_core.training.bench import format_mean_std, mean_std, resolve_models, run_bench
+from dmqn_core.training.trainer import Trainer
 
 MODEL = {"embed_dim": 8, "n_codebooks": 2, "codebook_size": 8, "mlp_hidden": (16,)}
 TRAIN = {"epochs": 1, "max_len": 50, "batch_size": 256, "eval_batch_size": 512}
@@ -40,7 +40,7 @@ def test_mean_std_is_the_sample_statistic():
 
 
 def test_interrupted_bench_resumes_without_redoing_finished_runs(tiny_workspace, monkeypatch):
-    real_epoch = train_module._train_epoch
+    real_epoch = Trainer.train_epoch
     calls = {"n": 0}
 
     def interrupt_the_second_trained_model(*args, **kwargs):
@@ -49,7 +49,7 @@ def test_interrupted_bench_resumes_without_redoing_finished_runs(tiny_workspace,
             raise KeyboardInterrupt
         return real_epoch(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "_train_epoch", interrupt_the_second_trained_model)
+    monkeypatch.setattr(Trainer, "train_epoch", interrupt_the_second_trained_model)
     steps = []
     models = ["pop", "din-short", "dmqn-simple", "dmqn"]
     with pytest.raises(KeyboardInterrupt):
@@ -63,7 +63,7 @@ def test_interrupted_bench_resumes_without_redoing_finished_runs(tiny_workspace,
     store = RunStore(tiny_workspace.store_path)
     assert store.get_run(interrupted_run).status == "interrupted"
 
-    monkeypatch.setattr(train_module, "_train_epoch", real_epoch)
+    monkeypatch.setattr(Trainer, "train_epoch", real_epoch)
     steps.clear()
     report = run_bench(tiny_workspace, "tiny", models, [0, 1], MODEL, TRAIN, name="resume-test", on_step=steps.append)
     actions = [(s.model, s.seed, s.action) for s in steps]

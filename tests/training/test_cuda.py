@@ -71,7 +71,7 @@ def first_batch(data: PreparedSet, batch_size: int = 16, max_len: int = 50) -> B
 
 
 def one_step(model: torch.nn.Module, batch: Batch, device: str, precision: str = "fp32") -> dict[str, torch.Tensor]:
-    """What _train_epoch does with one batch on ``device``: loss, the gradients and the weights after Adam."""
+    """What Trainer.train_epoch does with one batch on ``device``: loss, the gradients and the weights after Adam."""
     model = copy.deepcopy(model).to(device).train()
     dtype = next(model.parameters()).dtype
     batch = batch.to(device)

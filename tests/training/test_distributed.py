@@ -184,21 +184,21 @@ WORKER = r"""
 import json, sys
 import torch
 import dmqn_core.training.distributed as distributed
-import dmqn_core.training.train as train_module
 from dmqn_core.training.train import train
+from dmqn_core.training.trainer import Trainer
 from dmqn_core.workspace import Workspace
 
 ws, model, settings = Workspace(sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3])
 # Several runs in one launch: the caller opens the group once (dmqn_core.training.distributed.process_group).
 torch.distributed.init_process_group("gloo")
 context = distributed.context_from_env()
-real_epoch = train_module._train_epoch
+real_epoch = Trainer.train_epoch
 
 def summary(result):
     return {"run_id": result.run_id, "test": result.test, "history": result.history}
 
 def interrupt_second_epoch(*args, **kwargs):
-    if args[5] == 2:  # the epoch
+    if args[1] == 2:  # the epoch (args[0] is the trainer)
         raise KeyboardInterrupt
     return real_epoch(*args, **kwargs)
 
@@ -208,16 +208,16 @@ def fail_on_rank_1(*args, **kwargs):
     return real_epoch(*args, **kwargs)
 
 whole = train(ws, "tiny", "dmqn", model, settings)
-train_module._train_epoch = interrupt_second_epoch
+Trainer.train_epoch = interrupt_second_epoch
 try:
     train(ws, "tiny", "dmqn", model, settings, run_id="interrupted")
 except KeyboardInterrupt:
     pass
-train_module._train_epoch = real_epoch
+Trainer.train_epoch = real_epoch
 resumed = train(ws, resume="interrupted")
 if context.is_main:
     print(json.dumps({"whole": summary(whole), "resumed": summary(resumed)}), flush=True)
-train_module._train_epoch = fail_on_rank_1
+Trainer.train_epoch = fail_on_rank_1
 train(ws, "tiny", "dmqn", model, {**settings, "epochs": 1}, run_id="failing")
 """
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-import dmqn_core.training.train as train_module
+import dmqn_core.training.codebooks as codebooks_module
 from dmqn_core.errors import DmqnError
 from dmqn_core.models.dmqn.mcqm import MultiCodebookQuantizer
 from dmqn_core.models.registry import model_names
@@ -15,6 +15,7 @@ from dmqn_core.progress import NullProgress
 from dmqn_core.runs.store import RunStore
 from dmqn_core.training.evaluate import evaluate_run
 from dmqn_core.training.train import train
+from dmqn_core.training.trainer import Trainer
 
 MODEL = {"embed_dim": 8, "n_codebooks": 2, "codebook_size": 8}
 TRAIN = {"epochs": 2, "max_len": 50, "batch_size": 128, "seed": 11, "patience": 5}
@@ -23,7 +24,7 @@ TRAIN = {"epochs": 2, "max_len": 50, "batch_size": 128, "seed": 11, "patience": 
 def test_interrupted_run_resumes_to_the_same_result(tiny_workspace, monkeypatch):
     reference = train(tiny_workspace, "tiny", "dmqn", MODEL, TRAIN)
 
-    real_epoch = train_module._train_epoch
+    real_epoch = Trainer.train_epoch
     calls = {"n": 0}
 
     def interrupt_second_epoch(*args, **kwargs):
@@ -32,13 +33,13 @@ def test_interrupted_run_resumes_to_the_same_result(tiny_workspace, monkeypatch)
             raise KeyboardInterrupt
         return real_epoch(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "_train_epoch", interrupt_second_epoch)
+    monkeypatch.setattr(Trainer, "train_epoch", interrupt_second_epoch)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_workspace, "tiny", "dmqn", MODEL, TRAIN)
     store = RunStore(tiny_workspace.store_path)
     interrupted = store.list_runs()[-1]
     assert interrupted.status == "interrupted" and interrupted.epochs_done == 1
-    monkeypatch.setattr(train_module, "_train_epoch", real_epoch)
+    monkeypatch.setattr(Trainer, "train_epoch", real_epoch)
 
     resumed = train(tiny_workspace, resume=interrupted.run_id)
     record = store.get_run(interrupted.run_id)
@@ -203,7 +204,7 @@ def test_quantizer_diagnostics_are_recorded_every_epoch_and_shown(tiny_workspace
     # Measuring draws its noise from a generator of its own: without it the run trains the same. Had it
     # drawn from the training's stream, every later Gumbel draw would differ and the metrics by far more
     # than the float32 rounding that parallel CPU kernels may change from one run to the next.
-    monkeypatch.setattr(train_module, "DIAGNOSTIC_BATCHES", 0)
+    monkeypatch.setattr(codebooks_module, "DIAGNOSTIC_BATCHES", 0)
     unmeasured = train(tiny_workspace, "tiny", "dmqn", MODEL, TRAIN)
     same = {**result.test, "samples_per_s": unmeasured.test["samples_per_s"]}
     assert unmeasured.test == pytest.approx(same, rel=1e-5, abs=1e-7)
@@ -224,13 +225,13 @@ def test_quantizer_flags_reach_the_model_and_the_tau_schedule_runs_per_epoch(tin
     from dmqn_cli.main import app
 
     taus = []
-    real_epoch = train_module._train_epoch
+    real_epoch = Trainer.train_epoch
 
-    def record_tau(model, *args, **kwargs):
-        taus.append(model.quantizer.tau)
-        return real_epoch(model, *args, **kwargs)
+    def record_tau(trainer, *args, **kwargs):
+        taus.append(trainer.model.quantizer.tau)
+        return real_epoch(trainer, *args, **kwargs)
 
-    monkeypatch.setattr(train_module, "_train_epoch", record_tau)
+    monkeypatch.setattr(Trainer, "train_epoch", record_tau)
     flags = ["--assign-noise", "gumbel", "--tau-placement", "before_noise", "--tau", "2", "--tau-decay", "0.25"]
     flags += ["--tau-min", "0.2", "--straight-through", "centred", "--epochs", "3", "--patience", "3"]
     flags += ["--embed-dim", "8", "--codebooks", "2", "--codebook-size", "8", "--max-len", "50", "--inspect-users", "0"]
@@ -288,22 +289,22 @@ def test_kmeans_init_starts_a_new_run_from_data_and_a_resumed_run_from_its_check
         return real_init(self, *args, **kwargs)
 
     starts = []  # the codebooks each epoch starts from
-    real_epoch = train_module._train_epoch
+    real_epoch = Trainer.train_epoch
 
-    def record_or_interrupt(model, *args, **kwargs):
-        starts.append(model.quantizer.codebooks.detach().clone())
+    def record_or_interrupt(trainer, *args, **kwargs):
+        starts.append(trainer.model.quantizer.codebooks.detach().clone())
         if len(starts) == 3:  # the second epoch of the k-means run
             raise KeyboardInterrupt
-        return real_epoch(model, *args, **kwargs)
+        return real_epoch(trainer, *args, **kwargs)
 
     monkeypatch.setattr(MultiCodebookQuantizer, "init_from_data", counted_init)
-    monkeypatch.setattr(train_module, "_train_epoch", record_or_interrupt)
+    monkeypatch.setattr(Trainer, "train_epoch", record_or_interrupt)
     train(tiny_workspace, "tiny", "dmqn", MODEL, {**TRAIN, "epochs": 1})  # the default: random codewords
     assert calls == []
     log = LogLines()
     with pytest.raises(KeyboardInterrupt):
         train(tiny_workspace, "tiny", "dmqn", {**MODEL, "codebook_init": "kmeans"}, TRAIN, progress=log)
-    assert len(calls) == 1 and 0 < calls[0][0] <= train_module.CODEBOOK_SAMPLE_BEHAVIORS
+    assert len(calls) == 1 and 0 < calls[0][0] <= codebooks_module.CODEBOOK_SAMPLE_BEHAVIORS
     assert calls[0][1] == MODEL["embed_dim"]
     assert "codewords initialised by k-means of the first training behaviors" in log.lines
     random_start, kmeans_start = starts[0], starts[1]
@@ -319,7 +320,7 @@ def test_kmeans_init_starts_a_new_run_from_data_and_a_resumed_run_from_its_check
 
 def test_dead_codeword_reset_moves_the_dead_codewords_and_zeroes_their_adam_moments(tiny_workspace, monkeypatch):
     resets = []
-    real_reset = train_module._reset_dead_codewords
+    real_reset = codebooks_module.reset_dead_codewords
 
     def check_reset(model, optimizer, *args, **kwargs):
         before = model.quantizer.codebooks.detach().clone()
@@ -332,7 +333,7 @@ def test_dead_codeword_reset_moves_the_dead_codewords_and_zeroes_their_adam_mome
         resets.append(int(reset.sum()))
         return reset
 
-    monkeypatch.setattr(train_module, "_reset_dead_codewords", check_reset)
+    monkeypatch.setattr(codebooks_module, "reset_dead_codewords", check_reset)
     log = LogLines()
     # 32 codewords per codebook for the tiny set's few hundred validation histories: some go unused.
     model = {**MODEL, "codebook_size": 32, "dead_codeword_reset": True}

@@ -1,0 +1,119 @@
+"""Training gives what it gave before the Trainer (issue 20): fixed-seed runs on the tiny set against the numbers
+the training code of commit 65d1e42 (one function, before trainer.py, hooks.py and codebooks.py) gave for them.
+
+Every model setting is spelt out, so that a new default leaves these runs alone. The numbers were measured with
+one thread, bit for bit the same on the refactored code; the tolerances leave room for float32 sums in another
+order (more threads, another CPU) and for nothing else: a change in what training draws from the random
+streams, in the batch order, in what the hooks do or in when they do it moves these numbers by far more.
+Recompute them only with a change that is meant to change training, and say so in its commit.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dmqn_core.runs.store import RunStore
+from dmqn_core.training.train import train
+
+MODEL = {
+    "embed_dim": 8,
+    "n_codebooks": 2,
+    "codebook_size": 16,
+    "tau": 1.0,
+    "assign_noise": "none",
+    "tau_placement": "after_noise",
+    "tau_decay": 1.0,
+    "tau_min": 0.0,
+    "straight_through": "plain",
+    "codebook_init": "random",
+    "dead_codeword_reset": False,
+    "icim_layers": 1,
+    "icim_heads": 2,
+    "short_len": 50,
+    "short_term": "mean",
+    "match_features": False,
+    "behavior_time": False,
+    "mlp_hidden": [16],
+    "dropout": 0.0,
+    "usage_loss_weight": 0.0,
+    "ctam_size_bias": True,
+    "cluster_categories": 0,
+    "ctam_match_scalars": True,
+    "mlp_products": True,
+    "ctam_identity_init": True,
+    "embedding_init": "scaled",
+    "middle_len": 200,
+    "attention_heads": 2,
+    "top_k": 50,
+    "simhash_bits": 32,
+    "sdim_rounds": 48,
+    "sdim_bits": 3,
+    "cluster_max_size": 16,
+    "session_gap": 1800,
+    "max_sessions": 5,
+    "session_len": 10,
+    "dien_aux_weight": 1.0,
+}
+TRAIN = {
+    "epochs": 2,
+    "batch_size": 128,
+    "eval_batch_size": 1024,
+    "lr": 0.005,
+    "weight_decay": 0.0,
+    "max_len": 60,
+    "patience": 5,
+    "seed": 7,
+    "device": "cpu",
+    "precision": "fp32",
+    "inspect_users": 0,
+}
+# name: (model, its settings, its training settings, expected), expected = per-epoch (train loss, valid AUC),
+# test (AUC, logloss), dead codewords per (epoch, codebook), and the L1 norm of the best weights.
+CASES = {
+    "pop": ("pop", {}, {"epochs": 1}, ([], (0.37496981040937083, 0.8327064939845732), [], 13283.225432753563)),
+    "din-full": (
+        "din-full",
+        {},
+        {"epochs": 1},
+        ([(0.691453196976211, 0.5441975606810772)], (0.5461296944813429, 0.6895961592227211), [], 3240.4118868839846),
+    ),
+    # Dead codewords in both epochs, reset after each (and Adam's moments of them zeroed), the usage loss on.
+    "dmqn": (
+        "dmqn",
+        {"codebook_size": 48, "dead_codeword_reset": True, "usage_loss_weight": 0.1},
+        {},
+        (
+            [(0.6920197721366044, 0.6075957010022944), (0.6580034965997213, 0.6086221470836856)],
+            (0.5954594855693757, 0.6792226963060592),
+            [8, 5, 0, 2],
+            5030.072720486286,
+        ),
+    ),
+    "dmqn-simple kmeans": (
+        "dmqn-simple",
+        {"codebook_init": "kmeans"},
+        {"epochs": 1},
+        (
+            [(0.6943011076895745, 0.5332387392826953)],
+            (0.5675643038280401, 0.6907049377203068),
+            [0, 0],
+            3150.126621472429,
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_fixed_seed_run_trains_as_before_the_trainer(tiny_workspace, case):
+    model, model_settings, train_settings, (history, test, dead, weights_l1) = CASES[case]
+    result = train(tiny_workspace, "tiny", model, {**MODEL, **model_settings}, {**TRAIN, **train_settings})
+    assert [(h["train_loss"], h["valid_auc"]) for h in result.history] == [
+        (pytest.approx(loss, rel=1e-5), pytest.approx(auc, abs=1e-4)) for loss, auc in history
+    ]
+    assert result.test["auc"] == pytest.approx(test[0], abs=1e-4)
+    assert result.test["logloss"] == pytest.approx(test[1], rel=1e-5)
+    usage = RunStore(tiny_workspace.store_path).codebook_usage(result.run_id)
+    assert [row[3] for row in usage] == dead
+    best = torch.load(tiny_workspace.run_dir(result.run_id) / "best.pt", weights_only=True)["model_state"]
+    assert sum(float(t.double().abs().sum()) for t in best.values()) == pytest.approx(weights_l1, rel=1e-5)
