@@ -18,13 +18,13 @@ import torch
 from dmqn_core.errors import DmqnError, exception_summary
 from dmqn_core.workspace import atomic_write_bytes
 
-# The two files of a run's directory (dmqn_core.training.train writes them, atomically).
+# The two files of a run's directory (training's Checkpoint hook, dmqn_core.training.hooks, writes them atomically).
 CHECKPOINT = "checkpoint.pt"  # everything needed to resume: model, optimiser, step, RNG, configs
 BEST = "best.pt"  # the weights of the best validation epoch, used for test and eval
 
 
 def load_checkpoint(path: Path, keys: tuple[str, ...] = ("model_state",)) -> dict[str, Any]:
-    """A checkpoint written by dmqn_core.training.train, which must hold ``keys``.
+    """A checkpoint written by training (dmqn_core.training.hooks.Checkpoint), which must hold ``keys``.
 
     Checkpoints hold only tensors and plain Python values (dicts, lists, numbers, strings), so
     they are read with torch's weights-only unpickler: a file that names any other Python object
