@@ -37,8 +37,6 @@ from torch import Tensor
 from dmqn_core.config import ModelConfig
 from dmqn_core.nn.embedding import BehaviorEmbedding
 from dmqn_core.nn.history_model import Candidates, Histories, HistoryModel
-from dmqn_core.nn.match_features import match_width
-from dmqn_core.nn.mlp import MLPHead
 from dmqn_core.nn.short_term import ShortTermDIN, with_short_term
 
 # Seed of the hash projections: fixed, so that every run and every checkpoint hashes alike.
@@ -96,14 +94,7 @@ class SDIM(HistoryModel):
         # Created only with a DIN short-term interest (the default), in the place it always had: the
         # same parameter names and initialisation as before the setting existed.
         self.short = ShortTermDIN(D, config.short_len) if config.short_term == "din" else None
-        self.head = MLPHead(
-            D,
-            1 + (self.short is not None),
-            config.mlp_hidden,
-            config.dropout,
-            n_scalars=match_width(config),
-            recent=config.short_term != "none",
-        )
+        self.head = self.long_sequence_head()
         self.match = self.match_module()
 
     def interests(self, histories: Histories, candidates: Candidates, hist_index: Tensor) -> Tensor:

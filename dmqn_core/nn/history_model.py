@@ -16,8 +16,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from dmqn_core.nn.match_features import MatchTable
+from dmqn_core.nn.match_features import MatchTable, match_width
+from dmqn_core.nn.mlp import MLPHead
 from dmqn_core.nn.sequence_model import SequenceModel
+from dmqn_core.nn.short_term import ShortTermDIN
 
 
 @dataclass
@@ -42,6 +44,23 @@ class Candidates:
 
 
 class HistoryModel(SequenceModel[Histories]):
+    # The DIN short-term interest of a long-sequence baseline (SIM, ETA, SDIM, TWIN, TWIN V2), None without
+    # one; those models set it, the DIN variants, DIEN and DSIN have none.
+    short: ShortTermDIN | None
+
+    def long_sequence_head(self) -> MLPHead:
+        """The MLP head of a long-sequence baseline: its long-term interest, the DIN short-term one when
+        ``self.short`` exists, the recent mean unless short_term = "none", and the match features."""
+        c = self.config
+        return MLPHead(
+            c.embed_dim,
+            1 + (self.short is not None),
+            c.mlp_hidden,
+            c.dropout,
+            n_scalars=match_width(c),
+            recent=c.short_term != "none",
+        )
+
     def encode_user(
         self,
         hist_item: Tensor,
