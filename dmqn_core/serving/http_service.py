@@ -21,37 +21,71 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import hmac
 import json
-import logging
 import os
 import socket
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
 
 import anyio.to_thread
 import torch
-from fastapi import Depends, FastAPI, Query, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from dmqn_core.data.prepared import RAW_ID_RANGE
 from dmqn_core.errors import DmqnError
-from dmqn_core.serving.service import Missing, ScoringService, ServiceError, UserScores
+from dmqn_core.serving.http_middleware import ASGIApp, BodyLimitMiddleware, Metrics, MetricsMiddleware
+from dmqn_core.serving.http_models import (
+    BatchRequest,
+    BatchResponse,
+    ErrorResponse,
+    Int64,
+    ItemScore,
+    ReadyResponse,
+    ReloadResponse,
+    ScoreRequest,
+    ScoreResponse,
+    UserResult,
+)
+from dmqn_core.serving.http_routes import (
+    add_admin_routes,
+    add_error_handlers,
+    add_probe_routes,
+    add_scoring_routes,
+    bearer_check,
+    log,
+)
+from dmqn_core.serving.service import ScoringService, ServiceError
 from dmqn_core.workspace import Workspace
 
-SETTINGS_ENV = "DMQN_SERVE_SETTINGS"  # how `dmqn serve --workers W` hands its settings to each worker
-log = logging.getLogger("uvicorn.error.dmqn")  # uvicorn's error log: its handlers and its level
+# The API's types, metrics and middleware live in http_models and http_middleware; their names stay
+# importable from here.
+__all__ = [
+    "SETTINGS_ENV",
+    "GRACEFUL_SHUTDOWN_S",
+    "ServeSettings",
+    "read_token",
+    "create_app",
+    "app_from_env",
+    "run_server",
+    "Metrics",
+    "ASGIApp",
+    "MetricsMiddleware",
+    "BodyLimitMiddleware",
+    "Int64",
+    "ScoreRequest",
+    "BatchRequest",
+    "ItemScore",
+    "UserResult",
+    "ScoreResponse",
+    "BatchResponse",
+    "ErrorResponse",
+    "ReloadResponse",
+    "ReadyResponse",
+]
 
-Int64 = Annotated[int, Field(strict=True, ge=RAW_ID_RANGE.start, le=RAW_ID_RANGE.stop - 1)]
+SETTINGS_ENV = "DMQN_SERVE_SETTINGS"  # how `dmqn serve --workers W` hands its settings to each worker
 
 
 @dataclass(frozen=True)
@@ -92,203 +126,6 @@ def read_token(path: str) -> str:
     if any(c.isspace() for c in token) or not token.isprintable() or not token.isascii():
         raise DmqnError(f"the token file {path} must hold one token of printable ASCII without spaces")
     return token
-
-
-# ---- the API's types ----
-
-
-class ScoreRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    user_id: Int64 = Field(description="Raw user id, as in the log.")
-    items: list[Int64] = Field(min_length=1, description="Raw candidate item ids (at most --max-items).")
-
-
-class BatchRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    requests: list[ScoreRequest] = Field(min_length=1, description="At most --max-users users.")
-
-
-class ItemScore(BaseModel):
-    item_id: int
-    probability: float = Field(description="Click probability; a popularity score when source is popularity.")
-
-
-class UserResult(BaseModel):
-    user_id: int
-    source: Literal["model", "popularity"] = Field(
-        description="model: the user's cached state; popularity: no cached state, ?missing=popularity."
-    )
-    scores: list[ItemScore]
-    unknown_items: list[int] = Field(
-        description="Items not in the run's vocabulary, scored with the unknown-item (padding) embedding."
-    )
-
-
-class ScoreResponse(UserResult):
-    run_id: str
-    version: str = Field(description="The model version (run id + checkpoint hash) whose states were read.")
-
-
-class BatchResponse(BaseModel):
-    run_id: str
-    version: str
-    results: list[UserResult]
-
-
-class ErrorResponse(BaseModel):
-    error: str
-    detail: str
-
-
-class ReloadResponse(BaseModel):
-    switched: bool
-    version: str
-    previous_version: str
-    detail: str
-
-
-class ReadyResponse(BaseModel):
-    status: Literal["ready"]
-    run_id: str
-    version: str
-
-
-# ---- metrics ----
-
-
-class Metrics:
-    """The service's Prometheus metrics. Under several workers (PROMETHEUS_MULTIPROC_DIR set by `dmqn
-    serve`) each process writes its values to that folder and /metrics sums them over the workers."""
-
-    ENDPOINTS = ("/v1/score", "/v1/score:batch", "/healthz", "/readyz", "/metrics", "/admin/reload")
-
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.requests = Counter(
-            "dmqn_requests", "HTTP requests by endpoint and status.", ["endpoint", "status"], registry=r
-        )
-        self.latency = Histogram(
-            "dmqn_request_seconds",
-            "Time from request to response, by endpoint.",
-            ["endpoint"],
-            buckets=(0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
-            registry=r,
-        )
-        self.in_flight = Gauge(
-            "dmqn_requests_in_flight", "Requests being answered.", registry=r, multiprocess_mode="livesum"
-        )
-        self.lookups = Counter("dmqn_state_lookups", "User states looked up, by result.", ["result"], registry=r)
-        self.store_errors = Counter("dmqn_store_errors", "Store calls that failed or timed out.", registry=r)
-        self.reloads = Counter("dmqn_reloads", "Switches to a newer model version.", registry=r)
-
-    def render(self) -> bytes:
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-            from prometheus_client import multiprocess
-
-            registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry)
-            return generate_latest(registry)
-        return generate_latest(self.registry)
-
-
-# ---- middleware (plain ASGI: cheaper per request than BaseHTTPMiddleware) ----
-
-ASGIApp = Callable[[dict, Callable, Callable], Awaitable[None]]
-
-
-def _error_body(status: int, code: str, detail: str) -> JSONResponse:
-    return JSONResponse({"error": code, "detail": detail}, status_code=status)
-
-
-class MetricsMiddleware:
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        path = scope["path"]
-        endpoint = path if path in Metrics.ENDPOINTS else "other"  # unknown paths share one label
-        status = 500
-
-        async def send_status(message: dict) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        self.metrics.in_flight.inc()
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            self.metrics.in_flight.dec()
-            self.metrics.latency.labels(endpoint).observe(loop.time() - started)
-            self.metrics.requests.labels(endpoint, str(status)).inc()
-
-
-class BodyLimitMiddleware:
-    """413 for a body over the limit: at once from Content-Length, else while a chunked body arrives."""
-
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        too_large = f"the request body is over the limit of {self.limit:,} bytes (--max-body-bytes)"
-        for name, value in scope["headers"]:
-            if name == b"content-length":
-                if not value.isdigit() or int(value) > self.limit:
-                    await _error_body(413, "body_too_large", too_large)(scope, receive, send)
-                    return
-        received = 0
-
-        async def limited() -> dict:
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.limit:
-                # An HTTPException: FastAPI passes it on from the body's parsing, where it makes others a 400.
-                raise StarletteHTTPException(413, too_large)
-            return message
-
-        await self.app(scope, limited, send)
-
-
-# ---- the app ----
-
-
-def _validation_reason(exc: RequestValidationError) -> str:
-    """The first problem of a request as one line: where it is and what is wrong."""
-    errors = exc.errors()
-    first = errors[0]
-    if first["type"] == "json_invalid":
-        return f"the body is not valid JSON ({first.get('ctx', {}).get('error', 'invalid')})"
-    if first["type"] == "missing" and tuple(first["loc"]) == ("body",):
-        return "the request has no body; send a JSON object"
-    where = ".".join(str(p) for p in first["loc"])
-    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
-    return f"{where}: {first['msg']}{more}"
-
-
-def _scores(result: UserScores) -> dict[str, Any]:
-    return {
-        "user_id": result.user_id,
-        "source": result.source,
-        "scores": [{"item_id": i, "probability": p} for i, p in zip(result.item_ids, result.probabilities)],
-        "unknown_items": result.unknown_items,
-    }
-
-
-def _json(content: Any) -> Response:
-    # Built here rather than validated against the response model again: the models above document the
-    # shape, the service builds it, and a second validation of 100 scores costs more than the scoring.
-    return Response(json.dumps(content, allow_nan=False, separators=(",", ":")), media_type="application/json")
 
 
 def create_app(settings: ServeSettings) -> FastAPI:
@@ -340,107 +177,11 @@ def create_app(settings: ServeSettings) -> FastAPI:
     app.state.service = service
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
-
-    @app.exception_handler(ServiceError)
-    async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        if exc.status >= 500:
-            log.warning("%s %s: %s", exc.status, exc.code, exc.detail)
-        return _error_body(exc.status, exc.code, exc.detail)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        if request.method == "POST" and "json" not in request.headers.get("content-type", ""):
-            # FastAPI reads any other body as no JSON at all, which its message would not say.
-            return _error_body(422, "invalid_request", "send the body as JSON (Content-Type: application/json)")
-        return _error_body(422, "invalid_request", _validation_reason(exc))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        if exc.status_code == 400:
-            # FastAPI's answer to a body its JSON parser raised on (a number of thousands of digits, past
-            # Python's limit on int conversion): bad input like any other, so 422.
-            return _error_body(422, "invalid_request", "the body could not be read as JSON")
-        code = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(
-            exc.status_code, "http_error"
-        )
-        response = _error_body(exc.status_code, code, str(exc.detail))
-        response.headers.update(exc.headers or {})
-        return response
-
-    bearer = HTTPBearer(auto_error=False, description="The token of --token-file, when the service has one.")
-
-    def authorize(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        if token is None:
-            return
-        given = credentials.credentials.encode() if credentials else b""
-        if not hmac.compare_digest(given, token.encode()):
-            raise StarletteHTTPException(401, "a valid bearer token is required", {"WWW-Authenticate": "Bearer"})
-
-    errors = {404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}}
-    missing_query = Query(
-        "error", description="A user without a cached state: error (404) or popularity (flagged in the answer)."
-    )
-
-    def check_items(n: int, where: str) -> None:
-        if n > settings.max_items:
-            raise ServiceError(
-                422, "invalid_request", f"{where}: {n:,} items, more than the limit of {settings.max_items:,}"
-            )
-
-    @app.post("/v1/score", response_model=ScoreResponse, responses=errors, dependencies=[Depends(authorize)])
-    async def score(body: ScoreRequest, missing: Missing = missing_query) -> Response:
-        """Click probabilities of the candidates for one user, from the user's cached state."""
-        check_items(len(body.items), "items")
-        served, (result,) = await run_in_threadpool(service.score, [(body.user_id, body.items)], missing)
-        return _json({"run_id": served.run_id, "version": served.version, **_scores(result)})
-
-    @app.post("/v1/score:batch", response_model=BatchResponse, responses=errors, dependencies=[Depends(authorize)])
-    async def score_batch(body: BatchRequest, missing: Missing = missing_query) -> Response:
-        """Many users in one call, all their candidates scored as one batch."""
-        if len(body.requests) > settings.max_users:
-            raise ServiceError(
-                422,
-                "invalid_request",
-                f"requests: {len(body.requests):,} users, more than the limit of {settings.max_users:,}",
-            )
-        for n, request in enumerate(body.requests):
-            check_items(len(request.items), f"requests.{n}.items")
-        pairs = [(r.user_id, r.items) for r in body.requests]
-        served, results = await run_in_threadpool(service.score, pairs, missing)
-        return _json({"run_id": served.run_id, "version": served.version, "results": [_scores(r) for r in results]})
-
-    @app.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        """The process answers (it says nothing about the store: see /readyz)."""
-        return {"status": "ok"}
-
-    @app.get("/readyz", response_model=ReadyResponse, responses={503: {"model": ErrorResponse}})
-    async def readyz() -> dict[str, str]:
-        """The model is loaded and the store answers with the served version's finished export."""
-        await run_in_threadpool(service.ready)
-        served = service.current
-        return {"status": "ready", "run_id": served.run_id, "version": served.version}
-
-    @app.get("/metrics", response_class=Response)
-    async def prometheus_metrics() -> Response:
-        """Request counts by status, latency histogram, state hits and misses, store errors (Prometheus text)."""
-        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
-
-    @app.post(
-        "/admin/reload",
-        response_model=ReloadResponse,
-        responses={409: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
-        dependencies=[Depends(authorize)],
-    )
-    async def reload() -> dict[str, Any]:
-        """Switch to the run's newer checkpoint once its export has finished (409, still serving the old
-        version, until then). Under several workers this reloads the worker that answers; --watch reloads each."""
-        result = await run_in_threadpool(service.reload)
-        if result.switched:
-            metrics.reloads.inc()
-            log.info("%s", result.detail)
-        return asdict(result)
-
+    add_error_handlers(app)
+    authorize = bearer_check(token)
+    add_scoring_routes(app, service, authorize, settings.max_items, settings.max_users)
+    add_probe_routes(app, service, metrics)
+    add_admin_routes(app, service, metrics, authorize)
     return app
 
 

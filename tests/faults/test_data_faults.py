@@ -26,8 +26,8 @@ import pytest
 from typer.testing import CliRunner
 
 from dmqn_cli.main import app
-from dmqn_core.data import formats
 from dmqn_core.data import prepared as prepared_module
+from dmqn_core.data.formats import reading as format_reading
 from dmqn_core.data.prep import TAOBAO_TIME_RANGE, prepare
 from dmqn_core.data.prepared import FORMAT_MARKER, META_KEYS, PreparedSet, fingerprint_of
 from dmqn_core.data.synth import write_log
@@ -268,7 +268,7 @@ def test_damaged_gzip_fails_in_one_line(
     if head_bytes:
         # The format check reads the first MiB, all of the tiny log: make the damage lie beyond it,
         # where only the full decompression beside DuckDB's work (or DuckDB's own error) finds it.
-        monkeypatch.setattr(formats, "_HEAD_BYTES", head_bytes)
+        monkeypatch.setattr(format_reading, "_HEAD_BYTES", head_bytes)
     source = tmp_path / "log.csv.gz"
     source.write_bytes(_damage(gzip.compress(tiny_log.read_bytes(), 6), how))
     with pytest.raises(DmqnError, match=f"^{re.escape(str(source))} is a damaged gzip file: ({reason})$"):

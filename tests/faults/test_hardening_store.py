@@ -34,6 +34,8 @@ from dmqn_core.errors import DmqnError
 from dmqn_core.runs.store import RUN_LOCK, RunStore
 from dmqn_core.training import tune as tune_module
 from dmqn_core.training.train import train
+from dmqn_core.training.tune import search as tune_search
+from dmqn_core.training.tune import study as tune_study
 from dmqn_core.training.tune import tuned_settings
 from dmqn_core.workspace import Workspace, exclusive_lock
 
@@ -364,7 +366,7 @@ def test_an_interrupted_trial_is_not_logged_by_optuna_and_its_run_is_interrupted
 
         return train(*args, on_epoch=interrupt, **kwargs)
 
-    monkeypatch.setattr(tune_module, "train", interrupted_after_an_epoch)
+    monkeypatch.setattr(tune_search, "train", interrupted_after_an_epoch)
     records = Records()
     optuna_logger = logging.getLogger("optuna")
     verbosity = optuna.logging.get_verbosity()
@@ -497,12 +499,12 @@ def test_a_study_database_password_with_url_delimiters_reaches_the_driver_whole(
     ws = Workspace(tmp_path / "ws")
     password = "Kx7@Qz9/Wv4?Jy2#Hb"
     with pytest.raises(DmqnError) as caught:
-        tune_module._storage(ws, f"postgresql://tuner:{password}@127.0.0.1:5432/studies")
+        tune_study.open_storage(ws, f"postgresql://tuner:{password}@127.0.0.1:5432/studies")
     url = make_url(given[-1])
     assert (url.host, url.port, url.username, url.password) == ("127.0.0.1", 5432, "tuner", password)
     message = str(caught.value)
     assert "127.0.0.1" in message and not any(piece in message for piece in ("Kx7", "Qz9", "Wv4", "Jy2"))
     sqlite_url = f"sqlite:///{tmp_path}/me@home/studies.db"
     with pytest.raises(DmqnError):
-        tune_module._storage(ws, sqlite_url)
+        tune_study.open_storage(ws, sqlite_url)
     assert given[-1] == sqlite_url

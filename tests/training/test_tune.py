@@ -21,6 +21,7 @@ from dmqn_core.training.bench import describe_budget, run_bench
 from dmqn_core.training.search_spaces import DEFAULT_SPACES, FULL_SPACES, MAX_OWN, SHARED, suggest
 from dmqn_core.training.train import TrainConfig
 from dmqn_core.training.tune import show_study, tune
+from dmqn_core.training.tune import study as tune_study
 from dmqn_core.workspace import Workspace
 
 # Tiny budgets: the search space's embedding sizes are fixed to 8, one epoch per trial.
@@ -147,9 +148,9 @@ def test_the_same_seed_suggests_the_same_settings(workspace):
 # study.ask() outside optimize() is how a test plays the killed process; Optuna warns about it.
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")
 def test_a_trial_of_a_killed_process_is_failed_and_not_counted(workspace, monkeypatch):
-    monkeypatch.setattr(tune_module, "HEARTBEAT_INTERVAL", 1)
-    monkeypatch.setattr(tune_module, "GRACE_PERIOD", 1)
-    storage = tune_module._storage(workspace, None)
+    monkeypatch.setattr(tune_study, "HEARTBEAT_INTERVAL", 1)
+    monkeypatch.setattr(tune_study, "GRACE_PERIOD", 1)
+    storage = tune_study.open_storage(workspace, None)
     study = optuna.create_study(study_name="killed", storage=storage, direction="maximize")
     # What a process killed during its trial leaves behind: a running trial whose heartbeat stopped.
     stale = study.ask()
