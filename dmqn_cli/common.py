@@ -8,7 +8,7 @@ import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Optional, TypeVar
+from typing import Any, Optional, ParamSpec, TypeVar
 
 import typer
 from rich.console import Console
@@ -37,8 +37,10 @@ ComputeDeviceOption = typer.Option(
     "auto", "--device", help="auto, cpu, cuda or cuda:N; auto is CUDA where torch sees a GPU, else the CPU."
 )
 
-F = TypeVar("F", bound=Callable)
-T = TypeVar("T")
+P = ParamSpec("P")
+R = TypeVar("R")
+# What a raw-id option holds: one id, or a list of them from a repeated option; None where not given.
+Ids = TypeVar("Ids", int | None, list[int] | None)
 
 
 def open_workspace(path: Optional[Path]) -> Workspace:
@@ -60,7 +62,7 @@ def parse_id(text: str, what: str, param_hint: str) -> int:
     return _int64(value, param_hint)
 
 
-def int64_ids(value: T) -> T:
+def int64_ids(value: Ids) -> Ids:
     """Typer callback of a raw-id option (one id or a repeated option): each must be an int64."""
     for item in value if isinstance(value, list) else [] if value is None else [value]:
         _int64(item)
@@ -96,7 +98,7 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def handle_errors(func: F) -> F:
+def handle_errors(func: Callable[P, R]) -> Callable[P, R]:
     """Turn DmqnError (bad input, missing files, unknown ids) and OSError (a read-only or full disk,
     a name too long) into one line and exit code 1; any other exception is a bug and keeps its traceback.
 
@@ -105,7 +107,7 @@ def handle_errors(func: F) -> F:
     """
 
     @functools.wraps(func)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         previous = signal.signal(signal.SIGTERM, _interrupt)
         try:
             return func(*args, **kwargs)
@@ -118,4 +120,4 @@ def handle_errors(func: F) -> F:
         finally:
             signal.signal(signal.SIGTERM, previous)
 
-    return wrapper  # type: ignore[return-value]
+    return wrapper

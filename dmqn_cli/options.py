@@ -30,7 +30,7 @@ _TABLES = (("train", TrainConfig, TRAIN_PANEL), ("model", ModelConfig, MODEL_PAN
 # The types a flag can have (a tuple, mlp_hidden, is set in a --config file).
 _FLAG_TYPES = (bool, int, float, str)
 
-F = TypeVar("F", bound=Callable[..., Any])
+R = TypeVar("R")
 
 ConfigOption = typer.Option(
     None,
@@ -62,13 +62,14 @@ def flagged(command: str) -> list[tuple[str, Declared]]:
     ]
 
 
-def setting_flags(command: str) -> Callable[[F], F]:
+def setting_flags(command: str) -> Callable[[Callable[..., R]], Callable[..., R]]:
     """Decorator of the function of ``command``: its parameter ``NAME: SettingFlags = SETTING_OPTIONS`` becomes
     the options of the settings with a flag on ``command``, and the function gets the values given in NAME."""
     panels = {table: panel for table, _, panel in _TABLES}
     options = flagged(command)
 
-    def decorate(func: F) -> F:
+    # Callable[..., R]: the decorated function takes other parameters than the function given.
+    def decorate(func: Callable[..., R]) -> Callable[..., R]:
         signature = inspect.signature(func)
         (placeholder,) = [p.name for p in signature.parameters.values() if p.default is SETTING_OPTIONS]
         own = [p for p in signature.parameters.values() if p.name != placeholder]
@@ -79,7 +80,7 @@ def setting_flags(command: str) -> Callable[[F], F]:
         at = list(signature.parameters).index(placeholder)
 
         @functools.wraps(func)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> R:
             given: dict[str, dict[str, Any]] = {table: {} for table, _, _ in _TABLES}
             for table, item in options:
                 value = kwargs.pop(item.name, None)
@@ -88,10 +89,11 @@ def setting_flags(command: str) -> Callable[[F], F]:
             return func(*args, **kwargs, **{placeholder: SettingFlags(**given)})
 
         parameters = [*own[:at], *generated, *own[at:]]
-        wrapper.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
+        # inspect (and so Typer) reads __signature__ from any callable; typeshed's wrapper type does not declare it.
+        wrapper.__signature__ = signature.replace(parameters=parameters)  # pyright: ignore[reportAttributeAccessIssue]
         # Typer evaluates the annotations too: those of the signature it gets, not the placeholder's.
         wrapper.__annotations__ = {p.name: p.annotation for p in parameters} | {"return": signature.return_annotation}
-        return wrapper  # type: ignore[return-value]
+        return wrapper
 
     return decorate
 
@@ -103,8 +105,8 @@ def _parameter(item: Declared, panel: str) -> inspect.Parameter:
     if flag_type is None or s.flag is None:
         raise TypeError(f"setting {item.name}: no flag for a {item.hint!r}")
     declarations = f"{s.flag}/--no-{s.flag.removeprefix('--')}" if flag_type is bool else s.flag
-    bounds = {"min": s.low, "max": s.high} if s.bounds_on_flag else {}
-    option = typer.Option(None, declarations, help=_help(item), rich_help_panel=panel, **bounds)
+    low, high = (s.low, s.high) if s.bounds_on_flag else (None, None)  # None: Typer's own default, no bound
+    option = typer.Option(None, declarations, help=_help(item), rich_help_panel=panel, min=low, max=high)
     kind = inspect.Parameter.POSITIONAL_OR_KEYWORD  # as the command's own, among which it goes
     return inspect.Parameter(item.name, kind, default=option, annotation=Optional[flag_type])
 

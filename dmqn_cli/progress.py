@@ -65,8 +65,12 @@ class RichProgress:
         self._task = self._progress.add_task(printable(description), total=total, info="")
 
     def advance(self, steps: int = 1, **info: Any) -> None:
-        if self._task is not None:
-            self._progress.update(self._task, advance=steps, **({"info": _format_info(info)} if info else {}))
+        if self._task is None:
+            return
+        if info:
+            self._progress.update(self._task, advance=steps, info=_format_info(info))
+        else:  # the last info stays on the line
+            self._progress.update(self._task, advance=steps)
 
     def stop(self) -> None:
         if self._task is not None:

@@ -79,7 +79,8 @@ def run_fields(record: RunRecord) -> dict[str, Any]:
 
 def _csv(records: list[RunRecord]) -> str:
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=RUN_FIELDS, lineterminator="\n")  # None is written as an empty cell
+    # None is written as an empty cell. Keyed by str: a checker would take the key type from RUN_FIELDS' literals.
+    writer: csv.DictWriter[str] = csv.DictWriter(out, fieldnames=RUN_FIELDS, lineterminator="\n")
     writer.writeheader()
     # Control characters escaped as on the terminal: the CSV is read by people too, often unredirected.
     writer.writerows({k: printable(v) if isinstance(v, str) else v for k, v in run_fields(r).items()} for r in records)

@@ -51,9 +51,11 @@ def quote_userinfo(uri: str) -> str:
     both become p%40ss (the password p@ss), as a parser decodes them.
     """
     parts = _split(uri)
-    if parts is None or parts[1] is None:
+    if parts is None:
         return uri
     head, userinfo, rest = parts
+    if userinfo is None:
+        return uri
     user, colon, password = userinfo.partition(":")
     return f"{head}{quote(unquote(user), safe='')}{colon}{quote(unquote(password), safe='')}@{rest}"
 

@@ -173,9 +173,11 @@ class InspectApp(App[None]):
             self._show_message(f"{message.error}. Press / to search another user{hint}.", error=True)
             self._refresh()
             return
+        inspection = message.inspection
+        assert inspection is not None  # the worker sends one wherever it sends no error
         self.user_id = message.user_id
-        self.inspection = message.inspection
-        self.candidate = 0 if len(self.inspection.candidate_item) else None
+        self.inspection = inspection
+        self.candidate = 0 if len(inspection.candidate_item) else None
         self._show_message("")
         self._refresh()
 

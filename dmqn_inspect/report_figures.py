@@ -124,8 +124,9 @@ def usage_history_figure(history: Sequence[tuple[int, int, int, int, float]], co
         line_dash="dot",
         line_color="grey",
         annotation_text=f"uniform use ({codebook_size})",
-        row=1,
-        col=1,
+        # plotly is unannotated: the checker takes row's and col's type from their default, "all".
+        row=1,  # pyright: ignore[reportArgumentType]
+        col=1,  # pyright: ignore[reportArgumentType]
     )
     fig.update_xaxes(title_text="epoch", dtick=1)
     fig.update_yaxes(rangemode="tozero")
@@ -391,7 +392,8 @@ def training_figure(history: Sequence[tuple[int | None, str, str, float]], best_
             )
     if best_epoch:
         for col in (1, 2):
-            fig.add_vline(x=best_epoch, line_dash="dash", line_color="grey", row=1, col=col)
+            # plotly is unannotated: the checker takes row's and col's type from their default, "all".
+            fig.add_vline(x=best_epoch, line_dash="dash", line_color="grey", row=1, col=col)  # pyright: ignore[reportArgumentType]
     fig.update_xaxes(title_text="epoch", dtick=1)
     fig.update_layout(
         template=TEMPLATE,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,7 +48,7 @@ class Batch:
             # the copy is queued like a kernel, and the host goes on preparing the next step meanwhile.
             return t.pin_memory().to(device, non_blocking=True)
 
-        moved = {
+        moved: dict[str, Any] = {
             f.name: move(getattr(self, f.name))
             if isinstance(getattr(self, f.name), torch.Tensor)
             else getattr(self, f.name)
@@ -55,8 +56,8 @@ class Batch:
         }
         return Batch(**moved)
 
-    def model_inputs(self) -> dict[str, torch.Tensor]:
-        """The keyword arguments of every model's ``forward``."""
+    def model_inputs(self) -> dict[str, torch.Tensor | None]:
+        """The keyword arguments of every model's ``forward`` (cand_popularity None where not made)."""
         return {
             "hist_item": self.hist_item,
             "hist_category": self.hist_category,

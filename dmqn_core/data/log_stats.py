@@ -135,7 +135,7 @@ def log_statistics(path: str | os.PathLike, window: tuple[int, int] = TAOBAO_WIN
     with _behaviors(path, window) as con:
         rows, users, items, categories = con.execute(
             "SELECT count(*), count(DISTINCT u), count(DISTINCT i), count(DISTINCT c) FROM b"
-        ).fetchone()
+        ).fetchall()[0]
         if not rows:
             raise DmqnError(f"{path} holds no well-formed Taobao row inside the window")
         figures: dict[str, float] = {}
@@ -169,7 +169,7 @@ def _behaviors(path: str | os.PathLike, window: tuple[int, int]) -> Iterator[duc
 def _one_row(con: duckdb.DuckDBPyConnection, sql: str, params: list | None = None) -> dict[str, float]:
     cursor = con.execute(sql, params or [])
     names = [d[0] for d in cursor.description]
-    values = cursor.fetchone()
+    values = cursor.fetchall()[0]  # aggregates: one row
     return {name: float(v) if v is not None else float("nan") for name, v in zip(names, values)}
 
 

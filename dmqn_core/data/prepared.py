@@ -39,9 +39,10 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
+import numpy.typing as npt
 
 from dmqn_core.errors import DmqnError
 from dmqn_core.workspace import Workspace
@@ -122,12 +123,13 @@ def is_prepared_set(path: Path) -> bool:
     return all(key in meta for key in META_KEYS) and all((path / rel).is_file() for rel in expected_arrays())
 
 
-def save_array(root: Path, relative: str, values: np.ndarray, dtype: type) -> None:
+def save_array(root: Path, relative: str, values: np.ndarray, dtype: npt.DTypeLike) -> None:
     """Write one array of the set, converting to the contract's dtype (range-checked)."""
     target = np.dtype(dtype)
     values = np.asarray(values)
     if values.size and values.dtype != target and np.issubdtype(target, np.integer):
-        info = np.iinfo(target)
+        # An integer dtype, as issubdtype just said; numpy's stubs cannot narrow a dtype on it.
+        info = np.iinfo(cast("np.dtype[np.integer]", target))
         if values.min() < info.min or values.max() > info.max:
             raise DmqnError(f"{relative}: values do not fit {target.name}")
     path = root / relative

@@ -68,6 +68,7 @@ def hamming_top_k(
 
 class ETA(HistoryModel):
     default_short_term: ClassVar[str] = "din"
+    planes: Tensor  # a buffer (register_buffer): nn.Module's attribute lookup alone types it Tensor | Module
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()

@@ -82,6 +82,7 @@ def sampled_interest(sums: Tensor, hist_index: Tensor, cand_buckets: Tensor) -> 
 
 class SDIM(HistoryModel):
     default_short_term: ClassVar[str] = "din"
+    planes: Tensor  # a buffer (register_buffer): nn.Module's attribute lookup alone types it Tensor | Module
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()

@@ -157,7 +157,9 @@ class RunInspector:
 
     def _checkpoint_model(self) -> DMQN:
         with self._lock:
-            return self.run.model()
+            model = self.run.model()
+        assert isinstance(model, DMQN)  # __init__ took a run with codebooks, which DMQN alone has
+        return model
 
     def sampled_users(self) -> list[int]:
         return [row[0] for row in self.store.inspected_users(self.run_id)]

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from dmqn_core.config import ModelConfig
@@ -236,7 +237,7 @@ def _inspection_rows(batch: list[UserInspection]) -> dict[str, dict[str, np.ndar
         "inspect_attention": {},
     }
 
-    def add(table: str, **columns: np.ndarray) -> None:
+    def add(table: str, **columns: npt.ArrayLike) -> None:
         for name, values in columns.items():
             tables[table].setdefault(name, []).append(np.asarray(values))
 

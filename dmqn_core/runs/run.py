@@ -32,6 +32,7 @@ from dmqn_core.config import ModelConfig
 from dmqn_core.data.prepared import VOCAB_ARRAYS, PreparedSet, VocabularyLookups
 from dmqn_core.errors import DmqnError
 from dmqn_core.models.registry import build_model, has_codebooks
+from dmqn_core.nn.interest_model import InterestModel
 from dmqn_core.runs.checkpoint import BEST, CHECKPOINT, load_checkpoint, restore_weights
 from dmqn_core.runs.store import RunRecord, RunStore
 from dmqn_core.workspace import Workspace, new_temporary_directory, remove_stale_temporaries
@@ -195,7 +196,7 @@ class Run:
         self.directory = workspace.run_dir(record.run_id)
         self._data: PreparedSet | None = None
         self._vocabulary: Vocabulary | PreparedSet | None = None
-        self._models: dict[str, torch.nn.Module] = {}
+        self._models: dict[str, InterestModel[Any]] = {}
 
     @classmethod
     def open(cls, workspace: Workspace, run_id: str | None = None, finished_only: bool = True) -> Run:
@@ -267,7 +268,7 @@ class Run:
                 self._vocabulary = self.data
         return self._vocabulary
 
-    def model(self, device: str | torch.device = "cpu") -> torch.nn.Module:
+    def model(self, device: str | torch.device = "cpu") -> InterestModel[Any]:
         """The model with the best-validation weights, in eval mode, on ``device`` (built once per device)."""
         key = str(torch.device(device))
         if key not in self._models:

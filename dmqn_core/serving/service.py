@@ -80,7 +80,7 @@ def _store_errors() -> tuple[type[BaseException], ...]:
     """What a store raises when it cannot answer: DmqnError (a lost connection, a SQLite file problem),
     or a Redis error that redis-py does not count as a connection error (a server still loading its data)."""
     try:
-        import redis
+        import redis.exceptions
     except ImportError:  # the embedded store alone needs no redis-py
         return (DmqnError,)
     return DmqnError, redis.exceptions.RedisError

@@ -85,36 +85,42 @@ def encode_states(state: UserState, dtype: str = "float32") -> list[bytes]:
     size = np.rint(state.cluster_size.detach().float().cpu().numpy()).astype("<u4")  # (H, N, W)
     recent = state.recent.detach().float().cpu().numpy()  # (H, D)
     H, N, W, D = clusters.shape
+    # The optional parts, each None where the state lacks it.
+    short = None
     if state.short is not None:
-        short = state.short.detach().float().cpu().numpy()  # (H, S, D)
-        short_mask = state.short_mask.cpu().numpy()  # (H, S), left-aligned
+        assert state.short_mask is not None  # UserState holds both or neither
+        # (H, S, D) and its mask (H, S), left-aligned
+        short = (state.short.detach().float().cpu().numpy(), state.short_mask.cpu().numpy())
+    tables = None
     if state.match is not None:
         tables = [
             (state.match.category.cpu().numpy(), state.match.category_features.detach().float().cpu().numpy()),
             (state.match.item.cpu().numpy(), state.match.item_features.detach().float().cpu().numpy()),
         ]
-    with_categories = state.category is not None and state.category_share is not None
-    if with_categories:
-        top = state.category.cpu().numpy().astype("<i4")  # (H, N, W, T)
-        share = state.category_share.detach().float().cpu().numpy().astype("<f4")  # (H, N, W, T)
+    categories = None
+    if state.category is not None and state.category_share is not None:
+        categories = (
+            state.category.cpu().numpy().astype("<i4"),  # (H, N, W, T)
+            state.category_share.detach().float().cpu().numpy().astype("<f4"),  # (H, N, W, T)
+        )
     flags = (
-        (FLAG_SHORT if state.short is not None else 0)
-        | (FLAG_MATCH if state.match is not None else 0)
-        | (FLAG_CATEGORIES if with_categories else 0)
+        (FLAG_SHORT if short is not None else 0)
+        | (FLAG_MATCH if tables is not None else 0)
+        | (FLAG_CATEGORIES if categories is not None else 0)
     )
     values = []
     for h in range(H):
         if flags & (FLAG_MATCH | FLAG_CATEGORIES):
             parts = [_HEADER.pack(MAGIC, VERSION_WITH_FLAGS, code, N, D), struct.pack("<B", flags)]
-            if with_categories:
-                parts.append(struct.pack("<B", top.shape[-1]))
+            if categories is not None:
+                parts.append(struct.pack("<B", categories[0].shape[-1]))
         else:
-            parts = [_HEADER.pack(MAGIC, VERSION if state.short is None else VERSION_WITH_SHORT, code, N, D)]
+            parts = [_HEADER.pack(MAGIC, VERSION if short is None else VERSION_WITH_SHORT, code, N, D)]
         parts.append(recent[h].astype(np_dtype).tobytes())
-        if state.short is not None:
-            kept = short[h, short_mask[h]]  # (S, D)
+        if short is not None:
+            kept = short[0][h, short[1][h]]  # (S, D)
             parts += [struct.pack("<H", len(kept)), kept.astype(np_dtype).tobytes()]
-        if state.match is not None:
+        if tables is not None:
             for keys, features in tables:
                 real = keys[h] >= 0  # (U,) the row's distinct keys come first
                 parts += [
@@ -130,7 +136,8 @@ def encode_states(state: UserState, dtype: str = "float32") -> list[bytes]:
                 size[h, n, ids].tobytes(),
                 clusters[h, n, ids].astype(np_dtype).tobytes(),
             ]
-            if with_categories:
+            if categories is not None:
+                top, share = categories
                 parts += [top[h, n, ids].tobytes(), share[h, n, ids].tobytes()]
         values.append(b"".join(parts))
     return values
@@ -222,14 +229,15 @@ def stack_states(states: Sequence[DecodedState], device: torch.device | str = "c
             clusters[h, n, :k], mask[h, n, :k], size[h, n, :k] = s.tokens[n], True, s.sizes[n]
     recent = np.stack([s.recent for s in states])
     short = short_mask = None
-    if any(s.short is not None for s in states):
-        if any(s.short is None for s in states):
+    shorts = [s.short for s in states if s.short is not None]
+    if shorts:
+        if len(shorts) != H:
             raise ValueError("states of one model version mix layouts with and without short-term behaviors")
-        S = max([1] + [len(s.short) for s in states])
+        S = max([1] + [len(s) for s in shorts])
         short = np.zeros((H, S, D), np.float32)
         short_mask = np.zeros((H, S), bool)
-        for h, s in enumerate(states):
-            short[h, : len(s.short)], short_mask[h, : len(s.short)] = s.short, True
+        for h, s in enumerate(shorts):  # all H states have one: shorts[h] is state h's
+            short[h, : len(s)], short_mask[h, : len(s)] = s, True
     return UserState(
         torch.from_numpy(clusters).to(device),
         torch.from_numpy(mask).to(device),

@@ -309,9 +309,10 @@ def bench_row(store: RunStore, model: str, run_ids: list[str | None]) -> BenchRo
     return BenchRow(
         model=model,
         run_ids=[r.run_id for r in done],
-        auc=[r.test_auc for r in done],
-        gauc=[r.test_gauc for r in done],
-        logloss=[r.test_logloss for r in done],
+        # A finished run has all three (RunRecorder.finish records them); the filters say so to the type checker.
+        auc=[r.test_auc for r in done if r.test_auc is not None],
+        gauc=[r.test_gauc for r in done if r.test_gauc is not None],
+        logloss=[r.test_logloss for r in done if r.test_logloss is not None],
         train_samples_per_s=statistics.fmean(train_rates) if train_rates else None,
         infer_samples_per_s=statistics.fmean(infer_rates) if infer_rates else None,
         n_parameters=done[0].n_parameters if done else None,

@@ -135,7 +135,7 @@ class InspectionSample(Hook):
     def on_test_end(self, trainer: Trainer, test: dict[str, float]) -> None:
         cfg = trainer.config
         recorded = record_inspection(
-            self.store, self.run_id, self.model, trainer.data, cfg.max_len, cfg.inspect_users, cfg.seed
+            self.store, self.run_id, self.model, trainer.data, cfg.resolved_max_len, cfg.inspect_users, cfg.seed
         )
         trainer.progress.log(f"recorded {recorded} users for `dmqn inspect` and `dmqn report`")
 
@@ -164,7 +164,7 @@ def sample_behaviors(model: DMQN, data: PreparedSet, config: TrainConfig, device
 
     A loader of its own, unsharded: every rank gets the same sample and the training loader's order is untouched.
     """
-    loader = BatchLoader(data, "train", config.batch_size, config.max_len, shuffle=True, seed=config.seed)
+    loader = BatchLoader(data, "train", config.batch_size, config.resolved_max_len, shuffle=True, seed=config.seed)
     parts, total = [], 0
     for batch in itertools.islice(loader.epoch(epoch), CODEBOOK_SAMPLE_BATCHES):
         batch = batch.to(device)
@@ -191,7 +191,7 @@ def quantizer_diagnostics(
     """
     model.eval()
     generator = _generator(config.seed, epoch, device, _DIAGNOSTICS_STREAM)
-    loader = BatchLoader(data, "valid", config.eval_batch_size, config.max_len)
+    loader = BatchLoader(data, "valid", config.eval_batch_size, config.resolved_max_len)
     total = None
     for batch in itertools.islice(loader.epoch(), DIAGNOSTIC_BATCHES):
         batch = batch.to(device)

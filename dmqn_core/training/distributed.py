@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -132,7 +132,9 @@ def gradient_group(context: Context, device: torch.device) -> dist.ProcessGroup 
     Every rank must call it, in the same order (creating a group is a collective).
     """
     if context.active and device.type == "cuda":
-        return dist.new_group(backend="nccl", timeout=TIMEOUT)
+        # Every rank is a member (no ranks= given), so each gets a group: torch types the answer
+        # ProcessGroup | int | None for the ranks left out of a group, which here are none.
+        return cast("dist.ProcessGroup", dist.new_group(backend="nccl", timeout=TIMEOUT))
     return None
 
 
@@ -147,7 +149,8 @@ def broadcast(context: Context, value: T) -> T:
     """Rank 0's ``value`` on every rank (a small picklable object)."""
     if not context.active:
         return value
-    box = [value if context.is_main else None]
+    # The other ranks hold a placeholder until the call puts rank 0's value in its place.
+    box: list[Any] = [value if context.is_main else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
 
@@ -169,10 +172,11 @@ def from_main(context: Context, produce: Callable[[], T]) -> T:
             raise
         broadcast(context, ("value", value))
         return value
-    kind, payload = broadcast(context, None)
+    # This rank's value is not sent: rank 0's ("error", message) or ("value", what produce() returned) replaces it.
+    kind, payload = broadcast(context, ("", None))
     if kind == "error":
         raise DmqnError(payload)
-    return payload
+    return cast(T, payload)
 
 
 def gather(context: Context, value: Any) -> list[Any] | None:

@@ -24,7 +24,8 @@ from dmqn_core.errors import DmqnError
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
+    # Installed there only (the dependency's marker), so a checker run on 3.11+ cannot resolve it.
+    import tomli as tomllib  # pyright: ignore[reportMissingImports]
 
 
 @dataclass
@@ -127,6 +128,13 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         return cls(**_checked(cls, values, "train"))
+
+    @property
+    def resolved_max_len(self) -> int:
+        """max_len once resolve_configs has filled it in from the data set: what training reads."""
+        if self.max_len is None:
+            raise ValueError("max_len is unset: resolve_configs fills it in from the data set")
+        return self.max_len
 
 
 def _checked(cls: type, values: dict[str, Any], section: str) -> dict[str, Any]:

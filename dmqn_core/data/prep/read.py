@@ -65,9 +65,9 @@ def _count_rows(con: duckdb.DuckDBPyConnection, settings: PrepSettings, info: So
         raise DmqnError(f"{info.log_file} is empty (no data rows)")
     if n_bad and (settings.strict or n_bad == total or 2 * n_bad > total):
         reason = (
-            min(first, key=first.get)
+            min(first, key=first.__getitem__)
             if settings.strict
-            else max((r for r in INVALID_REASONS if rows_bad[r]), key=rows_bad.get)
+            else max((r for r in INVALID_REASONS if rows_bad[r]), key=rows_bad.__getitem__)
         )
         example = _describe_bad(con, settings, info, reason, first[reason])
         if settings.strict:
@@ -128,6 +128,8 @@ def _describe_bad(
     rid = line - 1 - info.header_lines - rejected_before
     bad_line, ts = con.execute("SELECT bad_line, ts FROM events WHERE rowid = ?", [rid]).fetchall()[0]
     if reason == "out_of_time_range":
+        # Only a checked range marks rows so (_count_rows): a (low, high) pair, neither None nor "default".
+        assert isinstance(settings.time_range, tuple)
         lo, hi = settings.time_range
         return f"{where} has timestamp {ts}, outside --time-range [{lo}, {hi})"
     return f"{where} is {reason}: {one_line(bad_line or '')!r}"

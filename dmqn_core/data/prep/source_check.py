@@ -66,7 +66,8 @@ class SourceCheck(threading.Thread):
             reader = _DigestingReader(fh, digest, self._stop_event)
             if is_gzip(path):
                 try:
-                    with gzip.GzipFile(fileobj=reader) as unzipped:  # type: ignore[arg-type]
+                    # typeshed asks the file for seek too; reading forward, as here, never calls it.
+                    with gzip.GzipFile(fileobj=reader) as unzipped:  # pyright: ignore[reportArgumentType]
                         while unzipped.read(READ_CHUNK):
                             pass
                 except GZIP_ERRORS as exc:

@@ -131,6 +131,7 @@ class BlockedLog:
         if cfg.block_users is None or cfg.block_users < 1:
             raise DmqnError("a blocked log needs a scale with block_users >= 1")
         self.cfg, self.seed = cfg, seed
+        self.block_users: int = cfg.block_users  # checked above: set
         rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0,)))
         # The catalog and its ids come first, so scales differing only in n_users share them.
         self.catalog = make_catalog(cfg, rng)
@@ -140,14 +141,14 @@ class BlockedLog:
         # The release lists its users by id sorted as text: 1, 100, 1000, 1000001, ...
         self.user_ids = user_ids[np.argsort(user_ids.astype(str), kind="stable")]
         self.item_category = np.repeat(np.arange(cfg.n_categories), self.catalog.category_n_items)
-        self.n_blocks = -(-cfg.n_users // cfg.block_users)
+        self.n_blocks = -(-cfg.n_users // self.block_users)
 
     def block(self, index: int) -> LogBlock:
         cfg = self.cfg
         if not 0 <= index < self.n_blocks:
             raise IndexError(f"block {index} of {self.n_blocks}")
         rng = np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(1, index)))
-        users = self.user_ids[index * cfg.block_users : (index + 1) * cfg.block_users]
+        users = self.user_ids[index * self.block_users : (index + 1) * self.block_users]
         user, time, item = user_events(cfg, self.catalog, len(users), rng)
         behavior = behavior_types(len(user), rng)
         timestamp = WINDOW_START + time.astype(np.int64)

@@ -23,7 +23,7 @@ import functools
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -117,7 +117,7 @@ def map_chunks(work: Callable[[int, int], T], histories: int, rows: int, device:
     workers = min(threads, len(chunks)) if device.type == "cpu" else 1
     if workers <= 1:
         return [work(h0, h1) for h0, h1 in chunks]
-    results: list[T] = [None] * len(chunks)  # type: ignore[list-item]
+    results: list[Any] = [None] * len(chunks)  # one slot per chunk, each filled by a worker
     # Grad and inference mode are thread-local: the workers run in the caller's.
     grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
 
@@ -208,6 +208,19 @@ def argmax_codewords(e: Tensor, folded: Tensor) -> Tensor:
     return z
 
 
+class _QuantizeContext(Protocol):
+    """Autograd's context as FusedQuantize uses it: torch types it loosely (FunctionCtx lacks saved_tensors,
+    and attributes of one's own are unknown to it), so forward and backward name what they put and read."""
+
+    saved_tensors: tuple[Tensor, ...]
+    # tau, assign_noise, tau_placement, centred, with_usage, seed, n_real (None unless with_usage)
+    options: tuple[float, str, str, bool, bool, int, Tensor | None]
+
+    def save_for_backward(self, *tensors: Tensor) -> None: ...
+
+    def mark_non_differentiable(self, *args: Tensor) -> None: ...
+
+
 class FusedQuantize(torch.autograd.Function):
     """MCQM's training path: e (H, L, D), folded (N, W, D), mask (H, L) -> clusters (H, N, W, D), size (H, N, W)
     and mean_prob (N, W).
@@ -218,7 +231,7 @@ class FusedQuantize(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
+        ctx: _QuantizeContext,
         e: Tensor,
         folded: Tensor,
         mask: Tensor,
@@ -251,8 +264,12 @@ class FusedQuantize(torch.autograd.Function):
         clusters, size = pool_means(e, slot, W)  # (H, N, W, D), (H, N, W) eq. 9-10
         # Real behaviors of the batch, needed by the usage term only; a tensor, as reading it on the host
         # would wait for a GPU. Exact in float32 below 2^24 behaviors, as float(int(...)) was.
-        n_real = mask.sum().clamp(min=1).to(e.dtype) if with_usage else None
-        mean_prob = torch.stack(prob_sums).sum(dim=0) / n_real if with_usage else e.new_zeros(0)
+        if with_usage:
+            n_real: Tensor | None = mask.sum().clamp(min=1).to(e.dtype)
+            # With usage every chunk returned its (N, W) sum; the filter only tells the type checker so.
+            mean_prob = torch.stack([p for p in prob_sums if p is not None]).sum(dim=0) / n_real
+        else:
+            n_real, mean_prob = None, e.new_zeros(0)
         ctx.save_for_backward(e, folded, mask, slot, size, clusters)
         ctx.options = (tau, assign_noise, tau_placement, centred, with_usage, seed, n_real)
         ctx.mark_non_differentiable(size)
@@ -261,7 +278,7 @@ class FusedQuantize(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # the straight-through gradient is not differentiated again; runs under no_grad
     def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
+        ctx: _QuantizeContext,
         d_clusters: Tensor | None,
         _d_size: Tensor | None,
         d_mean: Tensor | None,
@@ -286,6 +303,7 @@ class FusedQuantize(torch.autograd.Function):
         # collects what does not depend on e_l: G_k · r_k (centred) minus dL/dmean_prob_k / n_real (usage).
         const = (G * clusters.reshape(H, N * W, D)).sum(dim=-1) if centred else None  # (H, N W)
         if with_usage and d_mean is not None:
+            assert n_real is not None  # forward sets it with usage
             usage = d_mean.reshape(1, N * W) / n_real
             const = -usage.expand(H, -1) if const is None else const - usage
         if const is not None:

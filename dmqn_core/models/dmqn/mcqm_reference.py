@@ -70,7 +70,7 @@ def quantize(
     s = torch.einsum("hlnd,nwd->hlnw", h, codebooks)  # (H, L, N, W)
 
     # eq. 6 with the scores read as logits (dot products can be negative, log(score) would not exist).
-    if assign_noise == "none":
+    if gumbel is None:  # assign_noise "none" (checked above)
         logits = s / tau  # (H, L, N, W)
     elif tau_placement == "after_noise":
         logits = (s + gumbel) / tau  # (H, L, N, W) as eq. 6 writes it

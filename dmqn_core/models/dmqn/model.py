@@ -233,6 +233,7 @@ class DMQN(SequenceModel[UserState]):
             c, state.clusters, state.cluster_mask, state.cluster_size, share
         )  # (B, N, D), (B, N), (B, N, W)
         if self.short is not None:  # state rows are the candidates' own now: row b for candidate b
+            assert state.short is not None and state.short_mask is not None  # encode_user sets them with self.short
             rows = torch.arange(c.shape[0], device=c.device)
             interest = with_short_term(self.short, interest, c, state.short, state.short_mask, rows)  # (B, N + 1, D)
         scalars = [match] if self.config.ctam_match_scalars else []  # (B, N)

@@ -121,7 +121,7 @@ class StoreFile:
             con.execute("BEGIN TRANSACTION")
             for sql in SCHEMA:
                 con.execute(sql)
-            if con.execute("SELECT count(*) FROM schema_info").fetchone()[0] == 0:
+            if con.execute("SELECT count(*) FROM schema_info").fetchall()[0][0] == 0:
                 con.execute("INSERT INTO schema_info VALUES (?)", [SCHEMA_VERSION])
             else:  # every version so far only added tables, which the statements above create
                 con.execute("UPDATE schema_info SET version = ? WHERE version < ?", [SCHEMA_VERSION, SCHEMA_VERSION])

@@ -139,7 +139,7 @@ SCHEMA = [
 # Every connection to a store opens with this: a file handed over must not make DuckDB read or write anything
 # else (a view over read_csv('/etc/passwd'), COPY TO, ATTACH, extension installs). The store needs nothing
 # outside its own file: Arrow frames registered from Python are not external access.
-CONNECTION_CONFIG = {"enable_external_access": False}
+CONNECTION_CONFIG: dict[str, str | bool | int | float | list[str]] = {"enable_external_access": False}
 
 # The catalog of the connection's own database, read by qualified names that no macro of the file can shadow.
 _CATALOG_QUERIES = {
@@ -161,7 +161,7 @@ _CATALOG_QUERIES = {
 def _table_signatures(con: duckdb.DuckDBPyConnection) -> dict[str, tuple]:
     """Each table of the connection's database: its columns (name, type, default, nullable) in order and
     its constraints (kind, columns)."""
-    database = [con.execute("SELECT system.main.current_database()").fetchone()[0]]
+    database = [con.execute("SELECT system.main.current_database()").fetchall()[0][0]]
     columns: dict[str, list] = {name: [] for (name,) in con.execute(_CATALOG_QUERIES["tables"], database).fetchall()}
     for table, *column in con.execute(_CATALOG_QUERIES["columns"], database).fetchall():
         if table in columns:  # the columns of views are listed too
@@ -184,7 +184,7 @@ def reference_signatures() -> dict[str, tuple]:
 def schema_problem(con: duckdb.DuckDBPyConnection) -> tuple[str | None, frozenset[str]]:
     """What makes the connection's database something other than a run store this module describes (None:
     nothing), and the tables of SCHEMA it has."""
-    database = con.execute("SELECT system.main.current_database()").fetchone()[0]
+    database = con.execute("SELECT system.main.current_database()").fetchall()[0][0]
     foreign = con.execute(_CATALOG_QUERIES["objects"], [database] * 4).fetchall()
     reference = reference_signatures()
     for name, kind in foreign:

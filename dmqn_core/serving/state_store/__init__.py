@@ -68,6 +68,6 @@ def open_state_store(
     check_ttl(ttl, uri)
     if is_redis_uri(uri):
         return RedisStateStore(uri, ttl=ttl, timeout=timeout, retries=retries)
-    if "://" in (uri or ""):
+    if uri is not None and "://" in uri:
         raise DmqnError(f"unknown state store {redact_uri(uri)!r}: give redis://host:port/db or a file path")
     return EmbeddedStateStore(Path(uri) if uri else default_path)

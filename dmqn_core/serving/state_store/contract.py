@@ -4,7 +4,7 @@ Redis (with the TTL Redis can take)."""
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Protocol
+from typing import Protocol, TypeGuard
 
 from dmqn_core.errors import DmqnError
 
@@ -40,7 +40,7 @@ class StateStore(Protocol):
     def close(self) -> None: ...
 
 
-def is_redis_uri(uri: str | None) -> bool:
+def is_redis_uri(uri: str | None) -> TypeGuard[str]:
     return uri is not None and uri.split("://", 1)[0] in REDIS_SCHEMES
 
 

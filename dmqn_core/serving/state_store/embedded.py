@@ -8,7 +8,7 @@ import sqlite3
 from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TypeVar
+from typing import Concatenate, ParamSpec, TypeVar
 
 from dmqn_core.errors import DmqnError
 from dmqn_core.serving.state_store.contract import MANIFEST_FIELDS
@@ -40,14 +40,17 @@ SCHEMA = [
 _SQLITE_FILE_ERRORS = {3, 5, 8, 10, 11, 13, 14, 26}
 _SQLITE_DAMAGED = {11, 26}
 
-M = TypeVar("M", bound=Callable)
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
-def _file_errors(method: M) -> M:
+def _file_errors(
+    method: Callable[Concatenate[EmbeddedStateStore, P], T],
+) -> Callable[Concatenate[EmbeddedStateStore, P], T]:
     """A problem with the SQLite file becomes a DmqnError naming it; a wrong statement stays a bug."""
 
     @functools.wraps(method)
-    def wrapper(self: EmbeddedStateStore, *args, **kwargs):
+    def wrapper(self: EmbeddedStateStore, *args: P.args, **kwargs: P.kwargs) -> T:
         try:
             return method(self, *args, **kwargs)
         except sqlite3.DatabaseError as exc:
@@ -57,7 +60,7 @@ def _file_errors(method: M) -> M:
             hint = "; delete it and run `dmqn export-cache` again" if code & 0xFF in _SQLITE_DAMAGED else ""
             raise DmqnError(f"cannot use the state cache {self.path}: {exc}{hint}") from None
 
-    return wrapper  # type: ignore[return-value]
+    return wrapper
 
 
 class EmbeddedStateStore:

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from dmqn_core.errors import DmqnError
 from dmqn_core.serving.state_store.contract import MANIFEST_FIELDS, check_ttl
 from dmqn_core.uris import quote_userinfo, redact_uri, scrub, uri_secrets
+
+if TYPE_CHECKING:  # redis-py is imported where Redis is used, so the embedded store works without it
+    from redis.typing import EncodableT
+
+T = TypeVar("T")
 
 
 class RedisStateStore:
@@ -24,7 +30,7 @@ class RedisStateStore:
         """timeout: seconds for each connect and each reply; retries: attempts after a connection error or
         timeout, without backoff (None: redis-py's default, 10 with exponential backoff, which suits an
         export but would hold a request for a minute while the server is away)."""
-        import redis  # redis-py; imported here so the embedded store works without touching it
+        import redis.exceptions  # redis-py; imported here so the embedded store works without touching it
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 
@@ -66,7 +72,7 @@ class RedisStateStore:
     def manifest_key(version: str) -> str:
         return f"dmqn:manifest:{version}"
 
-    def _call(self, what: str, fn, *args):
+    def _call(self, what: str, fn: Callable[..., T], *args: Any) -> T:
         try:
             return fn(*args)
         except self._errors as exc:
@@ -98,7 +104,9 @@ class RedisStateStore:
         ids = [int(u) for u in user_ids]
         if not ids:
             return {}
-        values = self._call("reading states", self.client.mget, [self.key(version, u) for u in ids])
+        keys = [self.key(version, u) for u in ids]
+        # bytes: the client decodes nothing (redis-py types its answers bytes | str, whatever the client).
+        values = cast("list[bytes | None]", self._call("reading states", self.client.mget, keys))
         return {u: v for u, v in zip(ids, values) if v is not None}
 
     def write_manifest(
@@ -116,7 +124,7 @@ class RedisStateStore:
 
         users, size = self._call("counting states", count)
         n_codebooks, codebook_size, dim = shape
-        fields = {
+        fields: dict[EncodableT, EncodableT] = {  # as redis-py's hset takes them
             "run_id": run_id,
             "dtype": dtype,
             "n_codebooks": n_codebooks,
@@ -146,10 +154,12 @@ class RedisStateStore:
         return sum(pipe.execute())
 
     def manifest(self, version: str) -> dict | None:
-        raw = self._call("reading the manifest", self.client.hgetall, self.manifest_key(version))
+        key = self.manifest_key(version)
+        # bytes: the client decodes nothing (redis-py types its answers bytes | str, whatever the client).
+        raw = cast("dict[bytes, bytes]", self._call("reading the manifest", self.client.hgetall, key))
         if not raw:
             return None
-        fields = {"complete": "1", **{k.decode(): v.decode() for k, v in raw.items()}}
+        fields: dict[str, Any] = {"complete": "1", **{k.decode(): v.decode() for k, v in raw.items()}}
         for name in ("n_codebooks", "codebook_size", "dim", "users", "bytes"):
             fields[name] = int(fields[name])
         fields["complete"] = fields["complete"] == "1"

@@ -207,7 +207,8 @@ class _TrialLoop:
         if pruned:
             # The run itself finished (its best epoch so far was tested); the study counts it as pruned.
             raise optuna.TrialPruned(f"valid AUC below the median of earlier trials at epoch {result.best_epoch}")
-        return result.best_valid_auc
+        # The first validation always sets it; were it missing, NaN fails the trial as None would (Optuna).
+        return result.best_valid_auc if result.best_valid_auc is not None else float("nan")
 
     def run_trial(self, trial: optuna.Trial) -> tuple[TrainResult, bool]:
         """Train the trial's run; its result and whether the pruner stopped it."""

@@ -6,7 +6,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import optuna
 from optuna.study import StudyDirection
@@ -207,7 +207,8 @@ def count_finished(trials: Sequence[FrozenTrial]) -> int:
 
 def best_trial(trials: Sequence[FrozenTrial]) -> FrozenTrial | None:
     complete = [trial for trial in trials if trial.state == TrialState.COMPLETE]
-    return max(complete, key=lambda t: t.value) if complete else None
+    # A complete trial of a one-objective study has a value; FrozenTrial types it optional for the others.
+    return max(complete, key=lambda t: cast(float, t.value)) if complete else None
 
 
 STATE_NAMES = {
