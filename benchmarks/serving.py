@@ -121,16 +121,17 @@ def full_model_scorer(workspace: Workspace, run_id: str, max_len: int) -> Callab
 
     def score(user_index: int, item_index: np.ndarray) -> np.ndarray:
         users = np.array([user_index])
-        item, category, behavior, _, mask = gather_histories(data, users, np.asarray(data.user_offsets[users]), max_len)
+        histories = gather_histories(data, users, np.asarray(data.user_offsets[users]), max_len)
+        item, category, behavior, timestamp, mask = (torch.from_numpy(a) for a in histories)
         with torch.no_grad():
-            state = model.encode_user(
-                torch.from_numpy(item), torch.from_numpy(category), torch.from_numpy(behavior), torch.from_numpy(mask)
-            )
+            state = model.encode_user(item, category, behavior, mask, timestamp)
             logits = model.score(
                 state,
                 torch.from_numpy(item_index),
                 torch.from_numpy(np.asarray(data.item_category[item_index], dtype=np.int64)),
                 torch.zeros(len(item_index), dtype=torch.long),
+                # Popularity now, as the cached scorer reads it (match features).
+                torch.from_numpy(np.asarray(data.item_popularity[item_index], dtype=np.int64)),
             )
         return torch.sigmoid(logits).numpy()
 

@@ -90,6 +90,8 @@ def make_batch(
         hist_index=torch.arange(H).repeat_interleave(2),  # (B,) both candidates of a pair share one history
         cand_item=torch.from_numpy(candidates),
         cand_category=torch.from_numpy(item_category[candidates]),
+        # The candidates' behaviors before the sample (match features); only their cost matters here.
+        cand_popularity=torch.from_numpy(rng.integers(0, 1000, size=len(candidates))),
     )
 
 
