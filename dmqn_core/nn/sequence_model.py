@@ -70,8 +70,7 @@ class SequenceModel(InterestModel[State]):
             return None
         if table is None:
             raise ValueError("this model reads match features; its state has no match table")
-        rows = table if state_index is None else table.index_select(state_index)
-        return self.match(rows, cand_item, cand_category, cand_popularity)
+        return self.match(table, cand_item, cand_category, cand_popularity, state_index)
 
     def recent(self, e: Tensor, mask: Tensor) -> Tensor:
         """Mean of the last short_len real behaviors: (H, L, D), (H, L) -> (H, D).

@@ -160,3 +160,27 @@ def test_popularity_before_counts_earlier_behaviors_only(tiny_workspace):
     never = np.full(data.n_items, np.iinfo(np.int64).max)
     all_items = np.arange(1, data.n_items + 1)
     assert data.popularity_before(all_items, never).tolist() == np.asarray(data.item_popularity[1:]).tolist()
+
+
+def test_the_lookup_by_row_finds_each_candidates_own_entry():
+    """Candidates looked up in their rows of a shared table (what scoring does, no per-candidate copy) read
+    what a plain search of that row finds, for keys present, absent, padding and ids past every key."""
+    batch = random_batch(replace(CONFIG, n_items=30, n_categories=6), seed=7, H=5, L=20)
+    table = match_table(batch["hist_item"], batch["hist_category"], batch["hist_mask"], batch["hist_timestamp"], 4)
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randint(0, 5, (200,), generator=g)
+    items = torch.randint(0, 40, (200,), generator=g)  # 0 (unknown) and ids no history holds included
+    categories = torch.randint(0, 8, (200,), generator=g)
+    features = MatchFeatures()
+    with torch.no_grad():
+        features.none.copy_(torch.tensor([-3.0, -4.0]))
+        out = features(table, items, categories, torch.zeros(200, dtype=torch.long), rows)
+    for b in range(200):
+        r = int(rows[b])
+        for keys, feats, key, column, none in (
+            (table.category[r], table.category_features[r], int(categories[b]), 0, -3.0),
+            (table.item[r], table.item_features[r], int(items[b]), 3, -4.0),
+        ):
+            where = [j for j in range(len(keys)) if int(keys[j]) == key and key >= 0]
+            expected = feats[where[0]].tolist() if where else [0.0, 0.0, none]
+            assert out[b, column : column + 3].tolist() == expected, (b, key)
