@@ -106,16 +106,17 @@ def match_table(
     return MatchTable(category, category_features, item, item_features)
 
 
-def _look_up(keys: Tensor, features: Tensor, rows: Tensor, candidate: Tensor, none: Tensor) -> Tensor:
+def _look_up(keys: Tensor, features: Tensor, rows: Tensor, candidate: Tensor, none: Tensor, vocabulary: int) -> Tensor:
     """keys (H, U) ascending then -1, features (H, U, 3); candidates (B,) against table rows (B,) -> (B, 3);
-    the gap is ``none`` where nothing matches.
+    the gap is ``none`` where nothing matches. Keys and candidates are ids in [0, vocabulary).
 
     One binary search per candidate in the table flattened as row * stride + key (sorted, since each row
     is), so that no candidate copies its row's U entries: at U = 5,000 distinct items and 1,000
-    candidates a copy per candidate was 20 M floats per call.
+    candidates a copy per candidate was 20 M floats per call. The stride comes from the vocabulary,
+    not from the tensors, so that the lookup never waits for a GPU to report a maximum.
     """
     H, U = keys.shape
-    stride = max(int(keys.max()) if keys.numel() else 0, int(candidate.max()) if candidate.numel() else 0) + 2
+    stride = vocabulary + 1
     padded = torch.where(keys >= 0, keys, torch.full_like(keys, stride - 1))  # padding sorts last, matches nothing
     flat = (torch.arange(H, device=keys.device).unsqueeze(1) * stride + padded).flatten()  # (H*U,) ascending
     query = rows * stride + candidate  # (B,)
@@ -128,10 +129,12 @@ def _look_up(keys: Tensor, features: Tensor, rows: Tensor, candidate: Tensor, no
 
 
 class MatchFeatures(nn.Module):
-    """The WIDTH match scalars of B candidates against their users' MatchTables."""
+    """The WIDTH match scalars of B candidates against their users' MatchTables; item and category ids are
+    below n_items and n_categories (the embedding tables' sizes, padding 0 included)."""
 
-    def __init__(self) -> None:
+    def __init__(self, n_items: int, n_categories: int) -> None:
         super().__init__()
+        self.n_items, self.n_categories = n_items, n_categories
         # The gap feature of a candidate whose category (item) the history lacks: learned, since no
         # number of seconds means "never".
         self.none = nn.Parameter(torch.zeros(2))
@@ -152,7 +155,9 @@ class MatchFeatures(nn.Module):
             raise ValueError("match features need the candidates' popularity (cand_popularity)")
         if rows is None:
             rows = torch.arange(cand_item.shape[0], device=cand_item.device)
-        category = _look_up(table.category, table.category_features, rows, cand_category, self.none[0])  # (B, 3)
-        item = _look_up(table.item, table.item_features, rows, cand_item, self.none[1])  # (B, 3)
+        category = _look_up(
+            table.category, table.category_features, rows, cand_category, self.none[0], self.n_categories
+        )  # (B, 3)
+        item = _look_up(table.item, table.item_features, rows, cand_item, self.none[1], self.n_items)  # (B, 3)
         popularity = cand_popularity.to(torch.float32).log1p().unsqueeze(1) / LOG_SCALE  # (B, 1)
         return torch.cat([category, item, popularity], dim=1)

@@ -46,7 +46,8 @@ class SequenceModel(InterestModel[State]):
     def match_module(self) -> MatchFeatures | None:
         """The match-feature reader (``match_features``), or None. A model creates it after all its other
         modules, so that a model without match features initialises as it did before they existed."""
-        return MatchFeatures() if self.config.match_features else None
+        c = self.config
+        return MatchFeatures(c.n_items, c.n_categories) if c.match_features else None
 
     def match_table(
         self, hist_item: Tensor, hist_category: Tensor, hist_mask: Tensor, hist_timestamp: Tensor | None

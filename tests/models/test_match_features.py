@@ -57,7 +57,7 @@ def test_a_candidate_reads_its_own_category_and_item_and_a_learned_none_otherwis
     hist_mask = hist_item > 0
     hist_timestamp = torch.tensor([[100, 200, 400, 0], [0, 0, 0, 0]])
     table = match_table(hist_item, hist_category, hist_mask, hist_timestamp, recent_len=2)
-    features = MatchFeatures()
+    features = MatchFeatures(n_items=10, n_categories=5)
     with torch.no_grad():
         features.none.copy_(torch.tensor([-3.0, -4.0]))
     rows = torch.tensor([0, 0, 1])
@@ -171,7 +171,7 @@ def test_the_lookup_by_row_finds_each_candidates_own_entry():
     rows = torch.randint(0, 5, (200,), generator=g)
     items = torch.randint(0, 40, (200,), generator=g)  # 0 (unknown) and ids no history holds included
     categories = torch.randint(0, 8, (200,), generator=g)
-    features = MatchFeatures()
+    features = MatchFeatures(n_items=40, n_categories=8)  # every candidate id below, as embeddings require
     with torch.no_grad():
         features.none.copy_(torch.tensor([-3.0, -4.0]))
         out = features(table, items, categories, torch.zeros(200, dtype=torch.long), rows)
