@@ -1,11 +1,11 @@
 """Serving latency of DMQN: scoring from the cached user state vs recomputing it (section 2.5).
 
 For history lengths L = 100, 1000, 5000 this script trains a DMQN run on a synthetic log whose
-users all have more than 5,000 behaviors, exports every user's state to the embedded DuckDB
-store and to Redis (export users/s), and measures the latency of scoring C = 1, 100, 1000
-candidates for one user:
+users all have more than 5,000 behaviors, exports every user's state to the embedded SQLite
+store and to Redis (export users/s, on one thread and on --export-threads), and measures the
+latency of scoring C = 1, 100, 1000 candidates for one user:
 
-  cache/embedded   CachedScorer reading the state from the workspace's DuckDB file
+  cache/embedded   CachedScorer reading the state from the workspace's SQLite file
   cache/redis      CachedScorer reading the state from a Redis server
   full             the whole model: the user's last L behaviors (from the in-memory prepared
                    set, so the history fetch is free here) -> MCQM + ICIM -> CTAM + MLP
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import socket
@@ -144,6 +145,12 @@ def main() -> None:
     parser.add_argument("--redis", help="redis://host:port/db (default: a private redis-server, if installed)")
     parser.add_argument("--calls", type=int, default=200, help="timed calls per cell (half of them at L=5000)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 = one request per core)")
+    parser.add_argument(
+        "--export-threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="torch threads of the timed exports, beside one thread (default: every core, as dmqn export-cache)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     args = parser.parse_args()
@@ -169,9 +176,15 @@ def main() -> None:
             run = train(
                 ws, "serving", "dmqn", {}, {"epochs": 1, "max_len": L, "seed": args.seed, "inspect_users": 0}
             ).run_id
-            exports = {"embedded": export_states(ws, run)}
-            if redis_url:
-                exports["redis"] = export_states(ws, run, to=redis_url)
+            exports = {}
+            for threads in sorted({1, args.export_threads}):
+                # Export is a batch job: `dmqn export-cache` runs on all of torch's threads (one share of
+                # each batch per thread); one thread gives the per-core figure.
+                torch.set_num_threads(threads)
+                exports[f"embedded, {threads} thread(s)"] = export_states(ws, run)
+                if redis_url:
+                    exports[f"redis, {threads} thread(s)"] = export_states(ws, run, to=redis_url)
+            torch.set_num_threads(args.threads)
             data = Run.open(ws, run).data
             scorers = {"cache/embedded": CachedScorer(ws, run)}
             if redis_url:
@@ -228,7 +241,7 @@ def report(results: list[dict], peak_mb: float, args: argparse.Namespace) -> Non
                 },
             }
         )
-    lines += ["", "| L | store | export users/s | bytes per user |", "|---|---|---|---|"]
+    lines += ["", "| L | store, threads | export users/s | bytes per user |", "|---|---|---|---|"]
     exports = []
     for row in results:
         for name, (per_s, per_user) in row.get("exports", {}).items():
@@ -236,7 +249,8 @@ def report(results: list[dict], peak_mb: float, args: argparse.Namespace) -> Non
             exports.append({"L": row["L"], "store": name, "users_per_s": per_s, "bytes_per_user": per_user})
     lines += [
         "",
-        f"peak resident memory: {peak_mb:,.0f} MB; torch threads: {args.threads}; calls per cell: {args.calls}",
+        f"peak resident memory: {peak_mb:,.0f} MB; torch threads: {args.threads} (latency), "
+        f"{args.export_threads} (export); calls per cell: {args.calls}",
     ]
     print("\n".join(lines))
     if args.out:

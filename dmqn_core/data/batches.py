@@ -71,19 +71,25 @@ class Batch:
         }
 
 
+def history_lengths(data: PreparedSet, users: np.ndarray, hist_ends: np.ndarray, max_len: int) -> np.ndarray:
+    """(H,) int64 length of each history ``[max(user_start, end - max_len), end)``."""
+    user_start = np.asarray(data.user_offsets[np.asarray(users, dtype=np.int64) - 1])
+    ends = np.asarray(hist_ends, dtype=np.int64)
+    return ends - np.maximum(user_start, ends - max_len)
+
+
 def gather_histories(
-    data: PreparedSet, users: np.ndarray, hist_ends: np.ndarray, max_len: int
+    data: PreparedSet, users: np.ndarray, hist_ends: np.ndarray, max_len: int, width: int = 1
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Item, category, behavior-type, timestamp and mask arrays (H, L) of the given histories.
 
     Each history is the behaviors ``[max(user_start, end - max_len), end)`` of its user,
-    left-aligned and padded with 0 to the longest one.
+    left-aligned and padded with 0 to the longest one, or to ``width`` if that is more.
     """
-    user_start = np.asarray(data.user_offsets[np.asarray(users, dtype=np.int64) - 1])
     ends = np.asarray(hist_ends, dtype=np.int64)
-    starts = np.maximum(user_start, ends - max_len)
-    lengths = ends - starts
-    width = max(int(lengths.max()) if len(lengths) else 0, 1)
+    lengths = history_lengths(data, users, ends, max_len)
+    starts = ends - lengths
+    width = max(int(lengths.max()) if len(lengths) else 0, width)
     positions = np.arange(width, dtype=np.int64)
     mask = positions[None, :] < lengths[:, None]  # (H, L)
     rows = np.where(mask, starts[:, None] + positions[None, :], 0)  # (H, L)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn as nn
 from torch import Tensor
@@ -19,6 +21,9 @@ from dmqn_core.config import ModelConfig
 ITEM_INIT_STD = 0.005
 CATEGORY_INIT_STD = 0.15
 BEHAVIOR_INIT_STD = 0.05
+
+# One more table summed into every behavior, and its (..., L) ids.
+Extra = tuple[nn.Embedding, Tensor]
 
 
 class BehaviorEmbedding(nn.Module):
@@ -47,43 +52,52 @@ class BehaviorEmbedding(nn.Module):
             with torch.no_grad():
                 table.weight[0].zero_()  # re-zero the padding row that normal_ overwrote
 
-    def behaviors(self, item: Tensor, category: Tensor, behavior: Tensor, mask: Tensor) -> Tensor:
+    def behaviors(
+        self, item: Tensor, category: Tensor, behavior: Tensor, mask: Tensor, extra: Extra | None = None
+    ) -> Tensor:
         """(..., L) ids and bool mask -> (..., L, D), exactly zero at padding.
 
         Zeroing through the mask, not only through padding_idx, keeps every downstream sum
-        independent of whatever ids a loader leaves in padded positions.
+        independent of whatever ids a loader leaves in padded positions. ``extra``: one more table
+        and its (..., L) ids, summed in after the behavior type (DMQN's time-gap embedding).
         """
         weight = mask.unsqueeze(-1).to(self.item.weight.dtype)  # (..., L, 1)
         if not (torch.is_grad_enabled() and self.item.weight.requires_grad):
-            return self._summed_lookup(item, category, behavior, weight)
-        # Training: three lookups, whose backward (one sort per table) is faster than embedding_bag's.
+            return self._summed_lookup(item, category, behavior, weight, extra)
+        # Training: separate lookups, whose backward (one sort per table) is faster than embedding_bag's.
         e = self.item(item) + self.category(category)
         e += self.behavior(behavior)
+        if extra is not None:
+            e += extra[0](extra[1])
         return e.mul_(weight)
 
-    def _summed_lookup(self, item: Tensor, category: Tensor, behavior: Tensor, weight: Tensor) -> Tensor:
-        """Inference: the three rows summed and masked in one embedding_bag pass over the stacked tables
-        (on CPU about a third of the time of three lookups, two adds and a multiply)."""
-        n_items, n_categories = self.item.num_embeddings, self.category.num_embeddings
+    def _summed_lookup(
+        self, item: Tensor, category: Tensor, behavior: Tensor, weight: Tensor, extra: Extra | None
+    ) -> Tensor:
+        """Inference: the rows summed and masked in one embedding_bag pass over the stacked tables
+        (on CPU about a third of the time of separate lookups, adds and a multiply)."""
+        fields = [(item, self.item), (category, self.category), (behavior, self.behavior)]
+        if extra is not None:
+            fields.append((extra[1], extra[0]))
         # An id past its table would silently read the next table's rows: fail as nn.Embedding does.
-        for ids, table in ((item, self.item), (category, self.category), (behavior, self.behavior)):
+        for ids, table in fields:
             if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < table.num_embeddings:
                 raise IndexError(f"embedding ids out of range [0, {table.num_embeddings})")
-        ids = torch.stack([item, category + n_items, behavior + (n_items + n_categories)], dim=-1)  # (..., L, 3)
+        starts = itertools.accumulate((table.num_embeddings for _, table in fields[:-1]), initial=0)
+        ids = torch.stack([ids + start for (ids, _), start in zip(fields, starts)], dim=-1)  # (..., L, fields)
         e = nn.functional.embedding_bag(
-            ids.reshape(-1, 3),
-            self._stacked_tables(),
+            ids.reshape(-1, len(fields)),
+            self._stacked_tables([table for _, table in fields]),
             mode="sum",
-            per_sample_weights=weight.expand(ids.shape).reshape(-1, 3),
+            per_sample_weights=weight.expand(ids.shape).reshape(-1, len(fields)),
         )
         return e.view(*item.shape, -1)
 
-    def _stacked_tables(self) -> Tensor:
-        """(n_items + n_categories + n_behavior_types, D), rebuilt only when a table changed (in-place version)."""
-        tables = (self.item.weight, self.category.weight, self.behavior.weight)
-        key = tuple((t.data_ptr(), t._version) for t in tables)
+    def _stacked_tables(self, tables: list[nn.Embedding]) -> Tensor:
+        """(sum of the tables' rows, D), rebuilt only when a table changed (in-place version)."""
+        key = tuple((t.weight.data_ptr(), t.weight._version) for t in tables)
         if getattr(self, "_stacked_key", None) != key:
-            self._stacked = torch.cat([t.detach() for t in tables])
+            self._stacked = torch.cat([t.weight.detach() for t in tables])
             self._stacked_key = key
         return self._stacked
 

@@ -9,20 +9,25 @@ recent max_len behaviors), in the layout of ``state_codec``, in one of the store
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from dmqn_core.config import ModelConfig
-from dmqn_core.data.batches import gather_histories
+from dmqn_core.data.batches import gather_histories, history_lengths
+from dmqn_core.data.prepared import PreparedSet
 from dmqn_core.devices import AUTO, resolve_device
 from dmqn_core.errors import DmqnError
+from dmqn_core.models.dmqn.fused_mcqm import map_chunks
+from dmqn_core.nn.interest_model import InterestModel
 from dmqn_core.progress import NullProgress, Progress
 from dmqn_core.runs.run import Run, Vocabulary
 from dmqn_core.serving.state_codec import DTYPES, DecodedState, decode_state, encode_states, stack_states
@@ -136,15 +141,39 @@ def export_states(
     progress.start("export", (len(index) + batch_size - 1) // batch_size)
     with torch.no_grad():
         for begin in range(0, len(index), batch_size):
-            chunk = slice(begin, begin + batch_size)
-            histories = gather_histories(data, index[chunk], ends[chunk], run.max_len)
-            item, category, behavior, timestamp, mask = (torch.from_numpy(a).to(device) for a in histories)
-            state = model.encode_user(item, category, behavior, mask, timestamp)
-            store.put(version, list(zip(raw[chunk].tolist(), encode_states(state, dtype))))
-            progress.advance(1, users_per_s=(begin + len(raw[chunk])) / max(time.perf_counter() - started, 1e-9))
+            users, users_end = index[begin : begin + batch_size], ends[begin : begin + batch_size]
+            # Every share pads to the batch's width, as one share would: sums over the padded length
+            # may round differently at another width, and the states must not depend on the threads.
+            width = max(int(history_lengths(data, users, users_end, run.max_len).max()), 1)
+            encode = functools.partial(_encode_share, model, data, users, users_end, run.max_len, width, dtype, device)
+            # On the CPU each of torch's threads encodes its share of the batch single-threaded: whole
+            # shares scale across cores where the many small ops of one encoding, each split across
+            # threads, did not.
+            share = -(-len(users) // (torch.get_num_threads() if device == "cpu" else 1))
+            values = [value for part in map_chunks(encode, len(users), share, torch.device(device)) for value in part]
+            store.put(version, list(zip(raw[begin : begin + batch_size].tolist(), values)))
+            progress.advance(1, users_per_s=(begin + len(users)) / max(time.perf_counter() - started, 1e-9))
     progress.stop()
     total, size = store.write_manifest(version, run.run_id, dtype, shape)
     return ExportResult(version, store.describe(), len(index), total, size, time.perf_counter() - started)
+
+
+def _encode_share(
+    model: InterestModel[Any],
+    data: PreparedSet,
+    users: np.ndarray,
+    ends: np.ndarray,
+    max_len: int,
+    width: int,
+    dtype: str,
+    device: str,
+    h0: int,
+    h1: int,
+) -> list[bytes]:
+    """The stored values of users[h0:h1], their histories ending at ends[h0:h1] and padded to ``width``."""
+    histories = gather_histories(data, users[h0:h1], ends[h0:h1], max_len, width)
+    item, category, behavior, timestamp, mask = (torch.from_numpy(a).to(device) for a in histories)
+    return encode_states(model.encode_user(item, category, behavior, mask, timestamp), dtype)
 
 
 class ScoringModel:

@@ -87,6 +87,26 @@ def test_resume_writes_only_missing_users(tiny_workspace, dmqn_run):
         export_states(tiny_workspace, dmqn_run, dtype="float32", resume=True)
 
 
+def test_the_states_do_not_depend_on_the_threads(tiny_workspace, dmqn_run, tmp_path):
+    """Export splits each batch into one share per torch thread, each padded to the batch's width: every
+    user's bytes are those of one thread. In batches of 7 users on 3 threads, a share of 3 short
+    histories padded only to its own width rounded one user's recent mean differently."""
+    threads = torch.get_num_threads()
+    values = []
+    try:
+        for n_threads, batch_size in ((1, 7), (3, 7), (2, 256)):
+            torch.set_num_threads(n_threads)
+            path = tmp_path / f"states-{n_threads}-{batch_size}.sqlite"
+            result = export_states(tiny_workspace, dmqn_run, to=str(path), batch_size=batch_size)
+            store = EmbeddedStateStore(path)
+            values.append(store.get(result.version, store.users(result.version)))
+            store.close()
+    finally:
+        torch.set_num_threads(threads)
+    assert len(values[0]) == Run.open(tiny_workspace, dmqn_run).data.n_users
+    assert values[1] == values[0] and values[2] == values[0]
+
+
 def test_unknown_user_falls_back_and_unknown_item_fails(tiny_workspace, dmqn_run):
     export_states(tiny_workspace, dmqn_run, users=[])
     data = Run.open(tiny_workspace, dmqn_run).data

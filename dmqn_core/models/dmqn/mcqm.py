@@ -35,6 +35,9 @@ class QuantizerOutput:
     # (N, W) soft assignment probability averaged over the real behaviors of the batch;
     # only computed in training mode when asked for (it feeds usage_loss).
     mean_prob: Tensor | None
+    # (H, N, L) long, -1 at padding: the inference path's codewords (eq. 7-8), kept by an eval forward
+    # (None in training) so that reading them again (cluster_categories) costs no second argmax.
+    codeword: Tensor | None = None
 
 
 class MultiCodebookQuantizer(nn.Module):
@@ -143,8 +146,12 @@ class MultiCodebookQuantizer(nn.Module):
         W = self.codebooks.shape[1]
         if not self.training:
             # Inference: the noise-free argmax (eq. 7-8) and a scatter-add mean of the assigned e (eq. 9-10).
-            clusters, size = pool_means(e, pool_slots(argmax_codewords(e, self.folded_codebooks()), mask, W), W)
-            return QuantizerOutput(clusters=clusters, cluster_mask=size > 0, cluster_size=size, mean_prob=None)
+            z = argmax_codewords(e, self.folded_codebooks())  # (H, N, L)
+            clusters, size = pool_means(e, pool_slots(z, mask, W), W)
+            codeword = z.masked_fill_(~mask.unsqueeze(1), -1)  # after pool_slots, which read z
+            return QuantizerOutput(
+                clusters=clusters, cluster_mask=size > 0, cluster_size=size, mean_prob=None, codeword=codeword
+            )
         # One seed per forward from the global generator; forward and backward draw each history's noise from it.
         seed = draw_seed() if self.assign_noise == "gumbel" else 0
         clusters, size, mean_prob = FusedQuantize.apply(

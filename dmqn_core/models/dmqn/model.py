@@ -167,9 +167,15 @@ class DMQN(SequenceModel[UserState]):
         match = self.match_table(hist_item, hist_category, hist_mask, hist_timestamp)
         category = share = None
         if self.config.cluster_categories:
-            codeword = self.quantizer.assign(e.detach(), hist_mask)  # (H, N, L) the inference-path clusters
+            codeword = q.codeword  # (H, N, L) the inference-path clusters, which training draws anew
+            if codeword is None:
+                codeword = self.quantizer.assign(e.detach(), hist_mask)
             category, share = top_categories(
-                codeword, hist_category, self.config.codebook_size, self.config.cluster_categories
+                codeword,
+                hist_category,
+                self.config.codebook_size,
+                self.config.cluster_categories,
+                self.config.n_categories + 1,  # ids 0..n_categories, 0 the padding
             )  # (H, N, W, T) each
         return UserState(
             clusters,
@@ -193,12 +199,12 @@ class DMQN(SequenceModel[UserState]):
     ) -> Tensor:
         """The behavior embeddings MCQM quantizes (H, L, D): BehaviorEmbedding's, plus the time-gap embedding
         with behavior_time."""
-        e = self.embedding.behaviors(hist_item, hist_category, hist_behavior, hist_mask)  # (H, L, D)
-        if self.time is None:
-            return e
-        if hist_timestamp is None:
-            raise ValueError("behavior_time needs the histories' timestamps")
-        return e + self.time(time_buckets(hist_timestamp, hist_mask)) * hist_mask.unsqueeze(-1).to(e.dtype)
+        extra = None
+        if self.time is not None:
+            if hist_timestamp is None:
+                raise ValueError("behavior_time needs the histories' timestamps")
+            extra = (self.time, time_buckets(hist_timestamp, hist_mask))
+        return self.embedding.behaviors(hist_item, hist_category, hist_behavior, hist_mask, extra)  # (H, L, D)
 
     def score(
         self,

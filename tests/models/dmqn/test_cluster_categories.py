@@ -40,7 +40,7 @@ def test_every_cluster_keeps_its_most_frequent_categories_and_their_shares(top):
     codeword[:, :, 30:] = -1  # padding
     codeword[1] = -1  # an empty history
     category = torch.randint(1, 5, (H, L), generator=g)
-    categories, shares = top_categories(codeword, category, W, top)
+    categories, shares = top_categories(codeword, category, W, top, n_categories=7)  # ids below 5, and more
     assert categories.shape == shares.shape == (H, N, W, top)
     for h in range(H):
         for n in range(N):

@@ -325,3 +325,16 @@ def test_reset_dead_leaves_a_fully_used_codebook_alone():
     e = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]])
     reset = q.reset_dead(torch.ones(2, 3, dtype=torch.int64), e, torch.Generator().manual_seed(0))
     assert not reset.any() and torch.equal(q.codebooks, before)
+
+
+def test_an_eval_forward_keeps_the_inference_codewords_and_training_keeps_none():
+    """DMQN reads them for cluster_categories instead of a second argmax: they must be assign()'s exactly."""
+    q = MultiCodebookQuantizer(3, 8, 4)
+    e = torch.randn(5, 30, 4)
+    mask = torch.arange(30) < torch.tensor([30, 12, 0, 1, 29]).unsqueeze(1)  # (5, 30), one empty history
+    e = e * mask.unsqueeze(-1)
+    q.eval()
+    out = q(e, mask)
+    assert out.codeword is not None and torch.equal(out.codeword, q.assign(e, mask))
+    assert (out.codeword[2] == -1).all() and (out.codeword[1, :, 12:] == -1).all()
+    assert q.train()(e, mask).codeword is None
