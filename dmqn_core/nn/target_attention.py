@@ -39,19 +39,20 @@ class ActivationUnit(nn.Module):
         w_b, w_c, w_d, w_p = self.first.weight.split(D, dim=1)  # 4 x (h0, D)
         per_history = behaviors @ (w_b + w_d).T  # (H, L, h0)
         per_candidate = candidate @ (w_c - w_d).T + self.first.bias  # (B, h0)
-        b = behaviors.index_select(0, hist_index)  # (B, L, D)
-        hidden = (
-            per_history.index_select(0, hist_index) + per_candidate.unsqueeze(1) + (b * candidate.unsqueeze(1)) @ w_p.T
-        )  # (B, L, h0)
+        # One history for every candidate (a served user): broadcast it, the same values as B copies.
+        rows = (lambda x: x) if behaviors.shape[0] == 1 else (lambda x: x.index_select(0, hist_index))
+        b = rows(behaviors)  # (B or 1, L, D)
+        hidden = rows(per_history) + per_candidate.unsqueeze(1) + (b * candidate.unsqueeze(1)) @ w_p.T  # (B, L, h0)
         # PReLU's per-channel slopes read dim 1 as the channel: run the MLP on (B*L, h0).
         w = self.rest(hidden.flatten(0, 1)).view(hidden.shape[:2])  # (B, L)
-        return w * mask.index_select(0, hist_index).to(w.dtype)
+        return w * rows(mask).to(w.dtype)
 
     def forward(self, candidate: Tensor, behaviors: Tensor, mask: Tensor, hist_index: Tensor) -> tuple[Tensor, Tensor]:
         """-> interest (B, D) and weights (B, L)."""
         w = self.weights(candidate, behaviors, mask, hist_index)  # (B, L)
-        interest = torch.einsum("bl,bld->bd", w, behaviors.index_select(0, hist_index))
-        return interest, w
+        if behaviors.shape[0] == 1:
+            return w @ behaviors[0], w  # (B, L) x (L, D)
+        return torch.einsum("bl,bld->bd", w, behaviors.index_select(0, hist_index)), w
 
 
 class MultiHeadTargetAttention(nn.Module):

@@ -89,3 +89,19 @@ def test_din_windows_see_only_their_most_recent_behaviors():
     with torch.no_grad():
         assert torch.equal(short(**batch), short(**changed))
         assert not torch.allclose(full(**batch), full(**changed))
+
+
+def test_one_history_for_every_candidate_is_broadcast_with_the_same_result():
+    """A served user (H = 1) takes the broadcasting path: the weights of the per-candidate copies exactly, and
+    the interest within float32 rounding of an L-term sum (|w b| < 50 here, L = 9: 9 roundings of 2^-24)."""
+    torch.manual_seed(3)
+    unit = ActivationUnit(4, hidden=(6, 5))
+    L, B = 9, 5
+    behaviors, candidate = torch.randn(1, L, 4), torch.randn(B, 4)
+    mask = torch.arange(L)[None] < 6
+    one, copies = torch.zeros(B, dtype=torch.long), torch.tensor([0, 1, 0, 1, 1])
+    interest, weights = unit(candidate, behaviors, mask, one)
+    expected_interest, expected_weights = unit(candidate, behaviors.expand(2, L, 4), mask.expand(2, L), copies)
+    assert torch.equal(weights, expected_weights)
+    assert (weights[:, 6:] == 0).all()
+    assert torch.allclose(interest, expected_interest, rtol=0, atol=9 * 50 * 2**-24)
