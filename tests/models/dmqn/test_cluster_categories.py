@@ -32,15 +32,16 @@ CONFIG = ModelConfig(
 HISTORY = ("hist_item", "hist_category", "hist_behavior", "hist_mask")
 
 
+@pytest.mark.parametrize("n_categories", [7, 30_000_000])  # 32-bit sort keys, and 64-bit ones past 2^31
 @pytest.mark.parametrize("top", [1, 2, 4])
-def test_every_cluster_keeps_its_most_frequent_categories_and_their_shares(top):
+def test_every_cluster_keeps_its_most_frequent_categories_and_their_shares(top, n_categories):
     g = torch.Generator().manual_seed(top)
     H, N, L, W = 5, 3, 40, 6
     codeword = torch.randint(0, W, (H, N, L), generator=g)
     codeword[:, :, 30:] = -1  # padding
     codeword[1] = -1  # an empty history
     category = torch.randint(1, 5, (H, L), generator=g)
-    categories, shares = top_categories(codeword, category, W, top, n_categories=7)  # ids below 5, and more
+    categories, shares = top_categories(codeword, category, W, top, n_categories)  # ids below 5, and more
     assert categories.shape == shares.shape == (H, N, W, top)
     for h in range(H):
         for n in range(N):
