@@ -63,16 +63,17 @@ class MatchTable:
         )
 
 
-def distinct_features(keys: Tensor, mask: Tensor, gaps: Tensor, recent_len: int) -> tuple[Tensor, Tensor]:
+def distinct_features(
+    keys: Tensor, mask: Tensor, gaps: Tensor, recent_len: int, vocabulary: int
+) -> tuple[Tensor, Tensor]:
     """The distinct keys of every history and their features.
 
-    keys (H, L) long, mask (H, L) bool (left-aligned, most recent last), gaps (H, L) float seconds to
-    the history's last behavior -> keys (H, U) long (ascending, -1 after the row's last) and features
-    (H, U, 3) float32; U = the most distinct keys of a row (at least 1).
+    keys (H, L) long in [0, vocabulary), mask (H, L) bool (left-aligned, most recent last), gaps (H, L)
+    float seconds to the history's last behavior -> keys (H, U) long (ascending, -1 after the row's
+    last) and features (H, U, 3) float32; U = the most distinct keys of a row (at least 1).
     """
     H, L = keys.shape
-    k = torch.where(mask, keys, torch.full_like(keys, -1))
-    sorted_keys, order = k.sort(dim=1, stable=True)  # (H, L): padding (-1) first
+    sorted_keys, order = _sort_rows(torch.where(mask, keys, torch.full_like(keys, -1)), vocabulary)  # padding first
     valid = sorted_keys >= 0
     length = mask.sum(dim=1, keepdim=True)  # (H, 1)
     recent = valid & (order >= length - recent_len)  # left-aligned: the last recent_len positions are recent
@@ -94,15 +95,36 @@ def distinct_features(keys: Tensor, mask: Tensor, gaps: Tensor, recent_len: int)
     return distinct[:, :U], features[:, :U]
 
 
+def _sort_rows(keys: Tensor, vocabulary: int) -> tuple[Tensor, Tensor]:
+    """Each row of keys (H, L) in [-1, vocabulary) sorted, stably: (sorted keys, positions) (H, L) each.
+
+    One 1-D stable sort of row * (vocabulary + 1) + key + 1 (32-bit where it fits), which torch runs as
+    a radix sort on CPU: about a third less time than sorting along dim 1, the same order.
+    """
+    H, L = keys.shape
+    stride = vocabulary + 1
+    key_type = torch.int32 if H * stride < 2**31 else torch.long
+    offset = torch.arange(H, device=keys.device).unsqueeze(1) * stride + 1  # (H, 1)
+    flat, position = torch.sort((keys + offset).view(-1).to(key_type), stable=True)  # (H L,) each
+    return (flat.long().view(H, L) - offset), position.view(H, L) % max(L, 1)
+
+
 def match_table(
-    hist_item: Tensor, hist_category: Tensor, hist_mask: Tensor, hist_timestamp: Tensor | None, recent_len: int
+    hist_item: Tensor,
+    hist_category: Tensor,
+    hist_mask: Tensor,
+    hist_timestamp: Tensor | None,
+    recent_len: int,
+    n_items: int,
+    n_categories: int,
 ) -> MatchTable:
-    """(H, L) histories -> their MatchTable; the gaps need the timestamps."""
+    """(H, L) histories (item ids in [0, n_items), categories in [0, n_categories), the embedding tables'
+    sizes) -> their MatchTable; the gaps need the timestamps."""
     if hist_timestamp is None:
         raise ValueError("match features need the histories' timestamps")
     gaps = time_gaps(hist_timestamp, hist_mask)  # (H, L)
-    category, category_features = distinct_features(hist_category, hist_mask, gaps, recent_len)
-    item, item_features = distinct_features(hist_item, hist_mask, gaps, recent_len)
+    category, category_features = distinct_features(hist_category, hist_mask, gaps, recent_len, n_categories)
+    item, item_features = distinct_features(hist_item, hist_mask, gaps, recent_len, n_items)
     return MatchTable(category, category_features, item, item_features)
 
 

@@ -55,7 +55,8 @@ class SequenceModel(InterestModel[State]):
         """The histories' MatchTable when the model reads match features, else None."""
         if self.match is None:
             return None
-        return match_table(hist_item, hist_category, hist_mask, hist_timestamp, self.config.short_len)
+        c = self.config
+        return match_table(hist_item, hist_category, hist_mask, hist_timestamp, c.short_len, c.n_items, c.n_categories)
 
     def match_scalars(
         self,

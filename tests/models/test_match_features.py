@@ -34,7 +34,7 @@ def test_the_table_holds_each_distinct_key_with_its_counts_and_latest_gap():
     batch = random_batch(replace(CONFIG, n_items=6, n_categories=4), seed=3, H=8, L=30)
     recent_len = 7
     table = match_table(
-        batch["hist_item"], batch["hist_category"], batch["hist_mask"], batch["hist_timestamp"], recent_len
+        batch["hist_item"], batch["hist_category"], batch["hist_mask"], batch["hist_timestamp"], recent_len, 6, 4
     )
     for h in range(8):
         n = int(batch["hist_mask"][h].sum())
@@ -56,7 +56,7 @@ def test_a_candidate_reads_its_own_category_and_item_and_a_learned_none_otherwis
     hist_category = torch.tensor([[2, 3, 2, 0], [0, 0, 0, 0]])
     hist_mask = hist_item > 0
     hist_timestamp = torch.tensor([[100, 200, 400, 0], [0, 0, 0, 0]])
-    table = match_table(hist_item, hist_category, hist_mask, hist_timestamp, recent_len=2)
+    table = match_table(hist_item, hist_category, hist_mask, hist_timestamp, 2, n_items=10, n_categories=5)
     features = MatchFeatures(n_items=10, n_categories=5)
     with torch.no_grad():
         features.none.copy_(torch.tensor([-3.0, -4.0]))
@@ -166,7 +166,9 @@ def test_the_lookup_by_row_finds_each_candidates_own_entry():
     """Candidates looked up in their rows of a shared table (what scoring does, no per-candidate copy) read
     what a plain search of that row finds, for keys present, absent, padding and ids past every key."""
     batch = random_batch(replace(CONFIG, n_items=30, n_categories=6), seed=7, H=5, L=20)
-    table = match_table(batch["hist_item"], batch["hist_category"], batch["hist_mask"], batch["hist_timestamp"], 4)
+    table = match_table(
+        batch["hist_item"], batch["hist_category"], batch["hist_mask"], batch["hist_timestamp"], 4, 30, 6
+    )
     g = torch.Generator().manual_seed(0)
     rows = torch.randint(0, 5, (200,), generator=g)
     items = torch.randint(0, 40, (200,), generator=g)  # 0 (unknown) and ids no history holds included

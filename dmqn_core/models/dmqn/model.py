@@ -175,7 +175,7 @@ class DMQN(SequenceModel[UserState]):
                 hist_category,
                 self.config.codebook_size,
                 self.config.cluster_categories,
-                self.config.n_categories + 1,  # ids 0..n_categories, 0 the padding
+                self.config.n_categories,  # the table's size: ids 0 (padding) to n_categories - 1
             )  # (H, N, W, T) each
         return UserState(
             clusters,
