@@ -229,12 +229,20 @@ def _measure(con: duckdb.DuckDBPyConnection, figures: dict[str, float]) -> None:
 
 
 def _measure_last_clicks(con: duckdb.DuckDBPyConnection, figures: dict[str, float]) -> int:
-    """The three last-click figures; returns how many last clicks they count.
+    """The three last-click figures; returns how many last clicks they count."""
+    row = _last_clicks(con)
+    figures |= {f.key: row[f.key] for f in FIGURES if f.key in row}
+    return int(row["users"])
+
+
+def _last_clicks(con: duckdb.DuckDBPyConnection) -> dict[str, float]:
+    """The last-click figures, their count (``users``), and the share of the last clicks in a
+    category met before whose item was met before too (``item_given_category``).
 
     A user's last click is their last pv, the target prep puts in the test split; its history is
     every behavior with a strictly earlier timestamp, i.e. positions 1..n of the sorted sequence.
     """
-    row = _one_row(
+    return _one_row(
         con,
         """
         WITH target AS (
@@ -252,13 +260,12 @@ def _measure_last_clicks(con: duckdb.DuckDBPyConnection, figures: dict[str, floa
             FROM history WHERE n >= ? GROUP BY u
         )
         SELECT count(*) AS users, avg(anywhere::INT) AS last_category_anywhere,
-               avg(recent::INT) AS last_category_recent, avg(item::INT) AS last_item_anywhere
+               avg(recent::INT) AS last_category_recent, avg(item::INT) AS last_item_anywhere,
+               avg(item::INT) FILTER (WHERE anywhere) AS item_given_category
         FROM per_user
         """,
         [RECENT, MIN_HISTORY],
     )
-    figures |= {k: v for k, v in row.items() if k != "users"}
-    return int(row["users"])
 
 
 def generator_constants(path: str | os.PathLike, window: tuple[int, int] = TAOBAO_WINDOW) -> dict[str, object]:
@@ -271,6 +278,7 @@ def generator_constants(path: str | os.PathLike, window: tuple[int, int] = TAOBA
     """
     with _behaviors(path, window) as con:
         b = con.execute("SELECT u, i, c, behavior, ts, pos FROM b ORDER BY u, pos").fetchnumpy()
+        last_click_repeat = _last_clicks(con)["item_given_category"]
     user, item, category, ts = b["u"], b["i"], b["c"], b["ts"]
     pos = b["pos"] - 1  # from 0
     n = len(user)
@@ -326,6 +334,7 @@ def generator_constants(path: str | os.PathLike, window: tuple[int, int] = TAOBA
         "NEW_CATEGORY": (_round(float(np.exp(coef[0]))), _round(float(-coef[1])), _round(float(-coef[2]))),
         "RETURN_LAG_EXPONENT": _round(float(exponent)),
         "ITEM_REPEAT": (_power_fit(pos[same], met_item[same]), _power_fit(pos[returns], met_item[returns])),
+        "LAST_CLICK_ITEM_REPEAT": _round(last_click_repeat),
     }
 
 

@@ -34,10 +34,13 @@ chosen to reproduce the data, never tuned toward any model's result:
   of the sample's users and only earlier for 4 %; on the long scales the returns from far back
   grow with the histories, as the power law of distances makes them.
 * **Items.** A behavior that stays in or returns to a category re-visits an item the user met in
-  it before as often as in the sample; otherwise it draws a popular item of the category.
+  it before as often as in the sample; otherwise it draws a popular item of the category. A user's
+  last click (last pv, the target prep holds out) in a category met before re-visits an item as
+  often as the sample's last clicks do, which is more often than the clicks before it.
+* **Behavior types** (pv, cart, fav, buy) are drawn independently in the sample's mix, before the
+  items, so that the last click is known when its item is drawn.
 * **Time.** Behaviors come in sessions whose sizes, gaps between behaviors and starting hours
   are drawn from the sample's; sessions start at random points of the window.
-* **Behavior types** (pv, cart, fav, buy) are drawn independently in the sample's mix.
 
 The package: ``scales`` (the measured statistics and the scales), ``users`` (the user model), ``log``
 (a log as columns, blocked logs) and ``writer`` (``write_log``).
@@ -52,6 +55,7 @@ from dmqn_core.data.synth.scales import (
     CATEGORY_ID_RANGE,
     ITEM_ID_RANGE,
     ITEM_REPEAT,
+    LAST_CLICK_ITEM_REPEAT,
     LENGTH_QUANTILES,
     MALFORMED_KINDS,
     NEW_CATEGORY,
@@ -91,6 +95,7 @@ __all__ = [
     "NEW_CATEGORY",
     "RETURN_LAG_EXPONENT",
     "ITEM_REPEAT",
+    "LAST_CLICK_ITEM_REPEAT",
     "RELEASE_CATALOG",
     "SCALES",
     "MALFORMED_KINDS",

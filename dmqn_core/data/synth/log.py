@@ -22,7 +22,7 @@ from dmqn_core.data.synth.scales import (
     SynthScale,
     resolve_scale,
 )
-from dmqn_core.data.synth.users import behavior_types, make_catalog, user_events
+from dmqn_core.data.synth.users import make_catalog, user_events
 from dmqn_core.errors import DmqnError
 
 
@@ -39,7 +39,7 @@ def generate_log(scale: str | SynthScale, seed: int = 0) -> dict[str, np.ndarray
         return {name: np.concatenate([block[name] for block in blocks]) for name in blocks[0]}
     rng = np.random.default_rng(seed)
     catalog = make_catalog(cfg, rng)
-    user, time, item = user_events(cfg, catalog, cfg.n_users, rng)
+    user, time, item, behavior = user_events(cfg, catalog, cfg.n_users, rng)
     item_category = np.repeat(np.arange(cfg.n_categories), catalog.category_n_items)
     user_ids = 1 + np.sort(rng.choice(USER_ID_RANGE - 1, cfg.n_users, replace=False))
     item_ids = 1 + rng.choice(ITEM_ID_RANGE - 1, cfg.n_items, replace=False)
@@ -48,7 +48,7 @@ def generate_log(scale: str | SynthScale, seed: int = 0) -> dict[str, np.ndarray
         "user_id": user_ids[user].astype(np.int64),
         "item_id": item_ids[item].astype(np.int64),
         "category_id": category_ids[item_category[item]].astype(np.int64),
-        "behavior_type": behavior_types(len(user), rng),
+        "behavior_type": behavior,
         "timestamp": WINDOW_START + time.astype(np.int64),
     }
 
@@ -149,8 +149,7 @@ class BlockedLog:
             raise IndexError(f"block {index} of {self.n_blocks}")
         rng = np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(1, index)))
         users = self.user_ids[index * self.block_users : (index + 1) * self.block_users]
-        user, time, item = user_events(cfg, self.catalog, len(users), rng)
-        behavior = behavior_types(len(user), rng)
+        user, time, item, behavior = user_events(cfg, self.catalog, len(users), rng)
         timestamp = WINDOW_START + time.astype(np.int64)
 
         n_out = rng.binomial(len(user), cfg.out_of_range_rate)

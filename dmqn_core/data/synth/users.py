@@ -11,6 +11,7 @@ import numpy as np
 from dmqn_core.data.synth.scales import (
     BEHAVIOR_MIX,
     ITEM_REPEAT,
+    LAST_CLICK_ITEM_REPEAT,
     LENGTH_QUANTILES,
     NEW_CATEGORY,
     QUANTILE_LEVELS,
@@ -36,19 +37,30 @@ class _Catalog:
 
 def user_events(
     cfg: SynthScale, catalog: _Catalog, n_users: int, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The behaviors of ``n_users`` users (indices 0..n_users-1) as (user, seconds into the window,
-    item index), sorted by (user, time)."""
+    item index, behavior type: a code into BEHAVIORS), sorted by (user, time)."""
     lengths = _user_lengths(cfg, n_users, rng)
     user = np.repeat(np.arange(n_users), lengths)
     chain = _category_chain(cfg, catalog, lengths, rng)
-    item = _items(cfg, catalog, chain, rng)
-    return user, _session_times(lengths, rng), item
+    # The types come before the items: the user's last click (last pv) draws its item its own way.
+    behavior = _behavior_types(len(user), rng)
+    item = _items(cfg, catalog, chain, _last_clicks(user, behavior), rng)
+    return user, _session_times(lengths, rng), item, behavior
 
 
-def behavior_types(n: int, rng: np.random.Generator) -> np.ndarray:
+def _behavior_types(n: int, rng: np.random.Generator) -> np.ndarray:
     mix = np.cumsum(BEHAVIOR_MIX)
     return np.searchsorted(mix, rng.random(n) * mix[-1], side="right").astype(np.int8)
+
+
+def _last_clicks(user: np.ndarray, behavior: np.ndarray) -> np.ndarray:
+    """Whether each row is its user's last pv (rows sorted by user, then time)."""
+    clicks = np.flatnonzero(behavior == 0)  # BEHAVIORS[0] is pv
+    last = clicks[np.r_[user[clicks][1:] != user[clicks][:-1], True]]
+    out = np.zeros(len(user), dtype=bool)
+    out[last] = True
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,15 +249,17 @@ def _power_law_distance(longest: np.ndarray, exponent: float, rng: np.random.Gen
     return np.minimum(x.astype(np.int64), longest)
 
 
-def _items(cfg: SynthScale, catalog: _Catalog, chain: _Chain, rng: np.random.Generator) -> np.ndarray:
+def _items(
+    cfg: SynthScale, catalog: _Catalog, chain: _Chain, last_click: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
     """A popular item of each behavior's category, or (as often as in the sample) an item the user
-    met before in it."""
+    met before in it; a user's last click, in a category met before, returns to an item met in it
+    as often as the sample's last clicks do, which is more often than other clicks at its depth."""
     item = _popular_item(cfg, catalog, chain.category, rng)
     (same_a, same_e), (return_a, return_e) = ITEM_REPEAT
     k = np.maximum(chain.position, 1)
-    prob = np.where(
-        chain.opened, 0.0, np.minimum(1.0, np.where(chain.same, same_a * k**same_e, return_a * k**return_e))
-    )
+    prob = np.minimum(1.0, np.where(chain.same, same_a * k**same_e, return_a * k**return_e))
+    prob = np.where(chain.opened, 0.0, np.where(last_click, LAST_CLICK_ITEM_REPEAT, prob))
     return _revisit_items(chain.opener, item, prob, rng)
 
 
