@@ -19,12 +19,12 @@ NEGATIVE_ROUNDS = 8
 def draw_negatives(ctx: PrepContext) -> tuple[int, int]:
     """Draw the negatives of every positive; (negatives still missing, positives that fell back)."""
     con, settings = ctx.con, ctx.settings
-    con.execute("CREATE TABLE neg (sid BIGINT, i_idx INTEGER, draw BIGINT)")
+    con.execute("CREATE TEMP TABLE neg (sid BIGINT, i_idx INTEGER, draw BIGINT)")
     if settings.neg_ratio == 0:
         return 0, 0
     _build_pools(con, settings.negatives)
     fallbacks = _build_needs(con, settings)
-    con.execute("CREATE TABLE pool_total AS SELECT grp, CAST(sum(w) AS UBIGINT) AS total FROM pool GROUP BY grp")
+    con.execute("CREATE TEMP TABLE pool_total AS SELECT grp, CAST(sum(w) AS UBIGINT) AS total FROM pool GROUP BY grp")
     first_draw = 0
     for round_no in range(NEGATIVE_ROUNDS):
         draws = (settings.neg_ratio + 1) << round_no
@@ -42,7 +42,7 @@ def _build_pools(con: duckdb.DuckDBPyConnection, negatives: str) -> None:
     weight = "1" if negatives == "uniform" else "pop"
     con.execute(
         f"""
-        CREATE TABLE pool AS
+        CREATE TEMP TABLE pool AS
         SELECT 0 AS grp, i_idx, CAST(sum({weight}) OVER (ORDER BY i_idx) - {weight} AS BIGINT) AS cum,
                {weight} AS w
         FROM vi
@@ -63,7 +63,7 @@ def _build_needs(con: duckdb.DuckDBPyConnection, settings: PrepSettings) -> int:
     draw from every item because their category's pool is too small."""
     if settings.negatives != "same-category":
         con.execute(
-            "CREATE TABLE short AS SELECT sid, u_idx, 0 AS grp, CAST(? AS BIGINT) AS need FROM pos",
+            "CREATE TEMP TABLE short AS SELECT sid, u_idx, 0 AS grp, CAST(? AS BIGINT) AS need FROM pos",
             [settings.neg_ratio],
         )
         return 0
@@ -71,7 +71,7 @@ def _build_needs(con: duckdb.DuckDBPyConnection, settings: PrepSettings) -> int:
     # negatives draws from every item instead (counted as a fallback).
     con.execute(
         """
-        CREATE TABLE short AS
+        CREATE TEMP TABLE short AS
         WITH clicked AS (
             SELECT k.u_idx, vi.c_idx, count(*) AS n
             FROM (SELECT DISTINCT u_idx, i_idx FROM beh WHERE is_click) k JOIN vi USING (i_idx)
@@ -94,7 +94,7 @@ def _draw_round(con: duckdb.DuckDBPyConnection, seed: int, first_draw: int, draw
     ``neg`` (up to what each needs) and ``short`` keeps what is still missing; its sum is returned."""
     con.execute(
         """
-        CREATE OR REPLACE TABLE cand AS
+        CREATE OR REPLACE TEMP TABLE cand AS
         SELECT c.sid, c.u_idx, c.draw, p.i_idx
         FROM (SELECT s.sid, s.u_idx, s.grp, d.draw,
                      CAST(hash(CAST(? AS BIGINT), s.sid, d.draw) % t.total AS BIGINT) AS r
@@ -105,7 +105,7 @@ def _draw_round(con: duckdb.DuckDBPyConnection, seed: int, first_draw: int, draw
     )
     con.execute(
         """
-        CREATE OR REPLACE TABLE got AS
+        CREATE OR REPLACE TEMP TABLE got AS
         WITH valid AS (
             SELECT c.sid, c.i_idx, min(c.draw) AS draw FROM cand c
             ANTI JOIN (SELECT u_idx, i_idx FROM beh WHERE is_click) k ON k.u_idx = c.u_idx AND k.i_idx = c.i_idx
@@ -123,7 +123,7 @@ def _draw_round(con: duckdb.DuckDBPyConnection, seed: int, first_draw: int, draw
     con.execute("INSERT INTO neg SELECT sid, i_idx, draw FROM got")
     con.execute(
         """
-        CREATE OR REPLACE TABLE short AS
+        CREATE OR REPLACE TEMP TABLE short AS
         SELECT s.sid, s.u_idx, s.grp, s.need - coalesce(g.n, 0) AS need
         FROM short s LEFT JOIN (SELECT sid, count(*) AS n FROM got GROUP BY sid) g USING (sid)
         WHERE s.need - coalesce(g.n, 0) > 0

@@ -8,6 +8,7 @@ import duckdb
 
 from dmqn_core.data.prep.context import PrepContext
 from dmqn_core.data.prep.options import PrepSettings
+from dmqn_core.data.prep.ordering import load_behaviors, sorted_behaviors
 
 
 def make_samples(ctx: PrepContext, clicks: list[str]) -> None:
@@ -17,18 +18,11 @@ def make_samples(ctx: PrepContext, clicks: list[str]) -> None:
 
 
 def _build_behaviors(con: duckdb.DuckDBPyConnection, clicks: list[str]) -> None:
-    # The one big sort: rowid of beh is then the global behavior offset.
-    con.execute(
-        """
-        CREATE TABLE beh AS
-        SELECT vu.u_idx, vi.i_idx, vc.c_idx, vb.b_idx, e.ts, list_contains(?, e.behavior) AS is_click
-        FROM ev e JOIN vu USING (user_id) JOIN vi USING (item_id) JOIN vc USING (category_id)
-             JOIN vb USING (behavior)
-        ORDER BY vu.u_idx, e.ts, e.rn
-        """,
-        [clicks],
-    )
-    con.execute("DROP VIEW ev; DROP TABLE events")
+    # The one big sort, in NumPy (dmqn_core.data.prep.ordering): rowid of beh is then the global
+    # behavior offset. The log's tables go before beh is copied in, so the two never share memory.
+    names = [r[0] for r in con.execute("SELECT behavior FROM vb ORDER BY b_idx").fetchall()]
+    rows = sorted_behaviors(con, clicks, names)
+    load_behaviors(con, rows)
 
 
 def _build_targets(con: duckdb.DuckDBPyConnection, settings: PrepSettings) -> None:
@@ -37,7 +31,7 @@ def _build_targets(con: duckdb.DuckDBPyConnection, settings: PrepSettings) -> No
     # targets (fewer for a user with few clicks: at least one click is left for training), the rest train.
     con.execute(
         """
-        CREATE TABLE top AS
+        CREATE TEMP TABLE top AS
         WITH elig AS (
             SELECT b.rowid AS off, b.u_idx, b.i_idx, b.c_idx, b.ts
             FROM beh b JOIN vu USING (u_idx) WHERE b.is_click AND b.ts > vu.t0
@@ -54,7 +48,7 @@ def _build_targets(con: duckdb.DuckDBPyConnection, settings: PrepSettings) -> No
     # History end = offset of the user's first behavior at the target's timestamp.
     con.execute(
         """
-        CREATE TABLE pos AS
+        CREATE TEMP TABLE pos AS
         WITH hend AS (
             SELECT b.u_idx, b.ts, min(b.rowid) AS hist_end
             FROM beh b SEMI JOIN top t ON b.u_idx = t.u_idx AND b.ts = t.ts
