@@ -16,7 +16,7 @@ def build_vocabularies(ctx: PrepContext) -> list[str]:
     con = ctx.con
     con.execute(
         """
-        CREATE TEMP TABLE vu AS
+        CREATE TABLE vu AS
         SELECT user_id, CAST(row_number() OVER (ORDER BY user_id) AS INTEGER) AS u_idx, t0
         FROM ustats WHERE n_elig >= ?
         """,
@@ -31,14 +31,14 @@ def build_vocabularies(ctx: PrepContext) -> list[str]:
     )
     con.execute(
         """
-        CREATE TEMP TABLE vc AS
+        CREATE TABLE vc AS
         SELECT category_id, CAST(row_number() OVER (ORDER BY category_id) AS INTEGER) AS c_idx
         FROM (SELECT DISTINCT category_id FROM ic)
         """
     )
     con.execute(
         """
-        CREATE TEMP TABLE vi AS
+        CREATE TABLE vi AS
         WITH best AS (
             SELECT item_id, category_id, sum(c) OVER (PARTITION BY item_id) AS pop FROM ic
             QUALIFY row_number() OVER (PARTITION BY item_id ORDER BY c DESC, category_id) = 1
@@ -56,7 +56,7 @@ def build_vocabularies(ctx: PrepContext) -> list[str]:
         ).fetchall()
     ]
     con.execute(
-        "CREATE TEMP TABLE vb AS SELECT unnest(?) AS behavior, CAST(unnest(?) AS TINYINT) AS b_idx",
+        "CREATE TABLE vb AS SELECT unnest(?) AS behavior, CAST(unnest(?) AS TINYINT) AS b_idx",
         [names, list(range(1, len(names) + 1))],
     )
     if len(names) > np.iinfo(np.int8).max:
