@@ -83,26 +83,32 @@ def _read_indexed(con: duckdb.DuckDBPyConnection, clicks: list[str], names: list
     # lookups here. behavior's index is its position among the names (vb), in name order.
     reader = con.sql(
         """
-        SELECT rn, user_id, item_id, category_id, CAST(coalesce(list_position(?, behavior), 0) AS TINYINT) AS b_idx,
-               ts, list_contains(?, behavior) AS is_click
+        SELECT rn, user_id, item_id, category_id, CAST(coalesce(list_position(?, behavior), 0) AS TINYINT) AS b_idx, ts
         FROM ev
         """,
-        params=[names, clicks],
+        params=[names],
     ).to_arrow_reader(READ_CHUNK)
+    is_click = np.array([False] + [name in clicks for name in names])  # by b_idx
     n, last_rn = 0, -1
     for batch in reader:
-        rn = batch.column(0).to_numpy()
+        rn, user_id, item_id, category_id, b_idx, ts = (column.to_numpy() for column in batch.columns)
         if len(rn) and (rn[0] <= last_rn or np.any(rn[1:] <= rn[:-1])):
             raise DmqnError("internal error: the log's rows were not read in file order")
         last_rn = rn[-1] if len(rn) else last_rn
-        u = user(batch.column(1).to_numpy())
+        u = user(user_id)
         kept = u > 0
         stop = n + int(np.count_nonzero(kept))
-        rows["u_idx"][n:stop] = u[kept]
-        rows["i_idx"][n:stop] = item(batch.column(2).to_numpy()[kept])
-        rows["c_idx"][n:stop] = category(batch.column(3).to_numpy()[kept])
-        for name, column in zip(("b_idx", "ts", "is_click"), batch.columns[4:]):
-            rows[name][n:stop] = column.to_numpy(zero_copy_only=False)[kept]
+        # compress writes the kept rows straight into place (no intermediate copy); the rows of
+        # dropped users are looked up too (0 where unknown) and left out here.
+        for name, values in (
+            ("u_idx", u),
+            ("i_idx", item(item_id)),
+            ("c_idx", category(category_id)),
+            ("b_idx", b_idx),
+            ("ts", ts),
+        ):
+            np.compress(kept, values, out=rows[name][n:stop])
+        np.take(is_click, rows["b_idx"][n:stop], out=rows["is_click"][n:stop])
         n = stop
     return {name: values[:n] for name, values in rows.items()}
 
@@ -119,9 +125,9 @@ def _index_lookup(ids: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
         table[ids - low] = index
 
         def dense(values: np.ndarray) -> np.ndarray:
-            inside = (values >= low) & (values <= high)
-            if inside.all():
+            if len(values) and values.min() >= low and values.max() <= high:  # the usual case: two passes
                 return table[values - low]
+            inside = (values >= low) & (values <= high)
             found = np.zeros(len(values), dtype=np.int32)
             found[inside] = table[values[inside] - low]
             return found
