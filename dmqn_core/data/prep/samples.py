@@ -74,7 +74,7 @@ def _user_starts(u_idx: np.ndarray) -> np.ndarray:
 
 
 def _targets(rows: dict[str, np.ndarray], settings: PrepSettings) -> tuple[np.ndarray, np.ndarray]:
-    """The offsets of the targets and their split codes (SPLIT_CODES).
+    """The offsets of the targets and their split codes (0 test, 1 valid, 2 train).
 
     A click is eligible when it is later than its user's first behavior (a non-empty history);
     of each user's eligible clicks the latest is the test target, the next valid_targets
