@@ -45,12 +45,12 @@ def _resolve_clicks(con: duckdb.DuckDBPyConnection, settings: PrepSettings, info
 
 
 def _filter_users(con: duckdb.DuckDBPyConnection, settings: PrepSettings, clicks: list[str]) -> dict[str, int]:
-    con.execute("CREATE TABLE ucount AS SELECT user_id, count(*) AS n, min(ts) AS t0 FROM ev GROUP BY user_id")
+    con.execute("CREATE TEMP TABLE ucount AS SELECT user_id, count(*) AS n, min(ts) AS t0 FROM ev GROUP BY user_id")
     # A click has a non-empty history exactly when the user did something strictly earlier,
     # i.e. when it is later than the user's first timestamp: eligibility needs no sort.
     con.execute(
         """
-        CREATE TABLE ustats AS
+        CREATE TEMP TABLE ustats AS
         SELECT u.user_id, u.t0, count(*) FILTER (WHERE list_contains(?, e.behavior) AND e.ts > u.t0) AS n_elig
         FROM ucount u JOIN ev e USING (user_id)
         WHERE u.n >= ?

@@ -40,7 +40,7 @@ def _count_rows(con: duckdb.DuckDBPyConnection, settings: PrepSettings, info: So
     # Rejected lines stay in DuckDB: a bad file may have millions of them.
     con.execute(
         f"""
-        CREATE TABLE rejected AS
+        CREATE TEMP TABLE rejected AS
         SELECT line, {reject_reason_sql("any_value(error_type)")} AS reason
         FROM {info.rejects_table} GROUP BY line
         """
@@ -84,7 +84,7 @@ def _mark_duplicates(con: duckdb.DuckDBPyConnection) -> None:
     # column by column, so a hash collision never drops a row.
     con.execute(
         """
-        CREATE TABLE repeated AS
+        CREATE TEMP TABLE repeated AS
         SELECT h FROM (SELECT hash(user_id, item_id, category_id, behavior, ts) AS h FROM events
                        WHERE reason IS NULL)
         GROUP BY h HAVING count(*) > 1

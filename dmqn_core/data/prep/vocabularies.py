@@ -25,7 +25,7 @@ def build_vocabularies(ctx: PrepContext) -> list[str]:
     con.execute("DROP TABLE ustats; DROP TABLE ucount")
     con.execute(
         """
-        CREATE TABLE ic AS
+        CREATE TEMP TABLE ic AS
         SELECT item_id, category_id, count(*) AS c FROM ev SEMI JOIN vu USING (user_id) GROUP BY ALL
         """
     )

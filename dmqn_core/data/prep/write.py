@@ -1,5 +1,6 @@
-"""Stage 6 of a prep, writing: the behaviors, the samples of each split and the vocabularies, from DuckDB's
-tables into the set's arrays (dmqn_core.data.prepared), streamed into memory-mapped files in batches."""
+"""Stage 6 of a prep, writing: the samples of each split and the vocabularies, from DuckDB's tables into the
+set's arrays (dmqn_core.data.prepared), streamed into memory-mapped files in batches. The behavior arrays
+are written in stage 4 (samples), from the NumPy arrays they are sorted in."""
 
 from __future__ import annotations
 
@@ -13,49 +14,34 @@ EXPORT_CHUNK = 1 << 20
 
 
 def write_set(ctx: PrepContext, behavior_names: list[str]) -> dict:
-    """Write every array of the set into ``ctx.out``; the counts meta.json records of them."""
-    n_rows = _write_behaviors(ctx)
+    """Write the samples and vocabularies into ``ctx.out`` (stage 4 wrote the behaviors); the counts
+    meta.json records of the set."""
+    # The last user's end offset is the number of behaviors.
+    n_behaviors = int(np.load(ctx.out / "behaviors" / "user_offsets.npy", mmap_mode="r")[-1])
     samples, positives = _write_samples(ctx)
     n_items, n_categories = _write_vocabularies(ctx, behavior_names)
     return {
         "items": n_items,
         "categories": n_categories,
         "behavior_types": len(behavior_names),
-        "behaviors": int(n_rows),
+        "behaviors": n_behaviors,
         "samples": samples,
         "positives": positives,
     }
 
 
-def _write_behaviors(ctx: PrepContext) -> int:
-    """The behaviors, user after user, and each user's offset; how many behaviors."""
-    con = ctx.con
-    n_rows = con.execute("SELECT count(*) FROM beh").fetchall()[0][0]
-    per_user = con.execute("SELECT count(*) FROM beh GROUP BY u_idx ORDER BY u_idx").fetchnumpy()
-    offsets = np.zeros(len(per_user["count_star()"]) + 1, dtype=np.int64)
-    np.cumsum(per_user["count_star()"], out=offsets[1:])
-    fmt_out.save_array(ctx.out, "behaviors/user_offsets.npy", offsets, np.int64)
-    _export(
-        ctx,
-        "SELECT i_idx, c_idx, b_idx, ts FROM beh",
-        [],
-        n_rows,
-        [(f"behaviors/{name}.npy", dtype) for name, dtype in fmt_out.BEHAVIOR_ARRAYS.items()],
-    )
-    return n_rows
-
-
 def _write_samples(ctx: PrepContext) -> tuple[dict[str, int], dict[str, int]]:
     """Each split's positives and negatives, in (user, time, positive first, item) order; the samples and
     the positives of each split."""
-    samples: dict[str, int] = {}
-    positives: dict[str, int] = {}
+    # Every split's counts from one scan of pos and one join of neg with it (not one of each per split).
+    positives = {split: 0 for split in fmt_out.SPLITS}
+    positives.update(ctx.con.execute("SELECT split, count(*) FROM pos GROUP BY split").fetchall())
+    samples = dict(positives)
+    for split, n_neg in ctx.con.execute(
+        "SELECT p.split, count(*) FROM neg JOIN pos p USING (sid) GROUP BY p.split"
+    ).fetchall():
+        samples[split] += n_neg
     for split in fmt_out.SPLITS:
-        n_pos, n_neg = ctx.con.execute(
-            "SELECT count(*), (SELECT count(*) FROM neg JOIN pos USING (sid) WHERE split = ?) FROM pos WHERE split = ?",
-            [split, split],
-        ).fetchall()[0]
-        positives[split], samples[split] = n_pos, n_pos + n_neg
         _export(
             ctx,
             """
@@ -67,7 +53,7 @@ def _write_samples(ctx: PrepContext) -> tuple[dict[str, int], dict[str, int]]:
             ) ORDER BY u_idx, ts, label DESC, item
             """,
             [split, split],
-            n_pos + n_neg,
+            samples[split],
             [(f"samples/{split}_{name}.npy", dtype) for name, dtype in fmt_out.SAMPLE_ARRAYS.items()],
         )
     return samples, positives
