@@ -57,8 +57,9 @@ class ClusterTargetAttention(nn.Module):
         cluster_size: Tensor,
         category_share: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """candidate (B, D); clusters (B, N, W, D); cluster_mask (B, N, W) bool; cluster_size (B, N, W);
-        category_share (B, N, W): the candidate category's share of every cluster (with share_bias only).
+        """candidate (B, D); clusters (B, N, W, D); cluster_mask (B, N, W) bool; cluster_size (B, N, W) (or all
+        three with 1 for B: one user's, for every candidate); category_share (B, N, W): the candidate
+        category's share of every cluster (with share_bias only).
 
         Returns the interest vectors (B, N, D), the match strength (B, N) and the attention weights
         (B, N, W), which sum to 1 over the non-empty clusters and are 0 at empty ones. W may be
@@ -72,11 +73,14 @@ class ClusterTargetAttention(nn.Module):
         It is 0 for a user without clusters.
         """
         D = candidate.shape[-1]
+        # One user's clusters (1, N, W, ...) for all B candidates (a served user) are read in place, not
+        # copied per candidate: the per-cluster tensors broadcast, and the two contractions drop b.
+        keys, clusters = ("nwd", clusters[0]) if clusters.shape[0] == 1 else ("bnwd", clusters)
         q = torch.einsum("bd,nde->bne", candidate, self.wq)  # (B, N, D)
         # q . (y W_k) == (q W_k^T) . y: projecting the B queries instead of the B*W cluster keys
         # saves a factor W; likewise sum_w a_w (y_w W_v) == (sum_w a_w y_w) W_v below.
         q_k = torch.einsum("bne,nde->bnd", q, self.wk)  # (B, N, D)
-        logits = torch.einsum("bnd,bnwd->bnw", q_k, clusters) / math.sqrt(D)  # (B, N, W)
+        logits = torch.einsum(f"bnd,{keys}->bnw", q_k, clusters) / math.sqrt(D)  # (B, N, W)
         if self.size_bias:
             # exp(logit + log n_k) = n_k exp(logit): attending over the clusters is then the same as
             # attending over all behaviors with each behavior keyed by its cluster, so a cluster of
@@ -92,7 +96,7 @@ class ClusterTargetAttention(nn.Module):
         has_any = cluster_mask.any(dim=-1, keepdim=True)  # (B, N, 1)
         logits = logits.masked_fill(~has_any, 0.0)
         weights = logits.softmax(dim=-1) * has_any  # (B, N, W)
-        pooled = torch.einsum("bnw,bnwd->bnd", weights, clusters)  # (B, N, D)
+        pooled = torch.einsum(f"bnw,{keys}->bnd", weights, clusters)  # (B, N, D)
         interest = torch.einsum("bnd,nde->bne", pooled, self.wv)  # (B, N, D)
         # Normalised by what the logits sum over: behaviors with the size bias, clusters without.
         weight_of = cluster_size if self.size_bias else torch.ones_like(cluster_size)

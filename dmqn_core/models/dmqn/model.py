@@ -229,7 +229,11 @@ class DMQN(SequenceModel[UserState]):
         cand_popularity: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """score's (B,) logits and the CTAM attention weights (B, N, W) of each candidate over the clusters."""
-        if state_index is not None:
+        # The short term and the match table read the users' rows themselves; one served user's state
+        # (one row) is broadcast over the candidates instead of being copied for each of them.
+        full = state
+        rows = torch.arange(cand_item.shape[0], device=cand_item.device) if state_index is None else state_index
+        if state_index is not None and state.clusters.shape[0] > 1:
             state = state.index_select(state_index)
         c = self.embedding.candidate(cand_item, cand_category)  # (B, D)
         share = None
@@ -238,17 +242,17 @@ class DMQN(SequenceModel[UserState]):
         interest, match, weights = self.ctam(
             c, state.clusters, state.cluster_mask, state.cluster_size, share
         )  # (B, N, D), (B, N), (B, N, W)
-        if self.short is not None:  # state rows are the candidates' own now: row b for candidate b
-            assert state.short is not None and state.short_mask is not None  # encode_user sets them with self.short
-            rows = torch.arange(c.shape[0], device=c.device)
-            interest = with_short_term(self.short, interest, c, state.short, state.short_mask, rows)  # (B, N + 1, D)
+        if self.short is not None:  # not copied per candidate: one served user's behaviors are broadcast
+            assert full.short is not None and full.short_mask is not None  # encode_user sets them with self.short
+            interest = with_short_term(self.short, interest, c, full.short, full.short_mask, rows)  # (B, N + 1, D)
         scalars = [match] if self.config.ctam_match_scalars else []  # (B, N)
         if share is not None:
             scalars.append((weights * share).sum(dim=-1))  # (B, N) the attended clusters' share of the category
-        target_match = self.match_scalars(state.match, cand_item, cand_category, cand_popularity, None)
+        target_match = self.match_scalars(full.match, cand_item, cand_category, cand_popularity, rows)
         if target_match is not None:
             scalars.append(target_match)  # (B, WIDTH)
-        logits = self.head(c, interest, state.recent, torch.cat(scalars, dim=1) if scalars else None)  # (B,)
+        recent = state.recent.expand(c.shape[0], -1)  # (B, D)
+        logits = self.head(c, interest, recent, torch.cat(scalars, dim=1) if scalars else None)  # (B,)
         return logits, weights
 
     def codeword_counts(self, state: UserState) -> Tensor:
