@@ -114,7 +114,7 @@ def _read_indexed(con: duckdb.DuckDBPyConnection, clicks: list[str], names: list
     category = _index_lookup(con.execute("SELECT category_id FROM vc ORDER BY c_idx").fetchnumpy()["category_id"])
     # np.empty touches no memory: the rows of dropped users leave the tail unused.
     bound = con.execute("SELECT count(*) FROM ev").fetchall()[0][0]
-    rows = {name: np.empty(bound, dtype=dtype) for name, dtype in BEHAVIOR_COLUMNS.items()}
+    rows: dict[str, np.ndarray] = {name: np.empty(bound, dtype=dtype) for name, dtype in BEHAVIOR_COLUMNS.items()}
     # A plain scan keeps the file order (preserve_insertion_order); a join would not, hence the
     # lookups here. behavior's index is its position among the names (vb), in name order.
     reader = con.sql(
