@@ -8,7 +8,7 @@ part. forward, the recent-history mean and auxiliary_loss are SequenceModel's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar, TypeGuard
 
 import numpy as np
@@ -233,8 +233,8 @@ class DMQN(SequenceModel[UserState]):
         # (one row) is broadcast over the candidates instead of being copied for each of them.
         full = state
         rows = torch.arange(cand_item.shape[0], device=cand_item.device) if state_index is None else state_index
-        if state_index is not None and state.clusters.shape[0] > 1:
-            state = state.index_select(state_index)
+        if state_index is not None and state.clusters.shape[0] > 1:  # the rest is read from `full` by its rows
+            state = replace(state, short=None, short_mask=None, match=None).index_select(state_index)
         c = self.embedding.candidate(cand_item, cand_category)  # (B, D)
         share = None
         if state.category is not None and state.category_share is not None:
