@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from dmqn_core.nn.sequence import stable_sort
+
 
 @torch.no_grad()
 def top_categories(
@@ -35,19 +37,16 @@ def top_categories(
     W, C = n_codewords, n_categories
     device = codeword.device
     padding = H * N * W * C  # the key of every padding position: it sorts last and is cut off below
-    # 32-bit keys where they fit (fewer than about 65,000 categories at H N W = 32,768): the sorts below
-    # move half the bytes and take about 40 % less time.
-    key_type = torch.int32 if padding < 2**31 and H * N * W * (L + 1) < 2**31 else torch.long
     cluster = torch.arange(H * N, device=device).view(H, N, 1) * W + codeword  # (H, N, L) h N W + n W + w
-    key = (cluster * C + category.unsqueeze(1)).masked_fill_(codeword < 0, padding).view(-1).to(key_type)
-    # A stable sort of 1-D integers is a radix sort in torch on CPU: faster than the default sort (and
-    # than masking the padding out first).
-    pair, count = torch.unique_consecutive(torch.sort(key, stable=True).values, return_counts=True)  # (P,)
+    key = (cluster * C + category.unsqueeze(1)).masked_fill_(codeword < 0, padding).view(-1)  # (H N L,)
+    # 32-bit keys where they fit (fewer than about 65,000 categories at H N W = 32,768); sorting the
+    # padding along is faster than masking it out first.
+    pair, count = torch.unique_consecutive(stable_sort(key, padding + 1)[0], return_counts=True)  # (P,)
     if len(pair) and bool(pair[-1] == padding):  # one host sync, for the padding's run
         pair, count = pair[:-1], count[:-1]
     pair_cluster, pair_category = (pair // C).long(), (pair % C).long()  # by cluster, then category
     # Order the pairs by cluster, then count descending; a stable sort keeps category ascending in a tie.
-    order = torch.sort((pair_cluster * (L + 1) + (L - count)).to(key_type), stable=True).indices
+    order = stable_sort(pair_cluster * (L + 1) + (L - count), H * N * W * (L + 1))[1]
     pair_cluster, pair_category, count = pair_cluster[order], pair_category[order], count[order]
     first = torch.ones_like(pair_cluster, dtype=torch.bool)
     first[1:] = pair_cluster[1:] != pair_cluster[:-1]
