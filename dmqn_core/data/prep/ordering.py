@@ -86,14 +86,15 @@ def _permute_rest(rows: dict[str, np.ndarray], order: np.ndarray) -> None:
             rows[name] = rows[name][order]
 
 
-def write_behaviors(out: Path, rows: dict[str, np.ndarray]) -> None:
-    """The set's behavior arrays and each user's offset, straight from the sorted rows."""
+def write_behaviors(out: Path, rows: dict[str, np.ndarray]) -> np.ndarray:
+    """The set's behavior arrays and each user's offset, straight from the sorted rows; the offsets (n + 1,)."""
     for name, column in zip(fmt_out.BEHAVIOR_ARRAYS, ("i_idx", "c_idx", "b_idx", "ts")):
         fmt_out.save_array(out, f"behaviors/{name}.npy", rows[column], fmt_out.BEHAVIOR_ARRAYS[name])
     per_user = np.bincount(rows["u_idx"])[1:]  # every kept user (1..n) has behaviors
     offsets = np.zeros(len(per_user) + 1, dtype=np.int64)
     np.cumsum(per_user, out=offsets[1:])
     fmt_out.save_array(out, "behaviors/user_offsets.npy", offsets, np.int64)
+    return offsets
 
 
 def load_clicks(con: duckdb.DuckDBPyConnection, rows: dict[str, np.ndarray]) -> None:

@@ -30,15 +30,17 @@ def make_samples(ctx: PrepContext, clicks: list[str]) -> None:
     con = ctx.con
     names = [r[0] for r in con.execute("SELECT behavior FROM vb ORDER BY b_idx").fetchall()]
     rows = sorted_behaviors(con, clicks, names)
-    write_behaviors(ctx.out, rows)
+    offsets = write_behaviors(ctx.out, rows)
     load_clicks(con, rows)
-    load_positives(con, rows, ctx.settings)
+    load_positives(con, rows, offsets, ctx.settings)
 
 
-def load_positives(con: duckdb.DuckDBPyConnection, rows: dict[str, np.ndarray], settings: PrepSettings) -> None:
+def load_positives(
+    con: duckdb.DuckDBPyConnection, rows: dict[str, np.ndarray], offsets: np.ndarray, settings: PrepSettings
+) -> None:
     """Create ``pos`` (sid = the target's offset, u_idx, item, cat, ts, hist_end, split) from the sorted
-    behaviors ``rows`` (BEHAVIOR_COLUMNS of dmqn_core.data.prep.ordering)."""
-    sid, code = _targets(rows, settings)
+    behaviors ``rows`` (BEHAVIOR_COLUMNS of dmqn_core.data.prep.ordering) and each user's offset."""
+    sid, code = _targets(rows, offsets, settings)
     ts = rows["ts"]
     positives = pa.table(
         {
@@ -65,15 +67,7 @@ def load_positives(con: duckdb.DuckDBPyConnection, rows: dict[str, np.ndarray], 
         con.unregister("pos_rows")
 
 
-def _user_starts(u_idx: np.ndarray) -> np.ndarray:
-    """The offset of each user's first behavior (rows sorted by user)."""
-    first = np.empty(len(u_idx), dtype=bool)
-    first[:1] = True
-    np.not_equal(u_idx[1:], u_idx[:-1], out=first[1:])
-    return np.flatnonzero(first)
-
-
-def _targets(rows: dict[str, np.ndarray], settings: PrepSettings) -> tuple[np.ndarray, np.ndarray]:
+def _targets(rows: dict[str, np.ndarray], offsets: np.ndarray, settings: PrepSettings) -> tuple[np.ndarray, np.ndarray]:
     """The offsets of the targets and their split codes (0 test, 1 valid, 2 train).
 
     A click is eligible when it is later than its user's first behavior (a non-empty history);
@@ -82,19 +76,18 @@ def _targets(rows: dict[str, np.ndarray], settings: PrepSettings) -> tuple[np.nd
     and the rest of the latest train_targets + valid_targets + 1 training targets.
     """
     ts = rows["ts"]
-    starts = _user_starts(rows["u_idx"])
-    lengths = np.diff(np.append(starts, len(ts)))
-    eligible = rows["is_click"] & (ts > np.repeat(ts[starts], lengths))
-    offsets = np.flatnonzero(eligible)
+    starts = offsets[:-1]  # each user's first behavior
+    eligible = rows["is_click"] & (ts > np.repeat(ts[starts], np.diff(offsets)))
+    clicks = np.flatnonzero(eligible)
     del eligible
-    # Each user's eligible clicks are the slice [first, end) of offsets.
-    ends = np.searchsorted(offsets, np.append(starts[1:], len(ts)))
+    # Each user's eligible clicks are the slice [first, end) of clicks.
+    ends = np.searchsorted(clicks, offsets[1:])
     n = ends - np.append(0, ends[:-1])
     take = np.minimum(n, settings.train_targets + settings.valid_targets + 1)
     # k = 1 for a user's latest eligible click, 2 for the one before, ...
     k = np.arange(int(take.sum()), dtype=np.int64) - np.repeat(np.cumsum(take) - take, take) + 1
-    sid = offsets[np.repeat(ends, take) - k]
-    del offsets
+    sid = clicks[np.repeat(ends, take) - k]
+    del clicks
     n_valid = np.repeat(np.minimum(settings.valid_targets, n - 2), take)
     code = np.where(k == 1, 0, np.where(k <= 1 + n_valid, 1, 2)).astype(np.int8)
     return sid, code
