@@ -179,3 +179,23 @@ def test_inspection_rows_round_trip_and_replace(tmp_path):
         store.log_inspection(run, {"runs": {}})
     with pytest.raises(ValueError):
         store.log_inspection(run, {"inspect_users": {"user_id": [1]}})
+
+
+def test_a_bench_started_by_two_processes_at_once_is_recorded_once(tmp_path, monkeypatch):
+    first, second = RunStore(tmp_path / "runs.duckdb"), RunStore(tmp_path / "runs.duckdb")
+    settings = {"train": {"epochs": 2}, "model": {}}
+    # The second process read "no such bench" before the first one wrote it.
+    reads = iter([[]])
+    real_read = second._read
+
+    def read(*args, **kwargs):
+        return next(reads) if reads.__length_hint__() else real_read(*args, **kwargs)
+
+    monkeypatch.setattr(second, "_read", read)
+    first.register_bench("b", "set", settings)
+    second.register_bench("b", "set", settings)
+    assert first._read("SELECT count(*) FROM benches", None, "benches") == [(1,)]
+
+    reads = iter([[]])
+    with pytest.raises(DmqnError, match="already exists with other settings"):
+        second.register_bench("b", "set", {"train": {"epochs": 3}, "model": {}})

@@ -20,12 +20,16 @@ class BenchTables(StoreFile):
     def register_bench(self, bench: str, dataset: str, settings: dict[str, Any]) -> None:
         """Record a bench; an existing one must have been started with the same settings."""
         text = json.dumps(settings, sort_keys=True)
-        rows = self._read("SELECT settings FROM benches WHERE bench = ?", [bench], table="benches")
-        if rows:
-            if json.loads(rows[0][0]) != json.loads(text):
-                raise DmqnError(f"bench {bench!r} already exists with other settings; choose another --name")
-            return
-        self._write([("INSERT INTO benches VALUES (?, ?, ?, ?)", [bench, dataset, utc_now(), text])])
+        query = ("SELECT settings FROM benches WHERE bench = ?", [bench], "benches")
+        rows = self._read(*query)
+        if not rows:
+            # Two processes may start the same bench at once (each with its share of the models):
+            # the one that writes second keeps the first one's row and is checked against it below.
+            insert = "INSERT INTO benches VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING"
+            self._write([(insert, [bench, dataset, utc_now(), text])])
+            rows = self._read(*query)
+        if json.loads(rows[0][0]) != json.loads(text):
+            raise DmqnError(f"bench {bench!r} already exists with other settings; choose another --name")
 
     def bench_run(self, bench: str, model: str, seed: int) -> str | None:
         """The run id recorded for (bench, model, seed), if any."""
